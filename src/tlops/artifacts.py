@@ -1,0 +1,163 @@
+"""Directory artifacts with a ``manifest.json``, written atomically.
+
+A step writes into a hidden temporary sibling directory and renames it into place only
+after the manifest is written, so a killed step never leaves a directory that a later
+step would trust. Readers trust a directory only if its manifest exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from tlops import __version__
+from tlops.errors import ArtifactError
+from tlops.hashing import hash_dir
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"tlops": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "timm", "transformers", "mlflow", "scikit-learn", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+@dataclass
+class Artifact:
+    """A finished artifact directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest["content_hash"]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.manifest.get("metadata", {})
+
+
+def read_artifact(path: str | os.PathLike, kind: str | None = None) -> Artifact:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise ArtifactError(
+            f"{path} is not a finished tlops artifact (no {MANIFEST}); "
+            "rerun the step that produces it"
+        )
+    manifest = json.loads(mf.read_text())
+    if kind is not None and manifest.get("kind") != kind:
+        raise ArtifactError(f"{path} is a '{manifest.get('kind')}' artifact, expected '{kind}'")
+    return Artifact(path, manifest)
+
+
+def is_finished(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+@contextlib.contextmanager
+def write_artifact(
+    out: str | os.PathLike,
+    kind: str,
+    *,
+    config: Any = None,
+    inputs: dict[str, Artifact] | None = None,
+    overwrite: bool = True,
+) -> Iterator["ArtifactWriter"]:
+    """Yield a writer for a temp dir; on success write the manifest and rename into ``out``.
+
+    On any exception the temp dir is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    writer = ArtifactWriter(tmp, kind, config, inputs or {})
+    try:
+        yield writer
+        writer._finish()
+        if out.exists():
+            if not overwrite:
+                raise ArtifactError(f"{out} already exists")
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, trash)
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    writer.path = out
+
+
+class ArtifactWriter:
+    def __init__(self, path: Path, kind: str, config: Any, inputs: dict[str, Artifact]):
+        self.path = path
+        self.kind = kind
+        self.config = config
+        self.inputs = inputs
+        self.metadata: dict[str, Any] = {}
+        self.content_hash: str | None = None
+        self.manifest: dict[str, Any] = {}
+
+    def _finish(self) -> None:
+        content_hash = self.content_hash or hash_dir(self.path, exclude=[MANIFEST])
+        self.manifest = {
+            "kind": self.kind,
+            "schema_version": SCHEMA_VERSION,
+            "content_hash": content_hash,
+            "inputs": {k: {"kind": a.kind, "content_hash": a.content_hash} for k, a in self.inputs.items()},
+            "config": self.config,
+            "metadata": self.metadata,
+            "versions": library_versions(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tmp = self.path / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, self.path / MANIFEST)
+
+
+def publish_dir(src: Path, dst: Path) -> None:
+    """Atomically move a finished directory into place (used by caches)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dst)
+    except OSError:
+        # Someone else published the same content first: keep theirs.
+        if is_finished(dst):
+            shutil.rmtree(src, ignore_errors=True)
+        else:
+            raise
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link a file (cheap; files of finished artifacts are never modified), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Copy a tree using hard links where possible (cheap reuse of finished artifacts)."""
+    shutil.copytree(src, dst, copy_function=link_or_copy)

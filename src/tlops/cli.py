@@ -1,0 +1,175 @@
+"""The ``tlops`` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tlops.errors import ConfigError, TlopsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="tlops: transfer-learning pipelines (ingest → register).")
+
+CONFIG = typer.Option(..., "--config", "-c", help="pipeline YAML config")
+SET = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _load(config: Path, overrides: Optional[List[str]]):
+    from tlops.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def run(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    run_id: Optional[str] = typer.Option(None, help="run id (default: timestamp-name-random)"),
+    no_reuse: bool = typer.Option(False, "--no-reuse", help="rerun every step even if its inputs are unchanged"),
+) -> None:
+    """Run the whole pipeline in-process: ingest → pull-model → extract-features → fine-tune → evaluate → register."""
+    from tlops.report import print_run_summary
+    from tlops.runners.local import run_pipeline
+
+    cfg = _load(config, set_)
+    result = run_pipeline(cfg, run_id=run_id, reuse=not no_reuse)
+    print_run_summary(cfg, result)
+
+
+@app.command()
+def step(
+    name: str = typer.Argument(..., help="step name: ingest, pull-model, extract-features, fine-tune, evaluate, register"),
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    inputs: Optional[List[str]] = typer.Option(None, "--in", help="input artifact as name=path (repeatable)"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write the step's artifact to"),
+    no_reuse: bool = typer.Option(False, "--no-reuse", help="do not reuse a finished artifact with the same inputs"),
+) -> None:
+    """Run one step (what KFP components, compose services and DVC stages call)."""
+    from tlops import dag
+    from tlops.artifacts import read_artifact
+    from tlops.runners.local import execute_step
+
+    try:
+        spec = dag.get(name)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    cfg = _load(config, set_)
+    given = {}
+    for item in inputs or []:
+        if "=" not in item:
+            raise ConfigError(f"--in {item!r} must look like name=path")
+        k, v = item.split("=", 1)
+        given[k] = v
+    missing = sorted(set(spec.inputs) - set(given))
+    extra = sorted(set(given) - set(spec.inputs))
+    if missing or extra:
+        raise ConfigError(
+            f"step {name} takes inputs {', '.join(spec.inputs) or 'none'}; "
+            + (f"missing: {', '.join(missing)} " if missing else "") + (f"unexpected: {', '.join(extra)}" if extra else "")
+        )
+    arts = {k: read_artifact(given[k], dag.get(spec.inputs[k]).output) for k in spec.inputs}
+    res = execute_step(spec, cfg, arts, out, reuse=not no_reuse)
+    typer.echo(f"{name}: {'reused' if res.reused else 'wrote'} {out} ({res.artifact.kind}, {res.seconds:.1f}s)")
+
+
+@app.command()
+def validate(config: Path = CONFIG, set_: Optional[List[str]] = SET) -> None:
+    """Validate a config and print it fully resolved (defaults filled in)."""
+    import yaml
+
+    cfg = _load(config, set_)
+    typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
+
+
+@app.command()
+def steps() -> None:
+    """List the pipeline steps in DAG order with their inputs."""
+    from tlops.dag import DAG
+
+    for s in DAG:
+        ins = ", ".join(f"{k}<-{v}" for k, v in s.inputs.items()) or "-"
+        typer.echo(f"{s.name:17} {s.resources:3}  in: {ins:60} {s.help}")
+
+
+@app.command()
+def promote(
+    model: str = typer.Argument(..., help="registered model name"),
+    version: str = typer.Argument(..., help="version to make champion"),
+    reason: Optional[str] = typer.Option(None, help="why (stored as a tag)"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI"),
+    workdir: Path = typer.Option(Path(".tlops"), help="workdir of the embedded MLflow store (if no tracking URI)"),
+) -> None:
+    """Move the 'champion' alias to a version (the old one stays as 'previous-champion')."""
+    import mlflow
+
+    from tlops.tracking.registry import promote as do_promote
+    from tlops.tracking.setup import embedded_uri
+
+    uri = tracking_uri or embedded_uri(workdir.resolve())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    res = do_promote(model, version, reason=reason)
+    if res["changed"]:
+        prev = f" (previous champion: v{res['previous']})" if res["previous"] else ""
+        typer.echo(f"{model}: champion -> v{version}{prev}")
+    else:
+        typer.echo(f"{model}: v{version} is already champion")
+
+
+@app.command()
+def demo(
+    source_config: Path = typer.Option(Path("configs/digits_source.yaml"), help="source-task pipeline config"),
+    target_config: Path = typer.Option(Path("configs/digits_target.yaml"), help="target-task pipeline config"),
+    set_: Optional[List[str]] = SET,
+) -> None:
+    """The offline demo: train + register a source model on digits 0-4, transfer to 5-9 with 10 labels/class."""
+    from tlops.demo import run_demo
+
+    run_demo(source_config, target_config, set_ or [])
+
+
+def main() -> None:
+    verbose = os.environ.get("TLOPS_DEBUG") == "1"
+    _setup_logging(verbose)
+    try:
+        app(standalone_mode=False)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except TlopsError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

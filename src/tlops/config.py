@@ -1,0 +1,233 @@
+"""Pipeline configuration: one YAML file per pipeline, validated into typed models.
+
+Unknown keys, wrong types and bad values fail before any work starts, with a message that
+names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tlops.errors import ConfigError
+from tlops.hashing import hash_json
+
+STRATEGIES = ("linear-probe", "fine-tune")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Strict):
+    val: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of each class for validation")
+    test: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of each class for test")
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitConfig":
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must be < 1 (got {self.val} + {self.test}); nothing left to train on")
+        return self
+
+
+class DataConfig(_Strict):
+    source: str = Field(..., description="path, file or 'sklearn:digits'")
+    format: Literal["auto", "image-folder", "npz", "csv", "tsv", "sklearn"] = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    columns: Optional[list[str]] = Field(None, description="column names when the file has no header row")
+    quoting: Literal["minimal", "none"] = Field("minimal", description="'none' = quote characters are text")
+    encoding: str = "utf-8"
+    classes: Optional[list[Any]] = Field(None, description="keep only these labels (in this order)")
+    split: SplitConfig = SplitConfig()
+    labels_per_class: Optional[int] = Field(None, ge=1, description="few-shot label budget per class")
+    unlabelled: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the train pool kept unlabelled")
+    image_size: Optional[int] = Field(None, ge=4, description="resize image-folder images to this square size")
+    min_per_class: int = Field(3, ge=1, description="fail if a class has fewer samples than this")
+
+
+class SourceConfig(_Strict):
+    model: str = Field(..., description="hf:<id|dir>, timm:<name>, mlflow:models:/<name>@<alias>, or a bundle dir")
+    pretrained: bool = Field(True, description="timm: load pretrained weights (False = random init)")
+    weights: Optional[str] = Field(None, description="timm: local weights file (.safetensors/.pth)")
+    in_chans: Optional[int] = Field(None, ge=1, le=4, description="timm: input channels")
+    image_size: Optional[int] = Field(None, ge=4, description="timm: input size (default: model's)")
+    max_length: int = Field(128, ge=8, description="hf: max tokens per text")
+    pooling: Literal["mean", "cls"] = "mean"
+
+
+class FeaturesConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    cache_dir: Optional[str] = Field(None, description="feature cache (default <workdir>/cache/features)")
+    cache: bool = True
+
+
+class TrainConfig(_Strict):
+    strategies: list[Literal["linear-probe", "fine-tune"]] = Field(
+        default_factory=lambda: ["linear-probe"], min_length=1
+    )
+    epochs: int = Field(10, ge=1, description="fine-tune epochs")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    head_lr: Optional[float] = Field(None, gt=0, description="head learning rate (default 10x lr)")
+    weight_decay: float = Field(1e-4, ge=0)
+    freeze_blocks: int = Field(0, ge=0, description="freeze the first K backbone blocks")
+    probe_epochs: int = Field(300, ge=1, description="max linear-probe epochs (full batch)")
+    probe_lr: float = Field(0.05, gt=0)
+    patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")
+    augment: bool = Field(False, description="images: random shifts during fine-tuning")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class GatesConfig(_Strict):
+    min_accuracy: Optional[float] = Field(None, ge=0, le=1)
+    min_gain_over_scratch: Optional[float] = Field(None, ge=-1, le=1)
+    must_beat_champion: bool = False
+
+
+class EvaluateConfig(_Strict):
+    scratch_baseline: bool = Field(True, description="train the same architecture from random init as a baseline")
+    ece_bins: int = Field(15, ge=2)
+    gates: GatesConfig = GatesConfig()
+
+
+class RegisterConfig(_Strict):
+    model_name: str = Field(..., min_length=1)
+    auto_promote: bool = Field(False, description="set alias 'champion' when all gates pass")
+
+
+class TrackingConfig(_Strict):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite under workdir; env MLFLOW_TRACKING_URI wins)")
+    experiment: str = "tlops"
+
+
+# "register" is a field name users expect; pydantic warns that it shadows ABCMeta.register.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    workdir: str = Field(".tlops", description="runs/, cache/ and the embedded MLflow store live here")
+    seed: int = 0
+    data: DataConfig
+    source: SourceConfig
+    features: FeaturesConfig = FeaturesConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        d = self.to_dict()
+        return hash_json({s: d[s] for s in sections} | {"seed": self.seed})
+
+    @property
+    def config_hash(self) -> str:
+        return hash_json(self.to_dict())
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for unknown-key messages)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cur = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cur is None:
+            return []
+    return sorted(getattr(cur, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(PipelineConfig, loc)
+            lines.append(f"  {path}: unknown key; allowed keys: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: required field is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {path}: got {e.get('input')!r}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.epochs=3)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        keys, value = parse_override(item)
+        cur = out
+        for k in keys[:-1]:
+            nxt = cur.get(k)
+            if nxt is None:
+                nxt = cur[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: '{k}' is not a section")
+            cur = nxt
+        cur[keys[-1]] = value
+    return out
+
+
+def validate_config(raw: Any, origin: str = "<dict>") -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {origin}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origin)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
+    # Relative paths in the config are relative to the current directory, like any CLI.
+    return validate_config(raw, str(path))
+
+
+def save_config(cfg: PipelineConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,40 @@
+"""The pipeline DAG, defined once. Every runner is built from ``DAG``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    output: str  # artifact kind written by the step
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> producing step
+    resources: str = "cpu"  # "cpu" or "gpu" (node pool class)
+    network: bool = False  # talks to remote services (retries on the cluster)
+    reusable: bool = True  # the runner may reuse a finished artifact with the same fingerprint
+    help: str = ""
+
+
+DAG: tuple[StepSpec, ...] = (
+    StepSpec("ingest", "dataset", help="read, validate and split the data"),
+    StepSpec("pull-model", "source-model", network=True, help="resolve the source model into a bundle"),
+    StepSpec("extract-features", "features", {"dataset": "ingest", "model": "pull-model"},
+             help="backbone features per split (content-addressed cache)"),
+    StepSpec("fine-tune", "trained-models", {"dataset": "ingest", "model": "pull-model", "features": "extract-features"},
+             resources="gpu", help="train the strategies and the from-scratch baseline"),
+    StepSpec("evaluate", "evaluation", {"dataset": "ingest", "trained": "fine-tune"},
+             help="test metrics, baselines, champion comparison, gates"),
+    StepSpec("register", "registration",
+             {"dataset": "ingest", "model": "pull-model", "trained": "fine-tune", "evaluation": "evaluate"},
+             network=True, reusable=False, help="log the pyfunc model, register a version, set aliases"),
+)
+
+STEP_NAMES = tuple(s.name for s in DAG)
+
+
+def get(name: str) -> StepSpec:
+    for s in DAG:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown step '{name}'; steps: {', '.join(STEP_NAMES)}")

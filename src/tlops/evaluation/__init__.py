@@ -1,0 +1,1 @@
+"""Metrics, calibration, confusion matrices and the gate decision."""

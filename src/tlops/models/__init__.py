@@ -1,0 +1,1 @@
+"""Model bundles (backbone + optional head), loading from hf/timm/mlflow/local sources."""

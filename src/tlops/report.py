@@ -1,0 +1,59 @@
+"""Terminal summaries of pipeline runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from tlops.config import PipelineConfig
+    from tlops.runners.local import PipelineResult
+
+console = Console(stderr=False, highlight=False)
+
+
+def summary_rows(result: "PipelineResult") -> list[dict[str, Any]]:
+    ev = result.artifact("evaluate")
+    meta = ev.meta
+    scratch = meta["summary"].get("scratch", {}).get("accuracy")
+    rows = []
+    for name, m in meta["summary"].items():
+        rows.append({
+            "strategy": name + (" *" if name == meta["selected"] else ""),
+            "accuracy": m["accuracy"],
+            "gain": None if scratch is None or name == "scratch" else m["accuracy"] - scratch,
+            "seconds": m["train_seconds"],
+        })
+    return rows
+
+
+def rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("strategy")
+    t.add_column("test accuracy", justify="right")
+    t.add_column("gain over scratch", justify="right")
+    t.add_column("train time", justify="right")
+    for r in rows:
+        t.add_row(
+            r["strategy"], f"{r['accuracy']:.3f}", "-" if r["gain"] is None else f"{r['gain']:+.3f}", f"{r['seconds']:.2f}s" if r['seconds'] < 10 else f"{r['seconds']:.0f}s"
+        )
+    return t
+
+
+def print_run_summary(cfg: "PipelineConfig", result: "PipelineResult") -> None:
+    from tlops.tracking.setup import tracking_uri
+
+    console.print(rows_table(f"{cfg.name} ({result.run_id}), * = selected on validation", summary_rows(result)))
+    reg = result.artifact("register").meta
+    ev = result.artifact("evaluate").meta
+    reused = [n for n, s in result.steps.items() if s.reused]
+    console.print(
+        f"gates: {'passed' if ev['gates_passed'] else 'FAILED'}; registered [bold]{reg['model_name']}[/bold] "
+        f"v{reg['version']} as {', '.join(reg['aliases'])}; pipeline {result.seconds:.1f}s"
+        + (f" (reused: {', '.join(reused)})" if reused else "")
+    )
+    console.print(f"artifacts: {result.run_dir}")
+    uri = tracking_uri(cfg)
+    console.print(f"look: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"tracking: {uri}")

@@ -1,0 +1,1 @@
+"""Runners that execute the DAG: in-process (``local``)."""

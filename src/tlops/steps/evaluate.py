@@ -1,0 +1,108 @@
+"""evaluate: test-split metrics for every trained model, baselines, champion, and the gates.
+
+Writes ``report.json``, ``report.md`` and ``confusion_matrix.png`` (selected model), plus
+``confusion_<model>.png`` for the others. The gate decision lives in ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlops.artifacts import Artifact, write_artifact
+from tlops.config import PipelineConfig
+from tlops.data.dataset import Dataset
+from tlops.evaluation.gates import decide
+from tlops.evaluation.metrics import classification_metrics, plot_confusion
+from tlops.evaluation.report import render_markdown
+from tlops.hashing import hash_json
+from tlops.models.bundle import load_classifier
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
+    champ = None
+    if cfg.evaluate.gates.must_beat_champion:
+        from tlops.tracking.registry import get_alias
+        from tlops.tracking.setup import configure
+
+        configure(cfg)
+        mv = get_alias(cfg.register.model_name, "champion")
+        champ = mv.version if mv else None
+    return hash_json([cfg.section_hash("evaluate"), cfg.register.model_name, champ, *(inputs[k].content_hash for k in ("dataset", "trained"))])
+
+
+def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    ds = Dataset(inputs["dataset"])
+    trained = inputs["trained"]
+    test = ds.load("test")
+    selected = trained.meta["selected"]
+    bins = cfg.evaluate.ece_bins
+    models: dict[str, Any] = {}
+    with write_artifact(out, "evaluation", config=cfg.evaluate.model_dump(mode="json"), inputs=inputs) as w:
+        for name in trained.meta["models"]:
+            clf = load_classifier(trained.path / "models" / name)
+            m = classification_metrics(clf.predict_proba(test.x), test.y, ds.classes, bins)
+            m["train_seconds"] = trained.meta["models"][name]["seconds"]
+            models[name] = m
+            png = "confusion_matrix.png" if name == selected else f"confusion_{name}.png"
+            plot_confusion(m["confusion_matrix"], ds.classes, w.path / png, f"{cfg.name}: {name}")
+            log.info("evaluate: %-12s test accuracy %.4f  macro-F1 %.4f  ECE %.4f", name, m["accuracy"], m["macro_f1"], m["ece"])
+        train_y = ds.load("train").y
+        majority = int(np.bincount(train_y, minlength=len(ds.classes)).argmax())
+        baselines = {"majority": {"class": ds.classes[majority], "accuracy": float((test.y == majority).mean())}}
+        if "scratch" in models:
+            baselines["scratch"] = {"accuracy": models["scratch"]["accuracy"]}
+        champion = _champion_metrics(cfg, ds, test)
+        sel = models[selected]
+        gain = sel["accuracy"] - baselines["scratch"]["accuracy"] if "scratch" in baselines else None
+        gates = decide(cfg.evaluate.gates, sel["accuracy"], gain, champion)
+        report = {
+            "pipeline": cfg.name,
+            "selected": selected,
+            "classes": ds.classes,
+            "test_size": int(len(test)),
+            "metrics": sel | {"gain_over_scratch": gain, "gain_over_majority": sel["accuracy"] - baselines["majority"]["accuracy"]},
+            "models": models,
+            "baselines": baselines,
+            "scratch_baseline": "on" if "scratch" in models else "off (evaluate.scratch_baseline=false): transfer gain over random init not measured",
+            "champion": champion,
+            "gates": gates,
+            "data_hash": ds.data_hash,
+        }
+        (w.path / "report.json").write_text(json.dumps(report, indent=2))
+        (w.path / "report.md").write_text(render_markdown(report))
+        w.metadata = {
+            "selected": selected,
+            "accuracy": sel["accuracy"],
+            "macro_f1": sel["macro_f1"],
+            "ece": sel["ece"],
+            "gain_over_scratch": gain,
+            "gates_passed": gates["passed"],
+            "summary": {n: {"accuracy": m["accuracy"], "train_seconds": m["train_seconds"]} for n, m in models.items()},
+        }
+    log.info("evaluate: gates %s%s", "PASSED" if gates["passed"] else "FAILED", "" if gates["passed"] else ": " + "; ".join(gates["reasons"]))
+    return Artifact(Path(out), w.manifest)
+
+
+def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test) -> dict[str, Any] | None:
+    """The current champion of the target model, scored on this run's test split."""
+    from tlops.models.bundle import read_spec
+    from tlops.tracking.registry import champion_bundle
+    from tlops.tracking.setup import configure
+
+    configure(cfg)
+    with champion_bundle(cfg.register.model_name) as found:
+        if found is None:
+            return None
+        mv, bundle = found
+        spec = read_spec(bundle)
+        if spec.get("classes") != ds.classes:
+            return {"version": str(mv.version), "comparable": False, "reason": f"classes differ: {spec.get('classes')}"}
+        m = classification_metrics(load_classifier(bundle).predict_proba(test.x), test.y, ds.classes, cfg.evaluate.ece_bins)
+        return {"version": str(mv.version), "comparable": True, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"]}

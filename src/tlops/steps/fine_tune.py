@@ -1,0 +1,94 @@
+"""fine-tune: train each configured strategy (and the from-scratch baseline), select on val.
+
+Output layout::
+
+    models/<strategy>/   a trained model bundle (+ history.json, curves.png, checkpoints/)
+    models/scratch/      same architecture from random init, same budget (baseline)
+    selection.json       validation scores and the selected strategy
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlops.artifacts import Artifact, write_artifact
+from tlops.config import PipelineConfig
+from tlops.data.dataset import Dataset
+from tlops.hashing import hash_json
+from tlops.models.bundle import Classifier, load_backbone, save_bundle
+from tlops.training.common import save_history, seed_everything
+from tlops.training.finetune import fine_tune
+from tlops.training.probe import train_probe
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
+    return hash_json([
+        cfg.section_hash("train"), cfg.evaluate.scratch_baseline,
+        *(inputs[k].content_hash for k in ("dataset", "model", "features")),
+    ])
+
+
+def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    ds = Dataset(inputs["dataset"])
+    src = inputs["model"].path / "model"
+    with np.load(inputs["features"].path / "features.npz", allow_pickle=False) as z:
+        feats = {k: z[k] for k in z.files}
+    train, val = ds.load("train"), ds.load("val") if "val" in ds.splits() else None
+    n_cls = len(ds.classes)
+    tcfg = cfg.train
+    results: dict[str, Any] = {}
+    with write_artifact(out, "trained-models", config=cfg.train.model_dump(mode="json"), inputs=inputs) as w:
+        seed_everything(cfg.seed, tcfg.threads)
+        t0 = time.perf_counter()
+        head, probe_hist = train_probe(
+            feats["train"], train.y, feats.get("val"), val.y if val is not None else None, n_cls, tcfg, cfg.seed
+        )
+        probe_secs = time.perf_counter() - t0
+        for strategy in tcfg.strategies:
+            d = w.path / "models" / strategy
+            t0 = time.perf_counter()
+            if strategy == "linear-probe":
+                backbone, hist, secs = load_backbone(src), probe_hist, probe_secs
+                clf = Classifier(backbone, n_cls, ds.classes)
+                clf.head.load_state_dict(head.state_dict())
+            else:
+                seed_everything(cfg.seed, tcfg.threads)
+                clf = Classifier(load_backbone(src), n_cls, ds.classes)
+                clf.head.load_state_dict(head.state_dict())  # LP-FT: start from the probe's head
+                hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=tcfg.freeze_blocks, name=strategy)
+                secs = probe_secs + time.perf_counter() - t0
+            results[strategy] = _save(d, clf, hist, strategy, secs, ds.classes)
+        if cfg.evaluate.scratch_baseline:
+            d = w.path / "models" / "scratch"
+            t0 = time.perf_counter()
+            seed_everything(cfg.seed, tcfg.threads)
+            clf = Classifier(load_backbone(src, random_init=True), n_cls, ds.classes)
+            hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=0, name="scratch")
+            results["scratch"] = _save(d, clf, hist, "scratch", time.perf_counter() - t0, ds.classes)
+        candidates = {s: results[s] for s in tcfg.strategies}
+        selected = max(candidates, key=lambda s: (candidates[s]["val_acc"] or 0.0, -tcfg.strategies.index(s)))
+        selection = {"selected": selected, "criterion": "best validation accuracy (ties: earlier strategy)", "models": results}
+        (w.path / "selection.json").write_text(json.dumps(selection, indent=2))
+        w.metadata = {"selected": selected, "models": results, "classes": ds.classes}
+    log.info("fine-tune: selected %s (val acc %.4f)", selected, results[selected]["val_acc"])
+    return Artifact(Path(out), w.manifest)
+
+
+def _save(d: Path, clf: Classifier, hist: list[dict], strategy: str, secs: float, classes: list[str]) -> dict[str, Any]:
+    spec = save_bundle(d, clf.backbone, head=clf.head, classes=classes, extra={"strategy": strategy})
+    save_history(d, hist, strategy)
+    best = max((h for h in hist if "val_acc" in h), key=lambda h: (h["val_acc"], -h["val_loss"]), default=None)
+    return {
+        "val_acc": best["val_acc"] if best else None,
+        "epochs": len(hist),
+        "seconds": round(secs, 3),
+        "digest": spec["digest"],
+    }

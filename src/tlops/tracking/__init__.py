@@ -1,0 +1,1 @@
+"""MLflow tracking and registry: embedded sqlite default, pyfunc packaging, aliases."""
