@@ -125,7 +125,7 @@ class PipelineConfig(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    register: RegisterConfig
+    register: RegisterConfig = Field(...)  # explicit: otherwise pydantic takes ABCMeta.register as default
     tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:

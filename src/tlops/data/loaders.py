@@ -126,6 +126,10 @@ def load_image_folder(cfg: DataConfig, fmt: str) -> RawData:
 
 def load_npz(cfg: DataConfig, fmt: str) -> RawData:
     path = Path(cfg.source)
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"data.source: cannot read {path}: not an NPZ archive (expected a file written by np.savez)")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.files)

@@ -1,6 +1,7 @@
 """Resolve a source-model spec string into a model bundle directory.
 
-Specs: ``hf:<hub-id-or-local-dir>``, ``timm:<name>``, ``mlflow:models:/<name>@<alias>`` or
+Specs: ``hf:<hub-id-or-local-dir>`` (or ``hf:pkg:<package>/<dir>`` for a model shipped inside
+an installed Python package), ``timm:<name>``, ``mlflow:models:/<name>@<alias>`` or
 ``mlflow:models:/<name>/<version>``, or a path to a tlops bundle directory.
 """
 
@@ -18,13 +19,28 @@ from tlops.models.bundle import is_bundle, read_spec, save_bundle
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hf:<hub-id-or-dir>", "timm:<name>", "mlflow:models:/<name>@<alias>", "mlflow:models:/<name>/<version>", "<bundle dir>")
+SOURCES = ("hf:<hub-id-or-dir>", "hf:pkg:<package>/<dir>", "timm:<name>", "mlflow:models:/<name>@<alias>", "mlflow:models:/<name>/<version>", "<bundle dir>")
 _MLFLOW_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def package_dir(ref: str) -> str:
+    """``pkg:<python package>/<sub/dir>`` -> a directory shipped inside an installed package."""
+    import importlib.util
+
+    pkg, _, sub = ref.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"source.model: Python package '{pkg}' is not installed (needed for hf:{ref})")
+    path = Path(list(found.submodule_search_locations)[0]) / sub
+    if not path.is_dir():
+        raise ModelError(f"source.model: {path} does not exist inside package '{pkg}'")
+    return str(path)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
     if spec.startswith("hf:"):
-        return "hf", spec[3:]
+        ref = spec[3:]
+        return "hf", package_dir(ref) if ref.startswith("pkg:") else ref
     if spec.startswith("timm:"):
         return "timm", spec[5:]
     if spec.startswith("mlflow:"):

@@ -1,0 +1,48 @@
+# tlops: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tlops-installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[text-demo,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install tlops + pinned dependencies from requirements.lock (idempotent)
+
+pipeline-local: $(STAMP) ## run the offline demo: source model on digits 0-4 -> transfer to 5-9 (10 labels/class)
+	$(BIN)/tlops demo
+
+test: $(STAMP) ## run the default test suite (no slow tests; < 15 min on 2 cores)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## run only the slow tests
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP) ## feature-extraction benchmark (prints a table, writes bench/results/extract.md)
+	$(BIN)/python bench/extract.py
+
+mlflow-ui: $(STAMP) ## start the MLflow UI on the embedded store (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.tlops/mlflow.db --host 127.0.0.1 --port 5000
+
+lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
+	.lockenv/bin/python -m pip install --quiet --upgrade "pip>=24"
+	.lockenv/bin/python -m pip install --quiet -e '.[text-demo,dev]'
+	(echo "# Lock file: exact versions of every dependency (pip constraints). Regenerate with 'make lock'."; \
+	 .lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^tlops') > requirements.lock
+	rm -rf .lockenv
+
+clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
+	rm -rf .tlops
+
+.PHONY: help install pipeline-local test test-slow bench mlflow-ui lock clean
