@@ -1,0 +1,80 @@
+"""The CLI that every runner shell calls: `tlops step <name>` for all six steps, and `tlops run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import digits_config
+
+TLOPS = [str(Path(sys.executable).parent / "tlops")]
+
+
+def tlops(*args, cwd=None):
+    return subprocess.run(TLOPS + list(args), capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_six_steps_through_the_cli(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(tmp_path / "work")))
+    a = tmp_path / "a"
+    plan = [
+        ("ingest", []),
+        ("pull-model", []),
+        ("extract-features", ["dataset=ingest", "model=pull-model"]),
+        ("fine-tune", ["dataset=ingest", "model=pull-model", "features=extract-features"]),
+        ("evaluate", ["dataset=ingest", "trained=fine-tune"]),
+        ("register", ["dataset=ingest", "model=pull-model", "trained=fine-tune", "evaluation=evaluate"]),
+    ]
+    for step, ins in plan:
+        args = ["step", step, "--config", str(cfg), "--out", str(a / step)]
+        for i in ins:
+            name, producer = i.split("=")
+            args += ["--in", f"{name}={a / producer}"]
+        r = tlops(*args)
+        assert r.returncode == 0, r.stderr
+        assert f"{step}: wrote {a / step}" in r.stdout
+        assert (a / step / "manifest.json").is_file()
+    reg = json.loads((a / "register" / "registration.json").read_text())
+    assert reg["model_name"] == "t-digits" and reg["version"] == "1" and reg["aliases"] == ["challenger"]
+
+    # same inputs again: reused, not recomputed
+    r = tlops("step", "fine-tune", "--config", str(cfg), "--out", str(tmp_path / "again"),
+              "--in", f"dataset={a / 'ingest'}", "--in", f"model={a / 'pull-model'}", "--in", f"features={a / 'extract-features'}")
+    assert r.returncode == 0 and "fine-tune: reused" in r.stdout
+    assert "inputs unchanged, reusing finished artifact" in r.stderr
+
+
+def test_step_input_errors(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(tmp_path / "work")))
+    r = tlops("step", "evaluate", "--config", str(cfg), "--out", str(tmp_path / "e"), "--in", f"dataset={tmp_path}")
+    assert r.returncode == 2
+    assert "error: step evaluate takes inputs dataset, trained; missing: trained" in r.stderr
+    r = tlops("step", "evaluate", "--config", str(cfg), "--out", str(tmp_path / "e"),
+              "--in", f"dataset={tmp_path / 'nope'}", "--in", f"trained={tmp_path}")
+    assert r.returncode == 1
+    assert f"error: {tmp_path / 'nope'} is not a finished tlops artifact (no manifest.json)" in r.stderr
+    r = tlops("step", "train", "--config", str(cfg), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2 and "unknown step 'train'" in r.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_run_twice_reuses_and_lists_steps(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(tmp_path / "work")))
+    first = tlops("run", "--config", str(cfg), "--set", "train.epochs=1")
+    assert first.returncode == 0, first.stderr
+    assert "registered t-digits v1 as challenger" in " ".join(first.stdout.split())
+    second = tlops("run", "--config", str(cfg), "--set", "train.epochs=1")
+    assert second.returncode == 0, second.stderr
+    assert "reused: ingest, pull-model, extract-features, fine-tune, evaluate" in " ".join(second.stdout.split())
+    runs = sorted((tmp_path / "work" / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "config.yaml").is_file() for r in runs)
+    listing = tlops("steps").stdout.split("\n")
+    assert [line.split()[0] for line in listing if line] == [
+        "ingest", "pull-model", "extract-features", "fine-tune", "evaluate", "register"]

@@ -1,0 +1,122 @@
+"""The digits demo end to end: source registration, transfer, aliases, pyfunc on raw inputs, reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from tlops.demo import run_demo
+
+    work = tmp_path_factory.mktemp("demo") / "work"
+    out = run_demo(CONFIGS / "digits_source.yaml", CONFIGS / "digits_target.yaml", [f"workdir={work}"])
+    out["workdir"] = work
+    return out
+
+
+def _use_store(work: Path) -> None:
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def _digits(classes):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.isin(d.target, classes)
+    return np.round(d.images[keep] * 255 / 16).astype(np.uint8), d.target[keep]
+
+
+def test_demo_registers_source_champion_and_target_challenger(demo):
+    _use_store(demo["workdir"])
+    c = mlflow.MlflowClient()
+    src = c.get_model_version_by_alias("digits-source", "champion")
+    tgt = c.get_model_version_by_alias("digits-target", "challenger")
+    assert str(src.version) == "1" and str(tgt.version) == "1"
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        c.get_model_version_by_alias("digits-target", "champion")  # auto_promote is off for the target
+    assert demo["target"].artifact("pull-model").meta["mlflow"]["name"] == "digits-source"
+    assert demo["target"].artifact("pull-model").meta["mlflow"]["version"] == "1"
+
+
+def test_target_transfer_beats_scratch_and_majority(demo):
+    ev = json.loads((demo["target"].artifact("evaluate").path / "report.json").read_text())
+    assert set(ev["models"]) == {"linear-probe", "fine-tune", "scratch"}
+    best = ev["models"][ev["selected"]]["accuracy"]
+    assert best > ev["models"]["scratch"]["accuracy"] + 0.1
+    assert best > ev["baselines"]["majority"]["accuracy"] + 0.4
+    assert ev["gates"]["passed"] is True
+    for name in ("report.md", "confusion_matrix.png"):
+        assert (demo["target"].artifact("evaluate").path / name).stat().st_size > 0
+    src_ev = demo["source"].artifact("evaluate").meta
+    assert src_ev["accuracy"] > 0.9
+
+
+def test_pyfunc_from_registry_predicts_raw_images(demo, tmp_path):
+    _use_store(demo["workdir"])
+    model = mlflow.pyfunc.load_model("models:/digits-target@challenger")
+    x, y = _digits([5, 6, 7, 8, 9])
+    out = model.predict(x[:200])
+    assert list(out.columns[:2]) == ["label", "score"]
+    assert set(out["label"]) <= {"5", "6", "7", "8", "9"}
+    probs = out[[f"prob_{c}" for c in "56789"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (out["label"].astype(int).to_numpy() == y[:200]).mean() > 0.6
+    # image files work through the unwrapped model
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(x[i]).save(p)
+        paths.append(str(p))
+    files = model.unwrap_python_model().predict(None, paths)
+    assert files["label"].tolist() == out["label"].tolist()[:3]
+
+
+def test_version_tags_description_and_run_record(demo):
+    _use_store(demo["workdir"])
+    c = mlflow.MlflowClient()
+    mv = c.get_model_version_by_alias("digits-target", "challenger")
+    tgt = demo["target"]
+    assert mv.tags["tlops.data_hash"] == tgt.artifact("ingest").meta["data_hash"]
+    assert mv.tags["tlops.source_digest"] == tgt.artifact("pull-model").meta["model_digest"]
+    assert len(mv.tags["tlops.config_hash"]) == 64
+    assert mv.tags["tlops.git_commit"]
+    assert mv.tags["validation_status"] == "passed"
+    assert "| model | accuracy | macro-F1 | ECE |" in mv.description
+    assert "scratch" in mv.description and "majority class" in mv.description
+    run = c.get_run(tgt.mlflow_run_id)
+    assert run.data.tags["tlops.feature_cache_key"] == tgt.artifact("extract-features").meta["cache_key"]
+    assert run.data.params["train.epochs"] == "15"
+    saved = yaml.safe_load((tgt.run_dir / "config.yaml").read_text())
+    assert saved["workdir"] == str(demo["workdir"]) and saved["register"]["model_name"] == "digits-target"
+    logged = mlflow.artifacts.download_artifacts(run_id=tgt.mlflow_run_id, artifact_path="config.yaml")
+    assert yaml.safe_load(Path(logged).read_text()) == saved
+
+
+def test_rerun_reuses_steps_and_registration(demo, caplog):
+    from tlops.config import load_config
+    from tlops.runners.local import run_pipeline
+
+    cfg = load_config(CONFIGS / "digits_target.yaml", [f"workdir={demo['workdir']}"])
+    caplog.set_level("INFO")
+    again = run_pipeline(cfg)
+    reused = {n for n, s in again.steps.items() if s.reused}
+    assert reused == {"ingest", "pull-model", "extract-features", "fine-tune", "evaluate"}
+    assert "inputs unchanged, reusing finished artifact" in caplog.text
+    reg = again.artifact("register").meta
+    assert reg["version"] == "1" and reg["reused"] is True
+    assert again.seconds < 0.5 * demo["target"].seconds

@@ -1,0 +1,81 @@
+"""Fine-tuning mechanics on a tiny real CNN: frozen blocks stay frozen (BN too), determinism, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tlops.errors import ConfigError
+from tlops.steps import extract_features, fine_tune, ingest, pull_model
+
+
+@pytest.fixture
+def upstream(digits_cfg, tmp_path):
+    cfg = digits_cfg(train={"strategies": ["fine-tune"], "epochs": 3, "freeze_blocks": 5})
+    ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
+    ins["features"] = extract_features.run(cfg, ins, tmp_path / "features")
+    return cfg, ins
+
+
+def _state(path):
+    from tlops.models.bundle import load_backbone
+
+    return {k: v.clone() for k, v in load_backbone(path).model.state_dict().items()}
+
+
+def test_frozen_blocks_and_their_batchnorm_stats_do_not_move(upstream, tmp_path):
+    cfg, ins = upstream
+    before = _state(ins["model"].path / "model")
+    out = fine_tune.run(cfg, ins, tmp_path / "ft")
+    after = _state(out.path / "models" / "fine-tune")
+    # resnet10t blocks: conv1, bn1, layer1, layer2, layer3, layer4 -> first 5 frozen, layer4 trains
+    frozen = [k for k in before if not k.startswith("layer4.")]
+    assert any("running_mean" in k for k in frozen)
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), f"{k} moved although its block is frozen"
+    moved = [k for k in before if k.startswith("layer4.") and not torch.equal(before[k], after[k])]
+    assert any("running_mean" in k for k in moved) and any(k.endswith("weight") for k in moved)
+
+
+def test_fine_tune_is_deterministic_and_writes_checkpoints_and_curves(upstream, tmp_path):
+    cfg, ins = upstream
+    a = fine_tune.run(cfg, ins, tmp_path / "a")
+    b = fine_tune.run(cfg, ins, tmp_path / "b")
+    assert a.meta["models"]["fine-tune"]["digest"] == b.meta["models"]["fine-tune"]["digest"]
+    d = a.path / "models" / "fine-tune"
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["epoch_002.pt", "epoch_003.pt"]
+    ckpt = torch.load(d / "checkpoints" / "epoch_003.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and "optimizer" in ckpt
+    hist = json.loads((d / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and {"train_loss", "val_acc"} <= hist[0].keys()
+    assert (d / "curves.png").stat().st_size > 0
+    sel = json.loads((a.path / "selection.json").read_text())
+    assert sel["selected"] == "fine-tune"
+
+
+def test_linear_probe_head_reproduces_on_raw_features(upstream, digits_cfg, tmp_path):
+    """The saved probe head (standardisation folded in) gives the same val accuracy as in training."""
+    import numpy as np
+
+    from tlops.data.dataset import Dataset
+    from tlops.models.bundle import load_classifier
+
+    cfg, ins = upstream
+    cfg = digits_cfg(train={"strategies": ["linear-probe"]})
+    out = fine_tune.run(cfg, ins, tmp_path / "lp")
+    clf = load_classifier(out.path / "models" / "linear-probe")
+    val = Dataset(ins["dataset"]).load("val")
+    acc = float((clf.predict_proba(val.x).argmax(1) == val.y).mean())
+    assert acc == pytest.approx(out.meta["models"]["linear-probe"]["val_acc"], abs=1e-6)
+    assert np.isfinite(acc)
+
+
+def test_bad_freeze_fails_with_message_and_leaves_no_artifact(upstream, digits_cfg, tmp_path):
+    _, ins = upstream
+    cfg = digits_cfg(train={"strategies": ["fine-tune"], "freeze_blocks": 99})
+    with pytest.raises(ConfigError, match=r"train.freeze_blocks: got 99, but the backbone has only 6 blocks \(allowed: 0..6\)"):
+        fine_tune.run(cfg, ins, tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ft.tmp")]
