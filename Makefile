@@ -31,6 +31,13 @@ test-slow: $(STAMP) ## run only the slow tests
 bench: $(STAMP) ## feature-extraction benchmark (prints a table, writes bench/results/extract.md)
 	$(BIN)/python bench/extract.py
 
+compile: $(STAMP) ## compile the KFP pipeline for the demo target config (pipelines/transfer_learning/digits-target.yaml)
+	$(BIN)/tlops compile --config configs/digits_target.yaml --out pipelines/transfer_learning/digits-target.yaml
+
+pipeline-kfp-local: $(STAMP) ## run the demo target pipeline through the compiled KFP DAG with kfp.local
+	$(BIN)/tlops run --config configs/digits_source.yaml
+	$(BIN)/tlops run --runner kfp-local --config configs/digits_target.yaml
+
 mlflow-ui: $(STAMP) ## start the MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.tlops/mlflow.db --host 127.0.0.1 --port 5000
 
@@ -45,4 +52,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install pipeline-local test test-slow bench mlflow-ui lock clean
+.PHONY: help install pipeline-local pipeline-kfp-local compile test test-slow bench mlflow-ui lock clean

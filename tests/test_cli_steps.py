@@ -78,3 +78,27 @@ def test_run_twice_reuses_and_lists_steps(tmp_path):
     listing = tlops("steps").stdout.split("\n")
     assert [line.split()[0] for line in listing if line] == [
         "ingest", "pull-model", "extract-features", "fine-tune", "evaluate", "register"]
+
+
+def test_promote_moves_champion_and_keeps_previous(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    work = tmp_path / "work"
+    cfg.write_text(yaml.safe_dump(digits_config(work)))
+    assert tlops("run", "--config", str(cfg)).returncode == 0
+    assert tlops("run", "--config", str(cfg), "--set", "train.epochs=2", "--set", "train.strategies=[fine-tune]").returncode == 0
+    r = tlops("promote", "t-digits", "1", "--workdir", str(work), "--reason", "reviewed")
+    assert r.returncode == 0 and "t-digits: champion -> v1" in r.stdout
+    r = tlops("promote", "t-digits", "2", "--workdir", str(work))
+    assert r.returncode == 0 and "t-digits: champion -> v2 (previous champion: v1)" in r.stdout
+    r = tlops("promote", "t-digits", "2", "--workdir", str(work))
+    assert r.returncode == 0 and "v2 is already champion" in r.stdout
+    r = tlops("promote", "t-digits", "9", "--workdir", str(work))
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot promote t-digits version 9")
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    c = mlflow.MlflowClient()
+    assert str(c.get_model_version_by_alias("t-digits", "champion").version) == "2"
+    assert str(c.get_model_version_by_alias("t-digits", "previous-champion").version) == "1"
+    assert "reviewed" in c.get_model_version("t-digits", "1").tags["tlops.promoted"]

@@ -44,14 +44,38 @@ def run(
     set_: Optional[List[str]] = SET,
     run_id: Optional[str] = typer.Option(None, help="run id (default: timestamp-name-random)"),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="rerun every step even if its inputs are unchanged"),
+    runner: str = typer.Option("local", help="local (in-process) or kfp-local (the compiled KFP DAG via kfp.local)"),
 ) -> None:
-    """Run the whole pipeline in-process: ingest → pull-model → extract-features → fine-tune → evaluate → register."""
+    """Run the whole pipeline: ingest → pull-model → extract-features → fine-tune → evaluate → register."""
     from tlops.report import print_run_summary
-    from tlops.runners.local import run_pipeline
 
     cfg = _load(config, set_)
-    result = run_pipeline(cfg, run_id=run_id, reuse=not no_reuse)
+    if runner == "local":
+        from tlops.runners.local import run_pipeline
+
+        result = run_pipeline(cfg, run_id=run_id, reuse=not no_reuse)
+    elif runner == "kfp-local":
+        from tlops.runners.kfp import run_kfp_local
+
+        result = run_kfp_local(cfg)
+    else:
+        raise ConfigError(f"--runner: got {runner!r}; allowed: local, kfp-local")
     print_run_summary(cfg, result)
+
+
+@app.command("compile")
+def compile_(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    out: Path = typer.Option(Path("pipeline.yaml"), "--out", "-o", help="where to write the KFP IR YAML"),
+) -> None:
+    """Compile the pipeline for Kubeflow Pipelines v2 (IR YAML) from a config."""
+    from tlops.runners.kfp import compile_pipeline, image_for
+
+    cfg = _load(config, set_)
+    compile_pipeline(cfg, out)
+    gpu = cfg.kubernetes.gpu
+    typer.echo(f"wrote {out} (image {image_for(cfg)}, fine-tune on {'GPU: ' + gpu.accelerator_type if gpu else 'CPU'})")
 
 
 @app.command()

@@ -107,6 +107,62 @@ class RegisterConfig(_Strict):
     auto_promote: bool = Field(False, description="set alias 'champion' when all gates pass")
 
 
+class Toleration(_Strict):
+    key: Optional[str] = None
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: Optional[str] = None
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+
+
+class GpuConfig(_Strict):
+    accelerator_type: str = Field("nvidia.com/gpu", description="resource name of the accelerator")
+    accelerator_limit: int = Field(1, ge=1)
+    node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"tlops.dev/node-pool": "gpu"}, description="labels of the GPU node pool"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    )
+    shm_size: Optional[str] = Field("8Gi", description="size of the emptyDir (medium Memory) mounted on /dev/shm")
+    cpu_request: Optional[str] = "4"
+    memory_request: Optional[str] = "16Gi"
+    cpu_limit: Optional[str] = "8"
+    memory_limit: Optional[str] = "32Gi"
+
+
+class ResourcesConfig(_Strict):
+    cpu_request: Optional[str] = "1"
+    memory_request: Optional[str] = "2Gi"
+    cpu_limit: Optional[str] = "2"
+    memory_limit: Optional[str] = "8Gi"
+
+
+class SecretEnv(_Strict):
+    name: str = Field(..., min_length=1, description="Kubernetes Secret name")
+    env: dict[str, str] = Field(..., min_length=1, description="ENV_VAR: key-in-secret")
+
+
+class RetryConfig(_Strict):
+    count: int = Field(3, ge=0)
+    backoff: str = Field("30s", pattern=r"^\d+s$")
+    factor: float = Field(2.0, ge=1.0)
+    max_backoff: str = Field("600s", pattern=r"^\d+s$")
+
+
+class KubernetesConfig(_Strict):
+    image: Optional[str] = Field(None, description="container image (default: env TLOPS_IMAGE, else tlops:<version>)")
+    resources: ResourcesConfig = ResourcesConfig()
+    gpu: Optional[GpuConfig] = Field(None, description="fine-tune on a GPU node pool; null = CPU only")
+    secrets: list[SecretEnv] = Field(
+        default_factory=list, description="Secrets exposed as env vars (S3 and MLflow credentials)"
+    )
+    retries: RetryConfig = RetryConfig()
+    caching: bool = True
+    data_version: Optional[str] = Field(
+        None, description="immutable data version (DVC md5 / git rev); with it KFP may cache ingest"
+    )
+
+
 class TrackingConfig(_Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite under workdir; env MLFLOW_TRACKING_URI wins)")
     experiment: str = "tlops"
@@ -127,6 +183,7 @@ class PipelineConfig(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = Field(...)  # explicit: otherwise pydantic takes ABCMeta.register as default
     tracking: TrackingConfig = TrackingConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 class StepSpec:
     name: str
     output: str  # artifact kind written by the step
+    output_name: str  # how consumers name this step's artifact (their input name)
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> producing step
     resources: str = "cpu"  # "cpu" or "gpu" (node pool class)
     network: bool = False  # talks to remote services (retries on the cluster)
@@ -17,15 +18,15 @@ class StepSpec:
 
 
 DAG: tuple[StepSpec, ...] = (
-    StepSpec("ingest", "dataset", help="read, validate and split the data"),
-    StepSpec("pull-model", "source-model", network=True, help="resolve the source model into a bundle"),
-    StepSpec("extract-features", "features", {"dataset": "ingest", "model": "pull-model"},
+    StepSpec("ingest", "dataset", "dataset", help="read, validate and split the data"),
+    StepSpec("pull-model", "source-model", "model", network=True, help="resolve the source model into a bundle"),
+    StepSpec("extract-features", "features", "features", {"dataset": "ingest", "model": "pull-model"},
              help="backbone features per split (content-addressed cache)"),
-    StepSpec("fine-tune", "trained-models", {"dataset": "ingest", "model": "pull-model", "features": "extract-features"},
+    StepSpec("fine-tune", "trained-models", "trained", {"dataset": "ingest", "model": "pull-model", "features": "extract-features"},
              resources="gpu", help="train the strategies and the from-scratch baseline"),
-    StepSpec("evaluate", "evaluation", {"dataset": "ingest", "trained": "fine-tune"},
+    StepSpec("evaluate", "evaluation", "evaluation", {"dataset": "ingest", "trained": "fine-tune"},
              help="test metrics, baselines, champion comparison, gates"),
-    StepSpec("register", "registration",
+    StepSpec("register", "registration", "registration",
              {"dataset": "ingest", "model": "pull-model", "trained": "fine-tune", "evaluation": "evaluate"},
              network=True, reusable=False, help="log the pyfunc model, register a version, set aliases"),
 )
@@ -38,3 +39,16 @@ def get(name: str) -> StepSpec:
         if s.name == name:
             return s
     raise KeyError(f"unknown step '{name}'; steps: {', '.join(STEP_NAMES)}")
+
+
+def _check() -> None:
+    """Inputs name their producer's output_name and come earlier in the DAG."""
+    seen: dict[str, StepSpec] = {}
+    for s in DAG:
+        for name, producer in s.inputs.items():
+            assert producer in seen, f"{s.name}: input {name} from {producer}, which is not an earlier step"
+            assert seen[producer].output_name == name, f"{s.name}: input {name} != {producer}.output_name"
+        seen[s.name] = s
+
+
+_check()

@@ -26,14 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    champ = None
-    if cfg.evaluate.gates.must_beat_champion:
-        from tlops.tracking.registry import get_alias
-        from tlops.tracking.setup import configure
+    """The report compares with the current champion, so a new champion means a new report."""
+    from tlops.tracking.registry import get_alias
+    from tlops.tracking.setup import configure
 
-        configure(cfg)
-        mv = get_alias(cfg.register.model_name, "champion")
-        champ = mv.version if mv else None
+    configure(cfg)
+    mv = get_alias(cfg.register.model_name, "champion")
+    champ = str(mv.version) if mv else None
     return hash_json([cfg.section_hash("evaluate"), cfg.register.model_name, champ, *(inputs[k].content_hash for k in ("dataset", "trained"))])
 
 

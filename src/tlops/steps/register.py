@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tlops.evaluation.report import metrics_table
 from tlops.hashing import hash_json
 from tlops.tracking import registry
 from tlops.tracking.setup import configure, git_commit, pipeline_run
+from tlops.tracking.steplog import log_step
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         "validation_status": "passed" if report["gates"]["passed"] else "failed: " + "; ".join(report["gates"]["reasons"]),
     }
     existing = registry.find_version_by_tag(name, "tlops.model_digest", digest)
+    standalone = mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID")
     with pipeline_run(cfg, run_name=f"{cfg.name}-register") as run:
+        if standalone:  # run as its own process (KFP, compose, DVC): record the lineage here
+            for step, art in (("ingest", inputs["dataset"]), ("pull-model", source), ("fine-tune", trained), ("evaluate", evaluation)):
+                log_step(step, art)
         if existing is not None:
             version, reused = str(existing.version), True
             log.info("register: %s version %s already holds this model (digest %s): not registering again", name, version, digest[:12])

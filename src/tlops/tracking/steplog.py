@@ -5,12 +5,14 @@ from __future__ import annotations
 from tlops.artifacts import Artifact
 
 
-def log_step(step: str, artifact: Artifact, seconds: float, reused: bool) -> None:
+def log_step(step: str, artifact: Artifact, seconds: float | None = None, reused: bool | None = None) -> None:
     import mlflow
 
     meta = artifact.meta
-    mlflow.log_metric(f"step_seconds.{step}", seconds)
-    mlflow.set_tag(f"tlops.reused.{step}", str(reused).lower())
+    if seconds is not None:
+        mlflow.log_metric(f"step_seconds.{step}", seconds)
+    if reused is not None:
+        mlflow.set_tag(f"tlops.reused.{step}", str(reused).lower())
     if step == "ingest":
         mlflow.set_tags({"tlops.data_hash": meta["data_hash"], "tlops.dataset_hash": artifact.content_hash})
         for split, n in meta["counts"].items():

@@ -1,0 +1,63 @@
+"""What a KFP component runs inside its container: one step, with KFP artifacts as I/O.
+
+KFP components (``components/<step>/component.py``) are thin shells around ``run_task``;
+the work is the same ``execute_step`` that ``tlops run`` and ``tlops step`` use.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tlops import dag
+from tlops.artifacts import Artifact, read_artifact
+from tlops.config import PipelineConfig, apply_overrides, validate_config
+
+# Pipeline parameters that override config fields when not empty.
+PARAM_FIELDS = {"data_uri": "data.source", "source_model": "source.model", "model_name": "register.model_name"}
+
+
+def config_from_params(config_yaml: str, params: dict[str, str]) -> PipelineConfig:
+    raw = yaml.safe_load(config_yaml) or {}
+    overrides = [f"{PARAM_FIELDS[k]}={v}" for k, v in params.items() if v]
+    return validate_config(apply_overrides(raw, overrides), "(pipeline parameter 'config')")
+
+
+def provenance(art: Artifact) -> dict[str, Any]:
+    m = art.meta
+    keys = ("data_hash", "model_digest", "cache_key", "cache", "selected", "accuracy", "gates_passed", "model_name", "version")
+    out = {"tlops_kind": art.kind, "content_hash": art.content_hash}
+    out.update({k: m[k] for k in keys if k in m and m[k] is not None})
+    return out
+
+
+def run_task(step: str, config_yaml: str, params: dict[str, str], inputs: dict[str, Any], output: Any) -> Artifact:
+    from tlops.runners.local import execute_step
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", stream=sys.stderr)
+    spec = dag.get(step)
+    cfg = config_from_params(config_yaml, params)
+    arts = {name: read_artifact(inputs[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
+    res = execute_step(spec, cfg, arts, Path(output.path))
+    output.metadata.update(provenance(res.artifact))
+    return res.artifact
+
+
+def log_evaluation(evaluation: Artifact, metrics: Any, classification: Any) -> None:
+    """Fill KFP Metrics / ClassificationMetrics outputs from an evaluation artifact."""
+    import json
+
+    report = json.loads((evaluation.path / "report.json").read_text())
+    sel = report["metrics"]
+    metrics.log_metric("accuracy", sel["accuracy"])
+    metrics.log_metric("macro_f1", sel["macro_f1"])
+    metrics.log_metric("ece", sel["ece"])
+    if sel.get("gain_over_scratch") is not None:
+        metrics.log_metric("gain_over_scratch", sel["gain_over_scratch"])
+    metrics.log_metric("gates_passed", float(report["gates"]["passed"]))
+    classification.log_confusion_matrix(report["classes"], sel["confusion_matrix"])

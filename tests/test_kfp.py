@@ -1,0 +1,136 @@
+"""Kubeflow Pipelines: compiled IR structure from the one DAG, Kubernetes settings, kfp.local run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, digits_config
+from tlops.config import load_config, validate_config
+from tlops.dag import DAG, STEP_NAMES
+
+GPU = {
+    "gpu": {"accelerator_type": "nvidia.com/gpu", "accelerator_limit": 2, "node_selector": {"pool": "a100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}], "shm_size": "16Gi"},
+    "secrets": [
+        {"name": "tlops-s3", "env": {"AWS_ACCESS_KEY_ID": "access-key-id", "AWS_SECRET_ACCESS_KEY": "secret-access-key"}},
+        {"name": "tlops-mlflow", "env": {"MLFLOW_TRACKING_PASSWORD": "password"}},
+    ],
+    "data_version": "dvc-md5-abc123",
+}
+
+
+def _compile(tmp_path, monkeypatch, **sections):
+    from tlops.runners.kfp import compile_pipeline
+
+    monkeypatch.delenv("TLOPS_IMAGE", raising=False)
+    cfg = validate_config(digits_config(tmp_path / "w", **sections))
+    out = compile_pipeline(cfg, tmp_path / "p.yaml")
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return cfg, out.read_text(), docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def test_compiled_dag_matches_the_library_dag(tmp_path, monkeypatch):
+    _, _, spec, _ = _compile(tmp_path, monkeypatch)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == set(STEP_NAMES)
+    for step in DAG:
+        deps = set(tasks[step.name].get("dependentTasks", []))
+        assert deps == set(step.inputs.values()), step.name
+        arts = tasks[step.name]["inputs"].get("artifacts", {})
+        assert {k: v["taskOutputArtifact"]["producerTask"] for k, v in arts.items()} == step.inputs
+    assert spec["pipelineInfo"]["name"] == "tlops-t-digits"
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config", "data_uri", "source_model", "model_name"}
+    # the in-process runner walks the same DAG
+    from tlops.runners import local
+
+    assert local.DAG is DAG
+
+
+def test_gpu_pool_secrets_retries_and_cache_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sup3r-s3cret-value")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlflow-pa55word")
+    cfg, text, spec, platform = _compile(tmp_path, monkeypatch, kubernetes=GPU)
+    execs = spec["deploymentSpec"]["executors"]
+    ft = execs["exec-fine-tune"]["container"]
+    assert ft["image"] == "tlops:0.1.0"
+    acc = ft["resources"]["accelerator"]
+    assert (acc["resourceCount"], acc["resourceType"]) == ("2", "nvidia.com/gpu")
+    res = ft["resources"]
+    assert (res["resourceCpuRequest"], res["resourceMemoryRequest"]) == ("4", "16Gi")
+    assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("8", "32Gi")
+    ing = execs["exec-ingest"]["container"]["resources"]
+    assert (ing["resourceCpuRequest"], ing["resourceMemoryRequest"], ing["resourceCpuLimit"], ing["resourceMemoryLimit"]) == ("1", "2Gi", "2", "8Gi")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-fine-tune"]["nodeSelector"] == {"labels": {"pool": "a100"}}
+    assert k8s["exec-fine-tune"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert k8s["exec-fine-tune"]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}]
+    for name in ("exec-ingest", "exec-evaluate", "exec-register"):
+        assert "nodeSelector" not in k8s[name] and "accelerator" not in execs[name]["container"].get("resources", {})
+        envs = {e["envVar"] for s in k8s[name]["secretAsEnv"] for e in s["keyToEnv"]}
+        assert envs == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"}
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in ("pull-model", "register"):
+        assert tasks[name]["retryPolicy"] == {"backoffDuration": "30s", "backoffFactor": 2.0, "backoffMaxDuration": "600s", "maxRetryCount": 3}
+    assert "retryPolicy" not in tasks["fine-tune"]
+    key = f"tlops-fine-tune-{cfg.config_hash[:16]}-dvc-md5-abc123"
+    assert tasks["fine-tune"]["cachingOptions"] == {"cacheKey": key, "enableCache": True}
+    assert tasks["ingest"]["cachingOptions"]["enableCache"] is True  # data version pinned
+    assert tasks["register"]["cachingOptions"].get("enableCache", False) is False
+    for secret in ("sup3r-s3cret-value", "mlflow-pa55word"):
+        assert secret not in text
+
+
+def test_cpu_only_when_no_gpu_configured(tmp_path, monkeypatch):
+    _, text, spec, platform = _compile(tmp_path, monkeypatch)
+    ft = spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]
+    assert "accelerator" not in ft.get("resources", {})
+    executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+    assert "exec-fine-tune" not in executors  # no selector, toleration or /dev/shm mount
+    assert "/dev/shm" not in text and "nvidia" not in text
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["ingest"]["cachingOptions"].get("enableCache", False) is False  # data version unpinned
+
+
+def test_committed_compiled_pipeline_is_fresh(tmp_path, monkeypatch):
+    from tlops.runners.kfp import compile_pipeline
+
+    monkeypatch.delenv("TLOPS_IMAGE", raising=False)
+    committed = REPO / "pipelines" / "transfer_learning" / "digits-target.yaml"
+    cfg = load_config(REPO / "configs" / "digits_target.yaml")
+    fresh = compile_pipeline(cfg, tmp_path / "fresh.yaml").read_text()
+    assert committed.read_text() == fresh, "run: make compile (pipelines/transfer_learning/digits-target.yaml is stale)"
+
+
+def test_kfp_local_matches_in_process_runner(tmp_path):
+    """Digits demo: source in-process, target through kfp.local, target again in-process: same model."""
+    from tlops.runners.kfp import run_kfp_local
+    from tlops.runners.local import run_pipeline
+
+    work = [f"workdir={tmp_path / 'w'}", "train.epochs=4"]
+    run_pipeline(load_config(REPO / "configs" / "digits_source.yaml", [*work, "train.epochs=3"]))
+    target = load_config(REPO / "configs" / "digits_target.yaml", work)
+    kfp = run_kfp_local(target)
+    assert kfp.run_dir.parent == tmp_path / "w" / "kfp-local"
+    reg = kfp.artifact("register").meta
+    assert reg["aliases"] == ["challenger"] and reg["version"] == "1" and not reg["reused"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    mv = mlflow.MlflowClient().get_model_version_by_alias("digits-target", "challenger")
+    assert str(mv.version) == "1"
+    run = mlflow.MlflowClient().get_run(reg["run_id"])
+    assert run.data.tags["tlops.data_hash"] == kfp.artifact("ingest").meta["data_hash"]  # lineage logged by register
+
+    local = run_pipeline(target, reuse=False)
+    a = json.loads((kfp.artifact("evaluate").path / "report.json").read_text())
+    b = json.loads((local.artifact("evaluate").path / "report.json").read_text())
+    assert a["selected"] == b["selected"]
+    for name in a["models"]:
+        assert a["models"][name]["accuracy"] == pytest.approx(b["models"][name]["accuracy"], abs=1e-6)
+    # same seed, same model: the in-process run finds the kfp-local registration and reuses it
+    assert local.artifact("register").meta["version"] == "1" and local.artifact("register").meta["reused"] is True
+    assert local.artifact("extract-features").meta["cache"] == "hit"
