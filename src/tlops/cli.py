@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from tlops.cli_kfp import add_commands as add_kfp_commands
 from tlops.errors import ConfigError, TlopsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tlops: transfer-learning pipelines (ingest → register).")
@@ -169,6 +170,15 @@ def demo(
     from tlops.demo import run_demo
 
     run_demo(source_config, target_config, set_ or [])
+
+
+def _compile_pipeline(cfg, out: Path) -> Path:
+    from tlops.runners.kfp import compile_pipeline  # imported late: keeps `tlops --help` fast
+
+    return compile_pipeline(cfg, out)
+
+
+add_kfp_commands(app, _compile_pipeline)
 
 
 def main() -> None:

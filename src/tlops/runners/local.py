@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
 
 from tlops import __version__
 from tlops.artifacts import Artifact, is_finished, link_or_copy_tree, read_artifact
