@@ -13,7 +13,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from tlops import __version__
 from tlops.artifacts import Artifact, is_finished, link_or_copy_tree, read_artifact
 from tlops.config import PipelineConfig, save_config
