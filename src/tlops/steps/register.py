@@ -65,8 +65,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     from tlops.tracking import pyfunc_model
     from tlops.tracking.pyfunc import predict_frame
 
-    ds, source, trained, evaluation = (inputs[k] for k in ("dataset", "model", "trained", "evaluation"))
-    ds = Dataset(ds)
+    source, trained, evaluation = (inputs[k] for k in ("model", "trained", "evaluation"))
+    ds = Dataset(inputs["dataset"])
     report = json.loads((evaluation.path / "report.json").read_text())
     strategy = trained.meta["selected"]
     bundle = trained.path / "models" / strategy
@@ -87,7 +87,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     standalone = mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID")
     with pipeline_run(cfg, run_name=f"{cfg.name}-register") as run:
         if standalone:  # run as its own process (KFP, compose, DVC): record the lineage here
-            for step, art in (("ingest", inputs["dataset"]), ("pull-model", source), ("fine-tune", trained), ("evaluate", evaluation)):
+            for step, art in (("ingest", ds.artifact), ("pull-model", source), ("fine-tune", trained), ("evaluate", evaluation)):
                 log_step(step, art)
         if existing is not None:
             version, reused = str(existing.version), True
