@@ -97,8 +97,26 @@ def test_promote_moves_champion_and_keeps_previous(tmp_path):
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    from tlops.tracking.setup import use_store
+
+    use_store(f"sqlite:///{work / 'mlflow.db'}")
     c = mlflow.MlflowClient()
     assert str(c.get_model_version_by_alias("t-digits", "champion").version) == "2"
     assert str(c.get_model_version_by_alias("t-digits", "previous-champion").version) == "1"
     assert "reviewed" in c.get_model_version("t-digits", "1").tags["tlops.promoted"]
+
+
+def test_configuring_one_store_does_not_pin_the_next(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; tlops must not let that leak into the next config."""
+    import os
+
+    from tlops.config import validate_config
+    from tlops.tracking.setup import configure
+
+    a = validate_config(digits_config(tmp_path / "a"))
+    b = validate_config(digits_config(tmp_path / "b"))
+    assert configure(a).endswith(f"{tmp_path / 'a'}/mlflow.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert configure(b).endswith(f"{tmp_path / 'b'}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
+    assert configure(a) == f"sqlite:///{tmp_path / 'user.db'}"  # the user's env var still wins

@@ -70,7 +70,7 @@ def test_unknown_top_level_key_lists_allowed_keys(raw):
     msg = _invalid(raw)
     assert msg.startswith("invalid config cfg.yaml:")
     assert (
-        "trian: unknown key; allowed keys: data, evaluate, features, name, register, seed, source, "
+        "trian: unknown key; allowed keys: data, evaluate, features, kubernetes, name, register, seed, source, "
         "tracking, train, workdir" in msg
     )
 

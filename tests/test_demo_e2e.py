@@ -26,9 +26,9 @@ def demo(tmp_path_factory):
 
 
 def _use_store(work: Path) -> None:
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    from tlops.tracking.setup import use_store
+
+    use_store(f"sqlite:///{work / 'mlflow.db'}")
 
 
 def _digits(classes):

@@ -119,7 +119,9 @@ def test_kfp_local_matches_in_process_runner(tmp_path):
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    from tlops.tracking.setup import use_store
+
+    use_store(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
     mv = mlflow.MlflowClient().get_model_version_by_alias("digits-target", "challenger")
     assert str(mv.version) == "1"
     run = mlflow.MlflowClient().get_run(reg["run_id"])

@@ -38,7 +38,9 @@ def test_yelp_probe_and_fine_tune_well_above_majority(text_work, shared_data):
     assert "scratch_baseline" in report and report["scratch_baseline"].startswith("off")
     assert res.artifact("pull-model").meta["preprocessing"]["pooling"] == "mean"
 
-    mlflow.set_tracking_uri(f"sqlite:///{text_work / 'mlflow.db'}")
+    from tlops.tracking.setup import use_store
+
+    use_store(f"sqlite:///{text_work / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/sentiment-yelp@challenger")
     out = model.predict(pd.DataFrame({"text": ["The food was wonderful and the staff friendly.", "Cold, bland and overpriced. Never again."]}))
     assert out["label"].tolist() == ["1", "0"]

@@ -144,14 +144,10 @@ def promote(
     workdir: Path = typer.Option(Path(".tlops"), help="workdir of the embedded MLflow store (if no tracking URI)"),
 ) -> None:
     """Move the 'champion' alias to a version (the old one stays as 'previous-champion')."""
-    import mlflow
-
     from tlops.tracking.registry import promote as do_promote
-    from tlops.tracking.setup import embedded_uri
+    from tlops.tracking.setup import embedded_uri, use_store
 
-    uri = tracking_uri or embedded_uri(workdir.resolve())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(tracking_uri or embedded_uri(workdir.resolve()))
     res = do_promote(model, version, reason=reason)
     if res["changed"]:
         prev = f" (previous champion: v{res['previous']})" if res["previous"] else ""

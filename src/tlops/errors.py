@@ -19,3 +19,7 @@ class ModelError(TlopsError):
 
 class ArtifactError(TlopsError):
     """A step artifact is missing, incomplete or of the wrong kind."""
+
+
+class StorageError(TlopsError):
+    """A local or S3 storage operation failed (names the operation, the URI and the endpoint)."""

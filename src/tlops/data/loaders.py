@@ -51,6 +51,45 @@ def detect_format(source: str) -> str:
 
 
 def load(cfg: DataConfig) -> RawData:
+    if cfg.source.startswith("s3://"):
+        return _load_s3(cfg)
+    return _load_local(cfg)
+
+
+def _load_s3(cfg: DataConfig) -> RawData:
+    """Download an ``s3://`` object (a file) or prefix (an image folder) to a temp dir and load it.
+
+    Error messages name the S3 URI, not the temporary copy.
+    """
+    import shutil
+    import tempfile
+
+    from tlops.storage import S3Storage
+
+    uri = cfg.source.rstrip("/")
+    store = S3Storage()
+    tmp = Path(tempfile.mkdtemp(prefix="tlops-s3-data-"))
+    try:
+        name = uri.rsplit("/", 1)[-1] or "data"
+        if uri.count("/") > 2 and store.exists(uri):
+            local = tmp / name
+            store.download_file(uri, local)
+        elif store.list(uri):
+            local = tmp / name
+            store.download_prefix(uri, local)
+        else:
+            raise DataError(f"data.source: not found: {cfg.source}")
+        try:
+            data = _load_local(cfg.model_copy(update={"source": str(local)}))
+        except DataError as e:
+            raise DataError(str(e).replace(str(local), uri)) from None
+        data.info = {**data.info, "downloaded_from": uri}
+        return data
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_local(cfg: DataConfig) -> RawData:
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     if fmt != "sklearn" and not Path(cfg.source).exists():
         raise DataError(f"data.source: path not found: {cfg.source}")

@@ -1,24 +1,34 @@
-"""Content-addressed feature cache.
+"""Content-addressed feature cache, on local disk or on S3.
 
 Key = sha256(source-model digest, preprocessing, pooling, dataset content hash). An entry is
-a directory ``<root>/<key[:2]>/<key>/`` with ``features.npz`` and ``manifest.json``; it is
-published by an atomic rename, so a reader never sees a half-written entry.
+``<root>/<key[:2]>/<key>/`` holding ``features.npz`` and ``manifest.json``.
+
+- Local root: the entry is published by an atomic rename, so a reader never sees a
+  half-written entry.
+- ``s3://bucket/prefix`` root: ``features.npz`` is uploaded first and ``manifest.json`` last;
+  an entry is a hit only if its manifest exists, so an interrupted upload is never trusted.
+  Two writers of the same key upload the same content, so a second writer is harmless.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-from tlops.artifacts import is_finished, publish_dir, read_artifact, write_artifact
+from tlops.artifacts import MANIFEST, is_finished, link_or_copy, publish_dir, read_artifact, write_artifact
 from tlops.hashing import hash_json
+from tlops.storage import S3Storage, is_s3, join
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+FEATURES = "features.npz"
+KIND = "feature-cache-entry"
 
 
 def cache_key(model_digest: str, preprocessing: dict, dataset_hash: str) -> str:
@@ -27,30 +37,78 @@ def cache_key(model_digest: str, preprocessing: dict, dataset_hash: str) -> str:
 
 class FeatureCache:
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.remote = is_s3(root)
+        self.root: str | Path = str(root).rstrip("/") if self.remote else Path(root)
+        self._storage: S3Storage | None = None
 
-    def entry(self, key: str) -> Path:
-        return self.root / key[:2] / key
+    @property
+    def storage(self) -> S3Storage:
+        if self._storage is None:
+            self._storage = S3Storage()
+        return self._storage
 
-    def get(self, key: str) -> Path | None:
+    def entry(self, key: str) -> Path | str:
+        return join(self.root, key[:2], key)
+
+    def get(self, key: str) -> Path | str | None:
         p = self.entry(key)
+        if self.remote:
+            return p if self.storage.exists(str(join(p, MANIFEST))) else None
         return p if is_finished(p) else None
 
-    def put(self, key: str, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    def put(self, key: str, arrays: dict[str, np.ndarray], meta: dict) -> Path | str:
+        if not self.remote and is_finished(self.entry(key)):
+            return self.entry(key)
+        with tempfile.TemporaryDirectory(prefix="tlops-features-") as tmp:
+            f = Path(tmp) / FEATURES
+            np.savez(f, **arrays)
+            return self.put_file(key, f, meta)
+
+    def put_file(self, key: str, features: str | os.PathLike, meta: dict) -> Path | str:
+        """Store an existing ``features.npz`` (hard-linked locally, uploaded to S3)."""
         dst = self.entry(key)
+        if self.remote:
+            if self.get(key) is not None:
+                log.info("feature cache: %s already stored by another writer", key[:16])
+                return dst
+            with tempfile.TemporaryDirectory(prefix="tlops-cache-entry-") as tmp:
+                staged = Path(tmp) / "entry"
+                with write_artifact(staged, KIND, config={"key": key}) as w:
+                    link_or_copy(features, w.path / FEATURES)
+                    w.metadata = dict(meta, cache_key=key)
+                self.storage.upload_dir(staged, str(dst))  # features.npz first, manifest.json last
+            log.info("feature cache: stored %s at %s", key[:16], dst)
+            return dst
         if is_finished(dst):
             return dst
         staging = dst.parent / f".{key}.{uuid.uuid4().hex[:8]}"
-        with write_artifact(staging, "feature-cache-entry", config={"key": key}) as w:
-            np.savez(w.path / "features.npz", **arrays)
+        with write_artifact(staging, KIND, config={"key": key}) as w:
+            link_or_copy(features, w.path / FEATURES)
             w.metadata = dict(meta, cache_key=key)
         publish_dir(staging, dst)
         log.info("feature cache: stored %s", key[:16])
         return dst
 
+    def fetch(self, key: str, dst: str | os.PathLike) -> None:
+        """Place the entry's ``features.npz`` at ``dst`` (hard link locally, download from S3)."""
+        if not self.remote:
+            p = self.get(key)
+            assert p is not None
+            read_artifact(p, KIND)
+            link_or_copy(Path(p) / FEATURES, dst)
+            return
+        dst = Path(dst)
+        tmp = Path(tempfile.mkdtemp(prefix=".cache-entry-", dir=dst.parent))
+        try:
+            self.storage.download_dir(str(self.entry(key)), tmp / "entry")  # refuses without a manifest
+            read_artifact(tmp / "entry", KIND)
+            os.replace(tmp / "entry" / FEATURES, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def load(self, key: str) -> dict[str, np.ndarray]:
-        p = self.get(key)
-        assert p is not None
-        read_artifact(p, "feature-cache-entry")
-        with np.load(p / "features.npz", allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        with tempfile.TemporaryDirectory(prefix="tlops-features-") as tmp:
+            f = Path(tmp) / FEATURES
+            self.fetch(key, f)
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}

@@ -8,17 +8,21 @@ from pathlib import Path
 
 import numpy as np
 
-from tlops.artifacts import Artifact, link_or_copy, write_artifact
+from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
 from tlops.features.cache import FeatureCache, cache_key
 from tlops.hashing import hash_json
+from tlops.storage import is_s3
 
 log = logging.getLogger(__name__)
 
 
-def cache_root(cfg: PipelineConfig) -> Path:
-    return Path(cfg.features.cache_dir) if cfg.features.cache_dir else cfg.workdir_path / "cache" / "features"
+def cache_root(cfg: PipelineConfig) -> Path | str:
+    """The feature cache root: a local dir, or an ``s3://bucket/prefix`` URI kept as a string."""
+    if cfg.features.cache_dir:
+        return cfg.features.cache_dir if is_s3(cfg.features.cache_dir) else Path(cfg.features.cache_dir)
+    return cfg.workdir_path / "cache" / "features"
 
 
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
@@ -36,13 +40,15 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         log.info("extract-features: cache hit %s: backbone not run, features loaded from %s", key[:16], cache.entry(key))
     else:
         arrays = _compute(ds, model.path / "model", cfg.features.batch_size)
-        if cfg.features.cache:
-            cache.put(key, arrays, {"model_digest": model.meta["model_digest"], "dataset_hash": ds.content_hash})
     with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
-        if cfg.features.cache:
-            link_or_copy(cache.entry(key) / "features.npz", w.path / "features.npz")
+        if hit:
+            cache.fetch(key, w.path / "features.npz")
         else:
             np.savez(w.path / "features.npz", **arrays)
+            if cfg.features.cache:
+                # local: hard link into an atomically published entry; S3: features.npz, then manifest.json
+                meta = {"model_digest": model.meta["model_digest"], "dataset_hash": ds.content_hash}
+                cache.put_file(key, w.path / "features.npz", meta)
         w.content_hash = key
         with np.load(w.path / "features.npz", allow_pickle=False) as z:
             shapes = {k: list(z[k].shape) for k in z.files}

@@ -21,7 +21,14 @@ log = logging.getLogger(__name__)
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
     """Cheap key for reuse: data config + seed + the source files' names, sizes and mtimes."""
     src = cfg.data.source
-    stamp = src if src.startswith("sklearn:") else stat_fingerprint(src) if Path(src).exists() else "missing"
+    if src.startswith("sklearn:"):
+        stamp = src
+    elif src.startswith("s3://"):
+        from tlops.storage import S3Storage
+
+        stamp = S3Storage().stamp(src)  # object names, sizes and ETags: nothing downloaded
+    else:
+        stamp = stat_fingerprint(src) if Path(src).exists() else "missing"
     return hash_json([cfg.section_hash("data"), stamp])
 
 

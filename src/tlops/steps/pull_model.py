@@ -14,11 +14,21 @@ from tlops.training.common import seed_everything
 log = logging.getLogger(__name__)
 
 
+def _use_registry(cfg: PipelineConfig) -> None:
+    """mlflow: specs resolve against the configured registry, also when this step runs alone."""
+    if cfg.source.model.startswith("mlflow:"):
+        from tlops.tracking.setup import configure
+
+        configure(cfg)
+
+
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
+    _use_registry(cfg)
     return hash_json([cfg.section_hash("source"), sources.fingerprint(cfg.source)])
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    _use_registry(cfg)
     seed_everything(cfg.seed)  # random-init backbones (pretrained: false) must be reproducible
     with write_artifact(out, "source-model", config=cfg.source.model_dump(mode="json"), inputs=inputs) as w:
         spec = sources.pull(cfg.source, w.path / "model")

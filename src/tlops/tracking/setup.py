@@ -22,6 +22,25 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or embedded_uri(cfg.workdir_path)
 
 
+def use_store(uri: str) -> None:
+    """Point this process's MLflow client at ``uri`` (tracking and registry).
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` (and the registry twin) to
+    the environment; since a user's env var wins over the config here, that would pin every
+    later pipeline in this process to the first store. Restore what the user had.
+    """
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def configure(cfg: PipelineConfig) -> str:
     """Set tracking + registry URI and the experiment (created with a local artifact root if embedded)."""
     import mlflow
@@ -30,8 +49,7 @@ def configure(cfg: PipelineConfig) -> str:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(uri)
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(cfg.tracking.experiment) is None:
         location = None

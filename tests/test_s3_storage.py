@@ -1,0 +1,407 @@
+"""Storage on a REAL S3 API server (moto's threaded server on loopback): artifact dirs with the
+manifest uploaded last, multipart uploads, the feature cache shared across machines through
+S3, ingest from s3://, and an endpoint that dies mid-upload. Credentials never leak."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import digits_config
+from tlops.config import validate_config
+from tlops.errors import DataError, StorageError
+from tlops.features import extract as extract_mod
+from tlops.storage import LocalStorage, S3Storage, storage_for
+
+moto_server = pytest.importorskip("moto.server")
+
+KEY_ID = "testing-key"
+SECRET = "testing-secret-value"
+BUCKET = "tlops-test"
+
+
+class Server:
+    """A moto S3 server on 127.0.0.1 that can be stopped and restarted on the same port."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._srv = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, reset: bool = True) -> None:
+        self._srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._srv.start()
+        self.port = self._srv.get_host_and_port()[1]
+        if not reset:
+            return
+        # moto's backends live in this process: reset them so each server starts empty
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def stop(self) -> None:
+        if self._srv is not None:
+            self._srv.stop()
+            self._srv._server.server_close()  # release the port: connections are refused now
+            self._srv = None
+
+    def refused(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) != 0
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    server = Server()
+    monkeypatch.setenv("S3_ENDPOINT_URL", server.endpoint)
+    S3Storage().client.create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+def objects(prefix: str = "") -> list[str]:
+    st = S3Storage()
+    return [o["Key"] for o in st.client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def make_artifact(d: Path, files: dict[str, bytes]) -> Path:
+    d.mkdir(parents=True)
+    for name, data in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+    (d / "manifest.json").write_text(json.dumps({"kind": "test", "content_hash": "x"}))
+    return d
+
+
+def assert_no_secret(*texts: str) -> None:
+    for t in texts:
+        assert SECRET not in t
+
+
+# ---------------------------------------------------------------- storage API
+
+
+@pytest.mark.parametrize("remote", [True, False], ids=["s3", "local"])
+def test_dir_round_trip_manifest_last(s3, tmp_path, monkeypatch, remote):
+    src = make_artifact(tmp_path / "a", {"features.npz": b"abc" * 1000, "sub/b.txt": b"hello"})
+    base = f"s3://{BUCKET}/arts" if remote else str(tmp_path / "store")
+    st = storage_for(base)
+    order: list[str] = []
+    real = type(st).upload_file
+
+    def spy(self, local, uri):
+        order.append(Path(local).name)
+        return real(self, local, uri)
+
+    monkeypatch.setattr(type(st), "upload_file", spy)
+    uri = f"{base}/one"
+    st.upload_dir(src, uri)
+    if remote:
+        assert order[-1] == "manifest.json" and sorted(order) == ["b.txt", "features.npz", "manifest.json"]
+    assert st.exists(f"{uri}/manifest.json")
+    assert st.list(uri) == ["features.npz", "manifest.json", "sub/b.txt"]
+    out = tmp_path / "back"
+    st.download_dir(uri, out)
+    for rel in ("features.npz", "sub/b.txt", "manifest.json"):
+        assert (out / rel).read_bytes() == (src / rel).read_bytes()
+    # a prefix without a manifest is refused
+    st.delete(f"{uri}/manifest.json") if remote else (Path(uri) / "manifest.json").unlink()
+    with pytest.raises(StorageError, match="no manifest.json there"):
+        st.download_dir(uri, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    st.delete_prefix(uri)
+    assert st.list(uri) == [] and not st.exists(f"{uri}/features.npz")
+
+
+def test_upload_failing_midway_leaves_no_manifest(s3, tmp_path, monkeypatch):
+    src = make_artifact(tmp_path / "a", {"a.bin": b"1", "b.bin": b"2", "c.bin": b"3"})
+    st = S3Storage()
+    calls = {"n": 0}
+    real = st.client.upload_file
+
+    def dies_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-upload")
+        return real(*a, **k)
+
+    monkeypatch.setattr(st.client, "upload_file", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        st.upload_dir(src, f"s3://{BUCKET}/half")
+    assert objects("half/") == ["half/a.bin"]
+    assert not st.exists(f"s3://{BUCKET}/half/manifest.json")
+    with pytest.raises(StorageError, match="no manifest.json"):
+        st.download_dir(f"s3://{BUCKET}/half", tmp_path / "x")
+
+
+def test_multipart_upload_with_small_threshold(s3, tmp_path):
+    mib = 1024 * 1024
+    big = tmp_path / "big.bin"
+    payload = np.random.default_rng(0).integers(0, 256, size=11 * mib, dtype=np.uint8).tobytes()
+    big.write_bytes(payload)
+    st = S3Storage(multipart_threshold=5 * mib, multipart_chunksize=5 * mib)
+    st.upload_file(big, f"s3://{BUCKET}/big/big.bin")
+    etag = st.client.head_object(Bucket=BUCKET, Key="big/big.bin")["ETag"].strip('"')
+    assert etag.endswith("-3"), f"expected a 3-part multipart upload, got ETag {etag}"
+    st.download_file(f"s3://{BUCKET}/big/big.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == payload
+
+
+def test_missing_object_and_bad_uri(s3, tmp_path):
+    st = S3Storage()
+    assert not st.exists(f"s3://{BUCKET}/nope/manifest.json")
+    with pytest.raises(StorageError) as e:
+        st.download_file(f"s3://{BUCKET}/nope.bin", tmp_path / "x")
+    assert f"cannot download s3://{BUCKET}/nope.bin: not found" in str(e.value)
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+    assert isinstance(storage_for(str(tmp_path)), LocalStorage)
+
+
+def test_transient_errors_are_retried_then_reported(s3, tmp_path, monkeypatch, caplog):
+    from botocore.exceptions import ClientError
+
+    monkeypatch.setenv("TLOPS_S3_BACKOFF", "0.01")
+    st = S3Storage()
+
+    def err(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise err("SlowDown" if calls["n"] == 1 else "InternalError", 503 if calls["n"] == 1 else 500)
+        return "ok"
+
+    assert st._call("upload x to", f"s3://{BUCKET}/k", flaky) == "ok" and calls["n"] == 3
+    assert caplog.text.count("retrying in") == 2
+
+    calls["n"] = 0
+
+    def always_503():
+        calls["n"] += 1
+        raise err("ServiceUnavailable", 503)
+
+    with pytest.raises(StorageError) as e:
+        st._call("upload x to", f"s3://{BUCKET}/k", always_503)
+    assert calls["n"] == 4
+    assert str(e.value).startswith(f"cannot upload x to s3://{BUCKET}/k: endpoint {s3.endpoint} still failing after 4 attempts")
+
+    calls["n"] = 0
+
+    def denied():
+        calls["n"] += 1
+        raise err("AccessDenied", 403)
+
+    with pytest.raises(StorageError, match="refused it") as e:
+        st._call("upload x to", f"s3://{BUCKET}/k", denied)
+    assert calls["n"] == 1  # not transient: no retry
+    # a missing bucket is reported at once, naming the URI
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(StorageError) as e:
+        st.upload_file(tmp_path / "f.bin", "s3://no-such-bucket/k/f.bin")
+    assert "cannot upload f.bin to s3://no-such-bucket/k/f.bin" in str(e.value)
+    assert_no_secret(str(e.value), caplog.text)
+
+
+# ---------------------------------------------------------------- feature cache on S3
+
+
+def _cfg(workdir: Path):
+    return validate_config(digits_config(workdir, features={"cache_dir": f"s3://{BUCKET}/features"}))
+
+
+def _arrays(art):
+    with np.load(art.path / "features.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _pipeline_inputs(cfg, root: Path):
+    from tlops.steps import ingest, pull_model
+
+    return {"dataset": ingest.run(cfg, {}, root / "ingest"), "model": pull_model.run(cfg, {}, root / "pull")}
+
+
+def _all_manifests_clean(st: S3Storage, *roots: Path) -> None:
+    for key in objects():
+        if key.endswith("manifest.json"):
+            body = st.client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+            assert_no_secret(body)
+    for root in roots:
+        for mf in root.rglob("manifest.json"):
+            assert_no_secret(mf.read_text())
+
+
+def test_feature_cache_on_s3_shared_across_machines(s3, tmp_path, monkeypatch, caplog, capfd):
+    """Unchanged data reuses the cache even across machines sharing the S3 cache."""
+    from tlops.steps import extract_features
+
+    caplog.set_level("DEBUG")
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    cfg_a = _cfg(a / "work")
+    ins_a = _pipeline_inputs(cfg_a, a)
+    before = dict(extract_mod.STATS)
+    first = extract_features.run(cfg_a, ins_a, a / "features")
+    assert first.meta["cache"] == "miss"
+    assert extract_mod.STATS["backbone_batches"] > before["backbone_batches"]
+    key = first.meta["cache_key"]
+    entry = f"features/{key[:2]}/{key}/"
+    assert objects(entry) == [entry + "features.npz", entry + "manifest.json"]
+
+    # machine B: its own workdir, nothing local in common with A
+    import tlops.models.bundle as bundle
+
+    cfg_b = _cfg(b / "work")
+    ins_b = _pipeline_inputs(cfg_b, b)
+
+    def no_model(*a, **k):
+        raise AssertionError("backbone loaded on a cache hit")
+
+    monkeypatch.setattr(bundle, "load_backbone", no_model)
+    mark = dict(extract_mod.STATS)
+    second = extract_features.run(cfg_b, ins_b, b / "features")
+    assert extract_mod.STATS == mark  # zero backbone forwards
+    assert second.meta["cache"] == "hit" and second.meta["cache_key"] == key
+    assert "cache hit" in caplog.text and "backbone not run" in caplog.text
+    x, y = _arrays(first), _arrays(second)
+    assert x.keys() == y.keys() == {"train", "val", "test"}
+    for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+    assert not (b / "work" / "cache").exists()  # nothing cached locally on B
+
+    # a second writer of the same key is harmless
+    from tlops.features.cache import FeatureCache
+
+    FeatureCache(f"s3://{BUCKET}/features").put(key, x, {"note": "second writer"})
+    assert objects(entry) == [entry + "features.npz", entry + "manifest.json"]
+
+    out = capfd.readouterr()
+    assert_no_secret(caplog.text, out.out, out.err)
+    _all_manifests_clean(S3Storage(), a, b)
+
+
+def test_endpoint_dies_during_cache_upload(s3, tmp_path, monkeypatch, caplog, capfd):
+    """The S3 endpoint goes away mid-upload: StorageError naming endpoint and key, no manifest
+    for the key, no local artifact; after a restart on the same port the rerun completes."""
+    from tlops.steps import extract_features
+
+    caplog.set_level("DEBUG")
+    monkeypatch.setenv("TLOPS_S3_BACKOFF", "0.05")
+    monkeypatch.setenv("TLOPS_S3_CLIENT_RETRIES", "0")
+    monkeypatch.setenv("TLOPS_S3_CONNECT_TIMEOUT", "2")
+    cfg = _cfg(tmp_path / "work")
+    ins = _pipeline_inputs(cfg, tmp_path)
+    st = S3Storage()
+    real = S3Storage.upload_file
+    out = tmp_path / "features"
+    messages = []
+
+    def restart(reset: bool) -> None:
+        s3.start(reset=reset)
+        if BUCKET not in [b["Name"] for b in st.client.list_buckets().get("Buckets", [])]:
+            st.client.create_bucket(Bucket=BUCKET)  # in-memory state lost: recreate the bucket
+
+    # phase 1: the server dies right before features.npz is put; phase 2: right before manifest.json
+    for victim in ("features.npz", "manifest.json"):
+
+        def server_dies_first(self, local, uri, victim=victim):
+            if Path(local).name == victim:
+                s3.stop()
+                assert s3.refused()
+            return real(self, local, uri)
+
+        monkeypatch.setattr(S3Storage, "upload_file", server_dies_first)
+        with pytest.raises(StorageError) as e:
+            extract_features.run(cfg, ins, out)
+        msg = str(e.value)
+        messages.append(msg)
+        assert msg.startswith(f"cannot upload {victim} to s3://{BUCKET}/features/"), msg
+        assert f"endpoint {s3.endpoint} unreachable after 4 attempts (EndpointConnectionError" in msg
+        assert not out.exists() and list(tmp_path.glob(".features*")) == []
+        monkeypatch.setattr(S3Storage, "upload_file", real)
+        restart(reset=False)  # moto keeps state in this process: see what the failed run left
+        left = objects("features/")
+        assert not [k for k in left if k.endswith("manifest.json")], left
+        assert len(left) == (0 if victim == "features.npz" else 1)  # a lone features.npz is never trusted
+
+    art = extract_features.run(cfg, ins, out)
+    assert art.meta["cache"] == "miss"
+    key = art.meta["cache_key"]
+    assert msg.split(" to ")[1].startswith(f"s3://{BUCKET}/features/{key[:2]}/{key}/manifest.json:")
+    again = extract_features.run(cfg, ins, tmp_path / "features-2")
+    assert again.meta["cache"] == "hit"
+
+    # a restarted server that lost everything (fresh bucket): rerun recomputes, then hits
+    s3.stop()
+    restart(reset=True)
+    assert objects() == []
+    assert extract_features.run(cfg, ins, tmp_path / "features-3").meta["cache"] == "miss"
+    assert extract_features.run(cfg, ins, tmp_path / "features-4").meta["cache"] == "hit"
+
+    captured = capfd.readouterr()
+    assert_no_secret(*messages, caplog.text, captured.out, captured.err)
+    for m in messages:
+        assert KEY_ID not in m
+    _all_manifests_clean(st, tmp_path)
+
+
+# ---------------------------------------------------------------- ingest from S3
+
+
+def test_ingest_yelp_tsv_from_s3(s3, tmp_path, shared_data, caplog):
+    from tlops.steps import ingest
+
+    src = shared_data / "sentiment_labelled_sentences" / "yelp_labelled.txt"
+    uri = f"s3://{BUCKET}/data/yelp_labelled.txt"
+    S3Storage().upload_file(src, uri)
+
+    def cfg(source: str):
+        raw = digits_config(tmp_path / "work")
+        raw["data"] = {"source": source, "columns": ["text", "label"], "quoting": "none"}
+        return validate_config(raw)
+
+    remote = ingest.run(cfg(uri), {}, tmp_path / "remote")
+    local = ingest.run(cfg(str(src)), {}, tmp_path / "local")
+    assert remote.meta["format"] == "tsv" and remote.meta["source"] == uri
+    assert remote.meta["data_hash"] == local.meta["data_hash"]
+    assert remote.meta["counts"] == local.meta["counts"] and sum(remote.meta["counts"].values()) == 1000
+
+    with pytest.raises(DataError) as e:
+        ingest.run(cfg(f"s3://{BUCKET}/data/missing.tsv"), {}, tmp_path / "missing")
+    assert str(e.value) == f"data.source: not found: s3://{BUCKET}/data/missing.tsv"
+    assert not (tmp_path / "missing").exists()
+    assert_no_secret(caplog.text, json.dumps(remote.manifest))
+
+
+def test_ingest_image_folder_prefix_from_s3(s3, tmp_path):
+    from PIL import Image
+
+    from tlops.steps import ingest
+
+    st = S3Storage()
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        for i in range(6):
+            f = tmp_path / "imgs" / cls / f"{i}.png"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(f)
+            st.upload_file(f, f"s3://{BUCKET}/images/{cls}/{i}.png")
+    raw = digits_config(tmp_path / "work")
+    raw["data"] = {"source": f"s3://{BUCKET}/images", "split": {"val": 0.2, "test": 0.3}}
+    art = ingest.run(validate_config(raw), {}, tmp_path / "ds")
+    assert art.meta["format"] == "image-folder" and art.meta["classes"] == ["cat", "dog"]
+    assert sum(art.meta["counts"].values()) == 12
