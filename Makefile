@@ -34,6 +34,9 @@ bench: $(STAMP) ## feature-extraction benchmark (prints a table, writes bench/re
 compile: $(STAMP) ## compile the KFP pipeline for the demo target config (pipelines/transfer_learning/digits-target.yaml)
 	$(BIN)/tlops compile --config configs/digits_target.yaml --out pipelines/transfer_learning/digits-target.yaml
 
+dvc-export: $(STAMP) ## regenerate dvc.yaml + params.yaml from the DAG (for configs/digits_source.yaml)
+	$(BIN)/tlops export dvc --config configs/digits_source.yaml
+
 pipeline-kfp-local: $(STAMP) ## run the demo target pipeline through the compiled KFP DAG with kfp.local
 	$(BIN)/tlops run --config configs/digits_source.yaml
 	$(BIN)/tlops run --runner kfp-local --config configs/digits_target.yaml
@@ -52,4 +55,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install pipeline-local pipeline-kfp-local compile test test-slow bench mlflow-ui lock clean
+.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export test test-slow bench mlflow-ui lock clean

@@ -79,6 +79,23 @@ def compile_(
     typer.echo(f"wrote {out} (image {image_for(cfg)}, fine-tune on {'GPU: ' + gpu.accelerator_type if gpu else 'CPU'})")
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Generate runner files from the DAG.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("dvc")
+def export_dvc(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    out_dir: Path = typer.Option(Path("."), "--out-dir", help="where to write dvc.yaml and params.yaml"),
+) -> None:
+    """Write dvc.yaml (one stage per step) and params.yaml (the resolved config) for `dvc repro`."""
+    from tlops.runners.dvc import export
+
+    dvc_yaml, params = export(_load(config, set_), out_dir)
+    typer.echo(f"wrote {dvc_yaml} and {params}")
+
+
 @app.command()
 def step(
     name: str = typer.Argument(..., help="step name: ingest, pull-model, extract-features, fine-tune, evaluate, register"),

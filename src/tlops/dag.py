@@ -14,21 +14,24 @@ class StepSpec:
     resources: str = "cpu"  # "cpu" or "gpu" (node pool class)
     network: bool = False  # talks to remote services (retries on the cluster)
     reusable: bool = True  # the runner may reuse a finished artifact with the same fingerprint
+    params: tuple[str, ...] = ()  # config fields the step reads (DVC tracks them in params.yaml)
     help: str = ""
 
 
 DAG: tuple[StepSpec, ...] = (
-    StepSpec("ingest", "dataset", "dataset", help="read, validate and split the data"),
-    StepSpec("pull-model", "source-model", "model", network=True, help="resolve the source model into a bundle"),
+    StepSpec("ingest", "dataset", "dataset", params=("seed", "data"), help="read, validate and split the data"),
+    StepSpec("pull-model", "source-model", "model", network=True, params=("seed", "source"), help="resolve the source model into a bundle"),
     StepSpec("extract-features", "features", "features", {"dataset": "ingest", "model": "pull-model"},
-             help="backbone features per split (content-addressed cache)"),
+             params=("features",), help="backbone features per split (content-addressed cache)"),
     StepSpec("fine-tune", "trained-models", "trained", {"dataset": "ingest", "model": "pull-model", "features": "extract-features"},
-             resources="gpu", help="train the strategies and the from-scratch baseline"),
+             resources="gpu", params=("seed", "train", "evaluate.scratch_baseline"),
+             help="train the strategies and the from-scratch baseline"),
     StepSpec("evaluate", "evaluation", "evaluation", {"dataset": "ingest", "trained": "fine-tune"},
-             help="test metrics, baselines, champion comparison, gates"),
+             params=("evaluate", "register.model_name"), help="test metrics, baselines, champion comparison, gates"),
     StepSpec("register", "registration", "registration",
              {"dataset": "ingest", "model": "pull-model", "trained": "fine-tune", "evaluation": "evaluate"},
-             network=True, reusable=False, help="log the pyfunc model, register a version, set aliases"),
+             network=True, reusable=False, params=("register", "tracking"),
+             help="log the pyfunc model, register a version, set aliases"),
 )
 
 STEP_NAMES = tuple(s.name for s in DAG)
