@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,6 @@ def load_image_folder(cfg: DataConfig, fmt: str) -> RawData:
 
 def load_npz(cfg: DataConfig, fmt: str) -> RawData:
     path = Path(cfg.source)
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         raise DataError(f"data.source: cannot read {path}: not an NPZ archive (expected a file written by np.savez)")
     try:
