@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -65,3 +66,24 @@ def digits_cfg(tmp_path):
         return validate_config(digits_config(tmp_path / "work", **sections))
 
     return make
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 API server on loopback with test credentials in the env and bucket ``s3srv.BUCKET``."""
+    pytest.importorskip("moto.server", reason="install the dev extra: pip install -e .[dev]")
+    from s3srv import BUCKET, KEY_ID, SECRET, Server
+
+    from tlops.storage import S3Storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = Server()
+    monkeypatch.setenv("S3_ENDPOINT_URL", server.endpoint)
+    S3Storage().client.create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()

@@ -183,8 +183,16 @@ def test_all_errors_reported_at_once(raw):
 
 
 def test_missing_required_nested_field(raw):
+    del raw["register"]["model_name"]
+    assert "register.model_name: required field is missing" in _invalid(raw)
+
+
+def test_data_needs_exactly_one_of_source_and_dvc(raw):
     del raw["data"]["source"]
-    assert "data.source: required field is missing" in _invalid(raw)
+    line = _invalid(raw).splitlines()[1]
+    assert line.startswith("  data: got {")
+    assert line.endswith(": set exactly one of data.source (a path, s3:// URI or sklearn:<name>) "
+                         "and data.dvc (repo, rev, path of a DVC-versioned dataset)")
 
 
 def test_missing_required_section(raw):

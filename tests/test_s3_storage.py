@@ -5,8 +5,6 @@ S3, ingest from s3://, and an endpoint that dies mid-upload. Credentials never l
 from __future__ import annotations
 
 import json
-import socket
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,58 +16,7 @@ from tlops.errors import DataError, StorageError
 from tlops.features import extract as extract_mod
 from tlops.storage import LocalStorage, S3Storage, storage_for
 
-moto_server = pytest.importorskip("moto.server")
-
-KEY_ID = "testing-key"
-SECRET = "testing-secret-value"
-BUCKET = "tlops-test"
-
-
-class Server:
-    """A moto S3 server on 127.0.0.1 that can be stopped and restarted on the same port."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self._srv = None
-        self.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, reset: bool = True) -> None:
-        self._srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._srv.start()
-        self.port = self._srv.get_host_and_port()[1]
-        if not reset:
-            return
-        # moto's backends live in this process: reset them so each server starts empty
-        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
-        urllib.request.urlopen(req, timeout=10).read()
-
-    def stop(self) -> None:
-        if self._srv is not None:
-            self._srv.stop()
-            self._srv._server.server_close()  # release the port: connections are refused now
-            self._srv = None
-
-    def refused(self) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) != 0
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    server = Server()
-    monkeypatch.setenv("S3_ENDPOINT_URL", server.endpoint)
-    S3Storage().client.create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+from s3srv import BUCKET, KEY_ID, SECRET  # noqa: F401  (the s3 fixture is in conftest)
 
 
 def objects(prefix: str = "") -> list[str]:

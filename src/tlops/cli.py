@@ -101,14 +101,13 @@ def step(
     name: str = typer.Argument(..., help="step name: ingest, pull-model, extract-features, fine-tune, evaluate, register"),
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
-    inputs: Optional[List[str]] = typer.Option(None, "--in", help="input artifact as name=path (repeatable)"),
-    out: Path = typer.Option(..., "--out", "-o", help="directory to write the step's artifact to"),
+    inputs: Optional[List[str]] = typer.Option(None, "--in", help="input artifact as name=path or name=s3://... (repeatable)"),
+    out: str = typer.Option(..., "--out", "-o", help="where the step's artifact goes: a directory or an s3:// prefix"),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="do not reuse a finished artifact with the same inputs"),
 ) -> None:
     """Run one step (what KFP components, compose services and DVC stages call)."""
     from tlops import dag
-    from tlops.artifacts import read_artifact
-    from tlops.runners.local import execute_step
+    from tlops.runners.step_io import run_step
 
     try:
         spec = dag.get(name)
@@ -128,8 +127,7 @@ def step(
             f"step {name} takes inputs {', '.join(spec.inputs) or 'none'}; "
             + (f"missing: {', '.join(missing)} " if missing else "") + (f"unexpected: {', '.join(extra)}" if extra else "")
         )
-    arts = {k: read_artifact(given[k], dag.get(spec.inputs[k]).output) for k in spec.inputs}
-    res = execute_step(spec, cfg, arts, out, reuse=not no_reuse)
+    res = run_step(spec, cfg, given, out, reuse=not no_reuse)
     typer.echo(f"{name}: {'reused' if res.reused else 'wrote'} {out} ({res.artifact.kind}, {res.seconds:.1f}s)")
 
 
@@ -150,6 +148,29 @@ def steps() -> None:
     for s in DAG:
         ins = ", ".join(f"{k}<-{v}" for k, v in s.inputs.items()) or "-"
         typer.echo(f"{s.name:17} {s.resources:3}  in: {ins:60} {s.help}")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Version datasets with DVC (for data.dvc references).")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("version")
+def data_version(
+    path: Path = typer.Argument(..., help="file or directory inside a git + DVC repo"),
+    message: Optional[str] = typer.Option(None, "--message", "-m", help="git commit message"),
+    push: bool = typer.Option(True, "--push/--no-push", help="dvc push the data to the remote"),
+    remote: Optional[str] = typer.Option(None, "--remote", "-r", help="DVC remote (default: the repo's default)"),
+) -> None:
+    """dvc add + git commit + dvc push, then print the data.dvc reference for a config."""
+    import yaml
+
+    from tlops.data.versioning import version_data
+
+    v = version_data(path, message, push=push, remote=remote)
+    ref = {"repo": v.repo, "rev": v.rev, "path": v.path, **({"remote": remote} if remote else {})}
+    size = f", {v.nfiles} files" if v.nfiles else ""
+    typer.echo(f"{v.path}: md5 {v.md5}{size} at git rev {v.rev}{' (pushed)' if push else ''}")
+    typer.echo("config:\n" + yaml.safe_dump({"data": {"dvc": ref}}, sort_keys=False), nl=False)
 
 
 @app.command()

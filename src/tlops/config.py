@@ -36,8 +36,35 @@ class SplitConfig(_Strict):
         return self
 
 
+def _no_credentials(url: Optional[str], how: str) -> Optional[str]:
+    """Config is logged, hashed into manifests and recorded as MLflow params: no secrets in it."""
+    from urllib.parse import urlsplit
+
+    if url and "://" in url:
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return url
+        if parts.password or (parts.username and parts.scheme in ("http", "https")):
+            raise ValueError(f"the URL carries credentials (user:password@); remove them and {how}")
+    return url
+
+
+class DvcRef(_Strict):
+    repo: str = Field(..., min_length=1, description="git URL or local path of a DVC repo")
+    rev: Optional[str] = Field(None, description="git tag, branch or commit (default: HEAD / the default branch)")
+    path: str = Field(..., min_length=1, description="path of the data inside the repo (a .dvc-tracked file or dir)")
+    remote: Optional[str] = Field(None, description="DVC remote to read from (default: the repo's default remote)")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        return _no_credentials(v, "use a git credential helper, GIT_ASKPASS or an SSH key")
+
+
 class DataConfig(_Strict):
-    source: str = Field(..., description="path, file or 'sklearn:digits'")
+    source: Optional[str] = Field(None, description="path, file, s3:// URI or 'sklearn:digits' (or use data.dvc)")
+    dvc: Optional[DvcRef] = Field(None, description="a DVC-versioned dataset: repo, rev, path (instead of source)")
     format: Literal["auto", "image-folder", "npz", "csv", "tsv", "sklearn"] = "auto"
     text_column: str = "text"
     label_column: str = "label"
@@ -50,6 +77,22 @@ class DataConfig(_Strict):
     unlabelled: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the train pool kept unlabelled")
     image_size: Optional[int] = Field(None, ge=4, description="resize image-folder images to this square size")
     min_per_class: int = Field(3, ge=1, description="fail if a class has fewer samples than this")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.source is None) == (self.dvc is None):
+            raise ValueError("set exactly one of data.source (a path, s3:// URI or sklearn:<name>) "
+                             "and data.dvc (repo, rev, path of a DVC-versioned dataset)")
+        return self
+
+    def describe(self) -> str:
+        """The data source in one line, with no credentials (for logs, manifests and tags)."""
+        if self.dvc is None:
+            return self.source or ""
+        from tlops.redact import safe_url
+
+        rev = f"@{self.dvc.rev}" if self.dvc.rev else ""
+        return f"dvc:{safe_url(self.dvc.repo)}{rev}:{self.dvc.path}"
 
 
 class SourceConfig(_Strict):
@@ -166,6 +209,14 @@ class KubernetesConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite under workdir; env MLFLOW_TRACKING_URI wins)")
     experiment: str = "tlops"
+    artifact_location: Optional[str] = Field(
+        None, description="artifact root for a new experiment, e.g. s3://bucket/mlflow (endpoint: MLFLOW_S3_ENDPOINT_URL)"
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: Optional[str]) -> Optional[str]:
+        return _no_credentials(v, "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 
 
 # "register" is a field name users expect; pydantic warns that it shadows ABCMeta.register.

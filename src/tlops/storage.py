@@ -41,9 +41,9 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from tlops.errors import StorageError
+from tlops.redact import redact, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -104,29 +104,6 @@ def _env_num(name: str, default: float, cast: Callable[[str], Any] = float) -> A
         return cast(raw)
     except ValueError:
         raise StorageError(f"{name}={raw!r} is not a number") from None
-
-
-def _redact(text: str) -> str:
-    """Remove any credential value that might have slipped into a message."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        val = os.environ.get(var)
-        if val and len(val) >= 4:
-            text = text.replace(val, "***")
-    return text
-
-
-def _safe_endpoint(url: str) -> str:
-    """The endpoint without any user:password part."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid endpoint>"
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc=host)
-    return urlunsplit(parts)
 
 
 # ---------------------------------------------------------------------- local
@@ -239,7 +216,7 @@ class S3Storage:
         threshold = multipart_threshold or _env_num("TLOPS_S3_MULTIPART_THRESHOLD", 64 * MiB, int)
         chunksize = multipart_chunksize or _env_num("TLOPS_S3_MULTIPART_CHUNKSIZE", max(5 * MiB, min(16 * MiB, threshold)), int)
         self.transfer_config = TransferConfig(multipart_threshold=threshold, multipart_chunksize=chunksize, max_concurrency=4)
-        self.endpoint = _safe_endpoint(self.client.meta.endpoint_url)
+        self.endpoint = safe_url(self.client.meta.endpoint_url)
 
     # -- retry wrapper -------------------------------------------------------------
 
@@ -290,7 +267,7 @@ class S3Storage:
                 if kind == "missing":
                     if missing_ok:
                         return None
-                    raise StorageError(_redact(f"cannot {what} {uri}: not found ({self._short(e)})")) from None
+                    raise StorageError(redact(f"cannot {what} {uri}: not found ({self._short(e)})")) from None
                 if kind == "credentials":
                     raise StorageError(
                         f"cannot {what} {uri}: no S3 credentials found for endpoint {self.endpoint}; set "
@@ -298,7 +275,7 @@ class S3Storage:
                     ) from None
                 if kind == "fatal":
                     raise StorageError(
-                        _redact(f"cannot {what} {uri}: endpoint {self.endpoint} refused it ({self._short(e)})")
+                        redact(f"cannot {what} {uri}: endpoint {self.endpoint} refused it ({self._short(e)})")
                     ) from None
                 last = e
                 if attempt < self.attempts:
@@ -315,7 +292,7 @@ class S3Storage:
         )
         state = "unreachable" if down else "still failing"
         raise StorageError(
-            _redact(
+            redact(
                 f"cannot {what} {uri}: endpoint {self.endpoint} {state} after {self.attempts} attempts "
                 f"({self._short(last)})"
             )
@@ -428,6 +405,10 @@ class S3Storage:
         if not (src / MANIFEST).is_file():
             raise StorageError(f"cannot upload {src} to {uri}: it has no {MANIFEST} (not a finished artifact)")
         files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+        if self._list_keys(uri.rstrip("/") + "/", limit=1):
+            # Replacing an artifact: delete_prefix withdraws the old manifest first, so no reader
+            # trusts a mix of old and new files.
+            self.delete_prefix(uri)
         for rel in [f for f in files if f != MANIFEST] + [MANIFEST]:
             self.upload_file(src / rel, str(join(uri, rel)))
 

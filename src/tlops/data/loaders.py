@@ -52,9 +52,32 @@ def detect_format(source: str) -> str:
 
 
 def load(cfg: DataConfig) -> RawData:
+    if cfg.dvc is not None:
+        return _load_dvc(cfg)
     if cfg.source.startswith("s3://"):
         return _load_s3(cfg)
     return _load_local(cfg)
+
+
+def _load_dvc(cfg: DataConfig) -> RawData:
+    """Fetch the exact DVC version to a temp dir and load it; ``info['dvc']`` records the version."""
+    import shutil
+    import tempfile
+
+    from tlops.data import dvc_source
+
+    tmp = Path(tempfile.mkdtemp(prefix="tlops-dvc-data-"))
+    try:
+        local = tmp / (Path(cfg.dvc.path).name or "data")
+        version = dvc_source.fetch(cfg.dvc, local)
+        try:
+            data = _load_local(cfg.model_copy(update={"source": str(local), "dvc": None}))
+        except DataError as e:
+            raise DataError(str(e).replace(str(local), cfg.describe())) from None
+        data.info = {**data.info, "dvc": version.as_dict()}
+        return data
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_s3(cfg: DataConfig) -> RawData:

@@ -30,9 +30,8 @@ def stages(cfg: PipelineConfig, params_file: str = "params.yaml") -> dict[str, A
             deps.append(f"{ARTIFACTS}/{producer}")
         cmd += f" --out {ARTIFACTS}/{spec.name} --no-reuse"
         stage: dict[str, Any] = {"cmd": cmd}
-        src = cfg.data.source
-        if spec.name == "ingest" and not src.startswith("sklearn:") and "://" not in src:
-            deps.append(src)  # a local data path: DVC hashes it
+        if spec.name == "ingest":
+            deps += _data_deps(cfg, stage)
         if deps:
             stage["deps"] = deps
         stage["params"] = [{params_file: list(spec.params)}]
@@ -41,6 +40,22 @@ def stages(cfg: PipelineConfig, params_file: str = "params.yaml") -> dict[str, A
             stage["always_changed"] = True  # an alias can move; pull-model is cheap and re-resolves it
         out[spec.name] = stage
     return {"stages": out}
+
+
+def _data_deps(cfg: PipelineConfig, stage: dict[str, Any]) -> list[str]:
+    """How DVC notices new data: a local path is a dep (DVC hashes it); an ``s3://`` source or a
+    DVC ref by branch/tag can change without any file here changing, so ingest always reruns
+    (it is cheap, and an unchanged dataset leaves every later stage untouched). A DVC ref pinned
+    to a full commit is immutable: the param ``data.dvc.rev`` is enough."""
+    src, ref = cfg.data.source, cfg.data.dvc
+    if ref is not None:
+        if not (ref.rev and len(ref.rev) == 40 and all(c in "0123456789abcdef" for c in ref.rev)):
+            stage["always_changed"] = True
+        return []
+    if src.startswith("s3://"):
+        stage["always_changed"] = True
+        return []
+    return [] if src.startswith("sklearn:") else [src]
 
 
 def export(cfg: PipelineConfig, out_dir: Path) -> tuple[Path, Path]:

@@ -24,6 +24,8 @@ PARAM_FIELDS = {"data_uri": "data.source", "source_model": "source.model", "mode
 def config_from_params(config_yaml: str, params: dict[str, str]) -> PipelineConfig:
     raw = yaml.safe_load(config_yaml) or {}
     overrides = [f"{PARAM_FIELDS[k]}={v}" for k, v in params.items() if v]
+    if params.get("data_uri"):
+        overrides.append("data.dvc=null")  # a data_uri replaces a DVC reference in the config
     return validate_config(apply_overrides(raw, overrides), "(pipeline parameter 'config')")
 
 

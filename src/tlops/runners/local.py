@@ -50,9 +50,12 @@ def step_fingerprint(spec: StepSpec, cfg: PipelineConfig, inputs: dict[str, Arti
 
 
 def execute_step(
-    spec: StepSpec, cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, *, reuse: bool = True
+    spec: StepSpec, cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, *, reuse: bool = True,
+    record: bool = True,
 ) -> StepResult:
-    """Run one step into ``out``, or reuse a finished artifact with the same fingerprint."""
+    """Run one step into ``out``, or reuse a finished artifact with the same fingerprint.
+
+    ``record=False`` keeps ``out`` out of the reuse index (a temp dir that will not survive)."""
     t0 = time.perf_counter()
     index = cfg.workdir_path / "index" / spec.name
     fp = step_fingerprint(spec, cfg, inputs) if spec.reusable else None
@@ -65,7 +68,7 @@ def execute_step(
             return StepResult(read_artifact(out, spec.output), time.perf_counter() - t0, True)
     log.info("%s: running", spec.name)
     artifact = get_step(spec.name).run(cfg, inputs, out)
-    if prev is not None:
+    if prev is not None and record:
         index.mkdir(parents=True, exist_ok=True)
         tmp = prev.with_suffix(".tmp")
         tmp.write_text(str(out.resolve()))

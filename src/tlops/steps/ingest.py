@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
     """Cheap key for reuse: data config + seed + the source files' names, sizes and mtimes."""
     src = cfg.data.source
-    if src.startswith("sklearn:"):
+    if cfg.data.dvc is not None:
+        from tlops.data.dvc_source import resolve
+
+        v = resolve(cfg.data.dvc)  # the exact commit + DVC md5: a moved branch or tag is a new input
+        stamp = f"dvc:{v.rev}:{v.md5}"
+    elif src.startswith("sklearn:"):
         stamp = src
     elif src.startswith("s3://"):
         from tlops.storage import S3Storage
@@ -57,6 +62,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     else:
         data_hash = hash_json([x, y.tolist()])
     data_hash = hash_json([data_hash, classes])
+    version = {"data_hash": data_hash}
+    dvc = raw.info.get("dvc")
+    if dvc:
+        version |= {"dvc_repo": dvc["repo"], "git_rev": dvc["rev"], "dvc_path": dvc["path"], "dvc_md5": dvc["md5"]}
+        log.info("ingest: DVC data %s @ %s, md5 %s -> data hash %s", dvc["path"], dvc["rev"][:12], dvc["md5"], data_hash[:12])
     parts = stratified_split(y, cfg.data, cfg.seed, classes)
     counts = {s: int(len(ix)) for s, ix in parts.items()}
     log.info("ingest: %d samples, %d classes, splits %s", len(y), len(classes), counts)
@@ -68,10 +78,10 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         w.metadata = {
             "modality": raw.kind,
             "format": raw.format,
-            "source": cfg.data.source,
+            "source": cfg.data.describe(),
             "classes": classes,
             "data_hash": data_hash,
-            "data_version": {"data_hash": data_hash},
+            "data_version": version,
             "counts": counts,
             "per_class": {
                 s: {classes[c]: int((y[ix] == c).sum()) for c in range(len(classes))} for s, ix in parts.items() if s != "unlabelled"

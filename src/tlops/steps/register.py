@@ -20,7 +20,7 @@ from tlops.evaluation.report import metrics_table
 from tlops.hashing import hash_json
 from tlops.tracking import registry
 from tlops.tracking.setup import configure, git_commit, pipeline_run
-from tlops.tracking.steplog import log_step
+from tlops.tracking.steplog import data_tags, log_step
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,12 @@ def _requirements() -> list[str]:
     return pins
 
 
+def _dvc_line(version: dict[str, Any]) -> list[str]:
+    if not version.get("git_rev"):
+        return []
+    return [f"DVC: `{version['dvc_path']}` md5 `{version['dvc_md5']}` at git rev `{version['git_rev']}` of {version['dvc_repo']}"]
+
+
 def _description(cfg: PipelineConfig, report: dict[str, Any], ds: Dataset, source: Artifact, strategy: str) -> str:
     gates = report["gates"]
     return "\n".join([
@@ -52,6 +58,7 @@ def _description(cfg: PipelineConfig, report: dict[str, Any], ds: Dataset, sourc
         else f"Gain over from-scratch: not measured ({report['scratch_baseline']})",
         f"Validation: **{'passed' if gates['passed'] else 'failed'}**: {'; '.join(gates['reasons'])}",
         f"Data: `{ds.data_hash[:16]}` ({ds.artifact.meta['source']}, splits {ds.artifact.meta['counts']})",
+        *_dvc_line(ds.artifact.meta.get("data_version") or {}),
         "Artifacts: `evaluation/report.md`, `evaluation/confusion_matrix.png` in this version's run.",
     ])
 
@@ -75,7 +82,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     configure(cfg)
     tags = {
         "tlops.model_digest": digest,
-        "tlops.data_hash": ds.data_hash,
+        **data_tags(ds.artifact.meta),
         "tlops.source_model": source.meta["source"],
         "tlops.source_digest": source.meta["model_digest"],
         "tlops.config_hash": cfg.config_hash,

@@ -52,8 +52,8 @@ def configure(cfg: PipelineConfig) -> str:
     use_store(uri)
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(cfg.tracking.experiment) is None:
-        location = None
-        if uri.startswith("sqlite:") or uri.startswith("file:"):
+        location = cfg.tracking.artifact_location
+        if location is None and (uri.startswith("sqlite:") or uri.startswith("file:")):
             location = (cfg.workdir_path / "mlartifacts").as_uri()
         with contextlib.suppress(Exception):  # a concurrent run may create it first
             client.create_experiment(cfg.tracking.experiment, artifact_location=location)

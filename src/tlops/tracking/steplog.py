@@ -5,6 +5,18 @@ from __future__ import annotations
 from tlops.artifacts import Artifact
 
 
+LINEAGE_TAGS = {"dvc_repo": "tlops.data.repo", "git_rev": "tlops.data.git_rev", "dvc_path": "tlops.data.path",
+                "dvc_md5": "tlops.data.dvc_md5"}
+
+
+def data_tags(dataset_meta: dict) -> dict[str, str]:
+    """The data lineage of a dataset artifact as MLflow tags (run and model version)."""
+    version = dataset_meta.get("data_version") or {}
+    tags = {"tlops.data_hash": dataset_meta["data_hash"], "tlops.data_source": dataset_meta.get("source", "")}
+    tags |= {tag: str(version[k]) for k, tag in LINEAGE_TAGS.items() if version.get(k)}
+    return tags
+
+
 def log_step(step: str, artifact: Artifact, seconds: float | None = None, reused: bool | None = None) -> None:
     import mlflow
 
@@ -14,7 +26,7 @@ def log_step(step: str, artifact: Artifact, seconds: float | None = None, reused
     if reused is not None:
         mlflow.set_tag(f"tlops.reused.{step}", str(reused).lower())
     if step == "ingest":
-        mlflow.set_tags({"tlops.data_hash": meta["data_hash"], "tlops.dataset_hash": artifact.content_hash})
+        mlflow.set_tags(data_tags(meta) | {"tlops.dataset_hash": artifact.content_hash})
         for split, n in meta["counts"].items():
             mlflow.log_metric(f"data.{split}_count", n)
     elif step == "pull-model":
