@@ -37,6 +37,9 @@ compile: $(STAMP) ## compile the KFP pipeline for the demo target config (pipeli
 dvc-export: $(STAMP) ## regenerate dvc.yaml + params.yaml from the DAG (for configs/digits_source.yaml)
 	$(BIN)/tlops export dvc --config configs/digits_source.yaml
 
+compose-export: $(STAMP) ## regenerate docker/compose.yaml from the DAG
+	$(BIN)/tlops export compose --out docker/compose.yaml
+
 pipeline-kfp-local: $(STAMP) ## run the demo target pipeline through the compiled KFP DAG with kfp.local
 	$(BIN)/tlops run --config configs/digits_source.yaml
 	$(BIN)/tlops run --runner kfp-local --config configs/digits_target.yaml

@@ -150,6 +150,29 @@ def steps() -> None:
         typer.echo(f"{s.name:17} {s.resources:3}  in: {ins:60} {s.help}")
 
 
+@export_app.command("compose")
+def export_compose(
+    out: Path = typer.Option(Path("docker/compose.yaml"), "--out", "-o", help="where to write the compose file"),
+    host_network: bool = typer.Option(False, "--host-network", help="network_mode: host for every service"),
+) -> None:
+    """Write the docker-compose file (mlflow + one service per step + summary); config-independent."""
+    from tlops.runners.compose import export
+
+    typer.echo(f"wrote {export(out, host_network=host_network)}")
+
+
+@app.command()
+def summary(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    run_dir: Path = typer.Option(..., "--run-dir", help="directory holding one finished artifact per step"),
+) -> None:
+    """Print a finished run's summary (what `tlops run` prints), e.g. after a compose run."""
+    from tlops.report import load_result, print_run_summary
+
+    print_run_summary(_load(config, set_), load_result(run_dir))
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Version datasets with DVC (for data.dvc references).")
 app.add_typer(data_app, name="data")
 

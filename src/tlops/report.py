@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tlops.config import PipelineConfig
     from tlops.runners.local import PipelineResult
 
@@ -51,9 +53,28 @@ def print_run_summary(cfg: "PipelineConfig", result: "PipelineResult") -> None:
     reused = [n for n, s in result.steps.items() if s.reused]
     console.print(
         f"gates: {'passed' if ev['gates_passed'] else 'FAILED'}; registered [bold]{reg['model_name']}[/bold] "
-        f"v{reg['version']} as {', '.join(reg['aliases'])}; pipeline {result.seconds:.1f}s"
+        f"v{reg['version']} as {', '.join(reg['aliases'])}"
+        + (f"; pipeline {result.seconds:.1f}s" if result.seconds else "")
         + (f" (reused: {', '.join(reused)})" if reused else "")
     )
     console.print(f"artifacts: {result.run_dir}")
     uri = tracking_uri(cfg)
     console.print(f"look: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"tracking: {uri}")
+
+
+def load_result(run_dir: "Path") -> "PipelineResult":
+    """A finished run from its step directories (``<run-dir>/<step>/``), e.g. a compose run."""
+    from pathlib import Path
+
+    from tlops.artifacts import read_artifact
+    from tlops.dag import DAG
+    from tlops.errors import ArtifactError
+    from tlops.runners.local import PipelineResult, StepResult
+
+    run_dir = Path(run_dir)
+    result = PipelineResult(run_dir.name, run_dir)
+    for spec in DAG:
+        if not (run_dir / spec.name).is_dir():
+            raise ArtifactError(f"{run_dir} has no finished {spec.name} artifact: did the {spec.name} step run?")
+        result.steps[spec.name] = StepResult(read_artifact(run_dir / spec.name, spec.output), 0.0, False)
+    return result
