@@ -58,4 +58,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export test test-slow bench mlflow-ui lock clean
+.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export test test-slow bench mlflow-ui lock clean
