@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tlops.errors import ConfigError
 from tlops.hashing import hash_json
 
-STRATEGIES = ("linear-probe", "fine-tune")
+STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune")
 
 
 class _Strict(BaseModel):
@@ -112,15 +112,24 @@ class FeaturesConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    strategies: list[Literal["linear-probe", "fine-tune"]] = Field(
-        default_factory=lambda: ["linear-probe"], min_length=1
+    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune"]] = Field(
+        default_factory=lambda: ["linear-probe"], min_length=1,
+        description="linear-probe (head on cached features), fine-tune (all blocks but freeze_blocks), "
+        "partial-fine-tune (freeze_blocks, 'auto' when 0)",
     )
     epochs: int = Field(10, ge=1, description="fine-tune epochs")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     head_lr: Optional[float] = Field(None, gt=0, description="head learning rate (default 10x lr)")
     weight_decay: float = Field(1e-4, ge=0)
-    freeze_blocks: int = Field(0, ge=0, description="freeze the first K backbone blocks")
+    freeze_blocks: int | Literal["auto"] = Field(
+        0, description="freeze the first K backbone blocks; 'auto' = cut after the best-probing block"
+    )
+    layer_decay: Optional[float] = Field(
+        None, gt=0, le=1, description="layer-wise LR decay: block i of n trains at lr * d**(n-i)"
+    )
+    gradual_unfreeze: bool = Field(False, description="epoch 1 trains the head; each epoch unfreezes one more block from the top")
+    l2sp: float = Field(0.0, ge=0, description="L2-SP strength toward the pretrained weights (0 = off)")
     probe_epochs: int = Field(300, ge=1, description="max linear-probe epochs (full batch)")
     probe_lr: float = Field(0.05, gt=0)
     patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")
@@ -131,6 +140,13 @@ class TrainConfig(_Strict):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("freeze_blocks")
+    @classmethod
+    def _k(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
 
 
 class GatesConfig(_Strict):

@@ -19,7 +19,7 @@ import numpy as np
 
 from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
-from tlops.data.dataset import Dataset
+from tlops.data.dataset import Dataset, Split
 from tlops.hashing import hash_json
 from tlops.models.bundle import Classifier, load_backbone, save_bundle
 from tlops.training.common import save_history, seed_everything
@@ -63,15 +63,19 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                 seed_everything(cfg.seed, tcfg.threads)
                 clf = Classifier(load_backbone(src), n_cls, ds.classes)
                 clf.head.load_state_dict(head.state_dict())  # LP-FT: start from the probe's head
-                hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=tcfg.freeze_blocks, name=strategy)
+                k, extra = _freeze_for(strategy, clf, train, val, cfg)
+                hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=k, name=strategy)
                 secs = probe_secs + time.perf_counter() - t0
             results[strategy] = _save(d, clf, hist, strategy, secs, ds.classes)
+            if strategy != "linear-probe":
+                results[strategy] |= extra
         if cfg.evaluate.scratch_baseline:
             d = w.path / "models" / "scratch"
             t0 = time.perf_counter()
             seed_everything(cfg.seed, tcfg.threads)
             clf = Classifier(load_backbone(src, random_init=True), n_cls, ds.classes)
-            hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=0, name="scratch")
+            plain = tcfg.model_copy(update={"l2sp": 0.0, "layer_decay": None, "gradual_unfreeze": False})
+            hist = fine_tune(clf, train, val, plain, cfg.seed, d, frozen_k=0, name="scratch")
             results["scratch"] = _save(d, clf, hist, "scratch", time.perf_counter() - t0, ds.classes)
         candidates = {s: results[s] for s in tcfg.strategies}
         selected = max(candidates, key=lambda s: (candidates[s]["val_acc"] or 0.0, -tcfg.strategies.index(s)))
@@ -80,6 +84,18 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         w.metadata = {"selected": selected, "models": results, "classes": ds.classes}
     log.info("fine-tune: selected %s (val acc %.4f)", selected, results[selected]["val_acc"])
     return Artifact(Path(out), w.manifest)
+
+
+def _freeze_for(strategy: str, clf: Classifier, train: Split, val: Split | None, cfg: PipelineConfig) -> tuple[int, dict[str, Any]]:
+    """How many blocks to freeze: ``fine-tune`` takes ``freeze_blocks`` as given;
+    ``partial-fine-tune`` picks the cut by probing each block when it is ``auto`` or 0."""
+    k = cfg.train.freeze_blocks
+    if k == "auto" or (strategy == "partial-fine-tune" and k == 0):
+        from tlops.training.partial import choose_freeze_blocks
+
+        k, scores = choose_freeze_blocks(clf, train, val, cfg.train, cfg.seed)
+        return k, {"freeze_blocks": k, "freeze_choice": "auto", "block_probe": scores}
+    return int(k), {"freeze_blocks": int(k)}
 
 
 def _save(d: Path, clf: Classifier, hist: list[dict], strategy: str, secs: float, classes: list[str]) -> dict[str, Any]:

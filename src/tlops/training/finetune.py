@@ -74,14 +74,17 @@ def evaluate_split(clf: Classifier, split: Split, batch_size: int) -> dict[str, 
 def fine_tune(
     clf: Classifier, train: Split, val: Split | None, cfg: TrainConfig, seed: int, out_dir: Path, *, frozen_k: int, name: str,
 ) -> list[dict[str, Any]]:
+    from tlops.training.partial import L2SP, param_groups, unfreeze_plan
+
     g = torch.Generator().manual_seed(seed)
     frozen = freeze_blocks(clf, frozen_k)
-    head_lr = cfg.head_lr or cfg.lr * 10
-    head_params = list(clf.head.parameters())
-    body = [p for p in clf.backbone.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [{"params": body, "lr": cfg.lr}, {"params": head_params, "lr": head_lr}], weight_decay=cfg.weight_decay
-    )
+    l2sp = L2SP(clf.backbone, cfg.l2sp) if cfg.l2sp else None
+    opt = torch.optim.AdamW(param_groups(clf, cfg))  # explicit per-group lr (layer decay) and weight decay
+    trainable = clf.backbone.blocks()[frozen_k:]
+    plan = unfreeze_plan(trainable, cfg.epochs) if cfg.gradual_unfreeze else {}
+    locked = [b for blocks in plan.values() for b in blocks]  # not yet unfrozen (gradual unfreezing)
+    for b in locked:
+        b.requires_grad_(False)
     steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     ckpt_dir = out_dir / "checkpoints"
@@ -92,7 +95,10 @@ def fine_tune(
     image = clf.backbone.modality == "image"
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        set_train_mode(clf, frozen)
+        for b in plan.get(epoch, []):
+            b.requires_grad_(True)
+            locked.remove(b)
+        set_train_mode(clf, frozen + locked)
         perm = torch.randperm(len(train), generator=g).numpy()
         tot_loss, tot_correct = 0.0, 0
         for i in range(0, len(perm), cfg.batch_size):
@@ -103,6 +109,8 @@ def fine_tune(
             y = torch.from_numpy(train.y[idx])
             logits = clf(**inputs)
             loss = F.cross_entropy(logits, y)
+            if l2sp is not None:
+                loss = loss + l2sp.penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
