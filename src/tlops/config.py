@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tlops.errors import ConfigError
 from tlops.hashing import hash_json
 
-STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune")
+STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune", "lora")
 
 
 class _Strict(BaseModel):
@@ -111,11 +111,20 @@ class FeaturesConfig(_Strict):
     cache: bool = True
 
 
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: Optional[list[str]] = Field(None, description="default: the architecture's attention projections")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the adapters")
+    merge: bool = Field(True, description="merge the adapters into the weights (else keep base + adapter)")
+
+
 class TrainConfig(_Strict):
-    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune"]] = Field(
+    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune", "lora"]] = Field(
         default_factory=lambda: ["linear-probe"], min_length=1,
         description="linear-probe (head on cached features), fine-tune (all blocks but freeze_blocks), "
-        "partial-fine-tune (freeze_blocks, 'auto' when 0)",
+        "partial-fine-tune (freeze_blocks, 'auto' when 0), lora (transformers: low-rank adapters, train.lora)",
     )
     epochs: int = Field(10, ge=1, description="fine-tune epochs")
     batch_size: int = Field(32, ge=1)
@@ -130,6 +139,7 @@ class TrainConfig(_Strict):
     )
     gradual_unfreeze: bool = Field(False, description="epoch 1 trains the head; each epoch unfreezes one more block from the top")
     l2sp: float = Field(0.0, ge=0, description="L2-SP strength toward the pretrained weights (0 = off)")
+    lora: LoraConfig = LoraConfig()
     probe_epochs: int = Field(300, ge=1, description="max linear-probe epochs (full batch)")
     probe_lr: float = Field(0.05, gt=0)
     patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")

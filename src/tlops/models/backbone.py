@@ -151,8 +151,14 @@ class TextBackbone(nn.Module):
 
     def save(self, d: Path) -> dict[str, Any]:
         (d / "hf").mkdir(exist_ok=True)
-        self.model.save_pretrained(d / "hf", safe_serialization=True)
         self.tokenizer.save_pretrained(d / "hf")
+        if hasattr(self.model, "peft_config"):  # LoRA kept as an adapter: base weights + adapter/
+            import copy
+
+            copy.deepcopy(self.model).unload().save_pretrained(d / "hf", safe_serialization=True)
+            self.model.save_pretrained(d / "adapter", safe_serialization=True)
+            return {"kind": "hf", "weights": "hf", "adapter": "adapter"}
+        self.model.save_pretrained(d / "hf", safe_serialization=True)
         return {"kind": "hf", "weights": "hf"}
 
     @classmethod
@@ -165,6 +171,10 @@ class TextBackbone(nn.Module):
             model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
         else:
             model = AutoModel.from_pretrained(path, local_files_only=True)
+            if spec.get("adapter"):
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, d / spec["adapter"])
         return cls(model, tok, spec["preprocessing"])
 
 

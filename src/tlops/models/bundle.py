@@ -35,6 +35,8 @@ def weights_digest(d: Path, spec: dict[str, Any]) -> str:
     """sha256 over the backbone weights (and the head, when the bundle has one)."""
     target = d / spec["weights"]
     backbone = hash_dir(target) if target.is_dir() else hash_file(target)
+    if spec.get("adapter"):
+        backbone = hash_json([backbone, hash_dir(d / spec["adapter"])])
     if "head" not in spec:
         return backbone
     return hash_json([backbone, hash_file(d / spec["head"]), spec.get("classes")])

@@ -63,8 +63,17 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                 seed_everything(cfg.seed, tcfg.threads)
                 clf = Classifier(load_backbone(src), n_cls, ds.classes)
                 clf.head.load_state_dict(head.state_dict())  # LP-FT: start from the probe's head
-                k, extra = _freeze_for(strategy, clf, train, val, cfg)
-                hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=k, name=strategy)
+                if strategy == "lora":
+                    from tlops.training.lora import apply_lora, merge_lora
+
+                    extra = apply_lora(clf, tcfg.lora)
+                    lora_cfg = tcfg.model_copy(update={"lr": tcfg.lora.lr, "l2sp": 0.0, "gradual_unfreeze": False})
+                    hist = fine_tune(clf, train, val, lora_cfg, cfg.seed, d, frozen_k=0, name=strategy)
+                    if tcfg.lora.merge:
+                        merge_lora(clf)
+                else:
+                    k, extra = _freeze_for(strategy, clf, train, val, cfg)
+                    hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=k, name=strategy)
                 secs = probe_secs + time.perf_counter() - t0
             results[strategy] = _save(d, clf, hist, strategy, secs, ds.classes)
             if strategy != "linear-probe":
