@@ -14,7 +14,7 @@ help: ## show this help
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[text-demo,dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[text-demo,server,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install tlops + pinned dependencies from requirements.lock (idempotent)
@@ -37,6 +37,9 @@ compile: $(STAMP) ## compile the KFP pipeline for the demo target config (pipeli
 dvc-export: $(STAMP) ## regenerate dvc.yaml + params.yaml from the DAG (for configs/digits_source.yaml)
 	$(BIN)/tlops export dvc --config configs/digits_source.yaml
 
+k8s-validate: $(STAMP) ## render every kustomize overlay and validate each object against the Kubernetes schemas (offline)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash k8s/validate.sh
+
 compose-export: $(STAMP) ## regenerate docker/compose.yaml from the DAG
 	$(BIN)/tlops export compose --out docker/compose.yaml
 
@@ -50,7 +53,7 @@ mlflow-ui: $(STAMP) ## start the MLflow UI on the embedded store (http://127.0.0
 lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
 	.lockenv/bin/python -m pip install --quiet --upgrade "pip>=24"
-	.lockenv/bin/python -m pip install --quiet -e '.[text-demo,dev]'
+	.lockenv/bin/python -m pip install --quiet -e '.[text-demo,server,dev]'
 	(echo "# Lock file: exact versions of every dependency (pip constraints). Regenerate with 'make lock'."; \
 	 .lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^tlops') > requirements.lock
 	rm -rf .lockenv
@@ -58,4 +61,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export test test-slow bench mlflow-ui lock clean
+.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate test test-slow bench mlflow-ui lock clean
