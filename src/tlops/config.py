@@ -97,6 +97,10 @@ class DataConfig(_Strict):
 
 class SourceConfig(_Strict):
     model: str = Field(..., description="hf:<id|dir>, timm:<name>, mlflow:models:/<name>@<alias>, or a bundle dir")
+    candidates: Optional[list[str]] = Field(
+        None, min_length=1,
+        description="more source models to rank against `model` by LogME on the train features; the best is used",
+    )
     pretrained: bool = Field(True, description="timm: load pretrained weights (False = random init)")
     weights: Optional[str] = Field(None, description="timm: local weights file (.safetensors/.pth)")
     in_chans: Optional[int] = Field(None, ge=1, le=4, description="timm: input channels")

@@ -32,14 +32,20 @@ def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
     ds = Dataset(inputs["dataset"])
     model = inputs["model"]
-    key = cache_key(model.meta["model_digest"], model.meta["preprocessing"], ds.content_hash)
     cache = FeatureCache(cache_root(cfg))
+    chosen = {"source": model.meta["source"], "path": "model", "model_digest": model.meta["model_digest"],
+              "preprocessing": model.meta["preprocessing"]}
+    ranking = None
+    if model.meta.get("candidates"):
+        ranking = _rank_candidates(cfg, ds, model, cache)
+        chosen = ranking[0]
+    key = cache_key(chosen["model_digest"], chosen["preprocessing"], ds.content_hash)
     t0 = time.perf_counter()
     hit = cfg.features.cache and cache.get(key) is not None
     if hit:
         log.info("extract-features: cache hit %s: backbone not run, features loaded from %s", key[:16], cache.entry(key))
     else:
-        arrays = _compute(ds, model.path / "model", cfg.features.batch_size)
+        arrays = _compute(ds, model.path / chosen["path"], cfg.features.batch_size)
     with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
         if hit:
             cache.fetch(key, w.path / "features.npz")
@@ -47,7 +53,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             np.savez(w.path / "features.npz", **arrays)
             if cfg.features.cache:
                 # local: hard link into an atomically published entry; S3: features.npz, then manifest.json
-                meta = {"model_digest": model.meta["model_digest"], "dataset_hash": ds.content_hash}
+                meta = {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash}
                 cache.put_file(key, w.path / "features.npz", meta)
         w.content_hash = key
         with np.load(w.path / "features.npz", allow_pickle=False) as z:
@@ -55,12 +61,36 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         w.metadata = {
             "cache_key": key,
             "cache": "hit" if hit else ("miss" if cfg.features.cache else "off"),
-            "model_digest": model.meta["model_digest"],
+            "model_digest": chosen["model_digest"],
+            "source": chosen["source"],
+            "source_bundle": chosen["path"],  # fine-tune trains this bundle of the pull-model artifact
             "dataset_hash": ds.content_hash,
+            **({"source_ranking": ranking} if ranking else {}),
             "shapes": shapes,
             "seconds": round(time.perf_counter() - t0, 3),
         }
     return Artifact(Path(out), w.manifest)
+
+
+def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: FeatureCache) -> list[dict]:
+    """Score every pulled candidate by LogME on its train-split features (each cached under its
+    own key), best first."""
+    from tlops.features.extract import extract
+    from tlops.features.selection import logme, rank_sources
+    from tlops.models.bundle import load_backbone
+
+    train = ds.load("train")
+    scored = []
+    for c in model.meta["candidates"]:
+        key = cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train")
+        if cfg.features.cache and cache.get(key) is not None:
+            f = cache.load(key)["train"]
+        else:
+            f = extract(load_backbone(model.path / c["path"]), train.x, cfg.features.batch_size, desc=f"rank {c['source']}")
+            if cfg.features.cache:
+                cache.put(key, {"train": f}, {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash, "split": "train"})
+        scored.append({**c, "score": round(logme(f, train.y), 6)})
+    return rank_sources(scored)
 
 
 def _compute(ds: Dataset, bundle_dir: Path, batch_size: int) -> dict[str, np.ndarray]:

@@ -38,7 +38,8 @@ def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
     ds = Dataset(inputs["dataset"])
-    src = inputs["model"].path / "model"
+    feat_meta = inputs["features"].meta
+    src = inputs["model"].path / feat_meta.get("source_bundle", "model")  # the selected source candidate
     with np.load(inputs["features"].path / "features.npz", allow_pickle=False) as z:
         feats = {k: z[k] for k in z.files}
     train, val = ds.load("train"), ds.load("val") if "val" in ds.splits() else None
@@ -90,7 +91,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         selected = max(candidates, key=lambda s: (candidates[s]["val_acc"] or 0.0, -tcfg.strategies.index(s)))
         selection = {"selected": selected, "criterion": "best validation accuracy (ties: earlier strategy)", "models": results}
         (w.path / "selection.json").write_text(json.dumps(selection, indent=2))
-        w.metadata = {"selected": selected, "models": results, "classes": ds.classes}
+        w.metadata = {"selected": selected, "models": results, "classes": ds.classes,
+                      "source": feat_meta.get("source", inputs["model"].meta["source"]),
+                      "source_digest": feat_meta.get("model_digest", inputs["model"].meta["model_digest"])}
     log.info("fine-tune: selected %s (val acc %.4f)", selected, results[selected]["val_acc"])
     return Artifact(Path(out), w.manifest)
 

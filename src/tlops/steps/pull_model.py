@@ -14,9 +14,14 @@ from tlops.training.common import seed_everything
 log = logging.getLogger(__name__)
 
 
+def specs(cfg: PipelineConfig) -> list[str]:
+    """The source model, then any candidates to rank against it."""
+    return [cfg.source.model, *(cfg.source.candidates or [])]
+
+
 def _use_registry(cfg: PipelineConfig) -> None:
     """mlflow: specs resolve against the configured registry, also when this step runs alone."""
-    if cfg.source.model.startswith("mlflow:"):
+    if any(s.startswith("mlflow:") for s in specs(cfg)):
         from tlops.tracking.setup import configure
 
         configure(cfg)
@@ -24,15 +29,24 @@ def _use_registry(cfg: PipelineConfig) -> None:
 
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
     _use_registry(cfg)
-    return hash_json([cfg.section_hash("source"), sources.fingerprint(cfg.source)])
+    return hash_json([cfg.section_hash("source"),
+                      *(sources.fingerprint(cfg.source.model_copy(update={"model": m})) for m in specs(cfg))])
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    """``model/`` holds ``source.model``; with ``source.candidates``, ``candidates/<i>/`` hold the
+    others (extract-features ranks them all on the target data and picks one)."""
     _use_registry(cfg)
-    seed_everything(cfg.seed)  # random-init backbones (pretrained: false) must be reproducible
     with write_artifact(out, "source-model", config=cfg.source.model_dump(mode="json"), inputs=inputs) as w:
-        spec = sources.pull(cfg.source, w.path / "model")
-        w.content_hash = spec["digest"]
+        pulled = []
+        for i, model in enumerate(specs(cfg)):
+            seed_everything(cfg.seed)  # random-init backbones (pretrained: false) must be reproducible
+            where = "model" if i == 0 else f"candidates/{i}"
+            spec = sources.pull(cfg.source.model_copy(update={"model": model}), w.path / where)
+            pulled.append((model, where, spec))
+            log.info("pull-model: %s (%s, %d-dim features, digest %s)", model, spec["kind"], spec["feature_dim"], spec["digest"][:12])
+        _, _, spec = pulled[0]
+        w.content_hash = spec["digest"] if len(pulled) == 1 else hash_json([p[2]["digest"] for p in pulled])
         w.metadata = {
             "source": cfg.source.model,
             "backbone_kind": spec["kind"],
@@ -41,5 +55,10 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "feature_dim": spec["feature_dim"],
             **({"mlflow": spec["mlflow"]} if "mlflow" in spec else {}),
         }
-    log.info("pull-model: %s (%s, %d-dim features, digest %s)", cfg.source.model, spec["kind"], spec["feature_dim"], spec["digest"][:12])
+        if len(pulled) > 1:
+            w.metadata["candidates"] = [
+                {"index": i, "source": m, "path": where, "model_digest": sp["digest"], "preprocessing": sp["preprocessing"],
+                 "feature_dim": sp["feature_dim"]}
+                for i, (m, where, sp) in enumerate(pulled)
+            ]
     return Artifact(Path(out), w.manifest)

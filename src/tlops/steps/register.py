@@ -47,10 +47,17 @@ def _dvc_line(version: dict[str, Any]) -> list[str]:
     return [f"DVC: `{version['dvc_path']}` md5 `{version['dvc_md5']}` at git rev `{version['git_rev']}` of {version['dvc_repo']}"]
 
 
-def _description(cfg: PipelineConfig, report: dict[str, Any], ds: Dataset, source: Artifact, strategy: str) -> str:
+def _source_used(source: Artifact, trained: Artifact) -> tuple[str, str]:
+    """The source model the trained models came from (the selected one, with candidates)."""
+    return trained.meta.get("source", source.meta["source"]), trained.meta.get("source_digest", source.meta["model_digest"])
+
+
+def _description(cfg: PipelineConfig, report: dict[str, Any], ds: Dataset, source: Artifact, strategy: str,
+                 trained: Artifact) -> str:
     gates = report["gates"]
+    src, digest = _source_used(source, trained)
     return "\n".join([
-        f"**{cfg.name}**: strategy `{strategy}` on source `{source.meta['source']}` (digest `{source.meta['model_digest'][:12]}`).",
+        f"**{cfg.name}**: strategy `{strategy}` on source `{src}` (digest `{digest[:12]}`).",
         "",
         metrics_table(report),
         "",
@@ -83,8 +90,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     tags = {
         "tlops.model_digest": digest,
         **data_tags(ds.artifact.meta),
-        "tlops.source_model": source.meta["source"],
-        "tlops.source_digest": source.meta["model_digest"],
+        "tlops.source_model": _source_used(source, trained)[0],
+        "tlops.source_digest": _source_used(source, trained)[1],
         "tlops.config_hash": cfg.config_hash,
         "tlops.git_commit": git_commit(),
         "tlops.strategy": strategy,
@@ -119,7 +126,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         c = registry.client()
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)
-        c.update_model_version(name, version, description=_description(cfg, report, ds, source, strategy))
+        c.update_model_version(name, version, description=_description(cfg, report, ds, source, strategy, trained))
         c.set_registered_model_alias(name, registry.CHALLENGER, version)
         promoted = False
         if cfg.register.auto_promote and report["gates"]["passed"]:

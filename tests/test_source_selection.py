@@ -1,0 +1,50 @@
+"""Source-model selection: LogME on real features ranks a model trained on digits above a
+random-init CNN for a new digits task; the winner's features and bundle flow downstream."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import digits_config
+from tlops.config import validate_config
+from tlops.features.selection import logme
+from tlops.steps import extract_features, fine_tune, ingest, pull_model
+
+
+def test_logme_prefers_informative_features():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    informative = rng.normal(size=(120, 16)) + 3.0 * np.eye(3, 16)[y]
+    noise = rng.normal(size=(120, 16))
+    assert logme(informative, y) > logme(noise, y) + 0.1
+    # more dimensions than samples (few-shot, wide features) still gives finite scores
+    wide = np.concatenate([informative, rng.normal(size=(120, 300))], axis=1)
+    assert np.isfinite(logme(wide[:30], y[:30]))
+
+
+def test_candidates_are_ranked_and_the_best_is_used(tmp_path):
+    from tlops.runners.local import run_pipeline
+
+    src = validate_config(digits_config(tmp_path / "src", data={"classes": [0, 1, 2, 3, 4], "labels_per_class": None},
+                                        train={"strategies": ["fine-tune"], "epochs": 3}))
+    trained = run_pipeline(src).artifact("fine-tune").path / "models" / "fine-tune"
+
+    cfg = validate_config(digits_config(tmp_path / "work", data={"classes": [5, 6, 7]},
+                                        source={"candidates": [str(trained)]}))
+    ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
+    cands = ins["model"].meta["candidates"]
+    assert [c["path"] for c in cands] == ["model", "candidates/1"]
+    feats = extract_features.run(cfg, ins, tmp_path / "features")
+    ranking = feats.meta["source_ranking"]
+    assert [c["source"] for c in ranking] == [str(trained), "timm:resnet10t"]  # trained on digits beats random init
+    assert ranking[0]["score"] > ranking[1]["score"] and [c["rank"] for c in ranking] == [1, 2]
+    assert feats.meta["source_bundle"] == "candidates/1" and feats.meta["source"] == str(trained)
+    assert feats.meta["model_digest"] == cands[1]["model_digest"]
+
+    ins["features"] = feats
+    ft = fine_tune.run(cfg, ins, tmp_path / "ft")
+    assert ft.meta["source"] == str(trained) and ft.meta["source_digest"] == cands[1]["model_digest"]
+
+    # the per-candidate train features are cached: a rerun ranks without running a backbone
+    again = extract_features.run(cfg, ins, tmp_path / "features-2")
+    assert again.meta["source_ranking"] == ranking and again.meta["cache"] == "hit"
