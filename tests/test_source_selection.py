@@ -48,3 +48,40 @@ def test_candidates_are_ranked_and_the_best_is_used(tmp_path):
     # the per-candidate train features are cached: a rerun ranks without running a backbone
     again = extract_features.run(cfg, ins, tmp_path / "features-2")
     assert again.meta["source_ranking"] == ranking and again.meta["cache"] == "hit"
+
+
+def test_stacking_concatenates_cached_features_and_serves_as_one_model(tmp_path, digits_cfg):
+    import pytest
+
+    from tlops.errors import ConfigError
+    from tlops.models.bundle import load_classifier
+    from tlops.steps import evaluate
+
+    with pytest.raises(ConfigError, match="train.strategies: stacking needs source.candidates"):
+        digits_cfg(train={"strategies": ["stacking"]})
+    cfg = digits_cfg(source={"candidates": ["timm:resnet10t"], "image_size": 16},
+                     train={"strategies": ["linear-probe", "stacking"], "epochs": 1})
+    # the candidate differs from the primary model by its random init (seeded differently per pull order)
+    ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
+    feats = extract_features.run(cfg, ins, tmp_path / "features")
+    with np.load(feats.path / "features.npz") as z:
+        d = z["train"].shape[1]
+        assert z["stack_train"].shape == (z["train"].shape[0], 2 * d)
+        cache_entry = feats.meta["cache_key"]
+    # the features.npz of the selected model in the cache was not overwritten by the stacked file
+    from tlops.features.cache import FeatureCache
+    from tlops.steps.extract_features import cache_root
+
+    assert "stack_train" not in FeatureCache(cache_root(cfg)).load(cache_entry)
+
+    ins["features"] = feats
+    ft = fine_tune.run(cfg, ins, tmp_path / "ft")
+    assert set(ft.meta["models"]) == {"linear-probe", "stacking"}
+    clf = load_classifier(ft.path / "models" / "stacking")
+    assert clf.backbone.feature_dim == 2 * d and len(clf.backbone.members) == 2
+    from tlops.data.dataset import Dataset
+
+    test = Dataset(ins["dataset"]).load("test")
+    assert clf.predict_proba(test.x[:5]).shape == (5, 3)
+    ev = evaluate.run(cfg, {"dataset": ins["dataset"], "trained": ft}, tmp_path / "ev")
+    assert "stacking" in ev.meta["summary"]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tlops.errors import ConfigError
 from tlops.hashing import hash_json
 
-STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune", "lora")
+STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking")
 
 
 class _Strict(BaseModel):
@@ -125,10 +125,11 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune", "lora"]] = Field(
+    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking"]] = Field(
         default_factory=lambda: ["linear-probe"], min_length=1,
         description="linear-probe (head on cached features), fine-tune (all blocks but freeze_blocks), "
-        "partial-fine-tune (freeze_blocks, 'auto' when 0), lora (transformers: low-rank adapters, train.lora)",
+        "partial-fine-tune (freeze_blocks, 'auto' when 0), lora (transformers: low-rank adapters, train.lora), "
+        "stacking (one head on the concatenated features of source.model + source.candidates)",
     )
     epochs: int = Field(10, ge=1, description="fine-tune epochs")
     batch_size: int = Field(32, ge=1)
@@ -265,6 +266,12 @@ class PipelineConfig(_Strict):
     register: RegisterConfig = Field(...)  # explicit: otherwise pydantic takes ABCMeta.register as default
     tracking: TrackingConfig = TrackingConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+
+    @model_validator(mode="after")
+    def _stacking_needs_candidates(self) -> "PipelineConfig":
+        if "stacking" in self.train.strategies and not self.source.candidates:
+            raise ValueError("train.strategies: stacking needs source.candidates (the models to stack with source.model)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

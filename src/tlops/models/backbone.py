@@ -179,3 +179,7 @@ class TextBackbone(nn.Module):
 
 
 BACKBONES = {"timm": ImageBackbone, "hf": TextBackbone}
+
+from tlops.models.stack import StackBackbone  # noqa: E402  (a stack is made of the backbones above)
+
+BACKBONES["stack"] = StackBackbone

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -26,7 +27,11 @@ def cache_root(cfg: PipelineConfig) -> Path | str:
 
 
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    return hash_json([cfg.section_hash("features"), inputs["dataset"].content_hash, inputs["model"].content_hash])
+    return hash_json([cfg.section_hash("features"), _stacking(cfg), inputs["dataset"].content_hash, inputs["model"].content_hash])
+
+
+def _stacking(cfg: PipelineConfig) -> bool:
+    return "stacking" in cfg.train.strategies
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
@@ -55,7 +60,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                 # local: hard link into an atomically published entry; S3: features.npz, then manifest.json
                 meta = {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash}
                 cache.put_file(key, w.path / "features.npz", meta)
-        w.content_hash = key
+        if _stacking(cfg) and model.meta.get("candidates"):
+            _add_stack(w.path / "features.npz", ds, model, cache, cfg)
+        w.content_hash = key if not _stacking(cfg) else hash_json([key, "stack", model.content_hash])
         with np.load(w.path / "features.npz", allow_pickle=False) as z:
             shapes = {k: list(z[k].shape) for k in z.files}
         w.metadata = {
@@ -70,6 +77,29 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "seconds": round(time.perf_counter() - t0, 3),
         }
     return Artifact(Path(out), w.manifest)
+
+
+def _add_stack(path: Path, ds: Dataset, model: Artifact, cache: FeatureCache, cfg: PipelineConfig) -> None:
+    """Add ``stack_<split>``: every candidate's features (each cached under its own key), concatenated."""
+    parts: list[dict[str, np.ndarray]] = []
+    for c in model.meta["candidates"]:
+        key = cache_key(c["model_digest"], c["preprocessing"], ds.content_hash)
+        if cfg.features.cache and cache.get(key) is not None:
+            parts.append(cache.load(key))
+        else:
+            arrays = _compute(ds, model.path / c["path"], cfg.features.batch_size)
+            if cfg.features.cache:
+                cache.put(key, arrays, {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash})
+            parts.append(arrays)
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for split in parts[0]:
+        arrays[f"stack_{split}"] = np.concatenate([p[split] for p in parts], axis=1)
+    tmp = path.with_name("stacked.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # a new file: features.npz may be a hard link into the cache, never write through it
+    log.info("extract-features: stacked features of %d source models (%d dims)", len(parts),
+             arrays[f"stack_{next(iter(parts[0]))}"].shape[1])
 
 
 def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: FeatureCache) -> list[dict]:

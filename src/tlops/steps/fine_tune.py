@@ -56,7 +56,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         for strategy in tcfg.strategies:
             d = w.path / "models" / strategy
             t0 = time.perf_counter()
-            if strategy == "linear-probe":
+            extra: dict[str, Any] = {}
+            if strategy == "stacking":
+                clf, hist, secs = _stacking(inputs["model"], feats, train, val, ds.classes, cfg)
+                extra = {"stacked": [c["source"] for c in inputs["model"].meta["candidates"]]}
+            elif strategy == "linear-probe":
                 backbone, hist, secs = load_backbone(src), probe_hist, probe_secs
                 clf = Classifier(backbone, n_cls, ds.classes)
                 clf.head.load_state_dict(head.state_dict())
@@ -76,9 +80,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                     k, extra = _freeze_for(strategy, clf, train, val, cfg)
                     hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=k, name=strategy)
                 secs = probe_secs + time.perf_counter() - t0
-            results[strategy] = _save(d, clf, hist, strategy, secs, ds.classes)
-            if strategy != "linear-probe":
-                results[strategy] |= extra
+            results[strategy] = _save(d, clf, hist, strategy, secs, ds.classes) | extra
         if cfg.evaluate.scratch_baseline:
             d = w.path / "models" / "scratch"
             t0 = time.perf_counter()
@@ -96,6 +98,20 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                       "source_digest": feat_meta.get("model_digest", inputs["model"].meta["model_digest"])}
     log.info("fine-tune: selected %s (val acc %.4f)", selected, results[selected]["val_acc"])
     return Artifact(Path(out), w.manifest)
+
+
+def _stacking(model: Artifact, feats: dict[str, np.ndarray], train: Split, val: Split | None, classes: list[str],
+              cfg: PipelineConfig) -> tuple[Classifier, list[dict], float]:
+    """One head on the concatenated features of every source candidate (cached per model)."""
+    from tlops.models.stack import StackBackbone
+
+    t0 = time.perf_counter()
+    head, hist = train_probe(feats["stack_train"], train.y, feats.get("stack_val"), val.y if val is not None else None,
+                             len(classes), cfg.train, cfg.seed)
+    members = [load_backbone(model.path / c["path"]) for c in model.meta["candidates"]]
+    clf = Classifier(StackBackbone(members), len(classes), classes)
+    clf.head.load_state_dict(head.state_dict())
+    return clf, hist, time.perf_counter() - t0
 
 
 def _freeze_for(strategy: str, clf: Classifier, train: Split, val: Split | None, cfg: PipelineConfig) -> tuple[int, dict[str, Any]]:
