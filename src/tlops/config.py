@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tlops.errors import ConfigError
 from tlops.hashing import hash_json
 
-STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking")
+STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking", "setfit")
 
 
 class _Strict(BaseModel):
@@ -124,12 +124,20 @@ class LoraConfig(_Strict):
     merge: bool = Field(True, description="merge the adapters into the weights (else keep base + adapter)")
 
 
+class SetFitConfig(_Strict):
+    pairs_per_sample: int = Field(20, ge=1, description="positive (and as many negative) pairs per labelled text")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=2, description="pairs per step")
+    lr: float = Field(2e-5, gt=0)
+
+
 class TrainConfig(_Strict):
-    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking"]] = Field(
+    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking", "setfit"]] = Field(
         default_factory=lambda: ["linear-probe"], min_length=1,
         description="linear-probe (head on cached features), fine-tune (all blocks but freeze_blocks), "
         "partial-fine-tune (freeze_blocks, 'auto' when 0), lora (transformers: low-rank adapters, train.lora), "
-        "stacking (one head on the concatenated features of source.model + source.candidates)",
+        "stacking (one head on the concatenated features of source.model + source.candidates), "
+        "setfit (few-shot text: contrastive pair tuning of the encoder, then a head; train.setfit)",
     )
     epochs: int = Field(10, ge=1, description="fine-tune epochs")
     batch_size: int = Field(32, ge=1)
@@ -145,6 +153,7 @@ class TrainConfig(_Strict):
     gradual_unfreeze: bool = Field(False, description="epoch 1 trains the head; each epoch unfreezes one more block from the top")
     l2sp: float = Field(0.0, ge=0, description="L2-SP strength toward the pretrained weights (0 = off)")
     lora: LoraConfig = LoraConfig()
+    setfit: SetFitConfig = SetFitConfig()
     probe_epochs: int = Field(300, ge=1, description="max linear-probe epochs (full batch)")
     probe_lr: float = Field(0.05, gt=0)
     patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")

@@ -60,6 +60,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             if strategy == "stacking":
                 clf, hist, secs = _stacking(inputs["model"], feats, train, val, ds.classes, cfg)
                 extra = {"stacked": [c["source"] for c in inputs["model"].meta["candidates"]]}
+            elif strategy == "setfit":
+                clf, hist, extra = _setfit(src, train, val, ds.classes, cfg)
+                secs = time.perf_counter() - t0
             elif strategy == "linear-probe":
                 backbone, hist, secs = load_backbone(src), probe_hist, probe_secs
                 clf = Classifier(backbone, n_cls, ds.classes)
@@ -98,6 +101,22 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                       "source_digest": feat_meta.get("model_digest", inputs["model"].meta["model_digest"])}
     log.info("fine-tune: selected %s (val acc %.4f)", selected, results[selected]["val_acc"])
     return Artifact(Path(out), w.manifest)
+
+
+def _setfit(src: Path, train: Split, val: Split | None, classes: list[str], cfg: PipelineConfig) -> tuple[Classifier, list[dict], dict]:
+    """Contrastive pair tuning of the encoder, then the probe head on the tuned embeddings."""
+    from tlops.features.extract import extract
+    from tlops.training.setfit import contrastive_tune
+
+    seed_everything(cfg.seed, cfg.train.threads)
+    clf = Classifier(load_backbone(src), len(classes), classes)
+    pair_hist = contrastive_tune(clf, train, cfg.train.setfit, cfg.seed)
+    bs = cfg.features.batch_size
+    f_val = extract(clf.backbone, val.x, bs, desc="setfit val") if val is not None and len(val) else None
+    head, hist = train_probe(extract(clf.backbone, train.x, bs, desc="setfit train"), train.y, f_val,
+                             val.y if f_val is not None else None, len(classes), cfg.train, cfg.seed)
+    clf.head.load_state_dict(head.state_dict())
+    return clf, hist, {"setfit": {"pairs": pair_hist[-1]["pairs"], "pair_loss": [h["pair_loss"] for h in pair_hist]}}
 
 
 def _stacking(model: Artifact, feats: dict[str, np.ndarray], train: Split, val: Split | None, classes: list[str],
