@@ -37,6 +37,17 @@ compile: $(STAMP) ## compile the KFP pipeline for the demo target config (pipeli
 dvc-export: $(STAMP) ## regenerate dvc.yaml + params.yaml from the DAG (for configs/digits_source.yaml)
 	$(BIN)/tlops export dvc --config configs/digits_source.yaml
 
+docker-base: ## docker engine + compose plugin + a local Debian base image (root; idempotent)
+	bash docker/offline-base.sh
+
+image: ## build the runtime image tlops:<version> (docker/build-image.sh)
+	bash docker/build-image.sh
+
+pipeline-compose: compose-e2e ## the demo through docker compose (same summary table as pipeline-local)
+
+compose-e2e: $(STAMP) ## base image, image build, demo source + target pipelines through docker compose, registry check
+	bash docker/compose-e2e.sh
+
 k8s-validate: $(STAMP) ## render every kustomize overlay and validate each object against the Kubernetes schemas (offline)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash k8s/validate.sh
 
@@ -61,4 +72,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate test test-slow bench mlflow-ui lock clean
+.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench mlflow-ui lock clean

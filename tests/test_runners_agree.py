@@ -62,6 +62,9 @@ def test_compose_step_commands_wire_inputs_to_producers():
     assert ins == [f"dataset={runs}/ingest", f"model={runs}/pull-model", f"features={runs}/extract-features"]
     assert services["register"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert services["summary"]["depends_on"] == {"register": {"condition": "service_completed_successfully"}}
+    # MLflow 3 rejects unknown Host headers (403): the steps reach it as mlflow:5000
+    assert "mlflow:*" in services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert services["mlflow"]["ports"] == ["127.0.0.1:${TLOPS_MLFLOW_PORT:-5000}:5000"]
     host = compose.services(host_network=True)
     assert all(s["network_mode"] == "host" for s in host.values())
     assert host["evaluate"]["environment"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# End-to-end check of the containerised pipelines (`make compose-e2e`):
+#
+#   1. docker/offline-base.sh  -- docker engine, compose v2, dockerd, tlops-base:bookworm
+#   2. docker/build-image.sh   -- tlops:<version> (layer cache: quick when nothing changed)
+#   3. `tlops export compose`  -- the compose file generated from the DAG
+#   4. the source pipeline (configs/digits_source.yaml), then the target pipeline
+#      (configs/digits_target.yaml, source model mlflow:models:/digits-source@champion from the
+#      compose MLflow server), each as `docker compose up ... summary`
+#   5. the registry, asked from the host: digits-source has a version with alias champion,
+#      digits-target one with alias challenger
+#   6. a summary; containers and the compose network are removed (the image stays).
+#
+# Repeatable: every run starts from an empty artifacts dir + MLflow store ($TLOPS_E2E_DIR),
+# unless TLOPS_E2E_KEEP=1 (then versions go up with each run).  Needs root the first time
+# (apt, dockerd, debootstrap).  Output is also written to $TLOPS_E2E_LOG.
+#
+# Env: TLOPS_E2E_DIR (default .tlops/compose-e2e), TLOPS_E2E_LOG (/tmp/tlops-compose-e2e.log),
+#      TLOPS_E2E_KEEP, TLOPS_E2E_HOST_NETWORK=1 (generate with --host-network),
+#      TLOPS_MLFLOW_PORT (host port of the MLflow server; default: a free one),
+#      BASE_IMAGE / IMAGE_NAME (passed on to build-image.sh).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+LOG=${TLOPS_E2E_LOG:-/tmp/tlops-compose-e2e.log}
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+
+say() { printf '[compose-e2e] %s\n' "$*"; }
+die() { printf '[compose-e2e] ERROR: %s\n' "$*"; exit 1; }
+t_start=$(date +%s)
+
+TLOPS_BIN=${TLOPS_BIN:-$ROOT/.venv/bin/tlops}
+PY=${PY:-$ROOT/.venv/bin/python}
+[ -x "$TLOPS_BIN" ] || die "$TLOPS_BIN missing: run 'make install' first"
+
+# --- 1 + 2: engine, base image, tlops image --------------------------------------------------
+say "== docker/offline-base.sh"
+bash docker/offline-base.sh
+say "== docker/build-image.sh"
+t=$(date +%s)
+bash docker/build-image.sh
+build_secs=$(( $(date +%s) - t ))
+
+DOCKER=${DOCKER:-docker}
+compose_cli() { "$DOCKER" compose "$@"; }
+VERSION=$(sed -nE 's/^__version__ *= *["'\'']([^"'\'']+)["'\''].*/\1/p' src/tlops/__init__.py | head -1)
+export TLOPS_IMAGE="${IMAGE_NAME:-tlops}:$VERSION"
+image_size=$("$DOCKER" image inspect -f '{{.Size}}' "$TLOPS_IMAGE" | awk '{printf "%.2f GB", $1/1e9}')
+TLOPS_GIT_COMMIT=$("$DOCKER" image inspect -f '{{index .Config.Labels "org.opencontainers.image.revision"}}' "$TLOPS_IMAGE")
+export TLOPS_GIT_COMMIT
+
+# --- 3: compose file + run environment --------------------------------------------------------
+WORK=${TLOPS_E2E_DIR:-$ROOT/.tlops/compose-e2e}
+COMPOSE_FILE_PATH=$WORK/compose.yaml
+PROJECT=tlops-e2e
+ART=$WORK/artifacts
+if [ "$(id -u)" = 0 ]; then
+    export TLOPS_UID=${TLOPS_UID:-1000} TLOPS_GID=${TLOPS_GID:-1000}   # the image's user
+else
+    export TLOPS_UID=${TLOPS_UID:-$(id -u)} TLOPS_GID=${TLOPS_GID:-$(id -g)}
+fi
+export TLOPS_ARTIFACTS=$ART
+if [ -z "${TLOPS_MLFLOW_PORT:-}" ]; then
+    TLOPS_MLFLOW_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+export TLOPS_MLFLOW_PORT
+host_net_args=()
+MLFLOW_URL="http://127.0.0.1:$TLOPS_MLFLOW_PORT"
+if [ "${TLOPS_E2E_HOST_NETWORK:-0}" = 1 ]; then
+    host_net_args=(--host-network)
+    MLFLOW_URL="http://127.0.0.1:5000"   # the server's own port on the host network
+fi
+
+dc() { compose_cli --ansi never -p "$PROJECT" -f "$COMPOSE_FILE_PATH" "$@"; }
+
+mkdir -p "$WORK"
+# leftovers of an interrupted run (containers, network) go first
+if [ -f "$COMPOSE_FILE_PATH" ]; then
+    TLOPS_CONFIG=/dev/null TLOPS_RUN_ID=none dc down --remove-orphans >/dev/null 2>&1 || true
+fi
+if [ "${TLOPS_E2E_KEEP:-0}" != 1 ]; then rm -rf "$ART"; fi
+mkdir -p "$ART"
+if [ "$(id -u)" = 0 ]; then chown "$TLOPS_UID:$TLOPS_GID" "$ART"; fi
+
+say "== tlops export compose ${host_net_args[*]:-}"
+"$TLOPS_BIN" export compose --out "$COMPOSE_FILE_PATH" "${host_net_args[@]}"
+services=$(TLOPS_CONFIG=/dev/null TLOPS_RUN_ID=x compose_cli -p "$PROJECT" -f "$COMPOSE_FILE_PATH" config --services | xargs)
+say "compose file: $COMPOSE_FILE_PATH; services: $services"
+say "image $TLOPS_IMAGE ($image_size), artifacts $ART (uid $TLOPS_UID), MLflow $MLFLOW_URL"
+
+cleanup() {
+    local rc=$?
+    if [ "$rc" != 0 ]; then
+        say "FAILED (rc $rc); container states:"
+        TLOPS_CONFIG=/dev/null TLOPS_RUN_ID=x dc ps -a 2>/dev/null || true
+        say "last MLflow server lines:"
+        TLOPS_CONFIG=/dev/null TLOPS_RUN_ID=x dc logs --no-log-prefix --tail 20 mlflow 2>/dev/null || true
+    fi
+    say "removing the containers and network of project $PROJECT (the image stays)"
+    TLOPS_CONFIG=/dev/null TLOPS_RUN_ID=x dc down --remove-orphans >/dev/null 2>&1 || true
+    say "log: $LOG"
+}
+trap cleanup EXIT
+
+# --- 4: the pipelines ------------------------------------------------------------------------
+declare -A wall
+run_pipeline() {  # <label> <config>
+    local label=$1 cfg=$2 t0 rc
+    export TLOPS_CONFIG=$ROOT/$cfg
+    export TLOPS_RUN_ID="$label-$(date +%Y%m%d-%H%M%S)"
+    say "== $label pipeline: $cfg, run id $TLOPS_RUN_ID"
+    t0=$(date +%s)
+    set +e
+    # summary and every step it depends on, logs attached (the server's too noisy: not attached);
+    # returns when summary exits, with its exit code, or at once when a step fails
+    dc up --pull never --attach-dependencies --no-attach mlflow --exit-code-from summary summary
+    rc=$?
+    set -e
+    wall[$label]=$(( $(date +%s) - t0 ))
+    say "$label pipeline: rc $rc, wall ${wall[$label]}s"
+    [ "$rc" = 0 ] || die "$label pipeline failed"
+    # every step container exited 0
+    dc ps -a --format '{{.Service}} {{.State}} {{.ExitCode}}' 2>/dev/null | sed 's/^/    /' || true
+}
+run_pipeline source configs/digits_source.yaml
+run_pipeline target configs/digits_target.yaml
+
+# --- 5: the registry ---------------------------------------------------------------------------
+say "== model registry at $MLFLOW_URL"
+# the server stays up after `up ... summary`; make sure (e.g. after a restart) it answers
+dc up -d --pull never --wait mlflow >/dev/null 2>&1 || true
+registry=$(MLFLOW_TRACKING_URI=$MLFLOW_URL "$PY" - <<'EOF'
+import sys
+from mlflow import MlflowClient
+
+c = MlflowClient()
+ok = True
+for name, alias in (("digits-source", "champion"), ("digits-target", "challenger")):
+    versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    for v in versions:
+        full = c.get_model_version(name, v.version)
+        print(f"  {name} v{v.version}: aliases={sorted(full.aliases)} run={v.run_id} status={v.status}")
+    try:
+        mv = c.get_model_version_by_alias(name, alias)
+        print(f"OK {name}@{alias} -> version {mv.version}")
+    except Exception as e:  # noqa: BLE001
+        ok = False
+        print(f"MISSING {name}@{alias}: {type(e).__name__}: {e}")
+sys.exit(0 if ok else 1)
+EOF
+) || { echo "$registry"; die "registered models are not as expected"; }
+echo "$registry"
+
+# --- 6: summary ------------------------------------------------------------------------------
+say "================ summary ================"
+say "image:            $TLOPS_IMAGE ($image_size), build-image.sh ${build_secs}s"
+say "source pipeline:  ${wall[source]}s wall"
+say "target pipeline:  ${wall[target]}s wall"
+echo "$registry" | grep -E '^(OK|MISSING) ' | sed 's/^/[compose-e2e] registry:         /'
+say "total:            $(( $(date +%s) - t_start ))s"
+say "PASSED"
