@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tlops.errors import ConfigError
 from tlops.hashing import hash_json
 
-STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking", "setfit")
+ADAPT_STRATEGIES = ("source-only", "coral", "mmd", "dann", "cdan", "adabn")
+STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking", "setfit", *ADAPT_STRATEGIES)
 
 
 class _Strict(BaseModel):
@@ -62,6 +63,20 @@ class DvcRef(_Strict):
         return _no_credentials(v, "use a git credential helper, GIT_ASKPASS or an SSH key")
 
 
+class SourceDomainConfig(_Strict):
+    """Labelled data from the source domain, for domain adaptation (``data.adapt_from``)."""
+
+    source: str = Field(..., description="path, file or s3:// URI of the labelled source-domain data")
+    format: Literal["auto", "image-folder", "npz", "csv", "tsv", "sklearn"] = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    columns: Optional[list[str]] = None
+    quoting: Literal["minimal", "none"] = "minimal"
+    encoding: str = "utf-8"
+    val: float = Field(0.2, gt=0, lt=1, description="fraction held out as source validation (model selection)")
+    max_samples: Optional[int] = Field(None, ge=10, description="use at most this many source samples (seeded)")
+
+
 class DataConfig(_Strict):
     source: Optional[str] = Field(None, description="path, file, s3:// URI or 'sklearn:digits' (or use data.dvc)")
     dvc: Optional[DvcRef] = Field(None, description="a DVC-versioned dataset: repo, rev, path (instead of source)")
@@ -77,6 +92,9 @@ class DataConfig(_Strict):
     unlabelled: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the train pool kept unlabelled")
     image_size: Optional[int] = Field(None, ge=4, description="resize image-folder images to this square size")
     min_per_class: int = Field(3, ge=1, description="fail if a class has fewer samples than this")
+    adapt_from: Optional[SourceDomainConfig] = Field(
+        None, description="labelled source-domain data for the domain-adaptation strategies (coral, mmd, dann, cdan, adabn)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -131,13 +149,24 @@ class SetFitConfig(_Strict):
     lr: float = Field(2e-5, gt=0)
 
 
+class AdaptConfig(_Strict):
+    epochs: int = Field(10, ge=1, description="passes over the labelled source data")
+    batch_size: int = Field(64, ge=2, description="source (and as many target) samples per step")
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    trade_off: float = Field(1.0, ge=0, description="weight of the transfer loss")
+    select: Literal["source_val", "last"] = Field("source_val", description="epoch selection: never target labels")
+
+
 class TrainConfig(_Strict):
-    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking", "setfit"]] = Field(
+    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking", "setfit",
+                             "source-only", "coral", "mmd", "dann", "cdan", "adabn"]] = Field(
         default_factory=lambda: ["linear-probe"], min_length=1,
         description="linear-probe (head on cached features), fine-tune (all blocks but freeze_blocks), "
         "partial-fine-tune (freeze_blocks, 'auto' when 0), lora (transformers: low-rank adapters, train.lora), "
         "stacking (one head on the concatenated features of source.model + source.candidates), "
-        "setfit (few-shot text: contrastive pair tuning of the encoder, then a head; train.setfit)",
+        "setfit (few-shot text: contrastive pair tuning of the encoder, then a head; train.setfit); "
+        "domain adaptation from data.adapt_from: source-only, coral, mmd, dann, cdan, adabn (train.adapt)",
     )
     epochs: int = Field(10, ge=1, description="fine-tune epochs")
     batch_size: int = Field(32, ge=1)
@@ -154,6 +183,10 @@ class TrainConfig(_Strict):
     l2sp: float = Field(0.0, ge=0, description="L2-SP strength toward the pretrained weights (0 = off)")
     lora: LoraConfig = LoraConfig()
     setfit: SetFitConfig = SetFitConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    select_on: Optional[Literal["val", "source_val"]] = Field(
+        None, description="pick the strategy on target val or source val (default: source_val with data.adapt_from)"
+    )
     probe_epochs: int = Field(300, ge=1, description="max linear-probe epochs (full batch)")
     probe_lr: float = Field(0.05, gt=0)
     patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")
@@ -280,6 +313,11 @@ class PipelineConfig(_Strict):
     def _stacking_needs_candidates(self) -> "PipelineConfig":
         if "stacking" in self.train.strategies and not self.source.candidates:
             raise ValueError("train.strategies: stacking needs source.candidates (the models to stack with source.model)")
+        adapt = [s for s in self.train.strategies if s in ADAPT_STRATEGIES]
+        if adapt and self.data.adapt_from is None:
+            raise ValueError(f"train.strategies: {', '.join(adapt)} need data.adapt_from (labelled source-domain data)")
+        if self.train.select_on == "source_val" and self.data.adapt_from is None:
+            raise ValueError("train.select_on: source_val needs data.adapt_from")
         return self
 
     def to_dict(self) -> dict[str, Any]:

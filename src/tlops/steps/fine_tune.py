@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from tlops.artifacts import Artifact, write_artifact
-from tlops.config import PipelineConfig
+from tlops.config import ADAPT_STRATEGIES, PipelineConfig
 from tlops.data.dataset import Dataset, Split
 from tlops.hashing import hash_json
 from tlops.models.bundle import Classifier, load_backbone, save_bundle
 from tlops.training.common import save_history, seed_everything
-from tlops.training.finetune import fine_tune
+from tlops.training.finetune import evaluate_split, fine_tune
 from tlops.training.probe import train_probe
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         feats = {k: z[k] for k in z.files}
     train, val = ds.load("train"), ds.load("val") if "val" in ds.splits() else None
     n_cls = len(ds.classes)
+    domain_val = ds.load("source_val") if "source_val" in ds.splits() else None
     tcfg = cfg.train
     results: dict[str, Any] = {}
     with write_artifact(out, "trained-models", config=cfg.train.model_dump(mode="json"), inputs=inputs) as w:
@@ -60,6 +61,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             if strategy == "stacking":
                 clf, hist, secs = _stacking(inputs["model"], feats, train, val, ds.classes, cfg)
                 extra = {"stacked": [c["source"] for c in inputs["model"].meta["candidates"]]}
+            elif strategy in ADAPT_STRATEGIES:
+                clf, hist, extra = _adapt(strategy, src, ds, cfg)
+                secs = time.perf_counter() - t0
             elif strategy == "setfit":
                 clf, hist, extra = _setfit(src, train, val, ds.classes, cfg)
                 secs = time.perf_counter() - t0
@@ -84,6 +88,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                     hist = fine_tune(clf, train, val, tcfg, cfg.seed, d, frozen_k=k, name=strategy)
                 secs = probe_secs + time.perf_counter() - t0
             results[strategy] = _save(d, clf, hist, strategy, secs, ds.classes) | extra
+            if results[strategy]["val_acc"] is None and val is not None and len(val):
+                results[strategy]["val_acc"] = evaluate_split(clf, val, tcfg.batch_size * 2)["val_acc"]  # reported, not used by DA            if domain_val is not None:
+                results[strategy]["source_val_acc"] = evaluate_split(clf, domain_val, tcfg.batch_size * 2)["val_acc"]
         if cfg.evaluate.scratch_baseline:
             d = w.path / "models" / "scratch"
             t0 = time.perf_counter()
@@ -93,14 +100,53 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             hist = fine_tune(clf, train, val, plain, cfg.seed, d, frozen_k=0, name="scratch")
             results["scratch"] = _save(d, clf, hist, "scratch", time.perf_counter() - t0, ds.classes)
         candidates = {s: results[s] for s in tcfg.strategies}
-        selected = max(candidates, key=lambda s: (candidates[s]["val_acc"] or 0.0, -tcfg.strategies.index(s)))
-        selection = {"selected": selected, "criterion": "best validation accuracy (ties: earlier strategy)", "models": results}
+        on = tcfg.select_on or ("source_val" if domain_val is not None else "val")
+        key = "source_val_acc" if on == "source_val" else "val_acc"
+        selected = max(candidates, key=lambda s: (candidates[s][key] or 0.0, -tcfg.strategies.index(s)))
+        criterion = ("best source-domain validation accuracy (no target labels; ties: earlier strategy)" if on == "source_val"
+                     else "best validation accuracy (ties: earlier strategy)")
+        selection = {"selected": selected, "criterion": criterion, "models": results}
         (w.path / "selection.json").write_text(json.dumps(selection, indent=2))
-        w.metadata = {"selected": selected, "models": results, "classes": ds.classes,
+        w.metadata = {"selected": selected, "criterion": criterion, "models": results, "classes": ds.classes,
                       "source": feat_meta.get("source", inputs["model"].meta["source"]),
                       "source_digest": feat_meta.get("model_digest", inputs["model"].meta["model_digest"])}
     log.info("fine-tune: selected %s (val acc %.4f)", selected, results[selected]["val_acc"])
     return Artifact(Path(out), w.manifest)
+
+
+def _adapt(strategy: str, src: Path, ds: Dataset, cfg: PipelineConfig) -> tuple[Classifier, list[dict], dict]:
+    """Unsupervised domain adaptation: labelled ``source_train`` + unlabelled target data
+    (the ``unlabelled`` split, else the target train inputs without their labels); epochs are
+    selected on ``source_val``, never on target labels. ``adabn`` = source-only, then target
+    BatchNorm statistics."""
+    from tlops.training.adaptation import adabn, adapt, random_shift
+
+    a = cfg.train.adapt
+    seed_everything(cfg.seed, cfg.train.threads)
+    clf = Classifier(load_backbone(src), len(ds.classes), ds.classes)
+    st, sv = ds.load("source_train"), ds.load("source_val")
+    target = ds.load("unlabelled") if "unlabelled" in ds.splits() else ds.load("train")
+    method = "source-only" if strategy == "adabn" else strategy
+    image = clf.backbone.modality == "image"
+    hist = adapt(
+        clf, method, (st.x, st.y), target.x, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
+        trade_off=a.trade_off, seed=cfg.seed, source_val=(sv.x, sv.y), select=a.select, prepare=clf.backbone.prepare,
+        augment=random_shift() if image and cfg.train.augment else None,
+        log=lambda r: log.info("%s epoch %d: %s", strategy, r["epoch"], {k: v for k, v in r.items() if k.endswith(("acc", "loss"))}),
+    )
+    extra = {"adaptation": {"method": method, "target_samples": len(target), "source_samples": len(st),
+                            "selection": hist.meta.get("selection")}}
+    if strategy == "adabn":
+        from tlops.features.extract import batches_for
+
+        x = target.x
+        batches = (x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx] for idx in batches_for(clf.backbone, x, 128))
+        extra["adaptation"]["adabn_samples"] = adabn(clf, batches, prepare=clf.backbone.prepare)
+    clf.eval()
+    records = [{"epoch": r["epoch"], "train_loss": r.get("cls_loss", 0.0), "train_acc": r.get("train_acc", 0.0),
+                **{k: r[k] for k in ("transfer_loss", "source_val_acc", "source_val_loss", "selected") if k in r}}
+               for r in hist]
+    return clf, records, extra
 
 
 def _setfit(src: Path, train: Split, val: Split | None, classes: list[str], cfg: PipelineConfig) -> tuple[Classifier, list[dict], dict]:

@@ -18,23 +18,28 @@ from tlops.hashing import hash_arrays, hash_json, stat_fingerprint
 log = logging.getLogger(__name__)
 
 
+def _stamp(src: str) -> str:
+    """Cheap identity of a data location: names, sizes and mtimes (or ETags); nothing read."""
+    if src.startswith("sklearn:"):
+        return src
+    if src.startswith("s3://"):
+        from tlops.storage import S3Storage
+
+        return S3Storage().stamp(src)  # object names, sizes and ETags: nothing downloaded
+    return stat_fingerprint(src) if Path(src).exists() else "missing"
+
+
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
     """Cheap key for reuse: data config + seed + the source files' names, sizes and mtimes."""
-    src = cfg.data.source
     if cfg.data.dvc is not None:
         from tlops.data.dvc_source import resolve
 
         v = resolve(cfg.data.dvc)  # the exact commit + DVC md5: a moved branch or tag is a new input
         stamp = f"dvc:{v.rev}:{v.md5}"
-    elif src.startswith("sklearn:"):
-        stamp = src
-    elif src.startswith("s3://"):
-        from tlops.storage import S3Storage
-
-        stamp = S3Storage().stamp(src)  # object names, sizes and ETags: nothing downloaded
     else:
-        stamp = stat_fingerprint(src) if Path(src).exists() else "missing"
-    return hash_json([cfg.section_hash("data"), stamp])
+        stamp = _stamp(cfg.data.source)
+    domain = _stamp(cfg.data.adapt_from.source) if cfg.data.adapt_from else None
+    return hash_json([cfg.section_hash("data"), stamp, domain])
 
 
 def _class_order(labels: list[str], wanted: list | None) -> list[str]:
@@ -69,12 +74,18 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         log.info("ingest: DVC data %s @ %s, md5 %s -> data hash %s", dvc["path"], dvc["rev"][:12], dvc["md5"], data_hash[:12])
     parts = stratified_split(y, cfg.data, cfg.seed, classes)
     counts = {s: int(len(ix)) for s, ix in parts.items()}
+    domain = _source_domain(cfg, raw.kind, index, classes) if cfg.data.adapt_from else None
+    if domain is not None:
+        data_hash = hash_json([data_hash, domain["hash"]])
+        counts |= {name: int(len(sy)) for name, (_, sy) in domain["splits"].items()}
     log.info("ingest: %d samples, %d classes, splits %s", len(y), len(classes), counts)
     with write_artifact(out, "dataset", config=cfg.data.model_dump(mode="json"), inputs=inputs) as w:
         for split, ix in parts.items():
             xs = x[ix] if raw.kind == "image" else [x[i] for i in ix]
             ys = y[ix] if split != "unlabelled" else np.full(len(ix), -1, dtype=np.int64)
             write_split(w.path, split, raw.kind, xs, ys)
+        for split, (sx, sy) in (domain["splits"].items() if domain else ()):
+            write_split(w.path, split, raw.kind, sx, sy)
         w.metadata = {
             "modality": raw.kind,
             "format": raw.format,
@@ -88,6 +99,44 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             },
             "shape": list(x.shape[1:]) if raw.kind == "image" else None,
             "seed": cfg.seed,
+            **({"adapt_from": {"source": cfg.data.adapt_from.source, "hash": domain["hash"], **domain["info"]}} if domain else {}),
             **raw.info,
         }
     return Artifact(Path(out), w.manifest)
+
+
+def _source_domain(cfg: PipelineConfig, kind: str, index: dict[str, int], classes: list[str]) -> dict:
+    """Load ``data.adapt_from`` (labelled source-domain data), keep the target's classes and
+    split it into ``source_train`` / ``source_val`` (stratified, seeded)."""
+    from tlops.config import DataConfig
+
+    sd = cfg.data.adapt_from
+    dcfg = DataConfig(source=sd.source, format=sd.format, text_column=sd.text_column, label_column=sd.label_column,
+                      columns=sd.columns, quoting=sd.quoting, encoding=sd.encoding)
+    raw = loaders.load(dcfg)
+    if raw.kind != kind:
+        raise DataError(f"data.adapt_from: {sd.source} holds {raw.kind} data but data.source holds {kind} data")
+    keep = np.array([label in index for label in raw.y])
+    if not keep.any():
+        raise DataError(f"data.adapt_from: none of the labels in {sd.source} ({', '.join(sorted(set(raw.y))[:10])}) "
+                        f"is a target class ({', '.join(classes)})")
+    y = np.array([index.get(label, -1) for label in raw.y], dtype=np.int64)[keep]
+    x = raw.x[keep] if kind == "image" else [t for t, k in zip(raw.x, keep) if k]
+    rng = np.random.default_rng(cfg.seed + 1)
+    order = rng.permutation(len(y))
+    if sd.max_samples is not None:
+        order = order[: sd.max_samples]
+    val_ix, train_ix = [], []
+    for c in range(len(classes)):
+        ix = order[y[order] == c]
+        n_val = int(round(sd.val * len(ix)))
+        val_ix.append(ix[:n_val])
+        train_ix.append(ix[n_val:])
+    splits = {}
+    for name, ix in (("source_train", np.sort(np.concatenate(train_ix))), ("source_val", np.sort(np.concatenate(val_ix)))):
+        splits[name] = (x[ix] if kind == "image" else [x[i] for i in ix], y[ix])
+    h = hash_arrays({"x": x, "y": y}) if kind == "image" else hash_json([x, y.tolist()])
+    log.info("ingest: source domain %s: %d samples kept (%d dropped: not target classes), source_train %d, source_val %d",
+             sd.source, len(y), int((~keep).sum()), len(splits["source_train"][1]), len(splits["source_val"][1]))
+    return {"splits": splits, "hash": hash_json([h, sd.max_samples, sd.val, cfg.seed]),
+            "info": {"kept": int(len(y)), "dropped": int((~keep).sum()), "format": raw.format}}

@@ -33,10 +33,10 @@ def save_history(d: Path, history: list[dict[str, Any]], title: str) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for key in ("train_loss", "val_loss"):
+    for key in ("train_loss", "val_loss", "source_val_loss", "transfer_loss"):
         if key in history[0]:
             a.plot(epochs, [h[key] for h in history], label=key)
-    for key in ("train_acc", "val_acc"):
+    for key in ("train_acc", "val_acc", "source_val_acc"):
         if key in history[0]:
             b.plot(epochs, [h[key] for h in history], label=key)
     a.set_xlabel("epoch"), b.set_xlabel("epoch"), a.legend(), b.legend()
