@@ -29,6 +29,7 @@ def _yelp(shared_data: Path, per_class: int) -> Split:
     return Split(texts[0] + texts[1], np.array([0] * per_class + [1] * per_class))
 
 
+@pytest.mark.slow  # ~40 s: two contrastive epochs of MiniLM; the strategy test below covers the step
 def test_contrastive_tuning_pulls_same_label_texts_together(minilm_dir, shared_data):
     from tlops.models.backbone import TextBackbone
 

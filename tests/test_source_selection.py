@@ -4,6 +4,7 @@ random-init CNN for a new digits task; the winner's features and bundle flow dow
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import digits_config
 from tlops.config import validate_config
@@ -22,6 +23,7 @@ def test_logme_prefers_informative_features():
     assert np.isfinite(logme(wide[:30], y[:30]))
 
 
+@pytest.mark.slow  # ~45 s: trains a source model first
 def test_candidates_are_ranked_and_the_best_is_used(tmp_path):
     from tlops.runners.local import run_pipeline
 
@@ -51,8 +53,6 @@ def test_candidates_are_ranked_and_the_best_is_used(tmp_path):
 
 
 def test_stacking_concatenates_cached_features_and_serves_as_one_model(tmp_path, digits_cfg):
-    import pytest
-
     from tlops.errors import ConfigError
     from tlops.models.bundle import load_classifier
     from tlops.steps import evaluate
