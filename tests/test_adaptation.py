@@ -282,6 +282,40 @@ def test_adapt_randomized_cdan_map_and_target_entropy_term():
     assert hist.meta["cdan_map"] == "exact"
 
 
+def test_adapt_and_adabn_on_a_tlops_classifier_with_raw_uint8_images(shared_data):
+    """The wiring the fine-tune step needs: Classifier + ImageBackbone, prepare=backbone.prepare, frozen blocks."""
+    from tlops.models.backbone import ImageBackbone
+    from tlops.models.bundle import Classifier
+
+    d = np.load(shared_data / "usps" / "usps.npz", allow_pickle=False)
+    xs, ys, xt = d["x_train"][:64], d["y_train"][:64], d["x_test"][:64]  # uint8 (N, 16, 16)
+    torch.manual_seed(0)
+    clf = Classifier(ImageBackbone.create("resnet10t", pretrained=False, in_chans=1, image_size=16), 10)
+    frozen = clf.backbone.blocks()[:2]
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+
+    def train_mode(model):
+        model.train()
+        for m in frozen:
+            m.eval()
+
+    hist = da.adapt(clf, "dann", (xs, ys), xt, epochs=1, batch_size=32, seed=0, source_val=(d["x_test"][64:96], d["y_test"][64:96]),
+                    prepare=clf.backbone.prepare, augment=da.random_shift(1), set_train_mode=train_mode, discriminator_hidden=32)
+    assert hist.meta["selection"]["criterion"] == "source_val" and len(hist) == 1
+    after = {k: v.clone() for k, v in clf.state_dict().items()}
+    frozen_keys = [k for k in before if k.startswith(("backbone.model.conv1.", "backbone.model.bn1."))]
+    assert frozen_keys and all(torch.equal(before[k], after[k]) for k in frozen_keys)  # weights and BN stats
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    trainable = clf.backbone.blocks()[2:]
+    assert da.adabn(clf, [xt[:32], xt[32:]], prepare=clf.backbone.prepare, within=trainable) == 64
+    assert all(torch.equal(before[k], clf.state_dict()[k]) for k in frozen_keys)
+    assert not torch.equal(after["backbone.model.layer4.0.bn1.running_mean"], clf.state_dict()["backbone.model.layer4.0.bn1.running_mean"])
+    assert clf.predict_proba(xt[:4]).shape == (4, 10)
+
+
 def test_random_shift_moves_pixels_and_is_seeded():
     x = torch.zeros(8, 1, 6, 6)
     x[:, :, 2:4, 2:4] = 1.0

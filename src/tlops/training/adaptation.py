@@ -321,7 +321,9 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def adabn(model: nn.Module, target_batches: Iterable[Any], *, prepare: Prepare | None = None) -> int:
+def adabn(
+    model: nn.Module, target_batches: Iterable[Any], *, prepare: Prepare | None = None, within: Iterable[nn.Module] | None = None,
+) -> int:
     """AdaBN: replace every BatchNorm layer's running statistics by statistics of the target data.
 
     Resets the running mean/var of each BatchNorm layer (that tracks running stats), sets its
@@ -332,10 +334,15 @@ def adabn(model: nn.Module, target_batches: Iterable[Any], *, prepare: Prepare |
     afterwards; no parameter (weight) is changed.  Each element of ``target_batches`` is a
     tensor, a dict of keyword tensors, or a raw batch turned into one of those by ``prepare``.
     Use batches of a reasonable size (>= 32) -- the per-batch variances are averaged.
+    ``within``: re-estimate only the BatchNorm layers inside these sub-modules (e.g. the
+    trainable blocks, leaving frozen ones alone); default all of ``model``.
 
     Returns the number of target samples used.  Modifies ``model`` in place.
     """
     bns = _bn_modules(model)
+    if within is not None:
+        keep = {id(m) for sub in within for m in _bn_modules(sub)}
+        bns = [m for m in bns if id(m) in keep]
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
     seen = 0
@@ -608,15 +615,18 @@ def adapt(
         if monitor is not None:
             rec.update({f"monitor_{k}": v for k, v in monitor(model).items()})
         rec["seconds"] = round(time.perf_counter() - t0, 3)
-        score = (rec["source_val_acc"], -rec["source_val_loss"], epoch) if select == "source_val" else (float(epoch),)
-        if best_score is None or score > best_score:
-            best_score, best_epoch = score, epoch
-            best_state = copy.deepcopy(model.state_dict())
+        if select == "source_val":
+            score = (rec["source_val_acc"], -rec["source_val_loss"], float(epoch))
+            if best_score is None or score > best_score:
+                best_score, best_epoch = score, epoch
+                best_state = copy.deepcopy(model.state_dict()) if epoch < epochs else None
+        else:
+            best_epoch = epoch
         history.append(rec)
         if log is not None:
             log(rec)
-    assert best_state is not None
-    model.load_state_dict(best_state)
+    if best_state is not None:  # an earlier epoch won
+        model.load_state_dict(best_state)
     model.eval()
     for rec in history:
         rec["selected"] = rec["epoch"] == best_epoch
