@@ -210,7 +210,7 @@ def _busy_cpu_seconds() -> float | None:
 
 
 def timed(fn):
-    """(result, wall seconds, share of the machine's CPU used by OTHER processes meanwhile)."""
+    """(result, wall s, share of the machine's CPU used by OTHER processes meanwhile, this process's CPU s)."""
     busy0, own0, t0 = _busy_cpu_seconds(), os.times(), time.perf_counter()
     out = fn()
     dt = time.perf_counter() - t0
@@ -219,7 +219,8 @@ def timed(fn):
     if busy0 is not None and busy1 is not None and dt > 0:
         own = (own1.user - own0.user) + (own1.system - own0.system)
         other = max(0.0, (busy1 - busy0 - own) / (dt * (os.cpu_count() or 1)))
-    return out, dt, other
+    cpu = (own1.user - own0.user) + (own1.system - own0.system)
+    return out, dt, other, cpu
 
 
 # --------------------------------------------------------------------------- running
@@ -241,9 +242,9 @@ def run_method(method: str, data: dict[str, Any], seed: int, hp: dict[str, Any],
         model = LeNet()
         model.load_state_dict(source_only_model.state_dict())
         tx = data["target"][0]
-        n, dt, other = timed(lambda: da.adabn(model, (tx[i : i + 256] for i in range(0, len(tx), 256))))
+        n, dt, other, cpu = timed(lambda: da.adabn(model, (tx[i : i + 256] for i in range(0, len(tx), 256))))
         acc = da.evaluate(model, test_x, test_y)["acc"]
-        return {"acc": acc, "seconds": dt, "other_cpu": other, "selection": "source-only model, BN stats from "
+        return {"acc": acc, "seconds": dt, "cpu_seconds": cpu, "other_cpu": other, "selection": "source-only model, BN stats from "
                 f"{n} unlabelled target images", "selected_epoch": None}, None
 
     torch.manual_seed(seed)
@@ -259,7 +260,7 @@ def run_method(method: str, data: dict[str, Any], seed: int, hp: dict[str, Any],
     monitor = None
     if verbose:  # diagnostics only (printed, never used for selection)
         monitor = lambda m: {"target_test_acc": da.evaluate(m, test_x, test_y)["acc"]}  # noqa: E731
-    hist, dt, other = timed(lambda: da.adapt(
+    hist, dt, other, cpu = timed(lambda: da.adapt(
         model, algo, source, target_x,
         epochs=hp["epochs"] or EPOCHS[data["pair"]], batch_size=hp["batch_size"], lr=hp["lr"], trade_off=trade_off.get(method, 1.0), seed=seed,
         source_val=source_val, log=log, select=hp["select"], optimizer=hp["optimizer"], momentum=hp["momentum"],
@@ -270,7 +271,7 @@ def run_method(method: str, data: dict[str, Any], seed: int, hp: dict[str, Any],
     acc = da.evaluate(model, test_x, test_y)["acc"]
     sel = hist.meta["selection"]
     last = hist[-1]
-    res = {"acc": acc, "seconds": dt, "other_cpu": other, "selection": sel["criterion"], "selected_epoch": sel["epoch"],
+    res = {"acc": acc, "seconds": dt, "cpu_seconds": cpu, "other_cpu": other, "selection": sel["criterion"], "selected_epoch": sel["epoch"],
            "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in hist],
            "source_val_acc": next(r["source_val_acc"] for r in hist if r["selected"]),
            "final_cls_loss": last["cls_loss"], "final_transfer_loss": last["transfer_loss"]}
@@ -315,9 +316,10 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
         f"- date: {info['date']}; total wall time {info['total_seconds']:.0f} s",
         f"- command: `{info['command']}`",
         f"- machine: CPU {info['cpu']} ({info['cores']} logical cores, {info['usable']} usable), torch {torch.__version__}, "
-        f"torch.get_num_threads() = {torch.get_num_threads()}, Python {platform.python_version()}, "
+        f"torch threads {info['threads']} per process, Python {platform.python_version()}, "
         f"load average at start {info['load_start']:.2f}; other processes used {info['other_cpu_mean'] * 100:.0f} % of the "
-        f"CPUs on average during the runs (worst run {info['other_cpu_max'] * 100:.0f} %), so wall times are upper bounds",
+        f"CPUs on average during the runs (worst run {info['other_cpu_max'] * 100:.0f} %), so wall times are upper bounds; "
+        "CPU s = CPU time of the benchmark process itself (user + system)",
         "- model: LeNet-style CNN + BatchNorm (conv5x5-20, BN, ReLU, maxpool / conv5x5-50, BN, ReLU, maxpool / "
         "fc-500, BN, ReLU, dropout 0.5 = 500-d features / linear head), random init (same init for all methods of a seed)",
         "- training: " + (f"{hp['epochs']} epochs" if hp["epochs"] else ", ".join(f"{EPOCHS[p]} epochs for {ARROW[p]}" for p in args.pairs))
@@ -335,8 +337,8 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
         + (" (weights after the last epoch)" if hp["select"] == "last" else " (best source-validation accuracy)")
         + "; target-only uses a 10 % hold-out of its labelled target-train part",
         "- images: 28x28 grayscale, x/255 normalised with mean 0.5/std 0.5; "
-        + ("USPS 16x16 resized to 28x28 bilinearly" if USPS_SIZE == 28 else
-           f"USPS 16x16 resized bilinearly to {USPS_SIZE}x{USPS_SIZE} and zero-padded to 28x28 (MNIST digits are "
+        + ("USPS 16x16 resized to 28x28 bilinearly" if info["usps_size"] == 28 else
+           f"USPS 16x16 resized bilinearly to {info['usps_size']}x{info['usps_size']} and zero-padded to 28x28 (MNIST digits are "
            "size-normalised to 20x20 and centred in 28x28; USPS digits fill their frame)"),
     ]
     for pair in args.pairs:
@@ -349,6 +351,7 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
         )
     lines += ["", f"Target-test accuracy (%), mean ± std over seeds {' '.join(map(str, args.seeds))}; wall time per seed (s).", ""]
     header = "| method | " + " | ".join(f"{ARROW[p]} acc | {ARROW[p]} time (s)" for p in args.pairs) + " |"
+    header = header.replace(" time (s) |", " time (s): wall [CPU] |")
     lines += [header, "|---|" + "---:|---:|" * len(args.pairs)]
     for method in methods:
         cells = []
@@ -368,6 +371,9 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
                 acc = f"**{acc}**"
             secs = [r["seconds"] for r in results[pair][method]]
             t = fmt_ms(secs, pct=False)
+            cpus = [r["cpu_seconds"] for r in results[pair][method] if "cpu_seconds" in r]
+            if cpus:
+                t += f" [{statistics.mean(cpus):.0f}]"
             if method == "adabn":
                 t += " (+ source-only)"
             cells += [acc + flag, t]
@@ -401,10 +407,43 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
         + ". Differences here: MNIST has only its 10,000 official test images offline (TLlib trains on 60,000), "
         "model selection without target labels, and far fewer iterations (CPU budget)"
         + ("; USPS is resized to 20x20 and padded to MNIST's layout (TLlib resizes it to 28x28, a larger gap: "
-           "compare source-only rows with care)." if USPS_SIZE == 20 else "."),
+           "compare source-only rows with care)." if info["usps_size"] == 20 else "."),
         "",
     ]
     return "\n".join(lines)
+
+
+def merge(args: argparse.Namespace, out: Path) -> int:
+    """Combine the JSON results of several runs (same hyper-parameters, seeds and methods; different pairs)."""
+    payloads = [json.loads(p.read_text()) for p in args.merge]
+    first = payloads[0]
+    for p in payloads[1:]:
+        for key in ("hyperparameters", "trade_off", "seeds", "quick"):
+            if p[key] != first[key]:
+                raise SystemExit(f"--merge: the runs differ in {key}: {p[key]} vs {first[key]}")
+        if p["info"].get("usps_size") != first["info"].get("usps_size"):
+            raise SystemExit("--merge: the runs differ in --usps-size")
+    runs = {pair: per for p in payloads for pair, per in p["runs"].items()}
+    sizes = {pair: sz for p in payloads for pair, sz in p["sizes"].items()}
+    infos = [p["info"] for p in payloads]
+    info = dict(first["info"])
+    info["command"] = "` and `".join(i["command"] for i in infos) + "` (run at the same time, one process per pair), then `" + " ".join(
+        [".venv/bin/python", "bench/transfer.py", "--merge", *map(str, args.merge), "--out", str(out)])
+    info["total_seconds"] = max(i["total_seconds"] for i in infos)
+    info["other_cpu_mean"] = statistics.mean(i["other_cpu_mean"] for i in infos)
+    info["other_cpu_max"] = max(i["other_cpu_max"] for i in infos)
+    info["load_start"] = max(i["load_start"] for i in infos)
+    args.pairs = [p for p in PAIRS if p in runs]
+    args.methods = [m for m in ALL_METHODS if any(m in per for per in runs.values())]
+    args.seeds, args.quick = first["seeds"], first["quick"]
+    summary = summarise(runs)
+    md = markdown(args, first["hyperparameters"], first["trade_off"], runs, summary, sizes, info)
+    print(md)
+    out.write_text(md)
+    payload = {**first, "info": info, "sizes": sizes, "summary": summary, "runs": runs, "merged_from": [str(p) for p in args.merge]}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--usps-size", type=int, default=USPS_SIZE, choices=[20, 28],
                     help="28: resize USPS 16->28; 20: resize to 20 and zero-pad to 28 (default %(default)s)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="no training: combine the .json results of earlier runs (e.g. one process per pair) into --out")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log incl. target-test accuracy (diagnostics only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -447,11 +488,14 @@ def main(argv: list[str] | None = None) -> int:
         args.methods.insert(0, "source-only")
     args.methods = [m for m in ALL_METHODS if m in args.methods]
     out = args.out or RESULTS_DIR / ("transfer-quick.md" if args.quick else "transfer.md")
+    if args.merge:
+        return merge(args, out)
 
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([".venv/bin/python", "bench/transfer.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "cpu": cpu_model(), "cores": os.cpu_count(), "usable": len(os.sched_getaffinity(0)), "load_start": os.getloadavg()[0],
+        "threads": torch.get_num_threads(), "usps_size": USPS_SIZE,
     }
     t_all = time.perf_counter()
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
