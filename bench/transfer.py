@@ -319,10 +319,10 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
         f"torch threads {info['threads']} per process, Python {platform.python_version()}, "
         f"load average at start {info['load_start']:.2f}; other processes used {info['other_cpu_mean'] * 100:.0f} % of the "
         f"CPUs on average during the runs (worst run {info['other_cpu_max'] * 100:.0f} %), so wall times are upper bounds; "
-        "CPU s = CPU time of the benchmark process itself (user + system)",
+        "CPU s = CPU time of the benchmark process itself (user + system)" + (f"; {info['note']}" if info.get("note") else ""),
         "- model: LeNet-style CNN + BatchNorm (conv5x5-20, BN, ReLU, maxpool / conv5x5-50, BN, ReLU, maxpool / "
         "fc-500, BN, ReLU, dropout 0.5 = 500-d features / linear head), random init (same init for all methods of a seed)",
-        "- training: " + (f"{hp['epochs']} epochs" if hp["epochs"] else ", ".join(f"{EPOCHS[p]} epochs for {ARROW[p]}" for p in args.pairs))
+        "- training: " + (f"{hp['epochs']} epoch(s)" if hp["epochs"] else ", ".join(f"{EPOCHS[p]} epochs for {ARROW[p]}" for p in args.pairs))
         + f" over the source (an epoch = one pass over the labelled training images), batch {hp['batch_size']} source + {hp['batch_size']} target, "
         f"{hp['optimizer'].upper()} lr {hp['lr']} momentum {hp['momentum']} weight decay {hp['weight_decay']}, "
         f"lr schedule `{hp['lr_schedule']}` (lr/(1+10p)^0.75), "
@@ -433,6 +433,8 @@ def merge(args: argparse.Namespace, out: Path) -> int:
     info["other_cpu_mean"] = statistics.mean(i["other_cpu_mean"] for i in infos)
     info["other_cpu_max"] = max(i["other_cpu_max"] for i in infos)
     info["load_start"] = max(i["load_start"] for i in infos)
+    info["note"] = (f"the {len(infos)} pair processes ran side by side with {info['threads']} torch thread(s) each, so "
+                    f"'other processes' includes the sibling benchmark process (~{100 // len(infos)} % of the CPUs)")
     args.pairs = [p for p in PAIRS if p in runs]
     args.methods = [m for m in ALL_METHODS if any(m in per for per in runs.values())]
     args.seeds, args.quick = first["seeds"], first["quick"]
