@@ -211,7 +211,7 @@ def test_credentials_in_urls_are_refused(tmp_path):
     with pytest.raises(ConfigError) as e:
         validate_config(digits_config(tmp_path, data={"source": None, "dvc": {
             "repo": "https://bot:ghp_secret123@github.com/org/data.git", "path": "d"}}))
-    assert "data.dvc.repo: got 'https://bot:ghp_secret123@github.com/org/data.git': the URL carries credentials" in str(e.value)
+    assert "data.dvc.repo: got 'https://***@github.com/org/data.git': the URL carries credentials" in str(e.value)
     with pytest.raises(ConfigError) as e:
         validate_config(digits_config(tmp_path, data={"dvc": {"repo": "r", "path": "d"}}))
     assert "data: got" in str(e.value) and "set exactly one of data.source" in str(e.value)

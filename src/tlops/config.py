@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -37,18 +38,57 @@ class SplitConfig(_Strict):
         return self
 
 
-def _no_credentials(url: Optional[str], how: str) -> Optional[str]:
-    """Config is logged, hashed into manifests and recorded as MLflow params: no secrets in it."""
-    from urllib.parse import urlsplit
+def _no_credentials(url: Optional[str], how: str, *, any_user: bool = False) -> Optional[str]:
+    """Config is logged, hashed into manifests, recorded as MLflow params and compiled into KFP
+    pipeline YAML: no secrets in it. Credentials come from the environment or secret files.
 
+    ``any_user``: refuse a bare ``user@`` too (for s3:// and http(s):// data and model URLs the
+    user part is an access key or a token; ``ssh://git@host`` stays allowed for git repos)."""
     if url and "://" in url:
-        try:
-            parts = urlsplit(url)
-        except ValueError:
-            return url
-        if parts.password or (parts.username and parts.scheme in ("http", "https")):
-            raise ValueError(f"the URL carries credentials (user:password@); remove them and {how}")
+        # every URL in the value, also one nested in a spec (hf:https://user:token@host/...)
+        for m in re.finditer(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/\s@?#]+)@", url):
+            scheme, userinfo = m.group(1).lower().rsplit(":", 1)[-1], m.group(2)
+            if ":" in userinfo or any_user or scheme in ("http", "https"):
+                raise ValueError(f"the URL carries credentials (user:password@); remove them and {how}")
     return url
+
+
+_S3_CREDS = "take S3 credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an AWS profile or a Kubernetes Secret via kubernetes.secrets)"
+
+MODEL_SOURCES = ("hf:<hub-id-or-dir>", "hf:pkg:<package>/<dir>", "timm:<name>", "mlflow:models:/<name>@<alias>",
+                 "mlflow:models:/<name>/<version>", "<bundle dir>")
+_MLFLOW_MODEL_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def check_model_spec(spec: str) -> str:
+    """Syntax of a source-model spec, checked at config validation (nothing is loaded here).
+
+    A bare word that is not an existing directory (``resnet50``) is almost always a missing
+    ``timm:`` / ``hf:`` prefix; an unknown ``scheme:`` is refused with the valid ones."""
+    spec = spec.strip() if isinstance(spec, str) else spec
+    allowed = f"valid sources: {', '.join(MODEL_SOURCES)}"
+    if not spec:
+        raise ValueError(f"empty model spec; {allowed}")
+    _no_credentials(spec, "point at a local directory, or use the MLflow registry (mlflow:models:/...)", any_user=True)
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*):", spec)
+    if m and len(m.group(1)) > 1:  # C:\... is a Windows drive, not a scheme
+        scheme = m.group(1)
+        rest = spec[len(scheme) + 1:]
+        if scheme in ("hf", "timm"):
+            if not rest or rest in ("pkg:",):
+                raise ValueError(f"'{spec}' names no model; e.g. {scheme}:<name>")
+            return spec
+        if scheme == "mlflow":
+            if not _MLFLOW_MODEL_RE.match(rest):
+                raise ValueError(f"bad MLflow reference '{spec}'; use mlflow:models:/<name>@<alias> or mlflow:models:/<name>/<version>")
+            return spec
+        raise ValueError(f"Unknown model source '{scheme}:' in '{spec}'; {allowed}")
+    if "/" not in spec and "\\" not in spec and not spec.startswith((".", "~")) and not Path(spec).expanduser().is_dir():
+        raise ValueError(
+            f"Unknown model source '{spec}': not a prefix spec and no such bundle directory; {allowed} "
+            f"(did you mean timm:{spec} or hf:{spec}?)"
+        )
+    return spec
 
 
 class DvcRef(_Strict):
@@ -76,6 +116,11 @@ class SourceDomainConfig(_Strict):
     val: float = Field(0.2, gt=0, lt=1, description="fraction held out as source validation (model selection)")
     max_samples: Optional[int] = Field(None, ge=10, description="use at most this many source samples (seeded)")
 
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _no_credentials(v, _S3_CREDS, any_user=True)
+
 
 class DataConfig(_Strict):
     source: Optional[str] = Field(None, description="path, file, s3:// URI or 'sklearn:digits' (or use data.dvc)")
@@ -95,6 +140,11 @@ class DataConfig(_Strict):
     adapt_from: Optional[SourceDomainConfig] = Field(
         None, description="labelled source-domain data for the domain-adaptation strategies (coral, mmd, dann, cdan, adabn)"
     )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: Optional[str]) -> Optional[str]:
+        return _no_credentials(v, _S3_CREDS, any_user=True)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -126,11 +176,31 @@ class SourceConfig(_Strict):
     max_length: int = Field(128, ge=8, description="hf: max tokens per text")
     pooling: Literal["mean", "cls"] = "mean"
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_spec(v)
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        return None if v is None else [check_model_spec(s) for s in v]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: Optional[str]) -> Optional[str]:
+        return _no_credentials(v, "point source.weights at a local file", any_user=True)
+
 
 class FeaturesConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     cache_dir: Optional[str] = Field(None, description="feature cache (default <workdir>/cache/features)")
     cache: bool = True
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir(cls, v: Optional[str]) -> Optional[str]:
+        return _no_credentials(v, _S3_CREDS, any_user=True)
 
 
 class LoraConfig(_Strict):
@@ -192,6 +262,13 @@ class TrainConfig(_Strict):
     patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")
     augment: bool = Field(False, description="images: random shifts during fine-tuning")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    distributed: Literal["none", "ddp"] = Field(
+        "none", description="ddp = data-parallel fine-tuning under torchrun (NCCL on GPU, gloo on CPU); "
+        "train.batch_size stays the global batch (see tlops.training.distributed)",
+    )
+    nproc: Optional[int] = Field(
+        None, ge=1, description="DDP processes (default: env TLOPS_NPROC, else the number of GPUs, else 2 on CPU)"
+    )
 
     @field_validator("strategies", mode="before")
     @classmethod
@@ -291,6 +368,11 @@ class TrackingConfig(_Strict):
     def _uri(cls, v: Optional[str]) -> Optional[str]:
         return _no_credentials(v, "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 
+    @field_validator("artifact_location")
+    @classmethod
+    def _artifact_location(cls, v: Optional[str]) -> Optional[str]:
+        return _no_credentials(v, _S3_CREDS, any_user=True)
+
 
 # "register" is a field name users expect; pydantic warns that it shadows ABCMeta.register.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -354,6 +436,8 @@ def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, origin: str) -> str:
+    from tlops.redact import redact
+
     lines = [f"invalid config {origin}:"]
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -363,10 +447,14 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
             lines.append(f"  {path}: unknown key; allowed keys: {', '.join(allowed)}")
         elif e["type"] == "missing":
             lines.append(f"  {path}: required field is missing")
+        elif not loc:
+            # a whole-config check: its message names the fields; echoing the whole config helps nobody
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {path}: got {e.get('input')!r}: {msg}")
-    return "\n".join(lines)
+    # A refused credential must not be echoed back (the message is printed and may be logged).
+    return redact("\n".join(lines))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

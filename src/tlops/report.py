@@ -58,8 +58,10 @@ def print_run_summary(cfg: "PipelineConfig", result: "PipelineResult") -> None:
         + (f" (reused: {', '.join(reused)})" if reused else "")
     )
     console.print(f"artifacts: {result.run_dir}")
+    from tlops.redact import safe_url
+
     uri = tracking_uri(cfg)
-    console.print(f"look: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"tracking: {uri}")
+    console.print(f"look: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"tracking: {safe_url(uri)}")
 
 
 def load_result(run_dir: "Path") -> "PipelineResult":

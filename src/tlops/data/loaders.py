@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tlops.config import DataConfig
+from tlops.data import archives
 from tlops.errors import DataError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -38,6 +39,8 @@ def detect_format(source: str) -> str:
         raise DataError(f"data.source: path not found: {source}")
     if p.is_dir():
         return "image-folder"
+    if archives.is_archive(p):
+        return "archive"
     name = p.name.lower().removesuffix(".gz")
     if name.endswith(".npz"):
         return "npz"
@@ -47,7 +50,7 @@ def detect_format(source: str) -> str:
         return "tsv"
     raise DataError(
         f"data.source: cannot tell the format of {source}; set data.format to one of "
-        "image-folder, npz, csv, tsv, sklearn"
+        f"image-folder, npz, csv, tsv, sklearn (archives: {', '.join(archives.ARCHIVE_SUFFIXES)})"
     )
 
 
@@ -113,7 +116,33 @@ def _load_s3(cfg: DataConfig) -> RawData:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _load_archive(cfg: DataConfig) -> RawData:
+    """Extract a .zip/.tar[.gz] safely into a temp dir and load what it holds (an image folder,
+    or one data file). Error messages name the archive, not the temporary copy."""
+    import shutil
+    import tempfile
+
+    src = Path(cfg.source)
+    tmp = Path(tempfile.mkdtemp(prefix="tlops-archive-"))
+    try:
+        (tmp / "x").mkdir()
+        root = archives.extract(src, tmp / "x")
+        fmt = cfg.format
+        if root.is_dir() and fmt == "auto":
+            fmt = "image-folder"
+        try:
+            data = _load_local(cfg.model_copy(update={"source": str(root), "format": fmt}))
+        except DataError as e:
+            raise DataError(str(e).replace(str(tmp / "x"), f"{src}!")) from None
+        data.info = {**data.info, "archive": src.name}
+        return data
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _load_local(cfg: DataConfig) -> RawData:
+    if cfg.format != "sklearn" and archives.is_archive(cfg.source):
+        return _load_archive(cfg)
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     if fmt != "sklearn" and not Path(cfg.source).exists():
         raise DataError(f"data.source: path not found: {cfg.source}")
@@ -126,7 +155,10 @@ def _load_local(cfg: DataConfig) -> RawData:
     }[fmt]
     data = loader(cfg, fmt)
     if len(data) == 0:
-        raise DataError(f"data.source: {cfg.source} contains no samples")
+        raise DataError(
+            f"data.source: {cfg.source} contains no samples (empty dataset); "
+            "point data.source at the data you meant or add samples to it"
+        )
     return data
 
 
@@ -204,6 +236,7 @@ def load_npz(cfg: DataConfig, fmt: str) -> RawData:
                 )
             xs = [z[a] for a, _ in pairs]
             ys = [z[b] for _, b in pairs]
+            _check_split_labels(path, pairs, ys, cfg.classes)
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise DataError(
@@ -225,6 +258,30 @@ def load_npz(cfg: DataConfig, fmt: str) -> RawData:
             x = x * 255.0
         x = np.clip(np.round(x), 0, 255).astype(np.uint8)
     return RawData("image", x, [str(v) for v in y.tolist()], "npz", {"arrays": [a for a, _ in pairs]})
+
+
+def _check_split_labels(path: Path, pairs: list[tuple[str, str]], ys: list[np.ndarray], classes: list | None) -> None:
+    """With predefined splits (``x_train``/``y_train``, ``x_test``/``y_test``...), every label of an
+    evaluation split must occur in ``y_train``: a model cannot learn a class it never sees."""
+    names = [b for _, b in pairs]
+    if "y_train" not in names or len(pairs) < 2:
+        return
+    keep = None if classes is None else {str(c) for c in classes}
+    train = {str(v) for v in ys[names.index("y_train")].tolist()}
+    problems = []
+    for name, y in zip(names, ys):
+        if name == "y_train" or not y.size:
+            continue
+        vals = [str(v) for v in y.tolist()]
+        unseen = sorted({v for v in vals if v not in train and (keep is None or v in keep)})
+        if unseen:
+            counts = ", ".join(f"'{u}' ({vals.count(u)} sample{'s' if vals.count(u) != 1 else ''})" for u in unseen[:10])
+            problems.append(f"{name} has label(s) not seen in y_train: {counts}{' ...' if len(unseen) > 10 else ''}")
+    if problems:
+        raise DataError(
+            f"data.source: {path}: " + "; ".join(problems)
+            + ". Add training samples for these labels to y_train, or drop them with data.classes"
+        )
 
 
 def _read_text(path: Path, encoding: str) -> str:
@@ -261,13 +318,21 @@ def load_delimited(cfg: DataConfig, fmt: str) -> RawData:
     if missing:
         hint = ""
         if len(header) == 1:
-            other = "," if delim == "\t" else "tab"
-            hint = f" (only one column found: is the delimiter right? the file was read as {fmt}; try data.format={'csv' if delim == chr(9) else 'tsv'} for {other})"
+            foreign = [(d, n) for d, n in ((";", "';'"), ("|", "'|'")) if d in header[0]]
+            if foreign:
+                d, n = foreign[0]
+                hint = (f" (only one column found and its header contains {n}: the file is {n}-delimited, "
+                        f"but tlops reads ',' (data.format=csv) or tab (data.format=tsv); convert it, e.g. "
+                        f"pandas.read_csv(path, sep={d!r}).to_csv('{path.stem}.csv', index=False))")
+            else:
+                other = "," if delim == "\t" else "tab"
+                hint = f" (only one column found: is the delimiter right? the file was read as {fmt}; try data.format={'csv' if delim == chr(9) else 'tsv'} for {other})"
         elif not cfg.columns:
             hint = " (if the file has no header row, name its columns with data.columns)"
         raise DataError(
             f"data.source: column(s) {', '.join(repr(m) for m in missing)} not found in {path}; "
-            f"columns are: {', '.join(header)}{hint}; set data.text_column / data.label_column"
+            f"columns are: {', '.join(header)}{hint}; set data.text_column / data.label_column "
+            f"(expected: {cfg.text_column!r} for the text and {cfg.label_column!r} for the label)"
         )
     ti, li = header.index(cfg.text_column), header.index(cfg.label_column)
     texts, labels, short = [], [], []

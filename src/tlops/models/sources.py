@@ -13,13 +13,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tlops.config import SourceConfig
+from tlops.config import MODEL_SOURCES, SourceConfig
 from tlops.errors import ModelError
-from tlops.models.bundle import is_bundle, read_spec, save_bundle
+from tlops.models.bundle import BUNDLE_FILE, is_bundle, read_spec, save_bundle
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hf:<hub-id-or-dir>", "hf:pkg:<package>/<dir>", "timm:<name>", "mlflow:models:/<name>@<alias>", "mlflow:models:/<name>/<version>", "<bundle dir>")
+SOURCES = MODEL_SOURCES
+# What a local Hugging Face model directory must hold (transformers' own file names).
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _MLFLOW_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -52,9 +55,55 @@ def parse_spec(spec: str) -> tuple[str, str]:
         return "mlflow", ref
     if Path(spec).is_dir():
         if not is_bundle(spec):
-            raise ModelError(f"source.model: {spec} is a directory but not a tlops bundle (no bundle.json)")
+            hint = (f"; it looks like a Hugging Face model directory: use hf:{spec}"
+                    if (Path(spec) / HF_CONFIG).is_file() else "")
+            raise ModelError(
+                f"source.model: {spec} is a directory but not a tlops bundle (no {BUNDLE_FILE}){hint}; "
+                f"valid sources: {', '.join(SOURCES)}"
+            )
         return "bundle", spec
+    if "/" in spec or spec.startswith((".", "~")):
+        raise ModelError(f"source.model: model directory not found: {spec}; valid sources: {', '.join(SOURCES)}")
     raise ModelError(f"Unknown model source '{spec}'; valid sources: {', '.join(SOURCES)}")
+
+
+def check_hf_dir(d: Path, what: str) -> None:
+    """A local HF model directory must hold config.json and weights; say which files are expected."""
+    present = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    found = f"found: {', '.join(present[:15]) or 'nothing'}{', ...' if len(present) > 15 else ''}"
+    if not (d / HF_CONFIG).is_file():
+        raise ModelError(f"source.model: {what} has no {HF_CONFIG} (not a Hugging Face model directory; {found}); "
+                         f"save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)")
+    if not any((d / w).is_file() for w in HF_WEIGHTS):
+        raise ModelError(
+            f"source.model: {what} has no model weights: expected one of {', '.join(HF_WEIGHTS)} ({found}); "
+            "copy the weights into it (model.save_pretrained(dir) writes model.safetensors)"
+        )
+
+
+def check_bundle_files(d: Path, spec: dict[str, Any]) -> None:
+    """Every file a bundle's bundle.json names must be there (fail in pull-model, not later)."""
+    expected = [spec.get("weights")] + [spec.get(k) for k in ("head", "adapter") if spec.get(k)]
+    missing = [f for f in expected if f and not (d / f).exists()]
+    if not spec.get("weights"):
+        missing = ["<weights: not named in bundle.json>"] + missing
+    if missing:
+        raise ModelError(
+            f"source.model: bundle {d} is missing {', '.join(missing)} (expected next to {BUNDLE_FILE}: "
+            f"{', '.join(f for f in expected if f)}); re-export the bundle or pull the model again"
+        )
+    if spec.get("kind") == "hf" and (d / spec["weights"]).is_dir():
+        check_hf_dir(d / spec["weights"], f"bundle {d} ({spec['weights']}/)")
+
+
+def _refused_pickle(path: Path | str, e: BaseException, setting: str) -> ModelError:
+    reason = str(e).strip().splitlines()
+    detail = next((ln.strip() for ln in reason if "GLOBAL" in ln or "Unsupported" in ln), reason[-1] if reason else "")
+    return ModelError(
+        f"{setting}: refused to load {path}: it holds pickled Python objects, not plain tensors ({detail[:200]}); "
+        "tlops loads weights only with safetensors or torch.load(weights_only=True). "
+        "Convert the file to .safetensors (safetensors.torch.save_file(state_dict, path)) from a trusted environment"
+    )
 
 
 def resolve_mlflow(ref: str) -> dict[str, Any]:
@@ -106,6 +155,7 @@ def _copy_bundle(src: Path, out: Path, source: str, **extra: Any) -> dict[str, A
     from tlops.models.bundle import load_backbone
 
     spec = read_spec(src)
+    check_bundle_files(src, spec)
     backbone = load_backbone(src)
     return save_bundle(out, backbone, extra={"source": source, "origin_digest": spec.get("digest"), **extra})
 
@@ -124,12 +174,18 @@ def _pull_mlflow(ref: str, out: Path) -> dict[str, Any]:
 
 
 def _pull_hf(ref: str, cfg: SourceConfig, out: Path) -> dict[str, Any]:
-    from tlops.models.backbone import TextBackbone
+    import pickle
 
     if not Path(ref).is_dir() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1):
         raise ModelError(f"source.model: local model directory not found: {ref}")
+    if Path(ref).is_dir():
+        check_hf_dir(Path(ref), f"hf:{ref}")
+    from tlops.models.backbone import TextBackbone
+
     try:
         backbone = TextBackbone.create(ref, max_length=cfg.max_length, pooling=cfg.pooling)
+    except pickle.UnpicklingError as e:  # transformers loads *.bin with torch.load(weights_only=True)
+        raise _refused_pickle(f"hf:{ref}", e, "source.model") from None
     except OSError as e:
         where = "local directory" if Path(ref).is_dir() else "Hugging Face Hub id (is the hub reachable? for offline use, point hf: at a local directory)"
         raise ModelError(f"source.model: cannot load hf:{ref} as a {where}: {e}") from None
@@ -162,13 +218,20 @@ def _load_weights_file(model, path: Path) -> None:
 
     if not path.is_file():
         raise ModelError(f"source.weights: file not found: {path}")
+    import pickle
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise ModelError(f"source.weights: {path} is not a valid safetensors file ({e}); re-export it") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise _refused_pickle(path, e, "source.weights") from None
         except Exception as e:
             raise ModelError(f"source.weights: cannot load {path} safely (weights_only=True): {e}") from None
         state = state.get("state_dict", state) if isinstance(state, dict) else state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -74,6 +75,13 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         log.info("ingest: DVC data %s @ %s, md5 %s -> data hash %s", dvc["path"], dvc["rev"][:12], dvc["md5"], data_hash[:12])
     parts = stratified_split(y, cfg.data, cfg.seed, classes)
     counts = {s: int(len(ix)) for s, ix in parts.items()}
+    duplicates = cross_split_duplicates(x, raw.kind, parts)
+    if any(duplicates.values()):
+        log.warning(
+            "ingest: leakage: the same input occurs in more than one split (%s); evaluation on inputs seen in "
+            "training is optimistic. Deduplicate %s (the counts are in the dataset manifest: duplicates_across_splits)",
+            ", ".join(f"{k}: {v}" for k, v in duplicates.items() if v), cfg.data.describe(),
+        )
     domain = _source_domain(cfg, raw.kind, index, classes) if cfg.data.adapt_from else None
     if domain is not None:
         data_hash = hash_json([data_hash, domain["hash"]])
@@ -94,6 +102,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "data_hash": data_hash,
             "data_version": version,
             "counts": counts,
+            "duplicates_across_splits": duplicates,
             "per_class": {
                 s: {classes[c]: int((y[ix] == c).sum()) for c in range(len(classes))} for s, ix in parts.items() if s != "unlabelled"
             },
@@ -103,6 +112,24 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             **raw.info,
         }
     return Artifact(Path(out), w.manifest)
+
+
+def _sample_keys(x, kind: str, ix: np.ndarray) -> list:
+    if kind == "image":
+        return [hashlib.blake2b(np.ascontiguousarray(x[i]).tobytes(), digest_size=16).digest() for i in ix]
+    return [x[i] for i in ix]
+
+
+def cross_split_duplicates(x, kind: str, parts) -> dict[str, int]:
+    """For each pair of splits ``a/b``: how many samples of ``b`` have an exact copy in ``a``."""
+    keys = {s: _sample_keys(x, kind, ix) for s, ix in parts.items() if len(ix)}
+    names = [s for s in ("train", "val", "test", "unlabelled") if s in keys]
+    sets = {s: set(keys[s]) for s in names}
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            out[f"{a}/{b}"] = int(sum(k in sets[a] for k in keys[b]))
+    return out
 
 
 def _source_domain(cfg: PipelineConfig, kind: str, index: dict[str, int], classes: list[str]) -> dict:
@@ -121,6 +148,13 @@ def _source_domain(cfg: PipelineConfig, kind: str, index: dict[str, int], classe
         raise DataError(f"data.adapt_from: none of the labels in {sd.source} ({', '.join(sorted(set(raw.y))[:10])}) "
                         f"is a target class ({', '.join(classes)})")
     y = np.array([index.get(label, -1) for label in raw.y], dtype=np.int64)[keep]
+    absent = [classes[c] for c in range(len(classes)) if not (y == c).any()]
+    if absent:
+        raise DataError(
+            f"data.adapt_from: {sd.source} has no sample of target class(es) {', '.join(absent)}: the adapted model "
+            "would be tested on labels it never saw in training. Add source-domain samples for them, or drop them "
+            "from the target with data.classes"
+        )
     x = raw.x[keep] if kind == "image" else [t for t, k in zip(raw.x, keep) if k]
     rng = np.random.default_rng(cfg.seed + 1)
     order = rng.permutation(len(y))
