@@ -361,7 +361,7 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
                 cells += ["–", "–"]
                 continue
             accs = sm["accs"]
-            acc = fmt_ms(accs)
+            acc = fmt_ms(accs) + (f" (n={len(accs)})" if len(accs) != len(args.seeds) else "")
             flag = ""
             base = summary[pair].get("source-only")
             if method not in ("source-only", "target-only") and base and sm["acc_mean"] < base["acc_mean"]:
@@ -414,30 +414,43 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
 
 
 def merge(args: argparse.Namespace, out: Path) -> int:
-    """Combine the JSON results of several runs (same hyper-parameters, seeds and methods; different pairs)."""
+    """Combine the JSON results of several runs (same hyper-parameters; different pairs and/or seeds; interrupted runs count with what they finished)."""
     payloads = [json.loads(p.read_text()) for p in args.merge]
     first = payloads[0]
     for p in payloads[1:]:
-        for key in ("hyperparameters", "trade_off", "seeds", "quick"):
+        for key in ("hyperparameters", "trade_off", "quick"):
             if p[key] != first[key]:
                 raise SystemExit(f"--merge: the runs differ in {key}: {p[key]} vs {first[key]}")
         if p["info"].get("usps_size") != first["info"].get("usps_size"):
             raise SystemExit("--merge: the runs differ in --usps-size")
-    runs = {pair: per for p in payloads for pair, per in p["runs"].items()}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for p in payloads:
+        for pair, per in p["runs"].items():
+            for method, rs in per.items():
+                runs.setdefault(pair, {}).setdefault(method, []).extend(rs)
+    for per in runs.values():
+        for method in [m for m, rs in per.items() if not rs]:
+            del per[method]
+        for rs in per.values():
+            rs.sort(key=lambda r: r["seed"])
     sizes = {pair: sz for p in payloads for pair, sz in p["sizes"].items()}
     infos = [p["info"] for p in payloads]
     info = dict(first["info"])
     info["command"] = "` and `".join(i["command"] for i in infos) + "` (run at the same time, one process per pair), then `" + " ".join(
         [".venv/bin/python", "bench/transfer.py", "--merge", *map(str, args.merge), "--out", str(out)])
     info["total_seconds"] = max(i["total_seconds"] for i in infos)
-    info["other_cpu_mean"] = statistics.mean(i["other_cpu_mean"] for i in infos)
-    info["other_cpu_max"] = max(i["other_cpu_max"] for i in infos)
+    others = [r["other_cpu"] for per in runs.values() for rs in per.values() for r in rs if r.get("other_cpu") is not None]
+    info["other_cpu_mean"] = statistics.mean(others) if others else 0.0
+    info["other_cpu_max"] = max(others) if others else 0.0
+    incomplete = [str(p) for p, payload in zip(args.merge, payloads) if not payload.get("complete", True)]
     info["load_start"] = max(i["load_start"] for i in infos)
-    info["note"] = (f"the {len(infos)} pair processes ran side by side with {info['threads']} torch thread(s) each, so "
-                    f"'other processes' includes the sibling benchmark process (~{100 // len(infos)} % of the CPUs)")
+    info["note"] = (f"the {len(infos)} benchmark processes ran side by side with {info['threads']} torch thread(s) each, so "
+                    f"'other processes' includes the sibling benchmark processes"
+                    + (f"; interrupted runs (only their finished methods are counted): {', '.join(incomplete)}" if incomplete else ""))
     args.pairs = [p for p in PAIRS if p in runs]
     args.methods = [m for m in ALL_METHODS if any(m in per for per in runs.values())]
-    args.seeds, args.quick = first["seeds"], first["quick"]
+    args.seeds = sorted({r["seed"] for per in runs.values() for rs in per.values() for r in rs})
+    args.quick = first["quick"]
     summary = summarise(runs)
     md = markdown(args, first["hyperparameters"], first["trade_off"], runs, summary, sizes, info)
     print(md)
@@ -513,6 +526,13 @@ def main(argv: list[str] | None = None) -> int:
                 if method == "source-only":
                     so_model = model
                 results[pair][method].append({"seed": seed, **res})
+                # written after every method, so an interrupted run keeps what it finished (--merge reads it)
+                partial = {"info": {**info, "total_seconds": time.perf_counter() - t_all, "other_cpu_mean": 0.0,
+                                    "other_cpu_max": 0.0}, "hyperparameters": hp, "trade_off": trade_off,
+                           "quick": args.quick, "limits": limits, "seeds": args.seeds, "sizes": sizes,
+                           "runs": results, "complete": False}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.with_suffix(".json").write_text(json.dumps(partial, indent=2))
                 print(f"{ARROW[pair]} seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  {res['seconds']:6.1f}s"
                       + (f"  (+AdaBN {res['acc_after_adabn'] * 100:.1f})" if "acc_after_adabn" in res else "")
                       + f"  (other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)", flush=True)
@@ -527,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
     payload = {"info": info, "hyperparameters": hp, "trade_off": trade_off, "quick": args.quick, "limits": limits,
-               "seeds": args.seeds, "sizes": sizes, "summary": summary, "runs": results}
+               "seeds": args.seeds, "sizes": sizes, "summary": summary, "runs": results, "complete": True}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
