@@ -29,18 +29,28 @@ S3 settings come from the environment only:
 Transient failures (connection errors, timeouts, HTTP 5xx, throttling) are retried with
 exponential backoff; after the last attempt a :class:`tlops.errors.StorageError` names the
 operation, the URI and the endpoint.
+
+Local coordination: :func:`file_lock` is an exclusive advisory lock (``flock``) on a local
+file. Concurrent runs use it so that one computes a step / cache entry and the others wait
+and reuse it; the kernel releases it when the holder dies (``kill -9`` included), so a crashed
+run never blocks the next one. It coordinates processes on one machine (or a filesystem with
+working ``flock``); S3 has no locks: there, concurrent writers compute identical content and
+publish it atomically (data first, manifest last).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from tlops.errors import StorageError
 from tlops.redact import redact, safe_url
@@ -104,6 +114,72 @@ def _env_num(name: str, default: float, cast: Callable[[str], Any] = float) -> A
         return cast(raw)
     except ValueError:
         raise StorageError(f"{name}={raw!r} is not a number") from None
+
+
+# ---------------------------------------------------------------------- locks
+
+_HELD: dict[str, tuple[int, int]] = {}  # lock path -> (thread id, depth): re-entry by the holder is a no-op
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, what: str = "", wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    Yields True when held. ``wait=False`` yields False at once if another process (or thread)
+    holds it. While waiting, logs once what it waits for. Re-entrant within one thread."""
+    p = Path(path)
+    key = str(p.absolute())
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        owner = _HELD.get(key)
+        if owner is not None and owner[0] == me:
+            _HELD[key] = (me, owner[1] + 1)
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield True
+        finally:
+            with _HELD_GUARD:
+                tid, depth = _HELD[key]
+                _HELD[key] = (tid, depth - 1)
+        return
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        held = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = False
+        if not held and wait:
+            t0 = time.monotonic()
+            log.info("waiting for %s (lock %s is held by another run)", what or p.name, p)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = True
+            log.info("got %s after %.1fs", what or p.name, time.monotonic() - t0)
+        if held:
+            with _HELD_GUARD:
+                _HELD[key] = (me, 1)
+        try:
+            yield held
+        finally:
+            if held:
+                with _HELD_GUARD:
+                    _HELD.pop(key, None)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def is_locked(path: str | os.PathLike) -> bool:
+    """True if another holder has the lock at ``path`` right now (a missing file: not locked)."""
+    p = Path(path)
+    if not p.exists():
+        return False
+    with file_lock(p, wait=False) as held:
+        return not held
 
 
 # ---------------------------------------------------------------------- local

@@ -4,26 +4,34 @@ Key = sha256(source-model digest, preprocessing, pooling, dataset content hash).
 ``<root>/<key[:2]>/<key>/`` holding ``features.npz`` and ``manifest.json``.
 
 - Local root: the entry is published by an atomic rename, so a reader never sees a
-  half-written entry.
+  half-written entry. Writers of one key coordinate through ``<root>/.locks/<key>.lock``
+  (:meth:`FeatureCache.lock`): the extract-features step holds it from the lookup to the
+  publish, so of two concurrent runs one computes and the other waits and gets a hit. A
+  killed writer leaves at most a hidden staging dir (``.<key>.<random>``, never trusted;
+  ``tlops gc`` removes it) and its lock is released by the kernel.
 - ``s3://bucket/prefix`` root: ``features.npz`` is uploaded first and ``manifest.json`` last;
   an entry is a hit only if its manifest exists, so an interrupted upload is never trusted.
-  Two writers of the same key upload the same content, so a second writer is harmless.
+  S3 has no locks: two concurrent writers of a key both compute it and upload the same
+  arrays (plain PUTs, each atomic, no delete in between), and every manifest names the key
+  as its content hash, so any manifest/data pair a reader sees is consistent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from tlops.artifacts import MANIFEST, is_finished, link_or_copy, publish_dir, read_artifact, write_artifact
 from tlops.hashing import hash_json
-from tlops.storage import S3Storage, is_s3, join
+from tlops.storage import S3Storage, file_lock, is_s3, join
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -49,6 +57,19 @@ class FeatureCache:
 
     def entry(self, key: str) -> Path | str:
         return join(self.root, key[:2], key)
+
+    def lock_path(self, key: str) -> Path | None:
+        return None if self.remote else Path(self.root) / ".locks" / f"{key}.lock"
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold the writer lock of ``key`` (local roots; a no-op on S3, see the module doc)."""
+        path = self.lock_path(key)
+        if path is None:
+            yield
+            return
+        with file_lock(path, what=f"feature cache entry {key[:16]} (another run is computing it)"):
+            yield
 
     def get(self, key: str) -> Path | str | None:
         p = self.entry(key)
@@ -76,16 +97,22 @@ class FeatureCache:
                 with write_artifact(staged, KIND, config={"key": key}) as w:
                     link_or_copy(features, w.path / FEATURES)
                     w.metadata = dict(meta, cache_key=key)
-                self.storage.upload_dir(staged, str(dst))  # features.npz first, manifest.json last
+                    w.content_hash = key  # the same in every writer's manifest
+                # features.npz first, manifest.json last; plain PUTs (no delete of a concurrent
+                # writer's objects): any manifest/data pair is a consistent entry
+                self.storage.upload_file(staged / FEATURES, str(join(dst, FEATURES)))
+                self.storage.upload_file(staged / MANIFEST, str(join(dst, MANIFEST)))
             log.info("feature cache: stored %s at %s", key[:16], dst)
             return dst
-        if is_finished(dst):
-            return dst
-        staging = dst.parent / f".{key}.{uuid.uuid4().hex[:8]}"
-        with write_artifact(staging, KIND, config={"key": key}) as w:
-            link_or_copy(features, w.path / FEATURES)
-            w.metadata = dict(meta, cache_key=key)
-        publish_dir(staging, dst)
+        with self.lock(key):  # re-entrant: the extract step already holds it
+            if is_finished(dst):
+                return dst
+            staging = dst.parent / f".{key}.{uuid.uuid4().hex[:8]}"
+            with write_artifact(staging, KIND, config={"key": key}) as w:
+                link_or_copy(features, w.path / FEATURES)
+                w.metadata = dict(meta, cache_key=key)
+                w.content_hash = key
+            publish_dir(staging, dst)
         log.info("feature cache: stored %s", key[:16])
         return dst
 

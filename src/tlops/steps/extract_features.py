@@ -1,7 +1,14 @@
-"""extract-features: backbone features for every split, through the content-addressed cache."""
+"""extract-features: backbone features for every split, through the content-addressed cache.
+
+With a local cache root, each cache key is computed under the cache's per-key lock (lookup,
+compute, publish): two runs started at once on the same data and model compute it once, the
+second waits and gets a hit. The artifact lists every cache key it used (``cache_keys``) so
+``tlops gc`` knows what kept runs reference.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -45,52 +52,62 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         ranking = _rank_candidates(cfg, ds, model, cache)
         chosen = ranking[0]
     key = cache_key(chosen["model_digest"], chosen["preprocessing"], ds.content_hash)
+    used = [key] + [cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train") for c in ranking or []]
     t0 = time.perf_counter()
-    hit = cfg.features.cache and cache.get(key) is not None
-    if hit:
-        log.info("extract-features: cache hit %s: backbone not run, features loaded from %s", key[:16], cache.entry(key))
-    else:
-        arrays = _compute(ds, model.path / chosen["path"], cfg.features.batch_size)
-    with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
+    with contextlib.ExitStack() as held:
+        if cfg.features.cache:
+            held.enter_context(cache.lock(key))  # held until the entry is published or fetched
+        hit = cfg.features.cache and cache.get(key) is not None
         if hit:
-            cache.fetch(key, w.path / "features.npz")
+            log.info("extract-features: cache hit %s: backbone not run, features loaded from %s", key[:16], cache.entry(key))
         else:
-            np.savez(w.path / "features.npz", **arrays)
-            if cfg.features.cache:
-                # local: hard link into an atomically published entry; S3: features.npz, then manifest.json
-                meta = {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash}
-                cache.put_file(key, w.path / "features.npz", meta)
-        if _stacking(cfg) and model.meta.get("candidates"):
-            _add_stack(w.path / "features.npz", ds, model, cache, cfg)
-        w.content_hash = key if not _stacking(cfg) else hash_json([key, "stack", model.content_hash])
-        with np.load(w.path / "features.npz", allow_pickle=False) as z:
-            shapes = {k: list(z[k].shape) for k in z.files}
-        w.metadata = {
-            "cache_key": key,
-            "cache": "hit" if hit else ("miss" if cfg.features.cache else "off"),
-            "model_digest": chosen["model_digest"],
-            "source": chosen["source"],
-            "source_bundle": chosen["path"],  # fine-tune trains this bundle of the pull-model artifact
-            "dataset_hash": ds.content_hash,
-            **({"source_ranking": ranking} if ranking else {}),
-            "shapes": shapes,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+            arrays = _compute(ds, model.path / chosen["path"], cfg.features.batch_size)
+        with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
+            if hit:
+                cache.fetch(key, w.path / "features.npz")
+            else:
+                np.savez(w.path / "features.npz", **arrays)
+                if cfg.features.cache:
+                    # local: hard link into an atomically published entry; S3: features.npz, then manifest.json
+                    meta = {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash}
+                    cache.put_file(key, w.path / "features.npz", meta)
+            held.close()  # the entry is published (or fetched): let other runs at it
+            if _stacking(cfg) and model.meta.get("candidates"):
+                used += _add_stack(w.path / "features.npz", ds, model, cache, cfg)
+            w.content_hash = key if not _stacking(cfg) else hash_json([key, "stack", model.content_hash])
+            with np.load(w.path / "features.npz", allow_pickle=False) as z:
+                shapes = {k: list(z[k].shape) for k in z.files}
+            w.metadata = {
+                "cache_key": key,
+                "cache": "hit" if hit else ("miss" if cfg.features.cache else "off"),
+                "model_digest": chosen["model_digest"],
+                "source": chosen["source"],
+                "source_bundle": chosen["path"],  # fine-tune trains this bundle of the pull-model artifact
+                "dataset_hash": ds.content_hash,
+                **({"source_ranking": ranking} if ranking else {}),
+                "shapes": shapes,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "cache_keys": sorted(set(used)) if cfg.features.cache else [],
+            }
     return Artifact(Path(out), w.manifest)
 
 
-def _add_stack(path: Path, ds: Dataset, model: Artifact, cache: FeatureCache, cfg: PipelineConfig) -> None:
-    """Add ``stack_<split>``: every candidate's features (each cached under its own key), concatenated."""
+def _add_stack(path: Path, ds: Dataset, model: Artifact, cache: FeatureCache, cfg: PipelineConfig) -> list[str]:
+    """Add ``stack_<split>``: every candidate's features (each cached under its own key),
+    concatenated; return the cache keys used."""
     parts: list[dict[str, np.ndarray]] = []
+    keys = []
     for c in model.meta["candidates"]:
         key = cache_key(c["model_digest"], c["preprocessing"], ds.content_hash)
-        if cfg.features.cache and cache.get(key) is not None:
-            parts.append(cache.load(key))
-        else:
-            arrays = _compute(ds, model.path / c["path"], cfg.features.batch_size)
-            if cfg.features.cache:
-                cache.put(key, arrays, {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash})
-            parts.append(arrays)
+        keys.append(key)
+        with cache.lock(key) if cfg.features.cache else contextlib.nullcontext():
+            if cfg.features.cache and cache.get(key) is not None:
+                parts.append(cache.load(key))
+            else:
+                arrays = _compute(ds, model.path / c["path"], cfg.features.batch_size)
+                if cfg.features.cache:
+                    cache.put(key, arrays, {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash})
+                parts.append(arrays)
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     for split in parts[0]:
@@ -100,6 +117,7 @@ def _add_stack(path: Path, ds: Dataset, model: Artifact, cache: FeatureCache, cf
     os.replace(tmp, path)  # a new file: features.npz may be a hard link into the cache, never write through it
     log.info("extract-features: stacked features of %d source models (%d dims)", len(parts),
              arrays[f"stack_{next(iter(parts[0]))}"].shape[1])
+    return keys
 
 
 def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: FeatureCache) -> list[dict]:
@@ -113,12 +131,14 @@ def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: F
     scored = []
     for c in model.meta["candidates"]:
         key = cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train")
-        if cfg.features.cache and cache.get(key) is not None:
-            f = cache.load(key)["train"]
-        else:
-            f = extract(load_backbone(model.path / c["path"]), train.x, cfg.features.batch_size, desc=f"rank {c['source']}")
-            if cfg.features.cache:
-                cache.put(key, {"train": f}, {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash, "split": "train"})
+        with cache.lock(key) if cfg.features.cache else contextlib.nullcontext():
+            if cfg.features.cache and cache.get(key) is not None:
+                f = cache.load(key)["train"]
+            else:
+                f = extract(load_backbone(model.path / c["path"]), train.x, cfg.features.batch_size, desc=f"rank {c['source']}")
+                if cfg.features.cache:
+                    meta = {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash, "split": "train"}
+                    cache.put(key, {"train": f}, meta)
         scored.append({**c, "score": round(logme(f, train.y), 6)})
     return rank_sources(scored)
 
