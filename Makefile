@@ -31,6 +31,12 @@ test-slow: $(STAMP) ## run only the slow tests
 bench: $(STAMP) ## feature-extraction benchmark (prints a table, writes bench/results/extract.md)
 	$(BIN)/python bench/extract.py
 
+perf: $(STAMP) ## performance vs the obvious code: extraction, cache, fine-tune vs Trainer, memory, scaling (bench/results/perf.md)
+	$(BIN)/python bench/perf.py
+
+gpu-bench: $(STAMP) ## the perf benchmark on one GPU (bf16, channels_last, torch.compile; < 8 min); exits 0 without a GPU
+	PYTHON=$(BIN)/python bash bench/gpu.sh
+
 compile: $(STAMP) ## compile the KFP pipeline for the demo target config (pipelines/transfer_learning/digits-target.yaml)
 	$(BIN)/tlops compile --config configs/digits_target.yaml --out pipelines/transfer_learning/digits-target.yaml
 
@@ -58,8 +64,16 @@ pipeline-kfp-local: $(STAMP) ## run the demo target pipeline through the compile
 	$(BIN)/tlops run --config configs/digits_source.yaml
 	$(BIN)/tlops run --runner kfp-local --config configs/digits_target.yaml
 
-mlflow-ui: $(STAMP) ## start the MLflow UI on the embedded store (http://127.0.0.1:5000)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.tlops/mlflow.db --host 127.0.0.1 --port 5000
+MLFLOW_PORT ?= 5000
+mlflow-ui: $(STAMP) ## start the MLflow UI on the embedded store .tlops/ (http://127.0.0.1:5000, or MLFLOW_PORT=...)
+	@mkdir -p .tlops
+	@test -f .tlops/mlflow.db || echo "note: .tlops/mlflow.db does not exist yet: run 'make pipeline-local' first"
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)/#/models  (store: sqlite:///$(CURDIR)/.tlops/mlflow.db; Ctrl-C stops it)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.tlops/mlflow.db --artifacts-destination $(CURDIR)/.tlops/mlartifacts \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+ui-test: $(STAMP) ## browser test: MLflow server + demo twice + headless Chromium on the model pages (apt-installs chromium)
+	$(BIN)/python -m pytest -m slow tests/test_ui_browser.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
@@ -72,4 +86,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench mlflow-ui lock clean
+.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf gpu-bench mlflow-ui ui-test lock clean

@@ -196,25 +196,76 @@ def data_version(
     typer.echo("config:\n" + yaml.safe_dump({"data": {"dvc": ref}}, sort_keys=False), nl=False)
 
 
+TRACKING_URI = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI")
+WORKDIR = typer.Option(Path(".tlops"), help="workdir of the embedded MLflow store (if no tracking URI)")
+
+
+def _use_registry(tracking_uri: Optional[str], workdir: Path) -> None:
+    from tlops.tracking.setup import embedded_uri, use_store
+
+    if not tracking_uri and not (workdir / "mlflow.db").is_file():
+        raise TlopsError(f"no MLflow store at {workdir.resolve() / 'mlflow.db'}: pass --workdir (the pipeline's workdir) "
+                         "or set MLFLOW_TRACKING_URI")
+    use_store(tracking_uri or embedded_uri(workdir.resolve()))
+
+
 @app.command()
 def promote(
     model: str = typer.Argument(..., help="registered model name"),
     version: str = typer.Argument(..., help="version to make champion"),
-    reason: Optional[str] = typer.Option(None, help="why (stored as a tag)"),
-    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI"),
-    workdir: Path = typer.Option(Path(".tlops"), help="workdir of the embedded MLflow store (if no tracking URI)"),
+    reason: Optional[str] = typer.Option(None, help="why (stored with who and when as tag tlops.promoted)"),
+    force: bool = typer.Option(False, "--force", help="promote even if the version's gates failed (validation_status not 'passed')"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    workdir: Path = WORKDIR,
 ) -> None:
-    """Move the 'champion' alias to a version (the old one stays as 'previous-champion')."""
-    from tlops.tracking.registry import promote as do_promote
-    from tlops.tracking.setup import embedded_uri, use_store
+    """Move the 'champion' alias to a version (the old one stays as 'previous-champion').
 
-    use_store(tracking_uri or embedded_uri(workdir.resolve()))
-    res = do_promote(model, version, reason=reason)
+    Refuses a version whose validation_status tag is not 'passed' unless --force.
+    """
+    from tlops.tracking.registry import promote as do_promote
+
+    _use_registry(tracking_uri, workdir)
+    res = do_promote(model, version, reason=reason, force=force)
     if res["changed"]:
         prev = f" (previous champion: v{res['previous']})" if res["previous"] else ""
-        typer.echo(f"{model}: champion -> v{version}{prev}")
+        forced = " [forced: gates failed]" if res["forced"] else ""
+        typer.echo(f"{model}: champion -> v{res['champion']}{prev}{forced}")
     else:
-        typer.echo(f"{model}: v{version} is already champion")
+        typer.echo(f"{model}: v{res['champion']} is already champion")
+
+
+@app.command()
+def rollback(
+    model: str = typer.Argument(..., help="registered model name"),
+    reason: Optional[str] = typer.Option(None, help="why (stored with who and when as tag tlops.rolled_back)"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    workdir: Path = WORKDIR,
+) -> None:
+    """Swap 'champion' and 'previous-champion' (undo the last promotion)."""
+    from tlops.tracking.registry import rollback as do_rollback
+
+    _use_registry(tracking_uri, workdir)
+    res = do_rollback(model, reason=reason)
+    prev = f" (previous champion: v{res['previous']})" if res["previous"] else ""
+    typer.echo(f"{model}: rolled back, champion -> v{res['champion']}{prev}")
+
+
+@app.command()
+def compare(
+    model: str = typer.Argument(..., help="registered model name"),
+    version_a: str = typer.Argument(..., help="first version"),
+    version_b: str = typer.Argument(..., help="second version"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML report path (default: compare-<model>-<a>-<b>.html)"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    workdir: Path = WORKDIR,
+) -> None:
+    """Compare two versions side by side (metrics, strategy, source, data, gates, aliases) + an HTML report."""
+    from tlops.tracking.compare import compare as do_compare
+
+    _use_registry(tracking_uri, workdir)
+    text, path = do_compare(model, version_a, version_b, out or Path(f"compare-{model}-{version_a}-{version_b}.html"))
+    typer.echo(text)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
@@ -227,6 +278,20 @@ def demo(
     from tlops.demo import run_demo
 
     run_demo(source_config, target_config, set_ or [])
+
+
+@app.command()
+def gc(
+    keep: int = typer.Option(..., "--keep", "-k", help="how many of the newest runs to keep (runs in progress are always kept)"),
+    workdir: Path = typer.Option(Path(".tlops"), "--workdir", help="the tlops workdir to prune"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="local feature cache root (default: <workdir>/cache/features)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what would be deleted, delete nothing"),
+) -> None:
+    """Prune old runs, their step outputs and feature cache entries no kept run uses (never what a running pipeline holds)."""
+    from tlops.gc import collect
+
+    for line in collect(workdir, keep, cache_dir=cache_dir, dry_run=dry_run).lines():
+        typer.echo(line)
 
 
 def _compile_pipeline(cfg, out: Path) -> Path:

@@ -1,7 +1,11 @@
 """register: log the selected model as an MLflow pyfunc, register a version, set aliases.
 
 Idempotent: a model whose digest is already registered under the same name is not
-registered again; the existing version is reused (and re-aliased).
+registered again; the existing version is reused (and re-aliased). Two registrations racing
+(two processes) settle on the lowest version after the fact (``registry.settle_duplicate``).
+
+The version's description is what a reviewer reads on its MLflow page: metrics against the
+current champion, gates, data and source lineage, and links to the evaluation artifacts.
 """
 
 from __future__ import annotations
@@ -52,21 +56,85 @@ def _source_used(source: Artifact, trained: Artifact) -> tuple[str, str]:
     return trained.meta.get("source", source.meta["source"]), trained.meta.get("source_digest", source.meta["model_digest"])
 
 
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return ""
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def _champion_summary(report: dict[str, Any], version: str | None) -> tuple[list[str], str]:
+    """The 'this version vs champion' table and a sentence on the comparison."""
+    m, ch = report["metrics"], report.get("champion")
+    comparable = bool(ch and ch.get("comparable"))
+    this = f"this version (`{report['selected']}`)"
+    if comparable and str(ch["version"]) == str(version):
+        comparable, note = False, f"This version is the current champion (v{ch['version']})."
+    elif comparable:
+        delta = m["accuracy"] - ch["accuracy"]
+        verdict = "better" if delta > 0 else "worse" if delta < 0 else "equal"
+        note = (f"Champion comparison: current `champion` v{ch['version']} scores {ch['accuracy']:.4f} accuracy on the same "
+                f"test split ({report['test_size']} samples); this version scores {m['accuracy']:.4f} ({delta:+.4f}, {verdict}).")
+    elif ch:
+        note = f"Champion comparison: champion v{ch['version']} is not comparable ({ch.get('reason')})."
+    else:
+        note = "Champion comparison: there is no `champion` yet."
+    head = [f"| metric | {this} | champion v{ch['version']} | change |" if comparable else f"| metric | {this} |",
+            "|---|---|---|---|" if comparable else "|---|---|"]
+    rows = [("target accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("ECE (lower is better)", "ece")]
+    body = [f"| {label} | {m[k]:.4f} | {ch[k]:.4f} | {m[k] - ch[k]:+.4f} |" if comparable else f"| {label} | {m[k]:.4f} |"
+            for label, k in rows]
+    gain = _fmt(m["gain_over_scratch"], signed=True) or "not measured"
+    body.append(f"| gain over from-scratch | {gain} | | |" if comparable else f"| gain over from-scratch | {gain} |")
+    return head + body, note
+
+
+def _artifact_links(experiment_id: str | None, run_id: str | None) -> list[str]:
+    """Links that work in the MLflow UI serving this registry (relative to its page, any host or prefix)."""
+    if not run_id:
+        return ["Artifacts: `evaluation/report.md`, `evaluation/confusion_matrix.png` in this version's run."]
+    page = f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/evaluation"
+    raw = f"get-artifact?path=evaluation%2Fconfusion_matrix.png&run_uuid={run_id}"
+    return [
+        f"Artifacts (run `{run_id}`): [confusion matrix]({page}/confusion_matrix.png) · "
+        f"[evaluation report]({page}/report.md) · [report.json]({page}/report.json) · [confusion matrix image]({raw})",
+        "",
+        f"![confusion matrix of the selected model]({raw})",
+    ]
+
+
 def _description(cfg: PipelineConfig, report: dict[str, Any], ds: Dataset, source: Artifact, strategy: str,
-                 trained: Artifact) -> str:
+                 trained: Artifact, *, version: str | None = None, experiment_id: str | None = None,
+                 run_id: str | None = None) -> str:
     gates = report["gates"]
     src, digest = _source_used(source, trained)
-    return "\n".join([
+    table, champion = _champion_summary(report, version)
+    ch = report.get("champion")
+    vs = f" (champion v{ch['version']}: {ch['accuracy']:.4f})" if ch and ch.get("comparable") and str(ch["version"]) != str(version) else ""
+    return "\n".join([  # the first line is the preview in the UI's version list: plain text
+        f"{cfg.name} · {strategy} · test accuracy {report['metrics']['accuracy']:.4f}{vs} · "
+        f"validation {'passed' if gates['passed'] else 'failed'}",
+        "",
         f"**{cfg.name}**: strategy `{strategy}` on source `{src}` (digest `{digest[:12]}`).",
+        "",
+        *table,
+        "",
+        champion,
+        "",
+        f"Validation: **{'passed' if gates['passed'] else 'failed'}**: {'; '.join(gates['reasons'])}",
+        "",
+        f"Data: `{ds.data_hash[:16]}` ({ds.artifact.meta['source']}, splits {ds.artifact.meta['counts']})",
+        *_dvc_line(ds.artifact.meta.get("data_version") or {}),
+        "",
+        f"Source model: `{src}` (digest `{digest[:16]}`); strategy: `{strategy}`",
+        "",
+        "All strategies and baselines on the test split:",
         "",
         metrics_table(report),
         "",
         f"Gain over from-scratch: {report['metrics']['gain_over_scratch']:+.4f}" if report["metrics"]["gain_over_scratch"] is not None
         else f"Gain over from-scratch: not measured ({report['scratch_baseline']})",
-        f"Validation: **{'passed' if gates['passed'] else 'failed'}**: {'; '.join(gates['reasons'])}",
-        f"Data: `{ds.data_hash[:16]}` ({ds.artifact.meta['source']}, splits {ds.artifact.meta['counts']})",
-        *_dvc_line(ds.artifact.meta.get("data_version") or {}),
-        "Artifacts: `evaluation/report.md`, `evaluation/confusion_matrix.png` in this version's run.",
+        "",
+        *_artifact_links(experiment_id, run_id),
     ])
 
 
@@ -97,7 +165,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         "tlops.strategy": strategy,
         "validation_status": "passed" if report["gates"]["passed"] else "failed: " + "; ".join(report["gates"]["reasons"]),
     }
-    existing = registry.find_version_by_tag(name, "tlops.model_digest", digest)
+    existing = registry.find_version_by_tag(name, registry.DIGEST_TAG, digest)
     standalone = mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID")
     with pipeline_run(cfg, run_name=f"{cfg.name}-register") as run:
         if standalone:  # run as its own process (KFP, compose, DVC): record the lineage here
@@ -120,13 +188,18 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                 signature=signature,
                 input_example=example,
                 pip_requirements=_requirements(),
-                registered_model_name=name,
             )
-            version, reused = str(info.registered_model_version), False
+            # the digest tag is set when the version is created, so a concurrent registration sees it
+            mv = mlflow.register_model(info.model_uri, name, tags={registry.DIGEST_TAG: digest})
+            version, reused = registry.settle_duplicate(name, str(mv.version), digest)
         c = registry.client()
+        mv = c.get_model_version(name, version)
+        version_run = c.get_run(mv.run_id) if mv.run_id else None
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)
-        c.update_model_version(name, version, description=_description(cfg, report, ds, source, strategy, trained))
+        c.update_model_version(name, version, description=_description(
+            cfg, report, ds, source, strategy, trained, version=version, run_id=mv.run_id,
+            experiment_id=version_run.info.experiment_id if version_run else None))
         c.set_registered_model_alias(name, registry.CHALLENGER, version)
         promoted = False
         if cfg.register.auto_promote and report["gates"]["passed"]:

@@ -1,9 +1,18 @@
-"""MLflow model registry: log + register a version, aliases, promotion, champion lookup."""
+"""MLflow model registry: aliases, promotion with gate checks, rollback, champion lookup.
+
+Aliases: ``challenger`` (the latest registration), ``champion`` (what serves), and
+``previous-champion`` (what ``champion`` pointed at before the last promotion, so a rollback is
+one command). Every promotion and rollback writes who/when/why on the version it moved
+``champion`` to (tags ``tlops.promoted`` / ``tlops.rolled_back``) and appends a line to the
+registered model's ``tlops.history`` tag.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,6 +21,8 @@ from tlops.errors import TlopsError
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+VALIDATION_TAG, DIGEST_TAG, HISTORY_TAG = "validation_status", "tlops.model_digest", "tlops.history"
+HISTORY_MAX_CHARS = 4000  # MLflow caps tag values (5000 chars on older servers); oldest lines go first
 
 
 def client():
@@ -29,17 +40,39 @@ def get_alias(name: str, alias: str):
         return None
 
 
-def find_version_by_tag(name: str, key: str, value: str):
+def versions(name: str) -> list:
+    """All versions of a registered model (empty if it does not exist), lowest version first."""
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client().search_model_versions(f"name = '{name}'")
+        found = client().search_model_versions(f"name = '{name}'")
     except MlflowException:
-        return None
-    for mv in versions:
-        if mv.tags.get(key) == value:
-            return mv
-    return None
+        return []
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+def find_version_by_tag(name: str, key: str, value: str):
+    """The lowest version of ``name`` whose tag ``key`` equals ``value``, or None."""
+    return next((mv for mv in versions(name) if mv.tags.get(key) == value), None)
+
+
+def settle_duplicate(name: str, version: str, digest: str) -> tuple[str, bool]:
+    """After registering ``version`` with tag ``tlops.model_digest=digest``: keep one version per digest.
+
+    Two registrations of the same model can both pass the "already registered?" check before
+    either creates its version (two processes, or two KFP runs). Every version is created with its
+    digest tag, so after creating one, the lowest version holding the digest wins: if it is not
+    ours, ours is deleted and the winner reused. Works on any registry backend, no lock needed.
+    Returns (version to use, whether an older version was reused).
+    """
+    same = [mv for mv in versions(name) if mv.tags.get(DIGEST_TAG) == digest]
+    winner = str(same[0].version) if same else str(version)
+    if int(winner) < int(version):
+        client().delete_model_version(name, str(version))
+        log.info("register: %s v%s holds the same model (digest %s, registered concurrently): deleted v%s, reusing v%s",
+                 name, winner, digest[:12], version, winner)
+        return winner, True
+    return str(version), False
 
 
 @contextmanager
@@ -57,23 +90,86 @@ def champion_bundle(name: str) -> Iterator[tuple[Any, Path] | None]:
         yield (mv, bundles[0]) if bundles else None
 
 
-def promote(name: str, version: str, *, reason: str | None = None) -> dict[str, Any]:
-    """Move ``champion`` to ``version``; the old champion stays reachable as ``previous-champion``."""
+def who() -> str:
+    """The user recorded on promotions: ``TLOPS_USER`` (CI, pipelines), else the login name."""
     import getpass
-    import time
 
+    user = os.environ.get("TLOPS_USER")
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return f"uid-{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _stamp(reason: str | None) -> str:
+    """'<user> <UTC time> <reason>': the who/when/why of a registry change."""
+    return f"{who()} {_now()} {reason or '(no reason given)'}"
+
+
+def _append_history(name: str, line: str) -> None:
+    rm = client().get_registered_model(name)
+    lines = (rm.tags.get(HISTORY_TAG) or "").splitlines() + [line]
+    while len(lines) > 1 and len("\n".join(lines)) > HISTORY_MAX_CHARS:
+        lines.pop(0)
+    client().set_registered_model_tag(name, HISTORY_TAG, "\n".join(lines)[-HISTORY_MAX_CHARS:])
+
+
+def _get_version(name: str, version: str, action: str):
     from mlflow.exceptions import MlflowException
 
-    c = client()
     try:
-        c.get_model_version(name, str(version))
+        return client().get_model_version(name, str(version))
     except MlflowException as e:
-        raise TlopsError(f"cannot promote {name} version {version}: {e.message}") from None
+        raise TlopsError(f"cannot {action} {name} version {version}: {e.message}") from None
+
+
+def promote(name: str, version: str, *, reason: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Move ``champion`` to ``version``; the old champion stays reachable as ``previous-champion``.
+
+    Refuses a version whose ``validation_status`` tag is not ``passed`` (its gates failed, or it
+    was not registered by tlops) unless ``force``.
+    """
+    c = client()
+    mv = _get_version(name, version, "promote")
+    version = str(mv.version)
+    status = mv.tags.get(VALIDATION_TAG)
     old = get_alias(name, CHAMPION)
-    if old is not None and str(old.version) == str(version):
-        return {"model": name, "champion": str(version), "previous": None, "changed": False}
+    if old is not None and str(old.version) == version:
+        return {"model": name, "champion": version, "previous": None, "changed": False, "forced": False}
+    if status != "passed" and not force:
+        shown = f"'{status}'" if status else "missing"
+        raise TlopsError(f"refusing to promote {name} v{version}: validation_status is {shown}, not 'passed'; "
+                         "fix the model or promote anyway with --force")
+    forced = status != "passed"
     if old is not None:
         c.set_registered_model_alias(name, PREVIOUS, old.version)
-    c.set_registered_model_alias(name, CHAMPION, str(version))
-    c.set_model_version_tag(name, str(version), "tlops.promoted", f"{getpass.getuser()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {reason or ''}".strip())
-    return {"model": name, "champion": str(version), "previous": str(old.version) if old else None, "changed": True}
+    c.set_registered_model_alias(name, CHAMPION, version)
+    note = f" [forced: validation_status {status or 'missing'}]" if forced else ""
+    stamp = _stamp(reason) + note
+    c.set_model_version_tag(name, version, "tlops.promoted", stamp)
+    _append_history(name, f"promote v{version} (previous champion: {'v' + str(old.version) if old else 'none'}) by {stamp}")
+    return {"model": name, "champion": version, "previous": str(old.version) if old else None, "changed": True, "forced": forced}
+
+
+def rollback(name: str, *, reason: str | None = None) -> dict[str, Any]:
+    """Swap ``champion`` and ``previous-champion`` (undo the last promotion)."""
+    c = client()
+    prev = get_alias(name, PREVIOUS)
+    if prev is None:
+        raise TlopsError(f"cannot roll back {name}: it has no '{PREVIOUS}' alias (nothing was promoted over another champion)")
+    cur = get_alias(name, CHAMPION)
+    c.set_registered_model_alias(name, CHAMPION, prev.version)
+    if cur is not None:
+        c.set_registered_model_alias(name, PREVIOUS, cur.version)
+    else:
+        c.delete_registered_model_alias(name, PREVIOUS)
+    stamp = _stamp(reason)
+    c.set_model_version_tag(name, str(prev.version), "tlops.rolled_back", f"{stamp} (from v{cur.version})" if cur else stamp)
+    _append_history(name, f"rollback to v{prev.version} (from {'v' + str(cur.version) if cur else 'no champion'}) by {stamp}")
+    return {"model": name, "champion": str(prev.version), "previous": str(cur.version) if cur else None}
