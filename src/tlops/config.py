@@ -261,7 +261,9 @@ class TrainConfig(_Strict):
     probe_lr: float = Field(0.05, gt=0)
     patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")
     augment: bool = Field(False, description="images: random shifts during fine-tuning")
-    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    threads: Optional[int] = Field(
+        None, ge=1, description="torch CPU threads (default: fine-tuning uses the CPUs not busy with other processes)"
+    )
     distributed: Literal["none", "ddp"] = Field(
         "none", description="ddp = data-parallel fine-tuning under torchrun (NCCL on GPU, gloo on CPU); "
         "train.batch_size stays the global batch (see tlops.training.distributed)",

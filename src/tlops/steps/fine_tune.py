@@ -37,6 +37,13 @@ def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    """``train.distributed: ddp``: relaunched under torchrun (rank 0 writes ``out``); else in-process."""
+    from tlops.training import distributed
+
+    return distributed.run_step(cfg, inputs, out, _run)
+
+
+def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
     ds = Dataset(inputs["dataset"])
     feat_meta = inputs["features"].meta
     src = inputs["model"].path / feat_meta.get("source_bundle", "model")  # the selected source candidate
