@@ -122,6 +122,7 @@ def test_two_processes_local_cache_one_computes_other_waits(tmp_path):
     assert sum("got feature cache entry" in text for text in logs) == 2
 
 
+@pytest.mark.slow
 def test_two_processes_s3_cache_compute_identically(s3, tmp_path):
     from s3srv import BUCKET
 

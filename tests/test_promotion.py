@@ -213,6 +213,7 @@ main()
 """
 
 
+@pytest.mark.slow  # two real register processes (~70 s on 2 busy cores)
 def test_concurrent_registration_creates_one_version(reg, tmp_path):
     """Two `tlops step register` processes on the same model at the same time: one version."""
     import mlflow

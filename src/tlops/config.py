@@ -262,7 +262,7 @@ class TrainConfig(_Strict):
     patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")
     augment: bool = Field(False, description="images: random shifts during fine-tuning")
     threads: Optional[int] = Field(
-        None, ge=1, description="torch CPU threads (default: fine-tuning uses the CPUs not busy with other processes)"
+        None, ge=1, description="torch CPU threads (default: the usable CPUs; pin 1 on cores shared with other busy processes)"
     )
     distributed: Literal["none", "ddp"] = Field(
         "none", description="ddp = data-parallel fine-tuning under torchrun (NCCL on GPU, gloo on CPU); "

@@ -27,7 +27,7 @@ batches hold sentences of similar length, so dynamic padding wastes little compu
 
 Speed of the loop (bench/perf.py measures each against transformers.Trainer / a plain loop):
 length-grouped text batches (above); the fused AdamW kernel (:meth:`Context.adamw_kwargs`);
-torch threads = the free CPUs when ``train.threads`` is unset (:func:`auto_threads`); no
+torch threads = the usable CPUs (affinity, cgroup quota) when ``train.threads`` is unset (:func:`auto_threads`); no
 per-step ``.item()`` (losses are summed on the device, one sync per epoch); validation under
 ``torch.inference_mode`` in length-sorted batches.
 
@@ -45,7 +45,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -172,7 +171,8 @@ class Context:
 
     def adamw_kwargs(self) -> dict[str, Any]:
         """The fused AdamW kernel (one pass over all parameters) on CPU and CUDA; the
-        default per-tensor loop is ~10x slower per step on CPU for a 22M-parameter model."""
+        default per-tensor loop took several times longer per step on CPU for a 22M-parameter model
+        (1.1 s vs 10 s for 33M parameters on 2 busy cores; bench/perf.py measures the whole loop)."""
         return {"fused": True} if self.device.type in ("cpu", "cuda") else {}
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -230,36 +230,19 @@ def usable_cpus() -> tuple[int, bool]:
     return n, False
 
 
-def _others_running(samples: int = 10, interval: float = 0.01) -> float:
-    """Runnable threads of other processes right now (``procs_running`` in /proc/stat, less this one)."""
-    vals = []
-    for _ in range(samples):
-        try:
-            for line in Path("/proc/stat").read_text().split("\n"):
-                if line.startswith("procs_running"):
-                    vals.append(int(line.split()[1]) - 1)
-                    break
-        except OSError:
-            return 0.0
-        time.sleep(interval)
-    return float(np.median(vals)) if vals else 0.0
-
-
 def auto_threads() -> int:
     """torch CPU threads when ``train.threads`` is unset: the CPUs this process may use
-    (affinity mask, cgroup CPU quota) less the ones other processes keep busy (never < 1).
+    (affinity mask, cgroup CPU quota; never < 1).
 
-    torch's default (one thread per core) collapses when the cores are shared: its worker
-    threads wait on each other at every parallel region while one of them is descheduled, so
-    2 threads on 2 busy cores run 2-5x *slower* than 1. Without a cgroup quota, other
-    processes compete for our cores, so busy cores are subtracted. Decided once per process
-    (repeated runs in one process use the same count); set ``train.threads`` to pin it."""
+    The count never depends on the current load: a different thread count changes the order
+    of floating-point reductions, so the same seed would give a different model (and model
+    digest) from run to run. On cores shared with other busy processes, torch's threads wait
+    on each other at every parallel region (2 threads on 2 busy cores can run 2-5x slower
+    than 1): pin ``train.threads: 1`` there (``bench/perf.py`` measures it)."""
     global _AUTO_THREADS
     if _AUTO_THREADS is None:
-        n, quota = usable_cpus()
-        if not quota:
-            n = max(1, min(n, int((os.cpu_count() or n) - _others_running() + 0.5)))
-        _AUTO_THREADS = n
+        n, _quota = usable_cpus()
+        _AUTO_THREADS = max(1, n)
         log.info("train.threads unset: using %d torch thread(s) (%d usable CPUs)", n, usable_cpus()[0])
     return _AUTO_THREADS
 
