@@ -65,8 +65,8 @@ SECTIONS = ("extract", "cache", "finetune", "memory", "scaling")
 
 # Sizes: full run / --quick.
 SIZES = {
-    "full": {"uci": 480, "blitzer": 64, "mnist": 2000, "usps": 2000, "hymenoptera": 397,
-             "ft_train": 384, "ft_val": 200, "ft_epochs": 2, "cnn_train": 1536, "cnn_val": 512, "cnn_epochs": 2,
+    "full": {"uci": 320, "blitzer": 64, "mnist": 1024, "usps": 1024, "hymenoptera": 397,
+             "ft_train": 320, "ft_val": 160, "ft_epochs": 2, "cnn_train": 1024, "cnn_val": 512, "cnn_epochs": 2,
              "mem_text": 300, "mem_image": 1000, "scale_text": 96, "scale_image": 256, "scale_ft_text": 48,
              "scale_ft_cnn": 128, "e2e_epochs": 6, "mem_configs": ("demo", "text"), "mem_stream": ("text", "image")},
     # --device cuda (bench/gpu.sh): larger, so that a GPU pass takes more than start-up overheads
@@ -398,17 +398,14 @@ def image_flops_per_item(backbone, x) -> float:
     return fc.get_total_flops() / 8
 
 
-AUTO = "tlops + auto threads"  # ablation: extract() under tlops.training.distributed.auto_threads()
+ONE = "tlops, 1 thread"  # ablation: extract() with torch.set_num_threads(1) (what train.threads: 1 pins for fine-tuning)
 
 
-def with_auto_threads(fn):
-    """What extract() would do if it picked threads like fine_tune does (not the library's behaviour today)."""
+def with_one_thread(fn):
     import torch
 
-    from tlops.training.distributed import auto_threads
-
     old = torch.get_num_threads()
-    torch.set_num_threads(auto_threads())
+    torch.set_num_threads(1)
     try:
         return fn()
     finally:
@@ -453,7 +450,7 @@ def bench_extract(args, sz) -> dict[str, Any]:
         print(f"[extract] {label}: {len(texts)} items", flush=True)
         sides = {"naive": naive_text, "tlops": lambda t: extract(tl, t, TEXT_BS, desc="perf")}
         if args.ablation and dev == "cpu":
-            sides[AUTO] = lambda t: with_auto_threads(lambda: extract(tl, t, TEXT_BS, desc="perf"))
+            sides[ONE] = lambda t: with_one_thread(lambda: extract(tl, t, TEXT_BS, desc="perf"))
         r = interleave_chunked(label, sides, texts, 5 * TEXT_BS, args.repeats, warmup=texts[:TEXT_BS])
         diff = float(np.abs(r["outs"]["naive"][-1] - r["outs"]["tlops"][-1]).max())
         lens = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]])
@@ -496,7 +493,7 @@ def bench_extract(args, sz) -> dict[str, Any]:
         print(f"[extract] {label}: {len(x)} items", flush=True)
         sides = {"naive": naive_img, "tlops": lambda xs: extract(il, xs, IMAGE_BS, desc="perf")}
         if args.ablation and dev == "cpu":
-            sides[AUTO] = lambda xs: with_auto_threads(lambda: extract(il, xs, IMAGE_BS, desc="perf"))
+            sides[ONE] = lambda xs: with_one_thread(lambda: extract(il, xs, IMAGE_BS, desc="perf"))
         r = interleave_chunked(label, sides, x, 4 * IMAGE_BS, args.repeats, warmup=x[:IMAGE_BS])
         diff = float(np.abs(r["outs"]["naive"][-1] - r["outs"]["tlops"][-1]).max())
         fi = image_flops_per_item(ib, x)
@@ -518,9 +515,9 @@ def _extract_row(label, n, r, useful, executed, diff, note) -> dict[str, Any]:
         row[side] = {"items_s": n / t, "useful_gflops": useful / t / 1e9, "executed_gflops": executed[side] / t / 1e9}
     row["ratio"] = row["tlops"]["items_s"] / row["naive"]["items_s"]
     row["cpu_seconds"] = {k: med(v) for k, v in r["cpu"].items()}
-    if AUTO in s:
-        row["auto_threads_items_s"] = n / med(s[AUTO])
-        row["auto_threads_ratio"] = row["auto_threads_items_s"] / row["naive"]["items_s"]
+    if ONE in s:
+        row["one_thread_items_s"] = n / med(s[ONE])
+        row["one_thread_ratio"] = row["one_thread_items_s"] / row["naive"]["items_s"]
     print(f"  -> {label}: naive {row['naive']['items_s']:.1f}/s, tlops {row['tlops']['items_s']:.1f}/s, "
           f"{row['ratio']:.2f}x; useful GFLOP/s {row['naive']['useful_gflops']:.1f} vs {row['tlops']['useful_gflops']:.1f}; "
           f"max |diff| {diff:.1e}", flush=True)
@@ -775,8 +772,7 @@ def bench_finetune(args, sz) -> dict[str, Any]:
                 distributed.MEGABATCH = old
 
         abl = {"tlops fine_tune": sides["tlops fine_tune"], "tlops without length grouping": no_grouping,
-               "tlops, threads pinned to torch default": lambda: _tlops_ft(
-                   clf0, train, val, tcfg.model_copy(update={"threads": DEFAULT_THREADS})),
+               "tlops, train.threads=1": lambda: _tlops_ft(clf0, train, val, tcfg.model_copy(update={"threads": 1})),
                "Trainer, group_by_length": lambda: trainer_ft(False, "group_by_length")}
         print(f"[finetune] ablation: {label}", flush=True)
         r = interleave("finetune-textablation", abl, max(2, args.repeats - 1), ntr * epochs)
@@ -843,8 +839,7 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     print(f"[finetune] {label}", flush=True)
     csides = {"tlops fine_tune": lambda: _tlops_ft(cclf0, ctrain, cval, ccfg), "plain PyTorch loop": plain_loop}
     if args.ablation:
-        csides["tlops, threads pinned to torch default"] = lambda: _tlops_ft(
-            cclf0, ctrain, cval, ccfg.model_copy(update={"threads": DEFAULT_THREADS}))
+        csides["tlops, train.threads=1"] = lambda: _tlops_ft(cclf0, ctrain, cval, ccfg.model_copy(update={"threads": 1}))
     r = interleave("finetune-cnn", csides, args.repeats, ntr * epochs)
     res["cnn"] = _ft_summary(label, r, ntr * epochs, CNN_TARGET_ACC, "tlops fine_tune")
     return res
@@ -1076,11 +1071,11 @@ def markdown(args, info, res, total) -> str:
                f"start, {e['peak_end']['float32']['best_gflops']:.0f} at end (median {e['peak']['float32']['median_gflops']:.0f}); "
                f"% of peak below uses {peak:.0f}. Other processes: {_other_share('text:')} (text), {_other_share('image:')} (image).",
                "",
-               "| workload | n | naive items/s | tlops items/s | speedup | ablation: + auto threads | CPU-s naive / tlops "
+               "| workload | n | naive items/s | tlops items/s | speedup | ablation: tlops, 1 thread | CPU-s naive / tlops "
                "| useful GFLOP/s naive / tlops | tlops % of peak | executed GFLOP naive / tlops | max abs diff |",
                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in e["rows"]:
-            auto = (f"{r['auto_threads_items_s']:,.1f} ({r['auto_threads_ratio']:.2f}x)" if "auto_threads_items_s" in r else "—")
+            auto = (f"{r['one_thread_items_s']:,.1f} ({r['one_thread_ratio']:.2f}x)" if "one_thread_items_s" in r else "—")
             md.append(f"| {r['workload']} ({r['note']}) | {r['n']:,} | {r['naive']['items_s']:,.1f} | {r['tlops']['items_s']:,.1f} | "
                       f"**{r['ratio']:.2f}x** | {auto} | {r['cpu_seconds']['naive']:.1f} / {r['cpu_seconds']['tlops']:.1f} | "
                       f"{r['naive']['useful_gflops']:.1f} / {r['tlops']['useful_gflops']:.1f} | "
@@ -1092,8 +1087,9 @@ def markdown(args, info, res, total) -> str:
                "naive = file order, `tokenizer(..., padding='max_length', max_length=128)` / torchvision-style contiguous NCHW "
                "tensors, `torch.no_grad()`; tlops = `tlops.features.extract.extract` (length-sorted batches, per-batch padding, "
                "`inference_mode`, the channels-last view `prepare` makes), at torch's default thread count like the naive loop; "
-               "the ablation column runs the same `extract()` with `tlops.training.distributed.auto_threads()` (what fine-tuning "
-               "uses; extraction does not do this yet). Useful FLOPs count each item at its own length "
+               "the ablation column runs the same `extract()` with `torch.set_num_threads(1)` (on cores shared with other busy "
+               "processes torch's threads wait on each other; `train.threads: 1` pins this for fine-tuning). "
+               "Useful FLOPs count each item at its own length "
                "(no padding); executed FLOPs count what each side ran (padding included). FLOPs: `FlopCounterMode`, eager attention.",
                ""]
     if "cache" in res:

@@ -192,6 +192,36 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float, float | None, float]:
     return out, dt, other, cpu
 
 
+# --------------------------------------------------------------------------- progress (survives a killed run)
+
+
+class Progress:
+    """Every finished (setting, task, method, seed) result is written at once to ``<out>.partial.json``;
+    with ``--resume`` a rerun with the same hyper-parameters reuses them instead of training again."""
+
+    def __init__(self, path: Path | None, hp: dict[str, Any], resume: bool):
+        self.path, self.hp, self.done = path, hp, {}
+        if path is not None and resume and path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("hyperparameters") != hp:
+                raise SystemExit(f"--resume: {path} was written with other hyper-parameters; delete it or match them")
+            self.done = old["done"]
+            print(f"resuming: {len(self.done)} finished results from {path}", flush=True)
+
+    def get(self, *key: Any) -> dict[str, Any] | None:
+        return self.done.get("|".join(map(str, key)))
+
+    def put(self, res: dict[str, Any], *key: Any) -> None:
+        self.done["|".join(map(str, key))] = res
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"hyperparameters": self.hp, "done": self.done}))
+            os.replace(tmp, self.path)
+
+
+PROGRESS = Progress(None, {}, False)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -389,6 +419,11 @@ def run_cross(setting: str, pairs: list[str], seeds: list[int], methods: list[st
                 S.features[s_tr], S.y[s_tr], S.features[s_val], S.y[s_val], 2, TrainConfig(), seed))
             ctx["probe_head"] = p_head
             for method in methods:
+                done = PROGRESS.get(setting, pair, method, seed)
+                if done is not None:
+                    runs[pair][method].append(done)
+                    print(f"[{setting}] {ARROW[pair]} seed {seed} {method:12s} acc {done['acc'] * 100:5.1f} (from the partial file)", flush=True)
+                    continue
                 try:
                     if method == "frozen-probe":
                         res = {"acc": head_acc(p_head, T.features[t_te], T.y[t_te]), "seconds": p_dt, "other_cpu": p_other,
@@ -404,6 +439,7 @@ def run_cross(setting: str, pairs: list[str], seeds: list[int], methods: list[st
                     continue
                 res["seed"] = seed
                 runs[pair][method].append(res)
+                PROGRESS.put(res, setting, pair, method, seed)
                 print(f"[{setting}] {ARROW[pair]} seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  "
                       f"src-val {res.get('source_val_acc', float('nan')) * 100:5.1f}  {res['seconds']:6.1f}s [{res['cpu_seconds']:.0f} CPU s] "
                       f"(other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)", flush=True)
@@ -514,6 +550,11 @@ def run_fewshot(domains: list[str], shots: list[int], seeds: list[int], methods:
                 test_x, test_y = [texts[i] for i in test], y[test]
                 (p_head, _), p_dt, p_other, p_cpu = timed(lambda: train_probe(feats[tr], y[tr], None, None, 2, TrainConfig(), seed))
                 for method in methods:
+                    done = PROGRESS.get("fewshot", task, method, seed)
+                    if done is not None:
+                        runs[task][method].append(done)
+                        print(f"[fewshot] {d} {k}-shot seed {seed} {method:12s} acc {done['acc'] * 100:5.1f} (from the partial file)", flush=True)
+                        continue
                     try:
                         if method == "frozen-probe":
                             res = {"acc": head_acc(p_head, feats[test], test_y), "seconds": p_dt, "other_cpu": p_other, "cpu_seconds": p_cpu}
@@ -527,6 +568,7 @@ def run_fewshot(domains: list[str], shots: list[int], seeds: list[int], methods:
                         continue
                     res["seed"] = seed
                     runs[task][method].append(res)
+                    PROGRESS.put(res, "fewshot", task, method, seed)
                     print(f"[fewshot] {d} {k}-shot seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  {res['seconds']:6.1f}s [{res['cpu_seconds']:.0f} CPU s] "
                           f"(other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)", flush=True)
     return {"tasks": runs, "sizes": sizes, "errors": errors}
@@ -1002,6 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
                     "transfer-text-quick.md with --quick); a .json with the raw results is written next to it")
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v}")
+    ap.add_argument("--resume", action="store_true", help="reuse the finished results in <out>.partial.json (written as the run goes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine extra OpenMP threads mostly spin)")
     ap.add_argument("--tuning-note", action="append", default=[], help="a line for the report's tuning section (repeatable)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON", help="no training: rewrite the markdown of an earlier run's .json")
@@ -1024,6 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in DEFAULTS:
         if getattr(args, k) is not None:
             hp[k] = getattr(args, k)
+    global PROGRESS
+    PROGRESS = Progress(out.with_suffix(".partial.json"), hp, args.resume)
     seeds = args.seeds if args.seeds is not None else (QUICK["seeds"] if args.quick else [0, 1, 2])
     methods = args.methods or (QUICK["methods"] if args.quick else DEFAULT_CROSS)
     methods = [m for m in CROSS_METHODS if m in methods]
@@ -1063,6 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"info": info, "hyperparameters": hp, "quick": args.quick, "seeds": seeds, "settings": settings,
                "tuning": args.tuning_note}
     finish(payload, out)
+    PROGRESS.path.unlink(missing_ok=True)
     return 0
 
 
