@@ -34,6 +34,10 @@ bench: $(STAMP) ## feature-extraction benchmark (prints a table, writes bench/re
 perf: $(STAMP) ## performance vs the obvious code: extraction, cache, fine-tune vs Trainer, memory, scaling (bench/results/perf.md)
 	$(BIN)/python bench/perf.py
 
+transfer-bench: $(STAMP) ## transfer-learning benchmarks, 3 seeds: text/few-shot/stacking/selection, then digits DA (about 2 h on 2 cores) -> bench/results/transfer.md
+	$(BIN)/python bench/transfer_text.py --out bench/results/transfer-text.md
+	$(BIN)/python bench/transfer.py
+
 gpu-bench: $(STAMP) ## the perf benchmark on one GPU (bf16, channels_last, torch.compile; < 8 min); exits 0 without a GPU
 	PYTHON=$(BIN)/python bash bench/gpu.sh
 
@@ -86,4 +90,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf gpu-bench mlflow-ui ui-test lock clean
+.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean

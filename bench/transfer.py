@@ -413,6 +413,15 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
     return "\n".join(lines)
 
 
+def with_text_report(md: str, args: argparse.Namespace, out: Path) -> str:
+    """For bench/results/transfer.md: the digits report followed by the text/few-shot/stacking/selection
+    report of bench/transfer_text.py (other outputs, e.g. per-pair parts, stay digits-only)."""
+    path = getattr(args, "text_report", None)
+    if args.quick or path is None or not Path(path).is_file() or out.resolve() != (RESULTS_DIR / "transfer.md").resolve():
+        return md
+    return md.rstrip("\n") + f"\n\n<!-- appended from {Path(path).name} (bench/transfer_text.py) -->\n\n" + Path(path).read_text()
+
+
 def merge(args: argparse.Namespace, out: Path) -> int:
     """Combine the JSON results of several runs (same hyper-parameters; different pairs and/or seeds; interrupted runs count with what they finished)."""
     payloads = [json.loads(p.read_text()) for p in args.merge]
@@ -452,7 +461,7 @@ def merge(args: argparse.Namespace, out: Path) -> int:
     args.seeds = sorted({r["seed"] for per in runs.values() for rs in per.values() for r in rs})
     args.quick = first["quick"]
     summary = summarise(runs)
-    md = markdown(args, first["hyperparameters"], first["trade_off"], runs, summary, sizes, info)
+    md = with_text_report(markdown(args, first["hyperparameters"], first["trade_off"], runs, summary, sizes, info), args, out)
     print(md)
     out.write_text(md)
     payload = {**first, "info": info, "sizes": sizes, "summary": summary, "runs": runs, "merged_from": [str(p) for p in args.merge]}
@@ -478,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="28: resize USPS 16->28; 20: resize to 20 and zero-pad to 28 (default %(default)s)")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                     help="no training: combine the .json results of earlier runs (e.g. one process per pair) into --out")
+    ap.add_argument("--text-report", type=Path, default=RESULTS_DIR / "transfer-text.md",
+                    help="append this bench/transfer_text.py report (text cross-domain, few-shot, stacking, source selection) "
+                         "to bench/results/transfer.md, so that it holds every setting (default %(default)s, if it exists; not with --quick)")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log incl. target-test accuracy (diagnostics only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -541,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     info["other_cpu_mean"] = statistics.mean(others) if others else 0.0
     info["other_cpu_max"] = max(others) if others else 0.0
     summary = summarise(results)
-    md = markdown(args, hp, trade_off, results, summary, sizes, info)
+    md = with_text_report(markdown(args, hp, trade_off, results, summary, sizes, info), args, out)
     print()
     print(md)
     out.parent.mkdir(parents=True, exist_ok=True)
