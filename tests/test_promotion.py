@@ -248,3 +248,36 @@ def test_concurrent_registration_creates_one_version(reg, tmp_path):
     v1 = c.get_model_version("t-digits", "1")
     assert v1.aliases == ["challenger"] and v1.tags["validation_status"] == "passed"
     print(f"two concurrent registrations took {time.time() - t0:.1f}s")
+
+
+def test_rerun_after_auto_promotion_reuses_evaluate_and_never_asks_a_model_to_beat_itself(tmp_path):
+    """Run 1 registers v1 and makes it champion. Run 2 with unchanged inputs must not re-evaluate just
+    because the champion is now that very model; a forced re-evaluation compares with it as 'this model'
+    and the must_beat_champion gate passes (before: 'accuracy <= champion v1', validation_status failed)."""
+    import mlflow
+
+    from tlops.config import validate_config
+    from tlops.runners.local import run_pipeline
+    from tlops.tracking.setup import use_store
+
+    def cfg(**evaluate):
+        return validate_config(digits_config(
+            tmp_path / "work", register={"model_name": "t-self", "auto_promote": True},
+            evaluate={"scratch_baseline": False, "gates": {"must_beat_champion": True}, **evaluate}))
+
+    first = run_pipeline(cfg())
+    assert first.artifact("register").meta["version"] == "1"
+    second = run_pipeline(cfg())
+    assert second.steps["evaluate"].reused
+    assert second.artifact("register").meta["version"] == "1" and second.artifact("register").meta["reused"] is True
+    third = run_pipeline(cfg(ece_bins=10))  # a changed evaluate section: evaluated again, against champion v1 = itself
+    assert not third.steps["evaluate"].reused
+    report = json.loads((third.artifact("evaluate").path / "report.json").read_text())
+    assert report["champion"]["same_model"] is True and report["champion"]["version"] == "1"
+    assert report["gates"]["passed"] is True
+    assert report["gates"]["checks"] == [{"gate": "must_beat_champion", "passed": True, "reason": "champion v1 is this model"}]
+    assert "- champion: v1 is this model (same weights digest)" in (third.artifact("evaluate").path / "report.md").read_text()
+    use_store(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    mv = mlflow.MlflowClient().get_model_version("t-self", "1")
+    assert mv.tags["validation_status"] == "passed"
+    assert len(mlflow.MlflowClient().search_model_versions("name = 't-self'")) == 1

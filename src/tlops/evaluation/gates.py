@@ -21,6 +21,8 @@ def decide(gates: GatesConfig, accuracy: float, gain: float | None, champion: di
     if gates.must_beat_champion:
         if champion is None:
             checks.append({"gate": "must_beat_champion", "passed": True, "reason": "no champion yet"})
+        elif champion.get("same_model"):
+            checks.append({"gate": "must_beat_champion", "passed": True, "reason": f"champion v{champion['version']} is this model"})
         elif not champion.get("comparable"):
             checks.append({"gate": "must_beat_champion", "passed": False, "reason": f"champion v{champion['version']} not comparable: {champion.get('reason')}"})
         else:

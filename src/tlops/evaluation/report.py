@@ -25,6 +25,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     gain = f"{m['gain_over_scratch']:+.4f}" if m["gain_over_scratch"] is not None else f"n/a ({report['scratch_baseline']})"
     if ch is None:
         champ = "none yet"
+    elif ch.get("same_model"):
+        champ = f"v{ch['version']} is this model (same weights digest), accuracy {ch['accuracy']:.4f}"
     elif ch.get("comparable"):
         champ = f"v{ch['version']}, accuracy {ch['accuracy']:.4f} on this test split"
     else:

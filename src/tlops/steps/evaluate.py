@@ -33,6 +33,8 @@ def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
     configure(cfg)
     mv = get_alias(cfg.register.model_name, "champion")
     champ = str(mv.version) if mv else None
+    if mv is not None and _is_this_model(mv, inputs["trained"]):
+        champ = None  # the champion is the very model under evaluation (e.g. this pipeline's last run): nothing new to compare
     return hash_json([cfg.section_hash("evaluate"), cfg.register.model_name, champ, *(inputs[k].content_hash for k in ("dataset", "trained"))])
 
 
@@ -57,7 +59,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         baselines = {"majority": {"class": ds.classes[majority], "accuracy": float((test.y == majority).mean())}}
         if "scratch" in models:
             baselines["scratch"] = {"accuracy": models["scratch"]["accuracy"]}
-        champion = _champion_metrics(cfg, ds, test)
+        champion = _champion_metrics(cfg, ds, test, trained)
         sel = models[selected]
         gain = sel["accuracy"] - baselines["scratch"]["accuracy"] if "scratch" in baselines else None
         gates = decide(cfg.evaluate.gates, sel["accuracy"], gain, champion)
@@ -89,8 +91,21 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     return Artifact(Path(out), w.manifest)
 
 
-def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test) -> dict[str, Any] | None:
-    """The current champion of the target model, scored on this run's test split."""
+def _selected_digest(trained: Artifact) -> str | None:
+    return trained.meta.get("models", {}).get(trained.meta.get("selected"), {}).get("digest")
+
+
+def _is_this_model(mv: Any, trained: Artifact) -> bool:
+    """Whether registry version ``mv`` holds the selected model of ``trained`` (same weights digest)."""
+    from tlops.tracking.registry import DIGEST_TAG
+
+    digest = _selected_digest(trained)
+    return bool(digest) and (getattr(mv, "tags", None) or {}).get(DIGEST_TAG) == digest
+
+
+def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test, trained: Artifact) -> dict[str, Any] | None:
+    """The current champion of the target model, scored on this run's test split (``same_model``
+    when the champion is the model under evaluation: the gates do not ask a model to beat itself)."""
     from tlops.models.bundle import read_spec
     from tlops.tracking.registry import champion_bundle
     from tlops.tracking.setup import configure
@@ -104,4 +119,7 @@ def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test) -> dict[str, Any] 
         if spec.get("classes") != ds.classes:
             return {"version": str(mv.version), "comparable": False, "reason": f"classes differ: {spec.get('classes')}"}
         m = classification_metrics(load_classifier(bundle).predict_proba(test.x), test.y, ds.classes, cfg.evaluate.ece_bins)
+        if _is_this_model(mv, trained):
+            return {"version": str(mv.version), "comparable": True, "same_model": True, "accuracy": m["accuracy"],
+                    "macro_f1": m["macro_f1"], "ece": m["ece"]}
         return {"version": str(mv.version), "comparable": True, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"]}

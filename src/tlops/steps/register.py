@@ -67,7 +67,7 @@ def _champion_summary(report: dict[str, Any], version: str | None) -> tuple[list
     m, ch = report["metrics"], report.get("champion")
     comparable = bool(ch and ch.get("comparable"))
     this = f"this version (`{report['selected']}`)"
-    if comparable and str(ch["version"]) == str(version):
+    if comparable and (str(ch["version"]) == str(version) or ch.get("same_model")):
         comparable, note = False, f"This version is the current champion (v{ch['version']})."
     elif comparable:
         delta = m["accuracy"] - ch["accuracy"]
