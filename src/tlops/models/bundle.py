@@ -18,17 +18,7 @@ from tlops.errors import ModelError
 from tlops.hashing import hash_dir, hash_file, hash_json
 from tlops.models.backbone import BACKBONES
 
-BUNDLE_FILE = "bundle.json"
-
-
-def is_bundle(path: str | Path) -> bool:
-    return (Path(path) / BUNDLE_FILE).is_file()
-
-
-def read_spec(d: Path) -> dict[str, Any]:
-    if not is_bundle(d):
-        raise ModelError(f"{d} is not a tlops model bundle (no {BUNDLE_FILE})")
-    return json.loads((d / BUNDLE_FILE).read_text())
+from tlops.models.bundle_files import BUNDLE_FILE, read_spec
 
 
 def weights_digest(d: Path, spec: dict[str, Any]) -> str:

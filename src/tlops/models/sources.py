@@ -15,7 +15,7 @@ from typing import Any
 
 from tlops.config import MODEL_SOURCES, SourceConfig
 from tlops.errors import ModelError
-from tlops.models.bundle import BUNDLE_FILE, is_bundle, read_spec, save_bundle
+from tlops.models.bundle_files import BUNDLE_FILE, is_bundle, read_spec  # torch-free: fingerprint() must not import torch
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def pull(cfg: SourceConfig, out: Path) -> dict[str, Any]:
 
 def _copy_bundle(src: Path, out: Path, source: str, **extra: Any) -> dict[str, Any]:
     """Re-save the backbone of any bundle (dropping a head): also proves the weights load."""
-    from tlops.models.bundle import load_backbone
+    from tlops.models.bundle import load_backbone, save_bundle
 
     spec = read_spec(src)
     check_bundle_files(src, spec)
@@ -181,6 +181,7 @@ def _pull_hf(ref: str, cfg: SourceConfig, out: Path) -> dict[str, Any]:
     if Path(ref).is_dir():
         check_hf_dir(Path(ref), f"hf:{ref}")
     from tlops.models.backbone import TextBackbone
+    from tlops.models.bundle import save_bundle
 
     try:
         backbone = TextBackbone.create(ref, max_length=cfg.max_length, pooling=cfg.pooling)
@@ -196,6 +197,7 @@ def _pull_timm(ref: str, cfg: SourceConfig, out: Path) -> dict[str, Any]:
     import timm
 
     from tlops.models.backbone import ImageBackbone
+    from tlops.models.bundle import save_bundle
 
     if not timm.is_model(ref):
         close = timm.list_models(f"*{ref.split('.')[0][:6]}*")[:8]

@@ -20,7 +20,6 @@ from tlops.evaluation.gates import decide
 from tlops.evaluation.metrics import classification_metrics, plot_confusion
 from tlops.evaluation.report import render_markdown
 from tlops.hashing import hash_json
-from tlops.models.bundle import load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,8 @@ def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    from tlops.models.bundle import load_classifier  # torch: imported when the step runs, not for its fingerprint
+
     ds = Dataset(inputs["dataset"])
     trained = inputs["trained"]
     test = ds.load("test")
@@ -106,7 +107,7 @@ def _is_this_model(mv: Any, trained: Artifact) -> bool:
 def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test, trained: Artifact) -> dict[str, Any] | None:
     """The current champion of the target model, scored on this run's test split (``same_model``
     when the champion is the model under evaluation: the gates do not ask a model to beat itself)."""
-    from tlops.models.bundle import read_spec
+    from tlops.models.bundle import load_classifier, read_spec
     from tlops.tracking.registry import champion_bundle
     from tlops.tracking.setup import configure
 

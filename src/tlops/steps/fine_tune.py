@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,10 +21,9 @@ from tlops.artifacts import Artifact, write_artifact
 from tlops.config import ADAPT_STRATEGIES, PipelineConfig
 from tlops.data.dataset import Dataset, Split
 from tlops.hashing import hash_json
-from tlops.models.bundle import Classifier, load_backbone, save_bundle
-from tlops.training.common import save_history, seed_everything
-from tlops.training.finetune import evaluate_split, fine_tune
-from tlops.training.probe import train_probe
+
+if TYPE_CHECKING:  # torch-heavy: imported by the functions that train, not for fingerprint() (a reused step imports no torch)
+    from tlops.models.bundle import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +43,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
 
 
 def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    from tlops.models.bundle import Classifier, load_backbone
+    from tlops.training.common import seed_everything
+    from tlops.training.finetune import evaluate_split, fine_tune
+    from tlops.training.probe import train_probe
+
     ds = Dataset(inputs["dataset"])
     feat_meta = inputs["features"].meta
     src = inputs["model"].path / feat_meta.get("source_bundle", "model")  # the selected source candidate
@@ -126,7 +130,9 @@ def _adapt(strategy: str, src: Path, ds: Dataset, cfg: PipelineConfig) -> tuple[
     (the ``unlabelled`` split, else the target train inputs without their labels); epochs are
     selected on ``source_val``, never on target labels. ``adabn`` = source-only, then target
     BatchNorm statistics."""
+    from tlops.models.bundle import Classifier, load_backbone
     from tlops.training.adaptation import adabn, adapt, random_shift
+    from tlops.training.common import seed_everything
 
     a = cfg.train.adapt
     seed_everything(cfg.seed, cfg.train.threads)
@@ -159,6 +165,9 @@ def _adapt(strategy: str, src: Path, ds: Dataset, cfg: PipelineConfig) -> tuple[
 def _setfit(src: Path, train: Split, val: Split | None, classes: list[str], cfg: PipelineConfig) -> tuple[Classifier, list[dict], dict]:
     """Contrastive pair tuning of the encoder, then the probe head on the tuned embeddings."""
     from tlops.features.extract import extract
+    from tlops.models.bundle import Classifier, load_backbone
+    from tlops.training.common import seed_everything
+    from tlops.training.probe import train_probe
     from tlops.training.setfit import contrastive_tune
 
     seed_everything(cfg.seed, cfg.train.threads)
@@ -175,7 +184,9 @@ def _setfit(src: Path, train: Split, val: Split | None, classes: list[str], cfg:
 def _stacking(model: Artifact, feats: dict[str, np.ndarray], train: Split, val: Split | None, classes: list[str],
               cfg: PipelineConfig) -> tuple[Classifier, list[dict], float]:
     """One head on the concatenated features of every source candidate (cached per model)."""
+    from tlops.models.bundle import Classifier, load_backbone
     from tlops.models.stack import StackBackbone
+    from tlops.training.probe import train_probe
 
     t0 = time.perf_counter()
     head, hist = train_probe(feats["stack_train"], train.y, feats.get("stack_val"), val.y if val is not None else None,
@@ -199,6 +210,9 @@ def _freeze_for(strategy: str, clf: Classifier, train: Split, val: Split | None,
 
 
 def _save(d: Path, clf: Classifier, hist: list[dict], strategy: str, secs: float, classes: list[str]) -> dict[str, Any]:
+    from tlops.models.bundle import save_bundle
+    from tlops.training.common import save_history
+
     spec = save_bundle(d, clf.backbone, head=clf.head, classes=classes, extra={"strategy": strategy})
     save_history(d, hist, strategy)
     best = max((h for h in hist if "val_acc" in h), key=lambda h: (h["val_acc"], -h["val_loss"]), default=None)

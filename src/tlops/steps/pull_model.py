@@ -9,7 +9,6 @@ from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.hashing import hash_json
 from tlops.models import sources
-from tlops.training.common import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +35,8 @@ def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
     """``model/`` holds ``source.model``; with ``source.candidates``, ``candidates/<i>/`` hold the
     others (extract-features ranks them all on the target data and picks one)."""
+    from tlops.training.common import seed_everything  # torch: imported when the step runs, not for its fingerprint
+
     _use_registry(cfg)
     with write_artifact(out, "source-model", config=cfg.source.model_dump(mode="json"), inputs=inputs) as w:
         pulled = []

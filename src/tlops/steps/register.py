@@ -140,12 +140,6 @@ def _description(cfg: PipelineConfig, report: dict[str, Any], ds: Dataset, sourc
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
     import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    from tlops.models.bundle import load_classifier
-    from tlops.tracking import pyfunc_model
-    from tlops.tracking.pyfunc import predict_frame
 
     source, trained, evaluation = (inputs[k] for k in ("model", "trained", "evaluation"))
     ds = Dataset(inputs["dataset"])
@@ -174,7 +168,14 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         if existing is not None:
             version, reused = str(existing.version), True
             log.info("register: %s version %s already holds this model (digest %s): not registering again", name, version, digest[:12])
-        else:
+        else:  # torch, pandas and the pyfunc flavour only when there is something to register
+            import pandas as pd
+            from mlflow.models import infer_signature
+
+            from tlops.models.bundle import load_classifier
+            from tlops.tracking import pyfunc_model
+            from tlops.tracking.pyfunc import predict_frame
+
             clf = load_classifier(bundle)
             test = ds.load("test")
             raw = test.x[:2] if ds.kind == "image" else list(test.x[:2])
