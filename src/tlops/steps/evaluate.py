@@ -120,7 +120,7 @@ def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test, trained: Artifact)
         if spec.get("classes") != ds.classes:
             return {"version": str(mv.version), "comparable": False, "reason": f"classes differ: {spec.get('classes')}"}
         m = classification_metrics(load_classifier(bundle).predict_proba(test.x), test.y, ds.classes, cfg.evaluate.ece_bins)
+        out = {"version": str(mv.version), "comparable": True, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"]}
         if _is_this_model(mv, trained):
-            return {"version": str(mv.version), "comparable": True, "same_model": True, "accuracy": m["accuracy"],
-                    "macro_f1": m["macro_f1"], "ece": m["ece"]}
-        return {"version": str(mv.version), "comparable": True, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"]}
+            out["same_model"] = True
+        return out
