@@ -22,6 +22,15 @@ install: $(STAMP) ## create .venv and install tlops + pinned dependencies from r
 pipeline-local: $(STAMP) ## run the offline demo: source model on digits 0-4 -> transfer to 5-9 (10 labels/class)
 	$(BIN)/tlops demo
 
+LINT_PATHS := src tests bench components pipelines
+lint: $(STAMP) ## ruff: pyflakes, pycodestyle (line length 120), isort, bugbear (config in pyproject.toml)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+format: $(STAMP) ## apply ruff's formatter and safe fixes
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+
 test: $(STAMP) ## run the default test suite (no slow tests; < 15 min on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -90,4 +99,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean
+.PHONY: help install lint format pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean

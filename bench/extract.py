@@ -160,7 +160,10 @@ def compare(label: str, n: int, repeats: int, sides: dict, warmup: dict) -> dict
             dt, load, outs[name] = timed(sides[name], f"{label}/{name}")
             secs[name].append(dt)
             other = f", other processes {load:4.0%} of CPU" if load is not None else ""
-            print(f"  {label} | {name:<22} repeat {r + 1}/{repeats}: {dt:7.2f} s ({n / dt:7.1f} items/s{other})", flush=True)
+            print(
+                f"  {label} | {name:<22} repeat {r + 1}/{repeats}: {dt:7.2f} s ({n / dt:7.1f} items/s{other})",
+                flush=True,
+            )
     return {"secs": secs, "outs": outs}
 
 
@@ -193,7 +196,9 @@ def bench_text(texts: list[str], repeats: int) -> dict:
         out = []
         with torch.no_grad():
             for i in range(0, len(xs), TEXT_BS):
-                enc = tok(xs[i : i + TEXT_BS], padding=padding, max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+                enc = tok(
+                    xs[i : i + TEXT_BS], padding=padding, max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+                )
                 hidden = model(**enc).last_hidden_state
                 m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy())
@@ -276,15 +281,17 @@ def bench_cache(repeats: int) -> dict:
         tmp = Path(tmp)
 
         def config(cache_dir: Path):
-            return validate_config({
-                "name": "bench-extract",
-                "workdir": str(tmp / "work"),
-                "seed": 0,
-                "data": {"source": str(yelp), "format": "tsv", "columns": ["text", "label"], "quoting": "none"},
-                "source": {"model": f"hf:{minilm_dir()}", "max_length": MAX_LENGTH, "pooling": "mean"},
-                "features": {"batch_size": TEXT_BS, "cache_dir": str(cache_dir)},
-                "register": {"model_name": "bench-extract"},
-            })
+            return validate_config(
+                {
+                    "name": "bench-extract",
+                    "workdir": str(tmp / "work"),
+                    "seed": 0,
+                    "data": {"source": str(yelp), "format": "tsv", "columns": ["text", "label"], "quoting": "none"},
+                    "source": {"model": f"hf:{minilm_dir()}", "max_length": MAX_LENGTH, "pooling": "mean"},
+                    "features": {"batch_size": TEXT_BS, "cache_dir": str(cache_dir)},
+                    "register": {"model_name": "bench-extract"},
+                }
+            )
 
         cfg0 = config(tmp / "cache-0")
         dataset = ingest.run(cfg0, {}, tmp / "ingest")
@@ -295,9 +302,13 @@ def bench_cache(repeats: int) -> dict:
         miss, hit, lines = [], [], []
         for r in range(repeats):
             cfg = config(tmp / f"cache-{r}")  # a fresh, empty cache: the first call must miss
-            dt1, load1, a1 = timed(lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-a" / "extract-features"), "cache/miss")
+            dt1, load1, a1 = timed(
+                lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-a" / "extract-features"), "cache/miss"
+            )
             before = dict(extract_mod.STATS)
-            dt2, load2, a2 = timed(lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-b" / "extract-features"), "cache/hit")
+            dt2, load2, a2 = timed(
+                lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-b" / "extract-features"), "cache/hit"
+            )
             after = dict(extract_mod.STATS)
             if (a1.meta["cache"], a2.meta["cache"]) != ("miss", "hit"):
                 sys.exit(f"cache benchmark: expected miss then hit, got {a1.meta['cache']} then {a2.meta['cache']}")
@@ -305,9 +316,14 @@ def bench_cache(repeats: int) -> dict:
                 same = sorted(z1.files) == sorted(z2.files) and all(np.array_equal(z1[k], z2[k]) for k in z1.files)
             miss.append(dt1)
             hit.append(dt2)
-            other = f", other processes {load1:.0%} / {load2:.0%} of CPU" if load1 is not None and load2 is not None else ""
-            print(f"  cache | repeat {r + 1}/{repeats}: miss {dt1:6.2f} s, hit {dt2:6.3f} s "
-                  f"(cache {a1.meta['cache']} -> {a2.meta['cache']}, features identical: {same}{other})", flush=True)
+            other = (
+                f", other processes {load1:.0%} / {load2:.0%} of CPU" if load1 is not None and load2 is not None else ""
+            )
+            print(
+                f"  cache | repeat {r + 1}/{repeats}: miss {dt1:6.2f} s, hit {dt2:6.3f} s "
+                f"(cache {a1.meta['cache']} -> {a2.meta['cache']}, features identical: {same}{other})",
+                flush=True,
+            )
             lines.append((before, after, same))
         return {"n": n_items, "counts": dataset.meta["counts"], "miss": miss, "hit": hit, "stats": lines}
 
@@ -324,7 +340,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeats must be >= 1")
 
     import numpy as np
-    import torch
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on stderr
@@ -349,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     text = bench_text(texts, args.repeats)
     print(f"  {text['tokens']}")
     for k, d in text["diff"].items():
-        print(f"  max |{k} - tlops| over all embeddings: {d:.2e}" + ("  (OK, <= 1e-4)" if d <= 1e-4 else "  (MISMATCH > 1e-4)"))
+        print(
+            f"  max |{k} - tlops| over all embeddings: {d:.2e}"
+            + ("  (OK, <= 1e-4)" if d <= 1e-4 else "  (MISMATCH > 1e-4)")
+        )
 
     print(f"\n[2/3] image: timm resnet10t (random init, 1 channel, 32x32), {len(images):,} USPS images", flush=True)
     image = bench_image(images, args.repeats)
@@ -361,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- summary
     ts, isec = text["secs"], image["secs"]
     rows = []
-    for key, label in (("naive (pad to 128)", "naive pads to max_length=128"), ("naive (pad per batch)", "naive pads per batch")):
+    for key, label in (
+        ("naive (pad to 128)", "naive pads to max_length=128"),
+        ("naive (pad per batch)", "naive pads per batch"),
+    ):
         nv, tl = rate(n_text, ts[key]), rate(n_text, ts["tlops extract"])
         rows.append((f"text: MiniLM-L6, {n_text:,} sentences, bs {TEXT_BS} ({label})", nv, tl))
     nv, tl = rate(n_image, isec["naive loop"]), rate(n_image, isec["tlops extract"])
@@ -412,8 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     medians = median_pass_loads()
     if every and medians:
         worst = max(medians)
-        note = (f"Other processes used {statistics.mean(every):.0%} of the CPUs on average during the timed passes "
-                f"(worst pass {max(every):.0%}; worst pass behind a reported median {worst:.0%})")
+        note = (
+            f"Other processes used {statistics.mean(every):.0%} of the CPUs on average during the timed passes "
+            f"(worst pass {max(every):.0%}; worst pass behind a reported median {worst:.0%})"
+        )
         if worst > 0.10:
             note += ". WARNING: the machine was busy during passes that the medians come from; do not quote these numbers, rerun on an idle machine."
         else:

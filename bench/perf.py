@@ -65,19 +65,73 @@ SECTIONS = ("extract", "cache", "finetune", "memory", "scaling")
 
 # Sizes: full run / --quick.
 SIZES = {
-    "full": {"uci": 320, "blitzer": 64, "mnist": 1024, "usps": 1024, "hymenoptera": 397,
-             "ft_train": 320, "ft_val": 160, "ft_epochs": 2, "cnn_train": 1024, "cnn_val": 512, "cnn_epochs": 2,
-             "mem_text": 300, "mem_image": 1000, "scale_text": 96, "scale_image": 256, "scale_ft_text": 48,
-             "scale_ft_cnn": 128, "e2e_epochs": 6, "mem_configs": ("demo", "text"), "mem_stream": ("text", "image")},
+    "full": {
+        "uci": 320,
+        "blitzer": 64,
+        "mnist": 1024,
+        "usps": 1024,
+        "hymenoptera": 397,
+        "ft_train": 320,
+        "ft_val": 160,
+        "ft_epochs": 2,
+        "cnn_train": 1024,
+        "cnn_val": 512,
+        "cnn_epochs": 2,
+        "mem_text": 300,
+        "mem_image": 1000,
+        "scale_text": 96,
+        "scale_image": 256,
+        "scale_ft_text": 48,
+        "scale_ft_cnn": 128,
+        "e2e_epochs": 6,
+        "mem_configs": ("demo", "text"),
+        "mem_stream": ("text", "image"),
+    },
     # --device cuda (bench/gpu.sh): larger, so that a GPU pass takes more than start-up overheads
-    "gpu": {"uci": 2000, "blitzer": 2000, "mnist": 10000, "usps": 9298, "hymenoptera": 397,
-            "ft_train": 800, "ft_val": 200, "ft_epochs": 3, "cnn_train": 7000, "cnn_val": 2000, "cnn_epochs": 2,
-            "mem_text": 300, "mem_image": 1000, "scale_text": 256, "scale_image": 1024, "scale_ft_text": 128,
-            "scale_ft_cnn": 512, "e2e_epochs": 6, "mem_configs": ("demo", "text"), "mem_stream": ("text", "image")},
-    "quick": {"uci": 128, "blitzer": 24, "mnist": 256, "usps": 256, "hymenoptera": 64,
-              "ft_train": 96, "ft_val": 64, "ft_epochs": 1, "cnn_train": 256, "cnn_val": 128, "cnn_epochs": 1,
-              "mem_text": 60, "mem_image": 200, "scale_text": 24, "scale_image": 64, "scale_ft_text": 16,
-              "scale_ft_cnn": 32, "e2e_epochs": 1, "mem_configs": ("demo",), "mem_stream": ("image",)},
+    "gpu": {
+        "uci": 2000,
+        "blitzer": 2000,
+        "mnist": 10000,
+        "usps": 9298,
+        "hymenoptera": 397,
+        "ft_train": 800,
+        "ft_val": 200,
+        "ft_epochs": 3,
+        "cnn_train": 7000,
+        "cnn_val": 2000,
+        "cnn_epochs": 2,
+        "mem_text": 300,
+        "mem_image": 1000,
+        "scale_text": 256,
+        "scale_image": 1024,
+        "scale_ft_text": 128,
+        "scale_ft_cnn": 512,
+        "e2e_epochs": 6,
+        "mem_configs": ("demo", "text"),
+        "mem_stream": ("text", "image"),
+    },
+    "quick": {
+        "uci": 128,
+        "blitzer": 24,
+        "mnist": 256,
+        "usps": 256,
+        "hymenoptera": 64,
+        "ft_train": 96,
+        "ft_val": 64,
+        "ft_epochs": 1,
+        "cnn_train": 256,
+        "cnn_val": 128,
+        "cnn_epochs": 1,
+        "mem_text": 60,
+        "mem_image": 200,
+        "scale_text": 24,
+        "scale_image": 64,
+        "scale_ft_text": 16,
+        "scale_ft_cnn": 32,
+        "e2e_epochs": 1,
+        "mem_configs": ("demo",),
+        "mem_stream": ("image",),
+    },
 }
 TEXT_BS, IMAGE_BS, MAX_LENGTH = 32, 64, 128
 FT_BS, FT_LR, FT_MAXLEN = 32, 1e-4, 64
@@ -117,12 +171,19 @@ def timed(fn: Callable[[], Any], series: str) -> tuple[float, Any]:
     other = None
     if busy0 is not None and busy1 is not None and dt > 0:
         other = max(0.0, min(1.0, (busy1 - busy0 - (own1 - own0)) / (dt * (os.cpu_count() or 1))))
-    PASSES.append({"series": series, "seconds": dt, "cpu_seconds": own1 - own0, "other_cpu": other, "load1": os.getloadavg()[0]})
+    PASSES.append(
+        {"series": series, "seconds": dt, "cpu_seconds": own1 - own0, "other_cpu": other, "load1": os.getloadavg()[0]}
+    )
     return dt, out
 
 
-def interleave(label: str, sides: dict[str, Callable[[], Any]], repeats: int, n_items: int | None = None,
-               warmup: dict[str, Callable[[], Any]] | None = None) -> dict[str, Any]:
+def interleave(
+    label: str,
+    sides: dict[str, Callable[[], Any]],
+    repeats: int,
+    n_items: int | None = None,
+    warmup: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, Any]:
     """Run every side ``repeats`` times, alternating the order (A,B,B,A,...); seconds and last outputs."""
     import torch
 
@@ -141,13 +202,17 @@ def interleave(label: str, sides: dict[str, Callable[[], Any]], repeats: int, n_
             other = PASSES[-1]["other_cpu"]
             cpus[name].append(PASSES[-1]["cpu_seconds"])
             rate = f" ({n_items / dt:8.1f} items/s)" if n_items else ""
-            print(f"  {label} | {name:<34} {r + 1}/{repeats}: {dt:7.2f} s, {cpus[name][-1]:6.1f} CPU-s{rate}"
-                  + (f", other procs {other:4.0%} CPU" if other is not None else ""), flush=True)
+            print(
+                f"  {label} | {name:<34} {r + 1}/{repeats}: {dt:7.2f} s, {cpus[name][-1]:6.1f} CPU-s{rate}"
+                + (f", other procs {other:4.0%} CPU" if other is not None else ""),
+                flush=True,
+            )
     return {"secs": secs, "outs": outs, "cpu": cpus}
 
 
-def interleave_chunked(label: str, sides: dict[str, Callable[[Any], Any]], data: Any, chunk: int, repeats: int,
-                       warmup: Any = None) -> dict[str, Any]:
+def interleave_chunked(
+    label: str, sides: dict[str, Callable[[Any], Any]], data: Any, chunk: int, repeats: int, warmup: Any = None
+) -> dict[str, Any]:
     """Like :func:`interleave`, but the sides alternate chunk by chunk (A,B on chunk 1, B,A on
     chunk 2, ...), so both see the same load at a time scale of seconds; a pass = the sum over
     the chunks. Each side's output is the concatenation of its chunk outputs."""
@@ -178,11 +243,17 @@ def interleave_chunked(label: str, sides: dict[str, Callable[[Any], Any]], data:
             secs[name].append(tot[name])
             cpus[name].append(cpu[name])
             outs[name].append(np.concatenate(parts[name]))
-            others = [p["other_cpu"] for p in PASSES[-len(starts) * len(names):] if p["series"].endswith("/" + name)
-                      and p["other_cpu"] is not None]
+            others = [
+                p["other_cpu"]
+                for p in PASSES[-len(starts) * len(names) :]
+                if p["series"].endswith("/" + name) and p["other_cpu"] is not None
+            ]
             other = f", other procs {statistics.mean(others):4.0%} CPU" if others else ""
-            print(f"  {label} | {name:<34} {r + 1}/{repeats}: {tot[name]:7.2f} s, {cpu[name]:6.1f} CPU-s "
-                  f"({len(data) / tot[name]:8.1f} items/s){other}", flush=True)
+            print(
+                f"  {label} | {name:<34} {r + 1}/{repeats}: {tot[name]:7.2f} s, {cpu[name]:6.1f} CPU-s "
+                f"({len(data) / tot[name]:8.1f} items/s){other}",
+                flush=True,
+            )
     return {"secs": secs, "outs": outs, "cpu": cpus}
 
 
@@ -213,10 +284,17 @@ def machine_info(device: str) -> dict[str, Any]:
     except AttributeError:
         usable = os.cpu_count()
     info = {
-        "cpu": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "timm": timm.__version__, "os": f"{platform.system()} {platform.release()}", "torch_threads": torch.get_num_threads(),
-        "device": device, "load_start": list(os.getloadavg()),
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "os": f"{platform.system()} {platform.release()}",
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "load_start": list(os.getloadavg()),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     try:
@@ -234,7 +312,7 @@ def matmul_peak(device: str, n: int = 2048, reps: int = 7) -> dict[str, float]:
     import torch
 
     out = {}
-    for dtype in ([torch.float32] + ([torch.bfloat16] if device == "cuda" else [])):
+    for dtype in [torch.float32] + ([torch.bfloat16] if device == "cuda" else []):
         size = n if device == "cpu" else 8192
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
@@ -249,7 +327,11 @@ def matmul_peak(device: str, n: int = 2048, reps: int = 7) -> dict[str, float]:
                 torch.cuda.synchronize()
             ts.append(time.perf_counter() - t0)
         flops = 2 * size**3
-        out[str(dtype).split(".")[-1]] = {"best_gflops": flops / min(ts) / 1e9, "median_gflops": flops / med(ts) / 1e9, "n": size}
+        out[str(dtype).split(".")[-1]] = {
+            "best_gflops": flops / min(ts) / 1e9,
+            "median_gflops": flops / med(ts) / 1e9,
+            "n": size,
+        }
     return out
 
 
@@ -342,7 +424,10 @@ class DeviceBackbone:
     def __call__(self, **t):
         import torch
 
-        t = {k: v.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else v for k, v in t.items()}
+        t = {
+            k: v.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else v
+            for k, v in t.items()
+        }
         if self.channels_last and "pixel_values" in t:
             t["pixel_values"] = t["pixel_values"].contiguous(memory_format=torch.channels_last)
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp == "bf16" else _null()
@@ -398,7 +483,9 @@ def image_flops_per_item(backbone, x) -> float:
     return fc.get_total_flops() / 8
 
 
-ONE = "tlops, 1 thread"  # ablation: extract() with torch.set_num_threads(1) (what train.threads: 1 pins for fine-tuning)
+ONE = (
+    "tlops, 1 thread"  # ablation: extract() with torch.set_num_threads(1) (what train.threads: 1 pins for fine-tuning)
+)
 
 
 def with_one_thread(fn):
@@ -437,7 +524,13 @@ def bench_extract(args, sz) -> dict[str, Any]:
         out = []
         with torch.no_grad():
             for i in range(0, len(xs), TEXT_BS):
-                enc = tok(xs[i : i + TEXT_BS], padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+                enc = tok(
+                    xs[i : i + TEXT_BS],
+                    padding="max_length",
+                    max_length=MAX_LENGTH,
+                    truncation=True,
+                    return_tensors="pt",
+                )
                 enc = {k: v.to(dev) for k, v in enc.items()}
                 ctx = torch.autocast(dev, dtype=torch.bfloat16) if args.amp == "bf16" else _null()
                 with ctx:
@@ -446,7 +539,10 @@ def bench_extract(args, sz) -> dict[str, Any]:
                 out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)).cpu().numpy())
         return np.concatenate(out)
 
-    for label, texts in (("text: MiniLM-L6, UCI sentences", texts_uci), ("text: MiniLM-L6, Blitzer reviews", texts_blitzer)):
+    for label, texts in (
+        ("text: MiniLM-L6, UCI sentences", texts_uci),
+        ("text: MiniLM-L6, Blitzer reviews", texts_blitzer),
+    ):
         print(f"[extract] {label}: {len(texts)} items", flush=True)
         sides = {"naive": naive_text, "tlops": lambda t: extract(tl, t, TEXT_BS, desc="perf")}
         if args.ablation and dev == "cpu":
@@ -454,14 +550,29 @@ def bench_extract(args, sz) -> dict[str, Any]:
         r = interleave_chunked(label, sides, texts, 5 * TEXT_BS, args.repeats, warmup=texts[:TEXT_BS])
         diff = float(np.abs(r["outs"]["naive"][-1] - r["outs"]["tlops"][-1]).max())
         lens = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]])
-        plan = [c + s0 for s0 in range(0, len(texts), 5 * TEXT_BS)  # the batches extract() ran, chunk by chunk
-                for c in batches_for(tb, texts[s0 : s0 + 5 * TEXT_BS], TEXT_BS)]
+        plan = [
+            c + s0
+            for s0 in range(0, len(texts), 5 * TEXT_BS)  # the batches extract() ran, chunk by chunk
+            for c in batches_for(tb, texts[s0 : s0 + 5 * TEXT_BS], TEXT_BS)
+        ]
         tl_lens = [int(lens[idx].max()) for idx in plan]
         f = text_flops_per_item(model, set(lens.tolist()) | set(tl_lens) | {MAX_LENGTH})
         useful = float(sum(f[int(v)] for v in lens))
-        executed = {"naive": len(texts) * f[MAX_LENGTH], "tlops": float(sum(len(idx) * f[L] for idx, L in zip(plan, tl_lens)))}
-        rows.append(_extract_row(label, len(texts), r, useful, executed, diff,
-                                 f"tokens/item mean {lens.mean():.1f}, max {lens.max()}; naive pads to {MAX_LENGTH}"))
+        executed = {
+            "naive": len(texts) * f[MAX_LENGTH],
+            "tlops": float(sum(len(idx) * f[L] for idx, L in zip(plan, tl_lens))),
+        }
+        rows.append(
+            _extract_row(
+                label,
+                len(texts),
+                r,
+                useful,
+                executed,
+                diff,
+                f"tokens/item mean {lens.mean():.1f}, max {lens.max()}; naive pads to {MAX_LENGTH}",
+            )
+        )
         for s in r["outs"].values():
             s.clear()
 
@@ -480,7 +591,9 @@ def bench_extract(args, sz) -> dict[str, Any]:
             with torch.no_grad():
                 for i in range(0, len(xs), IMAGE_BS):
                     xb = torch.from_numpy(xs[i : i + IMAGE_BS]).float().div(255.0)
-                    xb = xb.unsqueeze(1) if xb.ndim == 3 else xb.permute(0, 3, 1, 2).contiguous()  # ToTensor: contiguous NCHW
+                    xb = (
+                        xb.unsqueeze(1) if xb.ndim == 3 else xb.permute(0, 3, 1, 2).contiguous()
+                    )  # ToTensor: contiguous NCHW
                     if xb.shape[-1] != size:
                         xb = F.interpolate(xb, size=(size, size), mode="bilinear", align_corners=False)
                     xb = (xb.to(dev) - mean) / std
@@ -497,8 +610,17 @@ def bench_extract(args, sz) -> dict[str, Any]:
         r = interleave_chunked(label, sides, x, 4 * IMAGE_BS, args.repeats, warmup=x[:IMAGE_BS])
         diff = float(np.abs(r["outs"]["naive"][-1] - r["outs"]["tlops"][-1]).max())
         fi = image_flops_per_item(ib, x)
-        rows.append(_extract_row(label, len(x), r, fi * len(x), {"naive": fi * len(x), "tlops": fi * len(x)}, diff,
-                                 f"{fi / 1e6:.0f} MFLOP/item"))
+        rows.append(
+            _extract_row(
+                label,
+                len(x),
+                r,
+                fi * len(x),
+                {"naive": fi * len(x), "tlops": fi * len(x)},
+                diff,
+                f"{fi / 1e6:.0f} MFLOP/item",
+            )
+        )
         for s in r["outs"].values():
             s.clear()
     res["rows"] = rows
@@ -508,8 +630,15 @@ def bench_extract(args, sz) -> dict[str, Any]:
 
 def _extract_row(label, n, r, useful, executed, diff, note) -> dict[str, Any]:
     s = r["secs"]
-    row = {"workload": label, "n": n, "note": note, "max_abs_diff": diff, "useful_gflop": useful / 1e9,
-           "secs": s, "executed_gflop": {k: v / 1e9 for k, v in executed.items()}}
+    row = {
+        "workload": label,
+        "n": n,
+        "note": note,
+        "max_abs_diff": diff,
+        "useful_gflop": useful / 1e9,
+        "secs": s,
+        "executed_gflop": {k: v / 1e9 for k, v in executed.items()},
+    }
     for side in ("naive", "tlops"):
         t = med(s[side])
         row[side] = {"items_s": n / t, "useful_gflops": useful / t / 1e9, "executed_gflops": executed[side] / t / 1e9}
@@ -518,9 +647,12 @@ def _extract_row(label, n, r, useful, executed, diff, note) -> dict[str, Any]:
     if ONE in s:
         row["one_thread_items_s"] = n / med(s[ONE])
         row["one_thread_ratio"] = row["one_thread_items_s"] / row["naive"]["items_s"]
-    print(f"  -> {label}: naive {row['naive']['items_s']:.1f}/s, tlops {row['tlops']['items_s']:.1f}/s, "
-          f"{row['ratio']:.2f}x; useful GFLOP/s {row['naive']['useful_gflops']:.1f} vs {row['tlops']['useful_gflops']:.1f}; "
-          f"max |diff| {diff:.1e}", flush=True)
+    print(
+        f"  -> {label}: naive {row['naive']['items_s']:.1f}/s, tlops {row['tlops']['items_s']:.1f}/s, "
+        f"{row['ratio']:.2f}x; useful GFLOP/s {row['naive']['useful_gflops']:.1f} vs {row['tlops']['useful_gflops']:.1f}; "
+        f"max |diff| {diff:.1e}",
+        flush=True,
+    )
     return row
 
 
@@ -540,13 +672,17 @@ def bench_cache(args, sz) -> dict[str, Any]:
         tmp = Path(tmp)
 
         def config(cache_dir: Path):
-            return validate_config({
-                "name": "perf-cache", "workdir": str(tmp / "work"), "seed": 0,
-                "data": {"source": str(yelp), "format": "tsv", "columns": ["text", "label"], "quoting": "none"},
-                "source": {"model": f"hf:{minilm_dir()}", "max_length": MAX_LENGTH, "pooling": "mean"},
-                "features": {"batch_size": TEXT_BS, "cache_dir": str(cache_dir)},
-                "register": {"model_name": "perf-cache"},
-            })
+            return validate_config(
+                {
+                    "name": "perf-cache",
+                    "workdir": str(tmp / "work"),
+                    "seed": 0,
+                    "data": {"source": str(yelp), "format": "tsv", "columns": ["text", "label"], "quoting": "none"},
+                    "source": {"model": f"hf:{minilm_dir()}", "max_length": MAX_LENGTH, "pooling": "mean"},
+                    "features": {"batch_size": TEXT_BS, "cache_dir": str(cache_dir)},
+                    "register": {"model_name": "perf-cache"},
+                }
+            )
 
         cfg0 = config(tmp / "c")
         inputs = {"dataset": ingest.run(cfg0, {}, tmp / "ingest"), "model": pull_model.run(cfg0, {}, tmp / "pull")}
@@ -563,8 +699,14 @@ def bench_cache(args, sz) -> dict[str, Any]:
             miss.append(dt1)
             hit.append(dt2)
             print(f"  cache | {r + 1}/{reps}: miss {dt1:.2f} s, hit {dt2:.3f} s", flush=True)
-    out = {"miss": miss, "hit": hit, "ratio": med(miss) / med(hit), "identical": same, "forwards_on_hit": forwards,
-           "n": sum(inputs["dataset"].meta["counts"].values())}
+    out = {
+        "miss": miss,
+        "hit": hit,
+        "ratio": med(miss) / med(hit),
+        "identical": same,
+        "forwards_on_hit": forwards,
+        "n": sum(inputs["dataset"].meta["counts"].values()),
+    }
 
     # ------------------------------------------------------------------ e2e: `tlops run` twice, demo source and text config
     env = _child_env()
@@ -586,27 +728,42 @@ def _e2e_twice(config: str, sets: list[str], env: dict[str, str], series: str) -
             cmd += ["--set", s]
         runs, inside = [], []
         for i in range(2):
-            dt, proc = timed(lambda: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True), f"{series}/run{i + 1}")
+            dt, proc = timed(
+                lambda: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True), f"{series}/run{i + 1}"
+            )
             if proc.returncode != 0:
-                raise RuntimeError(f"tlops run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+                raise RuntimeError(
+                    f"tlops run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+                )
             runs.append(dt)
             m = re.search(r"pipeline \S+: done in ([0-9.]+)s", proc.stdout + proc.stderr)
             inside.append(float(m.group(1)) if m else None)
             reused = re.search(r"done in [0-9.]+s \(([^)]*) reused\)", proc.stdout + proc.stderr)
-            print(f"  {series} | tlops run {config} #{i + 1}: {dt:.1f} s (steps, from the runner's log: {inside[-1]} s; "
-                  f"reused: {reused.group(1) if reused else 'none'})", flush=True)
+            print(
+                f"  {series} | tlops run {config} #{i + 1}: {dt:.1f} s (steps, from the runner's log: {inside[-1]} s; "
+                f"reused: {reused.group(1) if reused else 'none'})",
+                flush=True,
+            )
     shown = ["tlops", "run", "--config", f"configs/{config}", "--set", "workdir=<tmp>"]
     for s in sets:
         shown += ["--set", s.replace(str(SHARED_DATA), "<shared>/data")]
-    return {"first": runs[0], "second": runs[1], "fraction": runs[1] / runs[0], "command": shlex.join(shown),
-            "steps_seconds": inside, "reused_second": reused.group(1) if reused else ""}
+    return {
+        "first": runs[0],
+        "second": runs[1],
+        "fraction": runs[1] / runs[0],
+        "command": shlex.join(shown),
+        "steps_seconds": inside,
+        "reused_second": reused.group(1) if reused else "",
+    }
 
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
         env.pop(k, None)
-    env.update({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    )
     return env
 
 
@@ -658,7 +815,10 @@ def _tlops_ft(clf0, train, val, cfg, seed=0):
         lg.removeHandler(clock)
         lg.setLevel(old)
         lg.propagate = prop
-    return {"curve": [(t - t0, h.get("val_acc")) for t, h in zip(clock.times, hist)], "final_acc": hist[-1].get("val_acc")}
+    return {
+        "curve": [(t - t0, h.get("val_acc")) for t, h in zip(clock.times, hist)],
+        "final_acc": hist[-1].get("val_acc"),
+    }
 
 
 def sync_all():
@@ -697,11 +857,18 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     clf0 = Classifier(tb, 2, ["0", "1"])
     tok = tb.tokenizer
     epochs = sz["ft_epochs"]
-    tcfg = TrainConfig(strategies=["fine-tune"], epochs=epochs, batch_size=FT_BS, lr=FT_LR, head_lr=FT_LR, weight_decay=0.0)
+    tcfg = TrainConfig(
+        strategies=["fine-tune"], epochs=epochs, batch_size=FT_BS, lr=FT_LR, head_lr=FT_LR, weight_decay=0.0
+    )
 
     def trainer_ft(pad: str, sampling: str = "random"):
-        from transformers import (DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments,
-                                  default_data_collator)
+        from transformers import (
+            DataCollatorWithPadding,
+            Trainer,
+            TrainerCallback,
+            TrainingArguments,
+            default_data_collator,
+        )
 
         class Wrapped(nn.Module):  # the very same Classifier (backbone + mean pooling + linear head)
             def __init__(self, clf):
@@ -731,23 +898,51 @@ def bench_finetune(args, sz) -> dict[str, Any]:
 
         def encode(split):  # the tutorial: tokenize the whole dataset up front (Dataset.map)
             enc = tok(list(split.x), truncation=True, max_length=FT_MAXLEN, padding=pad)
-            return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": int(split.y[i])}
-                    for i in range(len(split))]
+            return [
+                {
+                    "input_ids": enc["input_ids"][i],
+                    "attention_mask": enc["attention_mask"][i],
+                    "labels": int(split.y[i]),
+                }
+                for i in range(len(split))
+            ]
 
         with tempfile.TemporaryDirectory(prefix="tlops-perf-trainer-") as tmp:
             targs = TrainingArguments(
-                output_dir=tmp, per_device_train_batch_size=FT_BS, per_device_eval_batch_size=2 * FT_BS,
-                num_train_epochs=epochs, learning_rate=FT_LR, weight_decay=0.0, lr_scheduler_type="cosine", warmup_steps=0,
-                max_grad_norm=0.0, eval_strategy="epoch", logging_strategy="no", report_to="none",
+                output_dir=tmp,
+                per_device_train_batch_size=FT_BS,
+                per_device_eval_batch_size=2 * FT_BS,
+                num_train_epochs=epochs,
+                learning_rate=FT_LR,
+                weight_decay=0.0,
+                lr_scheduler_type="cosine",
+                warmup_steps=0,
+                max_grad_norm=0.0,
+                eval_strategy="epoch",
+                logging_strategy="no",
+                report_to="none",
                 # like tlops: a checkpoint every epoch and the best epoch's weights at the end
-                save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="accuracy",
-                seed=0, use_cpu=args.device == "cpu", disable_tqdm=True, bf16=args.amp == "bf16",
-                torch_compile=args.compile, train_sampling_strategy=sampling,
+                save_strategy="epoch",
+                save_total_limit=2,
+                load_best_model_at_end=True,
+                metric_for_best_model="accuracy",
+                seed=0,
+                use_cpu=args.device == "cpu",
+                disable_tqdm=True,
+                bf16=args.amp == "bf16",
+                torch_compile=args.compile,
+                train_sampling_strategy=sampling,
             )
             clock = Clock()
-            trainer = Trainer(model=model, args=targs, train_dataset=encode(train), eval_dataset=encode(val),
-                              data_collator=DataCollatorWithPadding(tok) if pad is False else default_data_collator,
-                              compute_metrics=acc, callbacks=[clock])
+            trainer = Trainer(
+                model=model,
+                args=targs,
+                train_dataset=encode(train),
+                eval_dataset=encode(val),
+                data_collator=DataCollatorWithPadding(tok) if pad is False else default_data_collator,
+                compute_metrics=acc,
+                callbacks=[clock],
+            )
             from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
             trainer.remove_callback(PrinterCallback)
@@ -769,6 +964,7 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     r = interleave("finetune-text", sides, args.repeats, ntr * epochs)
     res["text"] = _ft_summary(label, r, ntr * epochs, FT_TARGET_ACC, "tlops fine_tune")
     if args.ablation:  # where the speed comes from: one change at a time, its own interleaved series
+
         def no_grouping():
             old = distributed.MEGABATCH
             distributed.MEGABATCH = 1  # batches = plain permutation slices (each sorted inside: same padding)
@@ -777,9 +973,12 @@ def bench_finetune(args, sz) -> dict[str, Any]:
             finally:
                 distributed.MEGABATCH = old
 
-        abl = {"tlops fine_tune": sides["tlops fine_tune"], "tlops without length grouping": no_grouping,
-               "tlops, train.threads=1": lambda: _tlops_ft(clf0, train, val, tcfg.model_copy(update={"threads": 1})),
-               "Trainer, group_by_length": lambda: trainer_ft(False, "group_by_length")}
+        abl = {
+            "tlops fine_tune": sides["tlops fine_tune"],
+            "tlops without length grouping": no_grouping,
+            "tlops, train.threads=1": lambda: _tlops_ft(clf0, train, val, tcfg.model_copy(update={"threads": 1})),
+            "Trainer, group_by_length": lambda: trainer_ft(False, "group_by_length"),
+        }
         print(f"[finetune] ablation: {label}", flush=True)
         r = interleave("finetune-textablation", abl, max(2, args.repeats - 1), ntr * epochs)
         res["text_ablation"] = _ft_summary("ablation: " + label, r, ntr * epochs, FT_TARGET_ACC, "tlops fine_tune")
@@ -792,7 +991,9 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     ib = ImageBackbone.create("resnet10t", pretrained=False, in_chans=1, image_size=32)
     cclf0 = Classifier(ib, 10)
     epochs = sz["cnn_epochs"]
-    ccfg = TrainConfig(strategies=["fine-tune"], epochs=epochs, batch_size=CNN_BS, lr=CNN_LR, head_lr=CNN_LR, weight_decay=0.0)
+    ccfg = TrainConfig(
+        strategies=["fine-tune"], epochs=epochs, batch_size=CNN_BS, lr=CNN_LR, head_lr=CNN_LR, weight_decay=0.0
+    )
     dev = torch.device(args.device)
 
     def plain_loop():
@@ -845,7 +1046,9 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     print(f"[finetune] {label}", flush=True)
     csides = {"tlops fine_tune": lambda: _tlops_ft(cclf0, ctrain, cval, ccfg), "plain PyTorch loop": plain_loop}
     if args.ablation:
-        csides["tlops, train.threads=1"] = lambda: _tlops_ft(cclf0, ctrain, cval, ccfg.model_copy(update={"threads": 1}))
+        csides["tlops, train.threads=1"] = lambda: _tlops_ft(
+            cclf0, ctrain, cval, ccfg.model_copy(update={"threads": 1})
+        )
     r = interleave("finetune-cnn", csides, args.repeats, ntr * epochs)
     res["cnn"] = _ft_summary(label, r, ntr * epochs, CNN_TARGET_ACC, "tlops fine_tune")
     return res
@@ -858,7 +1061,10 @@ def _ft_summary(label, r, n_samples, target, ours) -> dict[str, Any]:
         tta = [_time_to(o["curve"], target) for o in outs]
         reached = [t for t in tta if t is not None]
         sides[name] = {
-            "secs": secs, "samples_s": n_samples / med(secs), "cpu_seconds": r["cpu"][name], "final_acc": [o["final_acc"] for o in outs],
+            "secs": secs,
+            "samples_s": n_samples / med(secs),
+            "cpu_seconds": r["cpu"][name],
+            "final_acc": [o["final_acc"] for o in outs],
             "curves": [o["curve"] for o in outs],
             "time_to_target": med(reached) if len(reached) == len(tta) else None,
             "reached_target": f"{len(reached)}/{len(tta)}",
@@ -868,8 +1074,11 @@ def _ft_summary(label, r, n_samples, target, ours) -> dict[str, Any]:
         if name != ours and s["time_to_target"] and sides[ours]["time_to_target"]:
             s["tta_speedup"] = s["time_to_target"] / sides[ours]["time_to_target"]
     for name, s in sides.items():
-        print(f"  -> {name}: {s['samples_s']:.1f} samples/s, tlops speedup {s['speedup']:.2f}x, "
-              f"final val acc {s['final_acc']}, time to {target:.2f}: {s['time_to_target']}", flush=True)
+        print(
+            f"  -> {name}: {s['samples_s']:.1f} samples/s, tlops speedup {s['speedup']:.2f}x, "
+            f"final val acc {s['final_acc']}, time to {target:.2f}: {s['time_to_target']}",
+            flush=True,
+        )
         for o in r["outs"][name]:
             o.clear()
     return {"workload": label, "n_samples": n_samples, "target_acc": target, "sides": sides}
@@ -935,11 +1144,16 @@ def bench_memory(args, sz) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tlops-perf-mem-") as tmp:
         tmp = Path(tmp)
         if "demo" in sz["mem_configs"]:
-            res["demo"] = _steps_rss(REPO / "configs" / "digits_source.yaml",
-                                     [f"workdir={tmp}/w1", "train.epochs=1"], tmp / "demo", env)
+            res["demo"] = _steps_rss(
+                REPO / "configs" / "digits_source.yaml", [f"workdir={tmp}/w1", "train.epochs=1"], tmp / "demo", env
+            )
         if "text" in sz["mem_configs"]:
-            res["text"] = _steps_rss(REPO / "configs" / "sentiment.yaml",
-                                     [f"workdir={tmp}/w2", "train.epochs=1", "evaluate.scratch_baseline=false"], tmp / "text", env)
+            res["text"] = _steps_rss(
+                REPO / "configs" / "sentiment.yaml",
+                [f"workdir={tmp}/w2", "train.epochs=1", "evaluate.scratch_baseline=false"],
+                tmp / "text",
+                env,
+            )
         # streaming: extract-features at 1x and 10x data (rows repeated; a suffix keeps them distinct)
         x, y = uci(("yelp",))
         n = sz["mem_text"]
@@ -952,17 +1166,28 @@ def bench_memory(args, sz) -> dict[str, Any]:
             npz = tmp / f"img{k}.npz"
             np.savez(npz, x=np.concatenate([xi[:m]] * k), y=np.concatenate([yi[:m]] * k))
             for kind, cfgfile, sets in (
-                ("text", REPO / "configs" / "sentiment.yaml",
-                 [f"data.source={tsv}", f"workdir={tmp}/s{k}", "data.split.test=0.2", "data.split.val=0.2"]),
-                ("image", REPO / "configs" / "digits_source.yaml",
-                 [f"data.source={npz}", f"workdir={tmp}/i{k}", "data.classes=null", "source.image_size=28"]),
+                (
+                    "text",
+                    REPO / "configs" / "sentiment.yaml",
+                    [f"data.source={tsv}", f"workdir={tmp}/s{k}", "data.split.test=0.2", "data.split.val=0.2"],
+                ),
+                (
+                    "image",
+                    REPO / "configs" / "digits_source.yaml",
+                    [f"data.source={npz}", f"workdir={tmp}/i{k}", "data.classes=null", "source.image_size=28"],
+                ),
             ):
                 if kind not in sz["mem_stream"]:
                     continue
-                r = _steps_rss(cfgfile, sets, tmp / f"{kind}{k}", env, only=("ingest", "pull-model", "extract-features"))
+                r = _steps_rss(
+                    cfgfile, sets, tmp / f"{kind}{k}", env, only=("ingest", "pull-model", "extract-features")
+                )
                 res["stream"].setdefault(kind, {})[f"{k}x"] = {
-                    "items": (n if kind == "text" else m) * k, "rss_mib": r["extract-features"]["rss_mib"],
-                    "seconds": r["extract-features"]["seconds"], "ingest_rss_mib": r["ingest"]["rss_mib"]}
+                    "items": (n if kind == "text" else m) * k,
+                    "rss_mib": r["extract-features"]["rss_mib"],
+                    "seconds": r["extract-features"]["seconds"],
+                    "ingest_rss_mib": r["ingest"]["rss_mib"],
+                }
         for kind, d in res["stream"].items():
             d["growth"] = d["10x"]["rss_mib"] / d["1x"]["rss_mib"]
             d["delta_mib"] = d["10x"]["rss_mib"] - d["1x"]["rss_mib"]
@@ -1004,8 +1229,14 @@ def bench_scaling(args, sz) -> dict[str, Any]:
     work = {
         "extract text (MiniLM, UCI)": (sz["scale_text"], lambda n: extract(tb, x[:n], TEXT_BS)),
         "extract image (resnet10t, MNIST)": (sz["scale_image"], lambda n: extract(ib, xi[:n], IMAGE_BS)),
-        "fine-tune text (MiniLM, yelp, 1 epoch)": (sz["scale_ft_text"], lambda n: ft(tclf, Split(x[:n], np.array(y[:n])), FT_BS, FT_LR)),
-        "fine-tune CNN (resnet10t, USPS, 1 epoch)": (sz["scale_ft_cnn"], lambda n: ft(cclf, Split(ux[:n], uy[:n]), CNN_BS, CNN_LR)),
+        "fine-tune text (MiniLM, yelp, 1 epoch)": (
+            sz["scale_ft_text"],
+            lambda n: ft(tclf, Split(x[:n], np.array(y[:n])), FT_BS, FT_LR),
+        ),
+        "fine-tune CNN (resnet10t, USPS, 1 epoch)": (
+            sz["scale_ft_cnn"],
+            lambda n: ft(cclf, Split(ux[:n], uy[:n]), CNN_BS, CNN_LR),
+        ),
     }
     out = {}
     for label, (n0, fn) in work.items():
@@ -1023,10 +1254,18 @@ def bench_scaling(args, sz) -> dict[str, Any]:
         slope = float(np.polyfit(ns, np.log([times[k] for k in mults]), 1)[0])
         slope_hi = float(np.polyfit(ns[1:], np.log([times[k] for k in mults[1:]]), 1)[0])
         per_item, fixed = (float(v) for v in np.polyfit([n0 * k for k in mults], [times[k] for k in mults], 1))
-        out[label] = {"n0": n0, "seconds": {f"{k}x": times[k] for k in mults}, "slope": slope, "slope_2x_8x": slope_hi,
-                      "per_item_ms": 1000 * per_item, "fixed_s": fixed}
-        print(f"  -> {label}: log-log slope {slope:.2f} (2x-8x: {slope_hi:.2f}); t = {fixed:.2f} s + {1000 * per_item:.1f} ms/item",
-              flush=True)
+        out[label] = {
+            "n0": n0,
+            "seconds": {f"{k}x": times[k] for k in mults},
+            "slope": slope,
+            "slope_2x_8x": slope_hi,
+            "per_item_ms": 1000 * per_item,
+            "fixed_s": fixed,
+        }
+        print(
+            f"  -> {label}: log-log slope {slope:.2f} (2x-8x: {slope_hi:.2f}); t = {fixed:.2f} s + {1000 * per_item:.1f} ms/item",
+            flush=True,
+        )
     return out
 
 
@@ -1061,7 +1300,11 @@ def markdown(args, info, res, total) -> str:
         f"- load average (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in info['load_start'])}, at end "
         f"{', '.join(f'{v:.2f}' for v in info['load_end'])}; other processes' share of all CPUs during the timed passes: "
         f"{_other_share('')} (per section below)",
-        *([f"- re-measured later in a separate run (replacing those sections): {info['remeasured']}"] if info.get("remeasured") else []),
+        *(
+            [f"- re-measured later in a separate run (replacing those sections): {info['remeasured']}"]
+            if info.get("remeasured")
+            else []
+        ),
         f"- protocol: both sides in one process, interleaved A,B,B,A,..., median of {args.repeats} "
         "(the machine is shared: absolute numbers are noisy, the ratios are the result)",
         "- reference, same kind of 2-core machine idle (/work/shared/DESIGN.md): fp32 `torch.mm` 2048² ≈ 110 GFLOP/s; "
@@ -1073,53 +1316,72 @@ def markdown(args, info, res, total) -> str:
     if "extract" in res:
         e = res["extract"]
         peak = max(e["peak"]["float32"]["best_gflops"], e["peak_end"]["float32"]["best_gflops"])
-        md += ["### 1. Feature extraction (items/s)", "",
-               f"Peak: fp32 `torch.matmul` {e['peak']['float32']['n']}² best {e['peak']['float32']['best_gflops']:.0f} GFLOP/s at "
-               f"start, {e['peak_end']['float32']['best_gflops']:.0f} at end (median {e['peak']['float32']['median_gflops']:.0f}); "
-               f"% of peak below uses {peak:.0f}. Other processes: {_other_share('text:')} (text), {_other_share('image:')} (image).",
-               "",
-               "| workload | n | naive items/s | tlops items/s | speedup | ablation: tlops, 1 thread | CPU-s naive / tlops "
-               "| useful GFLOP/s naive / tlops | tlops % of peak | executed GFLOP naive / tlops | max abs diff |",
-               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        md += [
+            "### 1. Feature extraction (items/s)",
+            "",
+            f"Peak: fp32 `torch.matmul` {e['peak']['float32']['n']}² best {e['peak']['float32']['best_gflops']:.0f} GFLOP/s at "
+            f"start, {e['peak_end']['float32']['best_gflops']:.0f} at end (median {e['peak']['float32']['median_gflops']:.0f}); "
+            f"% of peak below uses {peak:.0f}. Other processes: {_other_share('text:')} (text), {_other_share('image:')} (image).",
+            "",
+            "| workload | n | naive items/s | tlops items/s | speedup | ablation: tlops, 1 thread | CPU-s naive / tlops "
+            "| useful GFLOP/s naive / tlops | tlops % of peak | executed GFLOP naive / tlops | max abs diff |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in e["rows"]:
-            auto = (f"{r['one_thread_items_s']:,.1f} ({r['one_thread_ratio']:.2f}x)" if "one_thread_items_s" in r else "—")
-            md.append(f"| {r['workload']} ({r['note']}) | {r['n']:,} | {r['naive']['items_s']:,.1f} | {r['tlops']['items_s']:,.1f} | "
-                      f"**{r['ratio']:.2f}x** | {auto} | {r['cpu_seconds']['naive']:.1f} / {r['cpu_seconds']['tlops']:.1f} | "
-                      f"{r['naive']['useful_gflops']:.1f} / {r['tlops']['useful_gflops']:.1f} | "
-                      f"{100 * r['tlops']['useful_gflops'] / peak:.0f}% | {r['executed_gflop']['naive']:.0f} / "
-                      f"{r['executed_gflop']['tlops']:.0f} | {r['max_abs_diff']:.1e} |")
+            auto = (
+                f"{r['one_thread_items_s']:,.1f} ({r['one_thread_ratio']:.2f}x)" if "one_thread_items_s" in r else "—"
+            )
+            md.append(
+                f"| {r['workload']} ({r['note']}) | {r['n']:,} | {r['naive']['items_s']:,.1f} | {r['tlops']['items_s']:,.1f} | "
+                f"**{r['ratio']:.2f}x** | {auto} | {r['cpu_seconds']['naive']:.1f} / {r['cpu_seconds']['tlops']:.1f} | "
+                f"{r['naive']['useful_gflops']:.1f} / {r['tlops']['useful_gflops']:.1f} | "
+                f"{100 * r['tlops']['useful_gflops'] / peak:.0f}% | {r['executed_gflop']['naive']:.0f} / "
+                f"{r['executed_gflop']['tlops']:.0f} | {r['max_abs_diff']:.1e} |"
+            )
             heads.append((f"extraction {r['workload']}: tlops / naive items/s", r["ratio"], ">=", 1.0, "x"))
-        md += ["", f"Protocol: the sides alternate every chunk ({5 * TEXT_BS} texts / {4 * IMAGE_BS} images; A,B then B,A), "
-               "so they see the same load; a pass is the sum over the chunks; median of the passes. "
-               "naive = file order, `tokenizer(..., padding='max_length', max_length=128)` / torchvision-style contiguous NCHW "
-               "tensors, `torch.no_grad()`; tlops = `tlops.features.extract.extract` (length-sorted batches, per-batch padding, "
-               "`inference_mode`, the channels-last view `prepare` makes), at torch's default thread count like the naive loop; "
-               "the ablation column runs the same `extract()` with `torch.set_num_threads(1)` (on cores shared with other busy "
-               "processes torch's threads wait on each other; `train.threads: 1` pins this for fine-tuning). "
-               "Useful FLOPs count each item at its own length "
-               "(no padding); executed FLOPs count what each side ran (padding included). FLOPs: `FlopCounterMode`, eager attention.",
-               ""]
+        md += [
+            "",
+            f"Protocol: the sides alternate every chunk ({5 * TEXT_BS} texts / {4 * IMAGE_BS} images; A,B then B,A), "
+            "so they see the same load; a pass is the sum over the chunks; median of the passes. "
+            "naive = file order, `tokenizer(..., padding='max_length', max_length=128)` / torchvision-style contiguous NCHW "
+            "tensors, `torch.no_grad()`; tlops = `tlops.features.extract.extract` (length-sorted batches, per-batch padding, "
+            "`inference_mode`, the channels-last view `prepare` makes), at torch's default thread count like the naive loop; "
+            "the ablation column runs the same `extract()` with `torch.set_num_threads(1)` (on cores shared with other busy "
+            "processes torch's threads wait on each other; `train.threads: 1` pins this for fine-tuning). "
+            "Useful FLOPs count each item at its own length "
+            "(no padding); executed FLOPs count what each side ran (padding included). FLOPs: `FlopCounterMode`, eager attention.",
+            "",
+        ]
     if "cache" in res:
         c = res["cache"]
-        md += ["### 2. Cache", "",
-               f"- extract-features step on UCI yelp ({c['n']:,} sentences): first run (miss) {med(c['miss']):.2f} s, rerun (hit) "
-               f"{med(c['hit']):.3f} s: **{c['ratio']:.0f}x** (target >= 50x: {'met' if c['ratio'] >= 50 else 'NOT met'}); "
-               f"backbone forwards during hits: {c['forwards_on_hit']}; features identical: {c['identical']}",
-               ]
+        md += [
+            "### 2. Cache",
+            "",
+            f"- extract-features step on UCI yelp ({c['n']:,} sentences): first run (miss) {med(c['miss']):.2f} s, rerun (hit) "
+            f"{med(c['hit']):.3f} s: **{c['ratio']:.0f}x** (target >= 50x: {'met' if c['ratio'] >= 50 else 'NOT met'}); "
+            f"backbone forwards during hits: {c['forwards_on_hit']}; features identical: {c['identical']}",
+        ]
         for key, label in (("e2e", "demo source"), ("e2e_text", "text")):
             e = c.get(key)
             if not e:
                 continue
-            md += [f"- {label}: `{e['command']}` twice: first {e['first']:.1f} s, second (inputs unchanged) {e['second']:.1f} s = "
-                   f"**{100 * e['fraction']:.1f}%** of the first (target < 10%: {'met' if e['fraction'] < 0.10 else 'NOT met'}); "
-                   f"the runner's own step time (its log: `done in`) {e['steps_seconds'][0]} s then {e['steps_seconds'][1]} s"
-                   + (f" (second run reused: {e['reused_second']})" if e.get("reused_second") else "") + "; the rest is process "
-                   "start-up, imports and MLflow run set-up"]
-            heads.append((f"second `tlops run` (unchanged inputs) / first, time, {label}", e["fraction"], "<", 0.10, ""))
+            md += [
+                f"- {label}: `{e['command']}` twice: first {e['first']:.1f} s, second (inputs unchanged) {e['second']:.1f} s = "
+                f"**{100 * e['fraction']:.1f}%** of the first (target < 10%: {'met' if e['fraction'] < 0.10 else 'NOT met'}); "
+                f"the runner's own step time (its log: `done in`) {e['steps_seconds'][0]} s then {e['steps_seconds'][1]} s"
+                + (f" (second run reused: {e['reused_second']})" if e.get("reused_second") else "")
+                + "; the rest is process "
+                "start-up, imports and MLflow run set-up"
+            ]
+            heads.append(
+                (f"second `tlops run` (unchanged inputs) / first, time, {label}", e["fraction"], "<", 0.10, "")
+            )
         if "import_s" in c:
-            md += [f"- a fresh `python -c 'import mlflow, tlops.cli, tlops.runners.local'` takes {c['import_s']:.1f} s (best of 2): "
-                   "the floor of a fully reused `tlops run` (which imports no torch), before the MLflow run record and the "
-                   "registration check"]
+            md += [
+                f"- a fresh `python -c 'import mlflow, tlops.cli, tlops.runners.local'` takes {c['import_s']:.1f} s (best of 2): "
+                "the floor of a fully reused `tlops run` (which imports no torch), before the MLflow run record and the "
+                "registration check"
+            ]
         elif "cli_startup_s" in c.get("e2e", {}):
             md += [f"- CLI start-up alone (`tlops steps`): {c['e2e']['cli_startup_s']:.1f} s"]
         md += [f"- other processes: {_other_share('e2e')}, load {_load('e2e')}", ""]
@@ -1131,57 +1393,103 @@ def markdown(args, info, res, total) -> str:
                 continue
             f = res["finetune"][key]
             series = f"finetune-{key.replace('_', '')}/"
-            md += [f"**{f['workload']}** (other processes: {_other_share(series)}, load {_load(series)})", "",
-                   f"| side | samples/s | tlops speedup | CPU-s (median) | time to val acc {f['target_acc']:.2f} | "
-                   "final val acc (per repeat) |",
-                   "| --- | ---: | ---: | ---: | ---: | --- |"]
+            md += [
+                f"**{f['workload']}** (other processes: {_other_share(series)}, load {_load(series)})",
+                "",
+                f"| side | samples/s | tlops speedup | CPU-s (median) | time to val acc {f['target_acc']:.2f} | "
+                "final val acc (per repeat) |",
+                "| --- | ---: | ---: | ---: | ---: | --- |",
+            ]
             for name, s in f["sides"].items():
                 sp = "—" if name.startswith("tlops fine_tune") else f"**{s['speedup']:.2f}x**"
-                md.append(f"| {name} | {s['samples_s']:.1f} | {sp} | {med(s['cpu_seconds']):.1f} | "
-                          f"{_fmt_t(s['time_to_target'])} ({s['reached_target']}) | {', '.join(f'{a:.3f}' for a in s['final_acc'] if a is not None)} |")
+                md.append(
+                    f"| {name} | {s['samples_s']:.1f} | {sp} | {med(s['cpu_seconds']):.1f} | "
+                    f"{_fmt_t(s['time_to_target'])} ({s['reached_target']}) | {', '.join(f'{a:.3f}' for a in s['final_acc'] if a is not None)} |"
+                )
                 if not name.startswith("tlops") and target is not None:
                     heads.append((f"fine-tune {key}: tlops / {name}, samples/s", s["speedup"], ">=", target, "x"))
                     if s.get("tta_speedup"):
-                        heads.append((f"fine-tune {key}: time to val acc {f['target_acc']:.2f}, {name} / tlops",
-                                      s["tta_speedup"], ">=", target, "x"))
+                        heads.append(
+                            (
+                                f"fine-tune {key}: time to val acc {f['target_acc']:.2f}, {name} / tlops",
+                                s["tta_speedup"],
+                                ">=",
+                                target,
+                                "x",
+                            )
+                        )
             md.append("")
-        md += ["Both sides train the same module from the same initial weights (MiniLM + mean pooling + linear head; "
-               "resnet10t + linear head) with AdamW, cosine decay without warm-up, no weight decay, no gradient clipping, "
-               "evaluation after every epoch; wall time from start to the end of the last evaluation (tlops: including its "
-               "per-epoch checkpoints). Time to accuracy is epoch-granular.", ""]
+        md += [
+            "Both sides train the same module from the same initial weights (MiniLM + mean pooling + linear head; "
+            "resnet10t + linear head) with AdamW, cosine decay without warm-up, no weight decay, no gradient clipping, "
+            "evaluation after every epoch; wall time from start to the end of the last evaluation (tlops: including its "
+            "per-epoch checkpoints). Time to accuracy is epoch-granular.",
+            "",
+        ]
     if "memory" in res:
         m = res["memory"]
         from tlops.dag import STEP_NAMES
 
-        md += ["### 4. Memory (peak RSS of each `tlops step` process)", "",
-               "| config | " + " | ".join(STEP_NAMES) + " |", "| --- |" + " ---: |" * len(STEP_NAMES)]
-        for key, name in (("demo", "demo: digits_source (epochs 1)"), ("text", "text: sentiment (epochs 1, no scratch)")):
+        md += [
+            "### 4. Memory (peak RSS of each `tlops step` process)",
+            "",
+            "| config | " + " | ".join(STEP_NAMES) + " |",
+            "| --- |" + " ---: |" * len(STEP_NAMES),
+        ]
+        for key, name in (
+            ("demo", "demo: digits_source (epochs 1)"),
+            ("text", "text: sentiment (epochs 1, no scratch)"),
+        ):
             if key in m:
                 md.append(f"| {name} | " + " | ".join(f"{m[key][st]['rss_mib']:.0f} MiB" for st in STEP_NAMES) + " |")
-        md += ["", "Streaming: extract-features at 1x and 10x the data (rows repeated):", "",
-               "| data | 1x items | RSS 1x | RSS 10x | growth | delta |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        md += [
+            "",
+            "Streaming: extract-features at 1x and 10x the data (rows repeated):",
+            "",
+            "| data | 1x items | RSS 1x | RSS 10x | growth | delta |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for kind, d in m["stream"].items():
-            md.append(f"| {kind} | {d['1x']['items']:,} | {d['1x']['rss_mib']:.0f} MiB | {d['10x']['rss_mib']:.0f} MiB | "
-                      f"{d['growth']:.2f}x | {d['delta_mib']:+.0f} MiB |")
+            md.append(
+                f"| {kind} | {d['1x']['items']:,} | {d['1x']['rss_mib']:.0f} MiB | {d['10x']['rss_mib']:.0f} MiB | "
+                f"{d['growth']:.2f}x | {d['delta_mib']:+.0f} MiB |"
+            )
             heads.append((f"extract-features peak RSS at 10x / 1x data ({kind})", d["growth"], "<=", 1.25, "x"))
         md.append("")
     if "scaling" in res:
-        md += ["### 5. Scaling (time at 1x, 2x, 4x, 8x data; slope of log time vs log n)", "",
-               "| workload | 1x items | 1x | 2x | 4x | 8x | slope | slope 2x-8x | linear fit: fixed + per item |",
-               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        md += [
+            "### 5. Scaling (time at 1x, 2x, 4x, 8x data; slope of log time vs log n)",
+            "",
+            "| workload | 1x items | 1x | 2x | 4x | 8x | slope | slope 2x-8x | linear fit: fixed + per item |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for label, s in res["scaling"].items():
-            md.append(f"| {label} | {s['n0']:,} | " + " | ".join(f"{v:.2f} s" for v in s["seconds"].values())
-                      + f" | {s['slope']:.2f} | {s['slope_2x_8x']:.2f} | {s['fixed_s']:.2f} s + {s['per_item_ms']:.1f} ms |")
+            md.append(
+                f"| {label} | {s['n0']:,} | "
+                + " | ".join(f"{v:.2f} s" for v in s["seconds"].values())
+                + f" | {s['slope']:.2f} | {s['slope_2x_8x']:.2f} | {s['fixed_s']:.2f} s + {s['per_item_ms']:.1f} ms |"
+            )
             # the requirement is linear, no quadratic surprise: a slope above 1 (plus noise) fails; below 1 is fixed cost
             heads.append((f"scaling: log-log slope 2x-8x, {label}", s["slope_2x_8x"], "<=", 1.1, ""))
-        md += ["", f"Other processes: {_other_share('scaling')}. A slope below 1 at small sizes is fixed per-call cost "
-               "(optimizer set-up, checkpoints, first batches).", ""]
+        md += [
+            "",
+            f"Other processes: {_other_share('scaling')}. A slope below 1 at small sizes is fixed per-call cost "
+            "(optimizer set-up, checkpoints, first batches).",
+            "",
+        ]
     md += ["### Headline ratios", "", "| measure | value | target | met |", "| --- | ---: | ---: | --- |"]
-    ok = {">=": lambda v, t: v >= t, "<": lambda v, t: v < t, "<=": lambda v, t: v <= t, "~": lambda v, t: 0.8 <= v <= 1.2}
+    ok = {
+        ">=": lambda v, t: v >= t,
+        "<": lambda v, t: v < t,
+        "<=": lambda v, t: v <= t,
+        "~": lambda v, t: 0.8 <= v <= 1.2,
+    }
     for name, v, op, tgt, unit in heads:
         met = "yes" if ok[op](v, tgt) else "no"
         md.append(f"| {name} | {v:.2f}{unit} | {op} {tgt:g}{unit} | {met} |")
-    res["headline"] = [{"measure": n, "value": v, "op": op, "target": t, "met": ok[op](v, t)} for n, v, op, t, _ in heads]
+    res["headline"] = [
+        {"measure": n, "value": v, "op": op, "target": t, "met": ok[op](v, t)} for n, v, op, t, _ in heads
+    ]
     return "\n".join(md) + "\n"
 
 
@@ -1191,8 +1499,13 @@ def cmd_line(args) -> str:
 
 def _series_prefixes(sections: list[str]) -> tuple[str, ...]:
     """Prefixes of the PASSES series names each section writes."""
-    names = {"cache": ("cache/", "e2e/", "e2e_text/"), "extract": ("text:", "image:"), "finetune": ("finetune-",),
-             "memory": ("memory",), "scaling": ("scaling",)}
+    names = {
+        "cache": ("cache/", "e2e/", "e2e_text/"),
+        "extract": ("text:", "image:"),
+        "finetune": ("finetune-",),
+        "memory": ("memory",),
+        "scaling": ("scaling",),
+    }
     return tuple(p for s in sections for p in names.get(s, (s,)))
 
 
@@ -1200,7 +1513,9 @@ def render(path: Path) -> int:
     """Rewrite ``<path>.md`` from a run's JSON (after a change to the report's wording or criteria)."""
     payload = json.loads(path.read_text())
     PASSES[:] = payload["passes"]
-    text = markdown(argparse.Namespace(**payload["args"]), payload["machine"], payload["results"], payload["total_seconds"])
+    text = markdown(
+        argparse.Namespace(**payload["args"]), payload["machine"], payload["results"], payload["total_seconds"]
+    )
     path.with_suffix(".md").write_text(text)
     path.write_text(json.dumps(payload, indent=1, default=str))  # headline recomputed
     print(f"(rewrote {path.with_suffix('.md')} from {path})")
@@ -1216,13 +1531,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast on both sides")
     ap.add_argument("--channels-last", action="store_true", help="channels_last CNNs on both sides")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
-    ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
-                    help="fine-tune: also tlops without length grouping / with torch's default threads, and "
-                    "Trainer group_by_length (default: on, off with --quick)")
+    ap.add_argument(
+        "--ablation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune: also tlops without length grouping / with torch's default threads, and "
+        "Trainer group_by_length (default: on, off with --quick)",
+    )
     ap.add_argument("--out", default=None, help="results path prefix (default bench/results/perf[-quick|-cuda])")
-    ap.add_argument("--render", default=None, metavar="JSON", help="no measuring: rewrite the markdown of an earlier run's .json")
-    ap.add_argument("--update", default=None, metavar="JSON", help="merge this run's sections into an earlier full run's .json "
-                    "(e.g. --only cache after a fix) and rewrite its markdown")
+    ap.add_argument(
+        "--render", default=None, metavar="JSON", help="no measuring: rewrite the markdown of an earlier run's .json"
+    )
+    ap.add_argument(
+        "--update",
+        default=None,
+        metavar="JSON",
+        help="merge this run's sections into an earlier full run's .json "
+        "(e.g. --only cache after a fix) and rewrite its markdown",
+    )
     args = ap.parse_args(argv)
     if args.render:
         return render(Path(args.render))
@@ -1260,8 +1586,13 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args.device)
     print(f"# tlops perf benchmark{' (--quick)' if args.quick else ''}: {json.dumps(info)}", flush=True)
     res: dict[str, Any] = {}
-    fns = {"extract": bench_extract, "cache": bench_cache, "finetune": bench_finetune, "memory": bench_memory,
-           "scaling": bench_scaling}
+    fns = {
+        "extract": bench_extract,
+        "cache": bench_cache,
+        "finetune": bench_finetune,
+        "memory": bench_memory,
+        "scaling": bench_scaling,
+    }
     for name in SECTIONS:
         if name in only:
             t0 = time.perf_counter()
@@ -1277,18 +1608,33 @@ def main(argv: list[str] | None = None) -> int:
     prefix = Path(args.out) if args.out else RESULTS / f"perf{suffix}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".md").write_text(text)
-    prefix.with_suffix(".json").write_text(json.dumps({"machine": info, "args": vars(args) | {"argv": args.argv},
-                                                       "sizes": sz, "results": res, "passes": PASSES,
-                                                       "total_seconds": total}, indent=1, default=str))
+    prefix.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "args": vars(args) | {"argv": args.argv},
+                "sizes": sz,
+                "results": res,
+                "passes": PASSES,
+                "total_seconds": total,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     print(f"(written to {prefix.with_suffix('.md')} and .json)")
     if args.update:
         base = Path(args.update)
         payload = json.loads(base.read_text())
         sections = [n for n in SECTIONS if n in res]
         payload["results"].update({n: res[n] for n in sections})
-        payload["passes"] = [p for p in payload["passes"] if not p["series"].startswith(_series_prefixes(sections))] + PASSES
+        payload["passes"] = [
+            p for p in payload["passes"] if not p["series"].startswith(_series_prefixes(sections))
+        ] + PASSES
         notes = payload["machine"].get("remeasured_by_section") or {}
-        notes[", ".join(sections)] = f"on {info['date']} (`{cmd_line(args)}`, load at start {info['load_start'][0]:.2f})"
+        notes[", ".join(sections)] = (
+            f"on {info['date']} (`{cmd_line(args)}`, load at start {info['load_start'][0]:.2f})"
+        )
         payload["machine"]["remeasured_by_section"] = notes  # the latest re-measurement of each section
         payload["machine"]["remeasured"] = "; ".join(f"{k} {v}" for k, v in notes.items())
         base.write_text(json.dumps(payload, indent=1, default=str))

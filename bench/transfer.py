@@ -71,8 +71,20 @@ RESULTS_DIR = REPO / "bench" / "results"
 PAIRS = {"usps-mnist": ("usps", "mnist"), "mnist-usps": ("mnist", "usps")}
 ARROW = {"usps-mnist": "USPS→MNIST", "mnist-usps": "MNIST→USPS"}
 # "X+ent": method X plus target entropy minimisation (weight --entropy-weight); plain names have none.
-ALL_METHODS = ["source-only", "adabn", "coral", "mmd", "dann", "cdan", "cdan+e", "coral+ent", "mmd+ent", "dann+ent",
-               "cdan+e+ent", "target-only"]
+ALL_METHODS = [
+    "source-only",
+    "adabn",
+    "coral",
+    "mmd",
+    "dann",
+    "cdan",
+    "cdan+e",
+    "coral+ent",
+    "mmd+ent",
+    "dann+ent",
+    "cdan+e+ent",
+    "target-only",
+]
 DEFAULT_METHODS = ["source-only", "adabn", "coral", "mmd", "dann", "cdan+e", "dann+ent", "target-only"]
 # About the same number of steps (~1,500 batches of 64) for both pairs: USPS 6,562 vs MNIST 9,000 source images.
 EPOCHS = {"usps-mnist": 15, "mnist-usps": 11}
@@ -100,8 +112,14 @@ DEFAULTS: dict[str, Any] = {
     "augment_target": 1,  # also shift the (unlabelled) target batches
 }
 TRADE_OFF = {"coral": 1.0, "mmd": 1.0, "dann": 1.0, "cdan": 1.0, "cdan+e": 1.0}
-QUICK = {"epochs": 3, "n_source": 2000, "n_target": 2000, "n_test": 1000, "seeds": [0],
-         "methods": ["source-only", "adabn", "coral", "mmd", "cdan+e", "dann+ent"]}
+QUICK = {
+    "epochs": 3,
+    "n_source": 2000,
+    "n_target": 2000,
+    "n_test": 1000,
+    "seeds": [0],
+    "methods": ["source-only", "adabn", "coral", "mmd", "cdan+e", "dann+ent"],
+}
 
 
 # --------------------------------------------------------------------------- data
@@ -115,7 +133,9 @@ def load_domain(name: str) -> dict[str, np.ndarray]:
     return {"x": d["x_test"], "y": d["y_test"]}
 
 
-USPS_SIZE = 20  # 20: resize 16->20 and zero-pad to 28 (MNIST's 20x20-in-28 layout); 28: resize 16->28 (TLlib/ADDA protocol)
+USPS_SIZE = (
+    20  # 20: resize 16->20 and zero-pad to 28 (MNIST's 20x20-in-28 layout); 28: resize 16->28 (TLlib/ADDA protocol)
+)
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -161,7 +181,12 @@ def make_pair(pair: str, seed: int, limits: dict[str, int] | None = None) -> dic
         "target": (to_tensor(tgt_x), torch.from_numpy(tgt_y)),  # labels only for target-only
         "test": (to_tensor(test_x), torch.from_numpy(test_y)),
         "pair": pair,
-        "sizes": {"source": len(src_y), "source_val": len(val_y), "target_unlabelled": len(tgt_y), "target_test": len(test_y)},
+        "sizes": {
+            "source": len(src_y),
+            "source_val": len(val_y),
+            "target_unlabelled": len(tgt_y),
+            "target_test": len(test_y),
+        },
     }
 
 
@@ -176,9 +201,19 @@ class LeNet(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.backbone = nn.Sequential(
-            nn.Conv2d(1, 20, 5), nn.BatchNorm2d(20), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5), nn.BatchNorm2d(50), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(50 * 4 * 4, self.feature_dim), nn.BatchNorm1d(self.feature_dim), nn.ReLU(), nn.Dropout(0.5),
+            nn.Conv2d(1, 20, 5),
+            nn.BatchNorm2d(20),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5),
+            nn.BatchNorm2d(50),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(50 * 4 * 4, self.feature_dim),
+            nn.BatchNorm1d(self.feature_dim),
+            nn.ReLU(),
+            nn.Dropout(0.5),
         )
         self.backbone.feature_dim = self.feature_dim  # type: ignore[assignment]
         self.head = nn.Linear(self.feature_dim, num_classes)
@@ -226,15 +261,25 @@ def timed(fn):
 # --------------------------------------------------------------------------- running
 
 
-def run_method(method: str, data: dict[str, Any], seed: int, hp: dict[str, Any], trade_off: dict[str, float],
-               source_only_model: nn.Module | None, verbose: bool) -> tuple[dict[str, Any], nn.Module | None]:
+def run_method(
+    method: str,
+    data: dict[str, Any],
+    seed: int,
+    hp: dict[str, Any],
+    trade_off: dict[str, float],
+    source_only_model: nn.Module | None,
+    verbose: bool,
+) -> tuple[dict[str, Any], nn.Module | None]:
     test_x, test_y = data["test"]
 
     def log(rec: dict[str, Any]) -> None:
         if verbose:
             keys = ("cls_loss", "transfer_loss", "domain_acc", "source_val_acc", "monitor_target_test_acc", "seconds")
-            print(f"    [{method} s{seed}] epoch {rec['epoch']}: "
-                  + " ".join(f"{k}={rec[k]:.4f}" for k in keys if k in rec), flush=True)
+            print(
+                f"    [{method} s{seed}] epoch {rec['epoch']}: "
+                + " ".join(f"{k}={rec[k]:.4f}" for k in keys if k in rec),
+                flush=True,
+            )
 
     if method == "adabn":
         if source_only_model is None:
@@ -244,8 +289,14 @@ def run_method(method: str, data: dict[str, Any], seed: int, hp: dict[str, Any],
         tx = data["target"][0]
         n, dt, other, cpu = timed(lambda: da.adabn(model, (tx[i : i + 256] for i in range(0, len(tx), 256))))
         acc = da.evaluate(model, test_x, test_y)["acc"]
-        return {"acc": acc, "seconds": dt, "cpu_seconds": cpu, "other_cpu": other, "selection": "source-only model, BN stats from "
-                f"{n} unlabelled target images", "selected_epoch": None}, None
+        return {
+            "acc": acc,
+            "seconds": dt,
+            "cpu_seconds": cpu,
+            "other_cpu": other,
+            "selection": f"source-only model, BN stats from {n} unlabelled target images",
+            "selected_epoch": None,
+        }, None
 
     torch.manual_seed(seed)
     model = LeNet()  # same initial weights for every method of this seed
@@ -255,26 +306,56 @@ def run_method(method: str, data: dict[str, Any], seed: int, hp: dict[str, Any],
         source, source_val, algo = (tx[n_val:], ty[n_val:]), (tx[:n_val], ty[:n_val]), "source-only"
         target_x = tx[n_val:]
     else:
-        source, source_val, algo, target_x = data["source"], data["source_val"], method.removesuffix("+ent"), data["target"][0]
+        source, source_val, algo, target_x = (
+            data["source"],
+            data["source_val"],
+            method.removesuffix("+ent"),
+            data["target"][0],
+        )
     ent = hp["entropy_weight"] if method.endswith("+ent") else 0.0
     monitor = None
     if verbose:  # diagnostics only (printed, never used for selection)
         monitor = lambda m: {"target_test_acc": da.evaluate(m, test_x, test_y)["acc"]}  # noqa: E731
-    hist, dt, other, cpu = timed(lambda: da.adapt(
-        model, algo, source, target_x,
-        epochs=hp["epochs"] or EPOCHS[data["pair"]], batch_size=hp["batch_size"], lr=hp["lr"], trade_off=trade_off.get(method, 1.0), seed=seed,
-        source_val=source_val, log=log, select=hp["select"], optimizer=hp["optimizer"], momentum=hp["momentum"],
-        weight_decay=hp["weight_decay"], lr_schedule=hp["lr_schedule"],
-        augment=da.random_shift(hp["augment"]) if hp["augment"] else None, monitor=monitor,
-        discriminator_hidden=hp["disc_hidden"], entropy_weight=ent, augment_target=bool(hp["augment_target"]),
-    ))
+    hist, dt, other, cpu = timed(
+        lambda: da.adapt(
+            model,
+            algo,
+            source,
+            target_x,
+            epochs=hp["epochs"] or EPOCHS[data["pair"]],
+            batch_size=hp["batch_size"],
+            lr=hp["lr"],
+            trade_off=trade_off.get(method, 1.0),
+            seed=seed,
+            source_val=source_val,
+            log=log,
+            select=hp["select"],
+            optimizer=hp["optimizer"],
+            momentum=hp["momentum"],
+            weight_decay=hp["weight_decay"],
+            lr_schedule=hp["lr_schedule"],
+            augment=da.random_shift(hp["augment"]) if hp["augment"] else None,
+            monitor=monitor,
+            discriminator_hidden=hp["disc_hidden"],
+            entropy_weight=ent,
+            augment_target=bool(hp["augment_target"]),
+        )
+    )
     acc = da.evaluate(model, test_x, test_y)["acc"]
     sel = hist.meta["selection"]
     last = hist[-1]
-    res = {"acc": acc, "seconds": dt, "cpu_seconds": cpu, "other_cpu": other, "selection": sel["criterion"], "selected_epoch": sel["epoch"],
-           "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in hist],
-           "source_val_acc": next(r["source_val_acc"] for r in hist if r["selected"]),
-           "final_cls_loss": last["cls_loss"], "final_transfer_loss": last["transfer_loss"]}
+    res = {
+        "acc": acc,
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "other_cpu": other,
+        "selection": sel["criterion"],
+        "selected_epoch": sel["epoch"],
+        "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in hist],
+        "source_val_acc": next(r["source_val_acc"] for r in hist if r["selected"]),
+        "final_cls_loss": last["cls_loss"],
+        "final_transfer_loss": last["transfer_loss"],
+    }
     if "domain_acc" in last:
         res["final_domain_acc"] = last["domain_acc"]
     if method != "target-only":  # diagnostic only: the same model after a post-hoc AdaBN pass on the target
@@ -301,14 +382,23 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
         for method, runs in per.items():
             accs = [r["acc"] for r in runs]
             out[pair][method] = {
-                "acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "seconds_mean": statistics.mean(r["seconds"] for r in runs), "accs": accs,
+                "acc_mean": statistics.mean(accs),
+                "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "seconds_mean": statistics.mean(r["seconds"] for r in runs),
+                "accs": accs,
             }
     return out
 
 
-def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, float], results: dict[str, Any],
-             summary: dict[str, Any], sizes: dict[str, dict[str, int]], info: dict[str, Any]) -> str:
+def markdown(
+    args: argparse.Namespace,
+    hp: dict[str, Any],
+    trade_off: dict[str, float],
+    results: dict[str, Any],
+    summary: dict[str, Any],
+    sizes: dict[str, dict[str, int]],
+    info: dict[str, Any],
+) -> str:
     methods = [m for m in args.methods]
     lines = [
         "## Digits domain adaptation: USPS ↔ MNIST" + (" (quick mode)" if args.quick else ""),
@@ -319,17 +409,33 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
         f"torch threads {info['threads']} per process, Python {platform.python_version()}, "
         f"load average at start {info['load_start']:.2f}; other processes used {info['other_cpu_mean'] * 100:.0f} % of the "
         f"CPUs on average during the runs (worst run {info['other_cpu_max'] * 100:.0f} %), so wall times are upper bounds; "
-        "CPU s = CPU time of the benchmark process itself (user + system)" + (f"; {info['note']}" if info.get("note") else ""),
+        "CPU s = CPU time of the benchmark process itself (user + system)"
+        + (f"; {info['note']}" if info.get("note") else ""),
         "- model: LeNet-style CNN + BatchNorm (conv5x5-20, BN, ReLU, maxpool / conv5x5-50, BN, ReLU, maxpool / "
         "fc-500, BN, ReLU, dropout 0.5 = 500-d features / linear head), random init (same init for all methods of a seed)",
-        "- training: " + (f"{hp['epochs']} epoch(s)" if hp["epochs"] else ", ".join(f"{EPOCHS[p]} epochs for {ARROW[p]}" for p in args.pairs))
+        "- training: "
+        + (
+            f"{hp['epochs']} epoch(s)"
+            if hp["epochs"]
+            else ", ".join(f"{EPOCHS[p]} epochs for {ARROW[p]}" for p in args.pairs)
+        )
         + f" over the source (an epoch = one pass over the labelled training images), batch {hp['batch_size']} source + {hp['batch_size']} target, "
         f"{hp['optimizer'].upper()} lr {hp['lr']} momentum {hp['momentum']} weight decay {hp['weight_decay']}, "
         f"lr schedule `{hp['lr_schedule']}` (lr/(1+10p)^0.75), "
-        + (f"augmentation: random shift ≤ {hp['augment']} px per image on source"
-           + (" and target" if hp["augment_target"] else "") + " batches" if hp["augment"] else "no augmentation")
-        + "; transfer-loss weights " + ", ".join(f"{k} {v:g}" for k, v in trade_off.items() if k in methods)
-        + (f"; `+ent` = plus target entropy minimisation, weight {hp['entropy_weight']:g}" if any(m.endswith("+ent") for m in methods) else "")
+        + (
+            f"augmentation: random shift ≤ {hp['augment']} px per image on source"
+            + (" and target" if hp["augment_target"] else "")
+            + " batches"
+            if hp["augment"]
+            else "no augmentation"
+        )
+        + "; transfer-loss weights "
+        + ", ".join(f"{k} {v:g}" for k, v in trade_off.items() if k in methods)
+        + (
+            f"; `+ent` = plus target entropy minimisation, weight {hp['entropy_weight']:g}"
+            if any(m.endswith("+ent") for m in methods)
+            else ""
+        )
         + f"; DANN/CDAN: 3-layer discriminator (hidden {hp['disc_hidden']}, BatchNorm), GRL coefficient 2/(1+exp(-10p))-1; "
         "CDAN: randomized multilinear map (1024-d, as the paper does when features x classes = 5000 > 4096), "
         "cdan+e = with entropy conditioning",
@@ -337,9 +443,12 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
         + (" (weights after the last epoch)" if hp["select"] == "last" else " (best source-validation accuracy)")
         + "; target-only uses a 10 % hold-out of its labelled target-train part",
         "- images: 28x28 grayscale, x/255 normalised with mean 0.5/std 0.5; "
-        + ("USPS 16x16 resized to 28x28 bilinearly" if info["usps_size"] == 28 else
-           f"USPS 16x16 resized bilinearly to {info['usps_size']}x{info['usps_size']} and zero-padded to 28x28 (MNIST digits are "
-           "size-normalised to 20x20 and centred in 28x28; USPS digits fill their frame)"),
+        + (
+            "USPS 16x16 resized to 28x28 bilinearly"
+            if info["usps_size"] == 28
+            else f"USPS 16x16 resized bilinearly to {info['usps_size']}x{info['usps_size']} and zero-padded to 28x28 (MNIST digits are "
+            "size-normalised to 20x20 and centred in 28x28; USPS digits fill their frame)"
+        ),
     ]
     for pair in args.pairs:
         s = sizes[pair]
@@ -349,7 +458,11 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
             f"{s['source_val']} source-val; target {tgt.upper()} {s['target_unlabelled']} unlabelled; "
             f"target test {s['target_test']} labelled (disjoint from the unlabelled part)"
         )
-    lines += ["", f"Target-test accuracy (%), mean ± std over seeds {' '.join(map(str, args.seeds))}; wall time per seed (s).", ""]
+    lines += [
+        "",
+        f"Target-test accuracy (%), mean ± std over seeds {' '.join(map(str, args.seeds))}; wall time per seed (s).",
+        "",
+    ]
     header = "| method | " + " | ".join(f"{ARROW[p]} acc | {ARROW[p]} time (s)" for p in args.pairs) + " |"
     header = header.replace(" time (s) |", " time (s): wall [CPU] |")
     lines += [header, "|---|" + "---:|---:|" * len(args.pairs)]
@@ -380,34 +493,54 @@ def markdown(args: argparse.Namespace, hp: dict[str, Any], trade_off: dict[str, 
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed (acc %):", ""]
     for pair in args.pairs:
-        per = "; ".join(f"{m} " + " / ".join(f"{a * 100:.1f}" for a in summary[pair][m]["accs"]) for m in methods if m in summary[pair])
+        per = "; ".join(
+            f"{m} " + " / ".join(f"{a * 100:.1f}" for a in summary[pair][m]["accs"])
+            for m in methods
+            if m in summary[pair]
+        )
         lines.append(f"- {ARROW[pair]}: {per}")
-    lines += ["", "Post-hoc AdaBN on each adapted model (diagnostic: another fixed variant, no target labels used; acc %):", ""]
+    lines += [
+        "",
+        "Post-hoc AdaBN on each adapted model (diagnostic: another fixed variant, no target labels used; acc %):",
+        "",
+    ]
     for pair in args.pairs:
         per = "; ".join(
             f"{m} " + fmt_ms([r["acc_after_adabn"] for r in results[pair][m]])
-            for m in methods if m in results[pair] and results[pair][m] and "acc_after_adabn" in results[pair][m][0]
+            for m in methods
+            if m in results[pair] and results[pair][m] and "acc_after_adabn" in results[pair][m][0]
         )
         lines.append(f"- {ARROW[pair]}: {per}")
-    lines += ["", "Targets (best adaptation method, mean over seeds):" if not args.quick else
-              "Targets (not applicable in quick mode: subsampled data, 3 epochs):", ""]
+    lines += [
+        "",
+        "Targets (best adaptation method, mean over seeds):"
+        if not args.quick
+        else "Targets (not applicable in quick mode: subsampled data, 3 epochs):",
+        "",
+    ]
     for pair in args.pairs if not args.quick else []:
-        cands = [(summary[pair][m]["acc_mean"], m) for m in methods if m not in ("source-only", "target-only") and m in summary[pair]]
+        cands = [
+            (summary[pair][m]["acc_mean"], m)
+            for m in methods
+            if m not in ("source-only", "target-only") and m in summary[pair]
+        ]
         if cands:
             acc, m = max(cands)
             ok = "met" if acc >= TARGETS[pair] else "NOT met"
             lines.append(f"- {ARROW[pair]} ≥ {TARGETS[pair] * 100:.0f} %: {ok} ({m} {acc * 100:.1f} %)")
     lines += [
         "",
-        "vs reference (TLlib digits benchmark, LeNet, 28x28, quoted in /work/shared/DESIGN.md \"Reference numbers\"; "
+        'vs reference (TLlib digits benchmark, LeNet, 28x28, quoted in /work/shared/DESIGN.md "Reference numbers"; '
         "TLlib selects on the target test set, so its numbers are optimistic; target supervised from the CyCADA paper): "
-        + "; ".join(
-            f"{ARROW[p]} " + ", ".join(f"{m} {v}" for m, v in REFERENCE[p].items()) for p in args.pairs
-        )
+        + "; ".join(f"{ARROW[p]} " + ", ".join(f"{m} {v}" for m, v in REFERENCE[p].items()) for p in args.pairs)
         + ". Differences here: MNIST has only its 10,000 official test images offline (TLlib trains on 60,000), "
         "model selection without target labels, and far fewer iterations (CPU budget)"
-        + ("; USPS is resized to 20x20 and padded to MNIST's layout (TLlib resizes it to 28x28, a larger gap: "
-           "compare source-only rows with care)." if info["usps_size"] == 20 else "."),
+        + (
+            "; USPS is resized to 20x20 and padded to MNIST's layout (TLlib resizes it to 28x28, a larger gap: "
+            "compare source-only rows with care)."
+            if info["usps_size"] == 20
+            else "."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -417,9 +550,18 @@ def with_text_report(md: str, args: argparse.Namespace, out: Path) -> str:
     """For bench/results/transfer.md: the digits report followed by the text/few-shot/stacking/selection
     report of bench/transfer_text.py (other outputs, e.g. per-pair parts, stay digits-only)."""
     path = getattr(args, "text_report", None)
-    if args.quick or path is None or not Path(path).is_file() or out.resolve() != (RESULTS_DIR / "transfer.md").resolve():
+    if (
+        args.quick
+        or path is None
+        or not Path(path).is_file()
+        or out.resolve() != (RESULTS_DIR / "transfer.md").resolve()
+    ):
         return md
-    return md.rstrip("\n") + f"\n\n<!-- appended from {Path(path).name} (bench/transfer_text.py) -->\n\n" + Path(path).read_text()
+    return (
+        md.rstrip("\n")
+        + f"\n\n<!-- appended from {Path(path).name} (bench/transfer_text.py) -->\n\n"
+        + Path(path).read_text()
+    )
 
 
 def merge(args: argparse.Namespace, out: Path) -> int:
@@ -445,26 +587,46 @@ def merge(args: argparse.Namespace, out: Path) -> int:
     sizes = {pair: sz for p in payloads for pair, sz in p["sizes"].items()}
     infos = [p["info"] for p in payloads]
     info = dict(first["info"])
-    info["command"] = "` and `".join(i["command"] for i in infos) + "` (run at the same time, one process per pair), then `" + " ".join(
-        [".venv/bin/python", "bench/transfer.py", "--merge", *map(str, args.merge), "--out", str(out)])
+    info["command"] = (
+        "` and `".join(i["command"] for i in infos)
+        + "` (run at the same time, one process per pair), then `"
+        + " ".join([".venv/bin/python", "bench/transfer.py", "--merge", *map(str, args.merge), "--out", str(out)])
+    )
     info["total_seconds"] = max(i["total_seconds"] for i in infos)
-    others = [r["other_cpu"] for per in runs.values() for rs in per.values() for r in rs if r.get("other_cpu") is not None]
+    others = [
+        r["other_cpu"] for per in runs.values() for rs in per.values() for r in rs if r.get("other_cpu") is not None
+    ]
     info["other_cpu_mean"] = statistics.mean(others) if others else 0.0
     info["other_cpu_max"] = max(others) if others else 0.0
     incomplete = [str(p) for p, payload in zip(args.merge, payloads) if not payload.get("complete", True)]
     info["load_start"] = max(i["load_start"] for i in infos)
-    info["note"] = (f"the {len(infos)} benchmark processes ran side by side with {info['threads']} torch thread(s) each, so "
-                    f"'other processes' includes the sibling benchmark processes"
-                    + (f"; interrupted runs (only their finished methods are counted): {', '.join(incomplete)}" if incomplete else ""))
+    info["note"] = (
+        f"the {len(infos)} benchmark processes ran side by side with {info['threads']} torch thread(s) each, so "
+        f"'other processes' includes the sibling benchmark processes"
+        + (
+            f"; interrupted runs (only their finished methods are counted): {', '.join(incomplete)}"
+            if incomplete
+            else ""
+        )
+    )
     args.pairs = [p for p in PAIRS if p in runs]
     args.methods = [m for m in ALL_METHODS if any(m in per for per in runs.values())]
     args.seeds = sorted({r["seed"] for per in runs.values() for rs in per.values() for r in rs})
     args.quick = first["quick"]
     summary = summarise(runs)
-    md = with_text_report(markdown(args, first["hyperparameters"], first["trade_off"], runs, summary, sizes, info), args, out)
+    md = with_text_report(
+        markdown(args, first["hyperparameters"], first["trade_off"], runs, summary, sizes, info), args, out
+    )
     print(md)
     out.write_text(md)
-    payload = {**first, "info": info, "sizes": sizes, "summary": summary, "runs": runs, "merged_from": [str(p) for p in args.merge]}
+    payload = {
+        **first,
+        "info": info,
+        "sizes": sizes,
+        "summary": summary,
+        "runs": runs,
+        "merged_from": [str(p) for p in args.merge],
+    }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
@@ -475,22 +637,52 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    ap.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help=f"default: {' '.join(DEFAULT_METHODS)} (--quick: a subset)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=ALL_METHODS,
+        help=f"default: {' '.join(DEFAULT_METHODS)} (--quick: a subset)",
+    )
     ap.add_argument("--quick", action="store_true", help=f"reduced run for the slow test: {QUICK}")
-    ap.add_argument("--out", type=Path, default=None, help="markdown output (default bench/results/transfer.md, "
-                    "or transfer-quick.md with --quick); a .json with the raw results is written next to it")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown output (default bench/results/transfer.md, "
+        "or transfer-quick.md with --quick); a .json with the raw results is written next to it",
+    )
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v}")
-    ap.add_argument("--trade-off", nargs="*", default=[], metavar="METHOD=W", help=f"transfer-loss weights, default {TRADE_OFF}")
+    ap.add_argument(
+        "--trade-off", nargs="*", default=[], metavar="METHOD=W", help=f"transfer-loss weights, default {TRADE_OFF}"
+    )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--usps-size", type=int, default=USPS_SIZE, choices=[20, 28],
-                    help="28: resize USPS 16->28; 20: resize to 20 and zero-pad to 28 (default %(default)s)")
-    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                    help="no training: combine the .json results of earlier runs (e.g. one process per pair) into --out")
-    ap.add_argument("--text-report", type=Path, default=RESULTS_DIR / "transfer-text.md",
-                    help="append this bench/transfer_text.py report (text cross-domain, few-shot, stacking, source selection) "
-                         "to bench/results/transfer.md, so that it holds every setting (default %(default)s, if it exists; not with --quick)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log incl. target-test accuracy (diagnostics only)")
+    ap.add_argument(
+        "--usps-size",
+        type=int,
+        default=USPS_SIZE,
+        choices=[20, 28],
+        help="28: resize USPS 16->28; 20: resize to 20 and zero-pad to 28 (default %(default)s)",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="no training: combine the .json results of earlier runs (e.g. one process per pair) into --out",
+    )
+    ap.add_argument(
+        "--text-report",
+        type=Path,
+        default=RESULTS_DIR / "transfer-text.md",
+        help="append this bench/transfer_text.py report (text cross-domain, few-shot, stacking, source selection) "
+        "to bench/results/transfer.md, so that it holds every setting (default %(default)s, if it exists; not with --quick)",
+    )
+    ap.add_argument(
+        "-v", "--verbose", action="store_true", help="per-epoch log incl. target-test accuracy (diagnostics only)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     USPS_SIZE = args.usps_size
@@ -520,9 +712,15 @@ def main(argv: list[str] | None = None) -> int:
 
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([".venv/bin/python", "bench/transfer.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
-        "cpu": cpu_model(), "cores": os.cpu_count(), "usable": len(os.sched_getaffinity(0)), "load_start": os.getloadavg()[0],
-        "threads": torch.get_num_threads(), "usps_size": USPS_SIZE,
+        "command": " ".join(
+            [".venv/bin/python", "bench/transfer.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
+        ),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable": len(os.sched_getaffinity(0)),
+        "load_start": os.getloadavg()[0],
+        "threads": torch.get_num_threads(),
+        "usps_size": USPS_SIZE,
     }
     t_all = time.perf_counter()
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -539,17 +737,34 @@ def main(argv: list[str] | None = None) -> int:
                     so_model = model
                 results[pair][method].append({"seed": seed, **res})
                 # written after every method, so an interrupted run keeps what it finished (--merge reads it)
-                partial = {"info": {**info, "total_seconds": time.perf_counter() - t_all, "other_cpu_mean": 0.0,
-                                    "other_cpu_max": 0.0}, "hyperparameters": hp, "trade_off": trade_off,
-                           "quick": args.quick, "limits": limits, "seeds": args.seeds, "sizes": sizes,
-                           "runs": results, "complete": False}
+                partial = {
+                    "info": {
+                        **info,
+                        "total_seconds": time.perf_counter() - t_all,
+                        "other_cpu_mean": 0.0,
+                        "other_cpu_max": 0.0,
+                    },
+                    "hyperparameters": hp,
+                    "trade_off": trade_off,
+                    "quick": args.quick,
+                    "limits": limits,
+                    "seeds": args.seeds,
+                    "sizes": sizes,
+                    "runs": results,
+                    "complete": False,
+                }
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.with_suffix(".json").write_text(json.dumps(partial, indent=2))
-                print(f"{ARROW[pair]} seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  {res['seconds']:6.1f}s"
-                      + (f"  (+AdaBN {res['acc_after_adabn'] * 100:.1f})" if "acc_after_adabn" in res else "")
-                      + f"  (other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)", flush=True)
+                print(
+                    f"{ARROW[pair]} seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  {res['seconds']:6.1f}s"
+                    + (f"  (+AdaBN {res['acc_after_adabn'] * 100:.1f})" if "acc_after_adabn" in res else "")
+                    + f"  (other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)",
+                    flush=True,
+                )
     info["total_seconds"] = time.perf_counter() - t_all
-    others = [r["other_cpu"] for per in results.values() for runs in per.values() for r in runs if r["other_cpu"] is not None]
+    others = [
+        r["other_cpu"] for per in results.values() for runs in per.values() for r in runs if r["other_cpu"] is not None
+    ]
     info["other_cpu_mean"] = statistics.mean(others) if others else 0.0
     info["other_cpu_max"] = max(others) if others else 0.0
     summary = summarise(results)
@@ -558,8 +773,18 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
-    payload = {"info": info, "hyperparameters": hp, "trade_off": trade_off, "quick": args.quick, "limits": limits,
-               "seeds": args.seeds, "sizes": sizes, "summary": summary, "runs": results, "complete": True}
+    payload = {
+        "info": info,
+        "hyperparameters": hp,
+        "trade_off": trade_off,
+        "quick": args.quick,
+        "limits": limits,
+        "seeds": args.seeds,
+        "sizes": sizes,
+        "summary": summary,
+        "runs": results,
+        "complete": True,
+    }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0

@@ -123,7 +123,7 @@ TARGETS = {"uci_cross_mean": 0.92, "yelp_8shot": 0.85}
 REFERENCE = {  # /work/shared/DESIGN.md "Reference numbers", measured on this kind of machine
     "uci": "frozen MiniLM + LR: amazon→yelp 0.878, yelp→amazon 0.860 (mean 0.869); TF-IDF + LR 0.710 / 0.749",
     "fewshot": "frozen MiniLM + LR, 8 labels/class (5 seeds): amazon 0.714, yelp 0.779; SetFit paper (CR, 8/class): "
-               "SetFit mpnet 88.5, probe on frozen mpnet 84.2, SetFit MiniLM-L6 71.6, RoBERTa-large fine-tune 58.8",
+    "SetFit mpnet 88.5, probe on frozen mpnet 84.2, SetFit MiniLM-L6 71.6, RoBERTa-large fine-tune 58.8",
 }
 
 # Hyper-parameters (the CLI can override each: --ft-lr 5e-5 ...).  Chosen on source validation only
@@ -138,25 +138,63 @@ DEFAULTS: dict[str, Any] = {
     "source_val_frac": 0.1,
     "blitzer_val_frac": 0.2,
     # full fine-tune (tlops fine_tune, AdamW + cosine, LP-FT)
-    "ft_epochs": 2, "ft_batch": 16, "ft_lr": 5e-5, "ft_head_lr": 5e-4,
+    "ft_epochs": 2,
+    "ft_batch": 16,
+    "ft_lr": 5e-5,
+    "ft_head_lr": 5e-4,
     # LoRA
-    "lora_r": 8, "lora_alpha": 16, "lora_lr": 1e-3, "lora_epochs": 2,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_lr": 1e-3,
+    "lora_epochs": 2,
     # top-layer training through adaptation.adapt (top-ft, coral, dann)
-    "top_layers": 2, "top_epochs": 2, "top_batch": 32, "top_lr": 1e-4, "top_optimizer": "adam", "top_schedule": "cosine",
-    "top_weight_decay": 0.0, "coral_weight": 3000.0, "dann_weight": 1.0, "entropy_weight": 0.1, "disc_hidden": 256,
+    "top_layers": 2,
+    "top_epochs": 2,
+    "top_batch": 32,
+    "top_lr": 1e-4,
+    "top_optimizer": "adam",
+    "top_schedule": "cosine",
+    "top_weight_decay": 0.0,
+    "coral_weight": 3000.0,
+    "dann_weight": 1.0,
+    "entropy_weight": 0.1,
+    "disc_hidden": 256,
     # few-shot
-    "setfit_pairs_8": 20, "setfit_pairs_64": 2, "setfit_lr": 2e-5, "setfit_batch": 16, "setfit_epochs": 1,
-    "few_ft_lr": 5e-5, "few_ft_head_lr": 5e-4, "few_ft_steps": 24, "few_ft_batch": 8,
+    "setfit_pairs_8": 20,
+    "setfit_pairs_64": 2,
+    "setfit_lr": 2e-5,
+    "setfit_batch": 16,
+    "setfit_epochs": 1,
+    "few_ft_lr": 5e-5,
+    "few_ft_head_lr": 5e-4,
+    "few_ft_steps": 24,
+    "few_ft_batch": 8,
     # digits
-    "digits_source_steps": 200, "digits_shots": 10, "digits_test": 2000, "digits_lr": 2e-3,
-    "digits_ft_epochs": 15, "digits_ft_lr": 1e-3,
+    "digits_source_steps": 200,
+    "digits_shots": 10,
+    "digits_test": 2000,
+    "digits_lr": 2e-3,
+    "digits_ft_epochs": 15,
+    "digits_ft_lr": 1e-3,
 }
 QUICK: dict[str, Any] = {
     "seeds": [0],
-    "uci_pairs": ["amazon-yelp"], "blitzer_pairs": ["books-dvd"],
+    "uci_pairs": ["amazon-yelp"],
+    "blitzer_pairs": ["books-dvd"],
     "methods": ["frozen-probe", "fine-tune", "lora", "top-ft", "coral", "dann"],
-    "overrides": {"ft_epochs": 1, "lora_epochs": 1, "top_epochs": 1, "blitzer_top_epochs": 1, "blitzer_n": 60, "blitzer_ft_source": 16,
-                  "few_ft_steps": 4, "setfit_pairs_8": 2, "digits_source_steps": 40, "digits_test": 300, "digits_ft_epochs": 5},
+    "overrides": {
+        "ft_epochs": 1,
+        "lora_epochs": 1,
+        "top_epochs": 1,
+        "blitzer_top_epochs": 1,
+        "blitzer_n": 60,
+        "blitzer_ft_source": 16,
+        "few_ft_steps": 4,
+        "setfit_pairs_8": 2,
+        "digits_source_steps": 40,
+        "digits_test": 300,
+        "digits_ft_epochs": 5,
+    },
     "uci_limit": 200,  # sentences per UCI domain in quick mode
     "shots": [8],
     "few_domains": ["yelp"],
@@ -227,9 +265,22 @@ class Progress:
 
 PROGRESS = Progress(None, {}, False)
 THREADS = 1  # torch threads, also passed to fine_tune (which otherwise picks its own)
-LIBRARY_FILES = ["training/finetune.py", "training/distributed.py", "training/probe.py", "training/lora.py", "training/setfit.py",
-                 "training/adaptation.py", "training/partial.py", "features/extract.py", "features/selection.py",
-                 "models/backbone.py", "models/bundle.py", "models/stack.py", "models/ensemble.py", "config.py"]
+LIBRARY_FILES = [
+    "training/finetune.py",
+    "training/distributed.py",
+    "training/probe.py",
+    "training/lora.py",
+    "training/setfit.py",
+    "training/adaptation.py",
+    "training/partial.py",
+    "features/extract.py",
+    "features/selection.py",
+    "models/backbone.py",
+    "models/bundle.py",
+    "models/stack.py",
+    "models/ensemble.py",
+    "config.py",
+]
 
 
 def library_digest() -> dict[str, str]:
@@ -288,7 +339,9 @@ class Encoded:
         captured: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         hook_layer = layers[cut - 1] if cut > 0 else bb.model.embeddings
-        h = hook_layer.register_forward_hook(lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
+        h = hook_layer.register_forward_hook(
+            lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach())
+        )
         orig_prepare = bb.prepare
 
         def prepare(batch):  # remember the attention masks of each batch
@@ -373,7 +426,9 @@ def _check_cache(store: HiddenStore, enc: dict[str, Encoded], max_len: int, k: i
         got = top(**store.prepare(ids)).numpy()
         err = float(np.abs(got - e.features[: len(ids)]).max())
         if err > 0.05:
-            raise RuntimeError(f"cached top-layer states do not reproduce the frozen embeddings of {d} (max abs diff {err:.3g})")
+            raise RuntimeError(
+                f"cached top-layer states do not reproduce the frozen embeddings of {d} (max abs diff {err:.3g})"
+            )
 
 
 def probe(f_tr: np.ndarray, y_tr: np.ndarray, f_va: np.ndarray | None, y_va: np.ndarray | None, seed: int) -> nn.Linear:
@@ -397,8 +452,15 @@ def _fmt_hist(h: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- settings 1: cross-domain
 
 
-def run_cross(setting: str, pairs: list[str], seeds: list[int], methods: list[str], hp: dict[str, Any],
-              limit: int | None, verbose: bool) -> dict[str, Any]:
+def run_cross(
+    setting: str,
+    pairs: list[str],
+    seeds: list[int],
+    methods: list[str],
+    hp: dict[str, Any],
+    limit: int | None,
+    verbose: bool,
+) -> dict[str, Any]:
     max_len = hp["uci_max_length"] if setting == "uci" else hp["blitzer_max_length"]
     top_k = hp["top_layers"] if setting == "uci" else hp["blitzer_top_layers"]
     domains = sorted({d for p in pairs for d in p.split("-")})
@@ -411,8 +473,11 @@ def run_cross(setting: str, pairs: list[str], seeds: list[int], methods: list[st
             texts, y = [texts[i] for i in sel], y[sel]
         enc[d] = Encoded(texts, y, max_len, top_k)
         embed_secs[d] = enc[d].seconds
-        print(f"[{setting}] encoded {d}: {len(y)} texts in {enc[d].seconds:.0f}s "
-              f"(mean {enc[d].lengths.mean():.1f} tokens, {int((enc[d].lengths >= max_len).sum())} truncated at {max_len})", flush=True)
+        print(
+            f"[{setting}] encoded {d}: {len(y)} texts in {enc[d].seconds:.0f}s "
+            f"(mean {enc[d].lengths.mean():.1f} tokens, {int((enc[d].lengths >= max_len).sum())} truncated at {max_len})",
+            flush=True,
+        )
     store = HiddenStore(enc)
     _check_cache(store, enc, max_len, top_k)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -429,24 +494,51 @@ def run_cross(setting: str, pairs: list[str], seeds: list[int], methods: list[st
             s_val, s_tr = sp[:n_val], sp[n_val:]
             half = len(tp) // 2
             t_un, t_te = tp[:half], tp[half:]
-            sizes[pair] = {"source": len(s_tr), "source_val": len(s_val), "target_unlabelled": len(t_un), "target_test": len(t_te)}
+            sizes[pair] = {
+                "source": len(s_tr),
+                "source_val": len(s_val),
+                "target_unlabelled": len(t_un),
+                "target_test": len(t_te),
+            }
             S, T = enc[src], enc[tgt]
-            ctx = {"S": S, "T": T, "s_tr": s_tr, "s_val": s_val, "t_un": t_un, "t_te": t_te, "store": store, "src": src,
-                   "tgt": tgt, "seed": seed, "hp": hp, "setting": setting, "verbose": verbose}
-            (p_head, p_hist), p_dt, p_other, p_cpu = timed(lambda: train_probe(
-                S.features[s_tr], S.y[s_tr], S.features[s_val], S.y[s_val], 2, TrainConfig(), seed))
+            ctx = {
+                "S": S,
+                "T": T,
+                "s_tr": s_tr,
+                "s_val": s_val,
+                "t_un": t_un,
+                "t_te": t_te,
+                "store": store,
+                "src": src,
+                "tgt": tgt,
+                "seed": seed,
+                "hp": hp,
+                "setting": setting,
+                "verbose": verbose,
+            }
+            (p_head, p_hist), p_dt, p_other, p_cpu = timed(
+                lambda: train_probe(S.features[s_tr], S.y[s_tr], S.features[s_val], S.y[s_val], 2, TrainConfig(), seed)
+            )
             ctx["probe_head"] = p_head
             for method in methods:
                 done = PROGRESS.get(setting, pair, method, seed)
                 if done is not None:
                     runs[pair][method].append(done)
-                    print(f"[{setting}] {ARROW[pair]} seed {seed} {method:12s} acc {done['acc'] * 100:5.1f} (from the partial file)", flush=True)
+                    print(
+                        f"[{setting}] {ARROW[pair]} seed {seed} {method:12s} acc {done['acc'] * 100:5.1f} (from the partial file)",
+                        flush=True,
+                    )
                     continue
                 try:
                     if method == "frozen-probe":
-                        res = {"acc": head_acc(p_head, T.features[t_te], T.y[t_te]), "seconds": p_dt, "other_cpu": p_other,
-                               "cpu_seconds": p_cpu, "source_val_acc": head_acc(p_head, S.features[s_val], S.y[s_val]),
-                               "probe_epochs": len(p_hist)}
+                        res = {
+                            "acc": head_acc(p_head, T.features[t_te], T.y[t_te]),
+                            "seconds": p_dt,
+                            "other_cpu": p_other,
+                            "cpu_seconds": p_cpu,
+                            "source_val_acc": head_acc(p_head, S.features[s_val], S.y[s_val]),
+                            "probe_epochs": len(p_hist),
+                        }
                     elif method in ("fine-tune", "lora"):
                         res = _run_full(method, ctx)
                     else:
@@ -458,13 +550,22 @@ def run_cross(setting: str, pairs: list[str], seeds: list[int], methods: list[st
                 res["seed"] = seed
                 runs[pair][method].append(res)
                 PROGRESS.put(res, setting, pair, method, seed)
-                print(f"[{setting}] {ARROW[pair]} seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  "
-                      f"src-val {res.get('source_val_acc', float('nan')) * 100:5.1f}  {res['seconds']:6.1f}s [{res['cpu_seconds']:.0f} CPU s] "
-                      f"(other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)", flush=True)
-    return {"tasks": runs, "sizes": sizes, "embed_seconds": embed_secs, "max_length": max_len, "errors": errors,
-            "mean_tokens": {d: float(e.lengths.mean()) for d, e in enc.items()},
-            "truncated": {d: int((e.lengths >= max_len).sum()) for d, e in enc.items()},
-            "n_per_domain": {d: len(e.y) for d, e in enc.items()}}
+                print(
+                    f"[{setting}] {ARROW[pair]} seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  "
+                    f"src-val {res.get('source_val_acc', float('nan')) * 100:5.1f}  {res['seconds']:6.1f}s [{res['cpu_seconds']:.0f} CPU s] "
+                    f"(other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)",
+                    flush=True,
+                )
+    return {
+        "tasks": runs,
+        "sizes": sizes,
+        "embed_seconds": embed_secs,
+        "max_length": max_len,
+        "errors": errors,
+        "mean_tokens": {d: float(e.lengths.mean()) for d, e in enc.items()},
+        "truncated": {d: int((e.lengths >= max_len).sum()) for d, e in enc.items()},
+        "n_per_domain": {d: len(e.y) for d, e in enc.items()},
+    }
 
 
 def _run_full(method: str, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -481,17 +582,33 @@ def _run_full(method: str, ctx: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {"n_source_used": len(s_tr)}
     if method == "lora":
         extra |= apply_lora(clf, LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], lr=hp["lora_lr"]))["lora"]
-        cfg = TrainConfig(threads=THREADS, epochs=hp["lora_epochs"], batch_size=hp["ft_batch"], lr=hp["lora_lr"], head_lr=hp["ft_head_lr"])
+        cfg = TrainConfig(
+            threads=THREADS,
+            epochs=hp["lora_epochs"],
+            batch_size=hp["ft_batch"],
+            lr=hp["lora_lr"],
+            head_lr=hp["ft_head_lr"],
+        )
     else:
-        cfg = TrainConfig(threads=THREADS, epochs=hp["ft_epochs"], batch_size=hp["ft_batch"], lr=hp["ft_lr"], head_lr=hp["ft_head_lr"])
+        cfg = TrainConfig(
+            threads=THREADS, epochs=hp["ft_epochs"], batch_size=hp["ft_batch"], lr=hp["ft_lr"], head_lr=hp["ft_head_lr"]
+        )
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
         hist, dt, other, cpu = timed(lambda: fine_tune(clf, train, val, cfg, seed, Path(tmp), frozen_k=0, name=method))
     if method == "lora":
         merge_lora(clf)
     best = max(hist, key=lambda h: (h["val_acc"], -h["val_loss"]))
     acc = clf_acc(clf, [T.texts[i] for i in ctx["t_te"]], T.y[ctx["t_te"]])
-    return {"acc": acc, "seconds": dt, "other_cpu": other, "cpu_seconds": cpu, "source_val_acc": best["val_acc"],
-            "selected_epoch": best["epoch"], "history": _fmt_hist(hist), **extra}
+    return {
+        "acc": acc,
+        "seconds": dt,
+        "other_cpu": other,
+        "cpu_seconds": cpu,
+        "source_val_acc": best["val_acc"],
+        "selected_epoch": best["epoch"],
+        "history": _fmt_hist(hist),
+        **extra,
+    }
 
 
 def _run_top(method: str, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -501,7 +618,9 @@ def _run_top(method: str, ctx: dict[str, Any]) -> dict[str, Any]:
     head = nn.Linear(384, 2)
     head.load_state_dict(ctx["probe_head"].state_dict())
     minilm(max_len)  # make sure the pristine encoder is loaded
-    model = TopModel(TopLayers(_PRISTINE[max_len], hp["top_layers"] if ctx["setting"] == "uci" else hp["blitzer_top_layers"]), head)
+    model = TopModel(
+        TopLayers(_PRISTINE[max_len], hp["top_layers"] if ctx["setting"] == "uci" else hp["blitzer_top_layers"]), head
+    )
     algo = {"top-ft": "source-only"}.get(method, method.removesuffix("+ent"))
     trade = {"coral": hp["coral_weight"], "dann": hp["dann_weight"]}.get(algo, 1.0)
     src_ids = store.ids(ctx["src"], ctx["s_tr"])
@@ -514,26 +633,58 @@ def _run_top(method: str, ctx: dict[str, Any]) -> dict[str, Any]:
     test_ids, test_y = test_ids[order], T.y[ctx["t_te"]][order]
     monitor = None
     if ctx["verbose"]:  # diagnostics only, never used for selection
-        monitor = lambda m: {"target_test_acc": da.evaluate(m, test_ids, test_y, prepare=store.prepare, batch_size=128)["acc"]}  # noqa: E731
+        monitor = lambda m: {
+            "target_test_acc": da.evaluate(m, test_ids, test_y, prepare=store.prepare, batch_size=128)["acc"]
+        }  # noqa: E731
 
     def log(rec: dict[str, Any]) -> None:
         if ctx["verbose"]:
             keys = ("cls_loss", "transfer_loss", "domain_acc", "source_val_acc", "monitor_target_test_acc", "seconds")
-            print(f"    [{method} s{seed}] epoch {rec['epoch']}: " + " ".join(f"{k}={rec[k]:.4f}" for k in keys if k in rec), flush=True)
+            print(
+                f"    [{method} s{seed}] epoch {rec['epoch']}: "
+                + " ".join(f"{k}={rec[k]:.4f}" for k in keys if k in rec),
+                flush=True,
+            )
 
-    hist, dt, other, cpu = timed(lambda: da.adapt(
-        model, algo, (src_ids, S.y[ctx["s_tr"]]), tgt_ids, epochs=hp["top_epochs"] if ctx["setting"] == "uci" else hp["blitzer_top_epochs"], batch_size=hp["top_batch"], lr=hp["top_lr"],
-        trade_off=trade, seed=seed, source_val=(val_ids, val_y),
-        select="source_val", optimizer=hp["top_optimizer"], weight_decay=hp["top_weight_decay"], lr_schedule=hp["top_schedule"],
-        prepare=store.prepare, discriminator_hidden=hp["disc_hidden"],
-        entropy_weight=hp["entropy_weight"] if method.endswith("+ent") else 0.0, monitor=monitor, log=log, eval_batch_size=128,
-    ))
+    hist, dt, other, cpu = timed(
+        lambda: da.adapt(
+            model,
+            algo,
+            (src_ids, S.y[ctx["s_tr"]]),
+            tgt_ids,
+            epochs=hp["top_epochs"] if ctx["setting"] == "uci" else hp["blitzer_top_epochs"],
+            batch_size=hp["top_batch"],
+            lr=hp["top_lr"],
+            trade_off=trade,
+            seed=seed,
+            source_val=(val_ids, val_y),
+            select="source_val",
+            optimizer=hp["top_optimizer"],
+            weight_decay=hp["top_weight_decay"],
+            lr_schedule=hp["top_schedule"],
+            prepare=store.prepare,
+            discriminator_hidden=hp["disc_hidden"],
+            entropy_weight=hp["entropy_weight"] if method.endswith("+ent") else 0.0,
+            monitor=monitor,
+            log=log,
+            eval_batch_size=128,
+        )
+    )
     acc = da.evaluate(model, test_ids, test_y, prepare=store.prepare, batch_size=128)["acc"]
     sel = next(r for r in hist if r["selected"])
     last = hist[-1]
-    res = {"acc": acc, "seconds": dt, "other_cpu": other, "cpu_seconds": cpu, "source_val_acc": sel["source_val_acc"],
-           "selected_epoch": sel["epoch"], "trade_off": trade, "history": _fmt_hist(hist),
-           "final_cls_loss": last["cls_loss"], "final_transfer_loss": last["transfer_loss"]}
+    res = {
+        "acc": acc,
+        "seconds": dt,
+        "other_cpu": other,
+        "cpu_seconds": cpu,
+        "source_val_acc": sel["source_val_acc"],
+        "selected_epoch": sel["epoch"],
+        "trade_off": trade,
+        "history": _fmt_hist(hist),
+        "final_cls_loss": last["cls_loss"],
+        "final_transfer_loss": last["transfer_loss"],
+    }
     if "domain_acc" in last:
         res["final_domain_acc"] = last["domain_acc"]
     return res
@@ -542,8 +693,9 @@ def _run_top(method: str, ctx: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- setting 2: few-shot
 
 
-def run_fewshot(domains: list[str], shots: list[int], seeds: list[int], methods: list[str], hp: dict[str, Any],
-                limit: int | None) -> dict[str, Any]:
+def run_fewshot(
+    domains: list[str], shots: list[int], seeds: list[int], methods: list[str], hp: dict[str, Any], limit: int | None
+) -> dict[str, Any]:
     max_len = hp["uci_max_length"]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     sizes: dict[str, dict[str, int]] = {}
@@ -566,35 +718,54 @@ def run_fewshot(domains: list[str], shots: list[int], seeds: list[int], methods:
                 sizes[task] = {"train": len(tr), "test": len(test), "pool": len(pool)}
                 train = Split([texts[i] for i in tr], y[tr])
                 test_x, test_y = [texts[i] for i in test], y[test]
-                (p_head, _), p_dt, p_other, p_cpu = timed(lambda: train_probe(feats[tr], y[tr], None, None, 2, TrainConfig(), seed))
+                (p_head, _), p_dt, p_other, p_cpu = timed(
+                    lambda: train_probe(feats[tr], y[tr], None, None, 2, TrainConfig(), seed)
+                )
                 for method in methods:
                     done = PROGRESS.get("fewshot", task, method, seed)
                     if done is not None:
                         runs[task][method].append(done)
-                        print(f"[fewshot] {d} {k}-shot seed {seed} {method:12s} acc {done['acc'] * 100:5.1f} (from the partial file)", flush=True)
+                        print(
+                            f"[fewshot] {d} {k}-shot seed {seed} {method:12s} acc {done['acc'] * 100:5.1f} (from the partial file)",
+                            flush=True,
+                        )
                         continue
                     try:
                         if method == "frozen-probe":
-                            res = {"acc": head_acc(p_head, feats[test], test_y), "seconds": p_dt, "other_cpu": p_other, "cpu_seconds": p_cpu}
+                            res = {
+                                "acc": head_acc(p_head, feats[test], test_y),
+                                "seconds": p_dt,
+                                "other_cpu": p_other,
+                                "cpu_seconds": p_cpu,
+                            }
                         elif method == "setfit":
                             res = _setfit(train, test_x, test_y, k, seed, hp, max_len)
                         else:
                             res = _few_ft(train, test_x, test_y, p_head, seed, hp, max_len)
                     except Exception as e:
                         traceback.print_exc()
-                        errors.append({"task": task, "method": method, "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                        errors.append(
+                            {"task": task, "method": method, "seed": seed, "error": f"{type(e).__name__}: {e}"}
+                        )
                         continue
                     res["seed"] = seed
                     runs[task][method].append(res)
                     PROGRESS.put(res, "fewshot", task, method, seed)
-                    print(f"[fewshot] {d} {k}-shot seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  {res['seconds']:6.1f}s [{res['cpu_seconds']:.0f} CPU s] "
-                          f"(other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)", flush=True)
+                    print(
+                        f"[fewshot] {d} {k}-shot seed {seed} {method:12s} acc {res['acc'] * 100:5.1f}  {res['seconds']:6.1f}s [{res['cpu_seconds']:.0f} CPU s] "
+                        f"(other procs {0 if res['other_cpu'] is None else res['other_cpu'] * 100:.0f}% CPU)",
+                        flush=True,
+                    )
     return {"tasks": runs, "sizes": sizes, "errors": errors}
 
 
-def _setfit(train: Split, test_x: list[str], test_y: np.ndarray, k: int, seed: int, hp: dict[str, Any], max_len: int) -> dict[str, Any]:
+def _setfit(
+    train: Split, test_x: list[str], test_y: np.ndarray, k: int, seed: int, hp: dict[str, Any], max_len: int
+) -> dict[str, Any]:
     pairs = hp["setfit_pairs_8"] if k <= 8 else hp["setfit_pairs_64"]
-    cfg = SetFitConfig(pairs_per_sample=pairs, epochs=hp["setfit_epochs"], batch_size=hp["setfit_batch"], lr=hp["setfit_lr"])
+    cfg = SetFitConfig(
+        pairs_per_sample=pairs, epochs=hp["setfit_epochs"], batch_size=hp["setfit_batch"], lr=hp["setfit_lr"]
+    )
     torch.manual_seed(seed)
     clf = Classifier(minilm(max_len), 2)
 
@@ -605,21 +776,39 @@ def _setfit(train: Split, test_x: list[str], test_y: np.ndarray, k: int, seed: i
         return h
 
     hist, dt, other, cpu = timed(go)
-    return {"acc": clf_acc(clf, test_x, test_y), "seconds": dt, "other_cpu": other, "cpu_seconds": cpu,
-            "pairs": hist[-1]["pairs"], "pair_loss": [round(h["pair_loss"], 5) for h in hist]}
+    return {
+        "acc": clf_acc(clf, test_x, test_y),
+        "seconds": dt,
+        "other_cpu": other,
+        "cpu_seconds": cpu,
+        "pairs": hist[-1]["pairs"],
+        "pair_loss": [round(h["pair_loss"], 5) for h in hist],
+    }
 
 
-def _few_ft(train: Split, test_x: list[str], test_y: np.ndarray, p_head: nn.Linear, seed: int, hp: dict[str, Any], max_len: int) -> dict[str, Any]:
+def _few_ft(
+    train: Split, test_x: list[str], test_y: np.ndarray, p_head: nn.Linear, seed: int, hp: dict[str, Any], max_len: int
+) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train) / hp["few_ft_batch"])
     epochs = max(1, round(hp["few_ft_steps"] / steps_per_epoch))
-    cfg = TrainConfig(threads=THREADS, epochs=epochs, batch_size=hp["few_ft_batch"], lr=hp["few_ft_lr"], head_lr=hp["few_ft_head_lr"])
+    cfg = TrainConfig(
+        threads=THREADS, epochs=epochs, batch_size=hp["few_ft_batch"], lr=hp["few_ft_lr"], head_lr=hp["few_ft_head_lr"]
+    )
     torch.manual_seed(seed)
     clf = Classifier(minilm(max_len), 2)
     clf.head.load_state_dict(p_head.state_dict())
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
-        hist, dt, other, cpu = timed(lambda: fine_tune(clf, train, None, cfg, seed, Path(tmp), frozen_k=0, name="few-ft"))
-    return {"acc": clf_acc(clf, test_x, test_y), "seconds": dt, "other_cpu": other, "cpu_seconds": cpu, "epochs": epochs,
-            "selected_epoch": max(hist, key=lambda h: (h["train_acc"], -h["train_loss"]))["epoch"]}
+        hist, dt, other, cpu = timed(
+            lambda: fine_tune(clf, train, None, cfg, seed, Path(tmp), frozen_k=0, name="few-ft")
+        )
+    return {
+        "acc": clf_acc(clf, test_x, test_y),
+        "seconds": dt,
+        "other_cpu": other,
+        "cpu_seconds": cpu,
+        "epochs": epochs,
+        "selected_epoch": max(hist, key=lambda h: (h["train_acc"], -h["train_loss"]))["epoch"],
+    }
 
 
 # --------------------------------------------------------------------------- settings 3+4: digits stacking & selection
@@ -639,7 +828,14 @@ class LeNetFeatures(nn.Sequential):
 
 
 def lenet_backbone() -> ImageBackbone:
-    pre = {"modality": "image", "image_size": 28, "in_chans": 1, "mean": [0.5], "std": [0.5], "interpolation": "bilinear"}
+    pre = {
+        "modality": "image",
+        "image_size": 28,
+        "in_chans": 1,
+        "mean": [0.5],
+        "std": [0.5],
+        "interpolation": "bilinear",
+    }
     return ImageBackbone(LeNetFeatures(), "lenet-bn", {}, pre)
 
 
@@ -665,7 +861,10 @@ def digits_data() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {
         "mnist-0-4": (mx[lo_m], my[lo_m]),
         "usps-0-4": (_usps_to_mnist_layout(ux[lo_u]), uy[lo_u]),
-        "ants-bees": (_to_gray28(np.concatenate([h["x_train"], h["x_val"]])), np.concatenate([h["y_train"], h["y_val"]])),
+        "ants-bees": (
+            _to_gray28(np.concatenate([h["x_train"], h["x_val"]])),
+            np.concatenate([h["y_train"], h["y_val"]]),
+        ),
         "target": (mx[hi_m], my[hi_m] - 5),
     }
 
@@ -673,7 +872,9 @@ def digits_data() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 CANDIDATES = ["random-init", "ants-bees", "usps-0-4", "mnist-0-4"]
 
 
-def _train_source(name: str, data: dict[str, Any], seed: int, hp: dict[str, Any]) -> tuple[ImageBackbone, dict[str, Any]]:
+def _train_source(
+    name: str, data: dict[str, Any], seed: int, hp: dict[str, Any]
+) -> tuple[ImageBackbone, dict[str, Any]]:
     torch.manual_seed(seed * 100 + CANDIDATES.index(name))
     bb = lenet_backbone()
     if name == "random-init":
@@ -685,14 +886,25 @@ def _train_source(name: str, data: dict[str, Any], seed: int, hp: dict[str, Any]
     bs = 64
     epochs = max(1, math.ceil(hp["digits_source_steps"] / math.ceil(len(tr) / bs)))
     clf = Classifier(bb, int(y.max()) + 1)
-    cfg = TrainConfig(threads=THREADS, epochs=epochs, batch_size=bs, lr=hp["digits_lr"], head_lr=hp["digits_lr"], augment=True)
+    cfg = TrainConfig(
+        threads=THREADS, epochs=epochs, batch_size=bs, lr=hp["digits_lr"], head_lr=hp["digits_lr"], augment=True
+    )
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
-        hist, dt, other, cpu = timed(lambda: fine_tune(clf, Split(x[tr], y[tr]), Split(x[val], y[val]), cfg, seed, Path(tmp),
-                                                       frozen_k=0, name=f"source {name}"))
+        hist, dt, other, cpu = timed(
+            lambda: fine_tune(
+                clf, Split(x[tr], y[tr]), Split(x[val], y[val]), cfg, seed, Path(tmp), frozen_k=0, name=f"source {name}"
+            )
+        )
     best = max(hist, key=lambda h: (h["val_acc"], -h["val_loss"]))
     clf.eval()
-    return clf.backbone, {"seconds": dt, "cpu_seconds": cpu, "other_cpu": other, "source_val_acc": best["val_acc"], "epochs": epochs,
-                          "n_train": len(tr)}
+    return clf.backbone, {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "other_cpu": other,
+        "source_val_acc": best["val_acc"],
+        "epochs": epochs,
+        "n_train": len(tr),
+    }
 
 
 def run_digits(seeds: list[int], hp: dict[str, Any]) -> dict[str, Any]:
@@ -700,7 +912,9 @@ def run_digits(seeds: list[int], hp: dict[str, Any]) -> dict[str, Any]:
 
     data = digits_data()
     tx, ty = data["target"]
-    stack_runs: dict[str, list[dict[str, Any]]] = {m: [] for m in ["usps-0-4 probe", "mnist-0-4 probe", "stacked (usps+mnist)", "ensemble (prob. average)"]}
+    stack_runs: dict[str, list[dict[str, Any]]] = {
+        m: [] for m in ["usps-0-4 probe", "mnist-0-4 probe", "stacked (usps+mnist)", "ensemble (prob. average)"]
+    }
     sel_runs: list[dict[str, Any]] = []
     sources: dict[str, list[dict[str, Any]]] = {c: [] for c in CANDIDATES}
     sizes: dict[str, Any] = {}
@@ -711,45 +925,83 @@ def run_digits(seeds: list[int], hp: dict[str, Any]) -> dict[str, Any]:
         tr = np.concatenate([perm[ty[perm] == c][:k] for c in range(5)])
         rest = np.setdiff1d(perm, tr, assume_unique=True)
         te = rng.permutation(rest)[: hp["digits_test"]]
-        sizes = {"target_train": len(tr), "target_test": len(te),
-                 **{f"source {n}": int(len(data[n][1]) - len(data[n][1]) // 10) for n in CANDIDATES if n in data}}
+        sizes = {
+            "target_train": len(tr),
+            "target_test": len(te),
+            **{f"source {n}": int(len(data[n][1]) - len(data[n][1]) // 10) for n in CANDIDATES if n in data},
+        }
         xtr, ytr, xte, yte = tx[tr], ty[tr], tx[te], ty[te]
         backbones: dict[str, ImageBackbone] = {}
         for c in CANDIDATES:
             bb, info = _train_source(c, data, seed, hp)
             backbones[c] = bb
             sources[c].append({"seed": seed, **info})
-            print(f"[digits] seed {seed} source {c:12s} trained in {info['seconds']:.0f}s (source val {info['source_val_acc']})", flush=True)
+            print(
+                f"[digits] seed {seed} source {c:12s} trained in {info['seconds']:.0f}s (source val {info['source_val_acc']})",
+                flush=True,
+            )
         # -------- per-candidate features, probes, LogME, fine-tune
         feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         cand_rows = []
         for i, c in enumerate(CANDIDATES):
-            (ftr, fte), dt_feat, _, _ = timed(lambda: (extract(backbones[c], xtr, 256, desc=c), extract(backbones[c], xte, 256, desc=c)))
+            (ftr, fte), dt_feat, _, _ = timed(
+                lambda: (extract(backbones[c], xtr, 256, desc=c), extract(backbones[c], xte, 256, desc=c))
+            )
             feats[c] = (ftr, fte)
             (head, _), dt_p, other_p, cpu_p = timed(lambda: train_probe(ftr, ytr, None, None, 5, TrainConfig(), seed))
             score, dt_l, _, _ = timed(lambda: logme(ftr, ytr))
             clf = Classifier(copy.deepcopy(backbones[c]), 5)
             clf.head.load_state_dict(head.state_dict())
-            cfg = TrainConfig(threads=THREADS, epochs=hp["digits_ft_epochs"], batch_size=16, lr=hp["digits_ft_lr"], head_lr=hp["digits_ft_lr"] * 10, augment=True)
+            cfg = TrainConfig(
+                threads=THREADS,
+                epochs=hp["digits_ft_epochs"],
+                batch_size=16,
+                lr=hp["digits_ft_lr"],
+                head_lr=hp["digits_ft_lr"] * 10,
+                augment=True,
+            )
             with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
-                _, dt_ft, other_ft, cpu_ft = timed(lambda: fine_tune(clf, Split(xtr, ytr), None, cfg, seed, Path(tmp), frozen_k=0, name=f"ft {c}"))
-            row = {"index": i, "source": c, "score": score, "logme_seconds": dt_l, "probe_acc": head_acc(head, fte, yte),
-                   "probe_seconds": dt_p + dt_feat, "ft_acc": clf_acc(clf, xte, yte), "ft_seconds": dt_ft, "other_cpu": other_ft,
-                   "cpu_seconds": cpu_ft}
+                _, dt_ft, other_ft, cpu_ft = timed(
+                    lambda: fine_tune(clf, Split(xtr, ytr), None, cfg, seed, Path(tmp), frozen_k=0, name=f"ft {c}")
+                )
+            row = {
+                "index": i,
+                "source": c,
+                "score": score,
+                "logme_seconds": dt_l,
+                "probe_acc": head_acc(head, fte, yte),
+                "probe_seconds": dt_p + dt_feat,
+                "ft_acc": clf_acc(clf, xte, yte),
+                "ft_seconds": dt_ft,
+                "other_cpu": other_ft,
+                "cpu_seconds": cpu_ft,
+            }
             cand_rows.append(row)
-            print(f"[digits] seed {seed} candidate {c:12s} LogME {score:7.4f} probe {row['probe_acc'] * 100:5.1f} "
-                  f"fine-tune {row['ft_acc'] * 100:5.1f}", flush=True)
+            print(
+                f"[digits] seed {seed} candidate {c:12s} LogME {score:7.4f} probe {row['probe_acc'] * 100:5.1f} "
+                f"fine-tune {row['ft_acc'] * 100:5.1f}",
+                flush=True,
+            )
         ranked = rank_sources([dict(r) for r in cand_rows])
         rank_of = {r["source"]: r["rank"] for r in ranked}
         scores = [r["score"] for r in cand_rows]
         corr = {}
         for key in ("probe_acc", "ft_acc"):
             accs = [r[key] for r in cand_rows]
-            corr[key] = {"spearman": float(spearmanr(scores, accs).statistic), "kendall": float(kendalltau(scores, accs).statistic),
-                         "top_ranked_is_best": ranked[0]["source"] == max(cand_rows, key=lambda r: r[key])["source"],
-                         "best": max(cand_rows, key=lambda r: r[key])["source"]}
-        sel_runs.append({"seed": seed, "candidates": [{**r, "rank": rank_of[r["source"]]} for r in cand_rows],
-                         "top_ranked": ranked[0]["source"], "correlation": corr})
+            corr[key] = {
+                "spearman": float(spearmanr(scores, accs).statistic),
+                "kendall": float(kendalltau(scores, accs).statistic),
+                "top_ranked_is_best": ranked[0]["source"] == max(cand_rows, key=lambda r: r[key])["source"],
+                "best": max(cand_rows, key=lambda r: r[key])["source"],
+            }
+        sel_runs.append(
+            {
+                "seed": seed,
+                "candidates": [{**r, "rank": rank_of[r["source"]]} for r in cand_rows],
+                "top_ranked": ranked[0]["source"],
+                "correlation": corr,
+            }
+        )
         # -------- stacking
         singles = {}
         for c in ("usps-0-4", "mnist-0-4"):
@@ -757,7 +1009,15 @@ def run_digits(seeds: list[int], hp: dict[str, Any]) -> dict[str, Any]:
             clf = Classifier(backbones[c], 5)
             clf.head.load_state_dict(head.state_dict())
             singles[c] = clf
-            stack_runs[f"{c} probe"].append({"seed": seed, "acc": head_acc(head, feats[c][1], yte), "seconds": dt, "other_cpu": other, "cpu_seconds": cpu})
+            stack_runs[f"{c} probe"].append(
+                {
+                    "seed": seed,
+                    "acc": head_acc(head, feats[c][1], yte),
+                    "seconds": dt,
+                    "other_cpu": other,
+                    "cpu_seconds": cpu,
+                }
+            )
         stack = StackBackbone([backbones["usps-0-4"], backbones["mnist-0-4"]])
 
         def stacked():
@@ -768,13 +1028,32 @@ def run_digits(seeds: list[int], hp: dict[str, Any]) -> dict[str, Any]:
             return clf
 
         st_clf, dt, other, cpu = timed(stacked)
-        stack_runs["stacked (usps+mnist)"].append({"seed": seed, "acc": clf_acc(st_clf, xte, yte), "seconds": dt, "other_cpu": other,
-                                                   "cpu_seconds": cpu, "feature_dim": stack.feature_dim})
+        stack_runs["stacked (usps+mnist)"].append(
+            {
+                "seed": seed,
+                "acc": clf_acc(st_clf, xte, yte),
+                "seconds": dt,
+                "other_cpu": other,
+                "cpu_seconds": cpu,
+                "feature_dim": stack.feature_dim,
+            }
+        )
         ens = ProbaEnsemble([singles["usps-0-4"], singles["mnist-0-4"]])
         proba, dt, other, cpu = timed(lambda: ens.predict_proba(xte, batch_size=256))
-        stack_runs["ensemble (prob. average)"].append({"seed": seed, "acc": float((proba.argmax(1) == yte).mean()), "seconds": dt,
-                                                       "other_cpu": other, "cpu_seconds": cpu})
-        print(f"[digits] seed {seed} stacking: " + ", ".join(f"{m} {v[-1]['acc'] * 100:.1f}" for m, v in stack_runs.items()), flush=True)
+        stack_runs["ensemble (prob. average)"].append(
+            {
+                "seed": seed,
+                "acc": float((proba.argmax(1) == yte).mean()),
+                "seconds": dt,
+                "other_cpu": other,
+                "cpu_seconds": cpu,
+            }
+        )
+        print(
+            f"[digits] seed {seed} stacking: "
+            + ", ".join(f"{m} {v[-1]['acc'] * 100:.1f}" for m, v in stack_runs.items()),
+            flush=True,
+        )
     return {"tasks": {"stacking": stack_runs}, "selection": sel_runs, "sources": sources, "sizes": sizes}
 
 
@@ -789,8 +1068,12 @@ def summarise(tasks: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, di
             if not rs:
                 continue
             accs = [r["acc"] for r in rs]
-            out[task][method] = {"acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                                 "seconds_mean": statistics.mean(r["seconds"] for r in rs), "accs": accs}
+            out[task][method] = {
+                "acc_mean": statistics.mean(accs),
+                "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "seconds_mean": statistics.mean(r["seconds"] for r in rs),
+                "accs": accs,
+            }
     return out
 
 
@@ -800,16 +1083,24 @@ def selection_summary(sel: list[dict[str, Any]]) -> dict[str, Any]:
     if not sel:
         return {}
     names = [c["source"] for c in sel[0]["candidates"]]
-    mean = {n: {k: statistics.mean(next(c[k] for c in s["candidates"] if c["source"] == n) for s in sel)
-                for k in ("score", "probe_acc", "ft_acc")} for n in names}
+    mean = {
+        n: {
+            k: statistics.mean(next(c[k] for c in s["candidates"] if c["source"] == n) for s in sel)
+            for k in ("score", "probe_acc", "ft_acc")
+        }
+        for n in names
+    }
     out: dict[str, Any] = {"means": mean, "ranking_by_mean_logme": sorted(names, key=lambda n: -mean[n]["score"])}
     for key in ("probe_acc", "ft_acc"):
         s, a = [mean[n]["score"] for n in names], [mean[n][key] for n in names]
-        out[key] = {"spearman_on_means": float(spearmanr(s, a).statistic), "kendall_on_means": float(kendalltau(s, a).statistic),
-                    "spearman_per_seed": [r["correlation"][key]["spearman"] for r in sel],
-                    "kendall_per_seed": [r["correlation"][key]["kendall"] for r in sel],
-                    "top_ranked_is_best_per_seed": [r["correlation"][key]["top_ranked_is_best"] for r in sel],
-                    "best_by_mean": max(names, key=lambda n: mean[n][key])}
+        out[key] = {
+            "spearman_on_means": float(spearmanr(s, a).statistic),
+            "kendall_on_means": float(kendalltau(s, a).statistic),
+            "spearman_per_seed": [r["correlation"][key]["spearman"] for r in sel],
+            "kendall_per_seed": [r["correlation"][key]["kendall"] for r in sel],
+            "top_ranked_is_best_per_seed": [r["correlation"][key]["top_ranked_is_best"] for r in sel],
+            "best_by_mean": max(names, key=lambda n: mean[n][key]),
+        }
     return out
 
 
@@ -821,14 +1112,22 @@ def fmt_ms(vals: list[float], pct: bool = True) -> str:
     return f"{m:.1f} ± {s:.1f}" if pct else f"{m:.0f} ± {s:.0f}"
 
 
-def _table(tasks: dict[str, Any], summary: dict[str, Any], labels: dict[str, str], base: str | None, flags: list[str],
-           flag_text: str = "negative transfer") -> list[str]:
+def _table(
+    tasks: dict[str, Any],
+    summary: dict[str, Any],
+    labels: dict[str, str],
+    base: str | None,
+    flags: list[str],
+    flag_text: str = "negative transfer",
+) -> list[str]:
     task_names = list(tasks)
     methods: list[str] = []
     for t in task_names:
         methods += [m for m in tasks[t] if m not in methods and tasks[t][m]]
-    lines = ["| method | " + " | ".join(f"{labels.get(t, t)} acc | time (s): wall [CPU]" for t in task_names) + " |",
-             "|---|" + "---:|---:|" * len(task_names)]
+    lines = [
+        "| method | " + " | ".join(f"{labels.get(t, t)} acc | time (s): wall [CPU]" for t in task_names) + " |",
+        "|---|" + "---:|---:|" * len(task_names),
+    ]
     for m in methods:
         cells = []
         for t in task_names:
@@ -842,21 +1141,42 @@ def _table(tasks: dict[str, Any], summary: dict[str, Any], labels: dict[str, str
                 acc = f"**{acc}**"
             if base and m != base and base in summary[t] and sm["acc_mean"] < summary[t][base]["acc_mean"]:
                 acc += f" ⚠ {flag_text}"
-                flags.append(f"{labels.get(t, t)}: {m} {sm['acc_mean'] * 100:.1f} < {base} {summary[t][base]['acc_mean'] * 100:.1f}")
+                flags.append(
+                    f"{labels.get(t, t)}: {m} {sm['acc_mean'] * 100:.1f} < {base} {summary[t][base]['acc_mean'] * 100:.1f}"
+                )
             rs = tasks[t][m]
-            tm = fmt_ms([r["seconds"] for r in rs], pct=False) + f" [{statistics.mean(r['cpu_seconds'] for r in rs):.0f}]"
+            tm = (
+                fmt_ms([r["seconds"] for r in rs], pct=False)
+                + f" [{statistics.mean(r['cpu_seconds'] for r in rs):.0f}]"
+            )
             cells += [acc, tm]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for t in task_names:
         n_seeds = max(len(rs) for rs in tasks[t].values() if rs)
         wall = sum(r["seconds"] for rs in tasks[t].values() for r in rs) / n_seeds
         cpu = sum(r["cpu_seconds"] for rs in tasks[t].values() for r in rs) / n_seeds
-        lines.append(f"\n{labels.get(t, t)}: all methods together took {wall:.0f} s wall / {cpu:.0f} CPU s per seed"
-                     + (" (10-minute-per-seed budget: " + ("within" if wall <= 600 else f"exceeded in wall time, {'within' if cpu <= 600 else 'exceeded'} in CPU time") + ")"))
+        lines.append(
+            f"\n{labels.get(t, t)}: all methods together took {wall:.0f} s wall / {cpu:.0f} CPU s per seed"
+            + (
+                " (10-minute-per-seed budget: "
+                + (
+                    "within"
+                    if wall <= 600
+                    else f"exceeded in wall time, {'within' if cpu <= 600 else 'exceeded'} in CPU time"
+                )
+                + ")"
+            )
+        )
     lines += ["", "Per seed (acc %, seeds in order):", ""]
     for t in task_names:
-        lines.append(f"- {labels.get(t, t)}: " + "; ".join(f"{m} " + " / ".join(f"{a * 100:.1f}" for a in summary[t][m]["accs"])
-                                                          for m in methods if m in summary[t]))
+        lines.append(
+            f"- {labels.get(t, t)}: "
+            + "; ".join(
+                f"{m} " + " / ".join(f"{a * 100:.1f}" for a in summary[t][m]["accs"])
+                for m in methods
+                if m in summary[t]
+            )
+        )
     return lines
 
 
@@ -888,14 +1208,24 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += [f"### 1{'a' if setting == 'uci' else 'b'}. Cross-domain sentiment, {name}", ""]
         for pair, s in r["sizes"].items():
             src, tgt = pair.split("-")
-            lines.append(f"- {ARROW[pair]}: source {src} {s['source']} labelled + {s['source_val']} source-val; target {tgt} "
-                         f"{s['target_unlabelled']} unlabelled (adaptation only) / {s['target_test']} labelled test (disjoint)")
-        lines.append(f"- max_length {r['max_length']} tokens; mean tokens per text "
-                     + ", ".join(f"{d} {v:.0f} ({r['truncated'][d]} of {r['n_per_domain'][d]} truncated)" for d, v in r["mean_tokens"].items())
-                     + "; frozen embedding once per domain: " + ", ".join(f"{d} {v:.0f} s" for d, v in r["embed_seconds"].items()))
+            lines.append(
+                f"- {ARROW[pair]}: source {src} {s['source']} labelled + {s['source_val']} source-val; target {tgt} "
+                f"{s['target_unlabelled']} unlabelled (adaptation only) / {s['target_test']} labelled test (disjoint)"
+            )
+        lines.append(
+            f"- max_length {r['max_length']} tokens; mean tokens per text "
+            + ", ".join(
+                f"{d} {v:.0f} ({r['truncated'][d]} of {r['n_per_domain'][d]} truncated)"
+                for d, v in r["mean_tokens"].items()
+            )
+            + "; frozen embedding once per domain: "
+            + ", ".join(f"{d} {v:.0f} s" for d, v in r["embed_seconds"].items())
+        )
         if setting == "blitzer":
-            lines.append(f"- budget: {hp['blitzer_n']} reviews per domain (fixed stratified subsample, seed 1234); text = title + \". \" + "
-                         f"review; full fine-tune and LoRA use the first {hp['blitzer_ft_source']} of the shuffled labelled source reviews")
+            lines.append(
+                f'- budget: {hp["blitzer_n"]} reviews per domain (fixed stratified subsample, seed 1234); text = title + ". " + '
+                f"review; full fine-tune and LoRA use the first {hp['blitzer_ft_source']} of the shuffled labelled source reviews"
+            )
         lines.append(
             f"- fine-tune: all layers, LP-FT, AdamW lr {hp['ft_lr']:g} (head {hp['ft_head_lr']:g}), weight decay 1e-4, cosine, "
             f"batch {hp['ft_batch']}, {hp['ft_epochs']} epochs, best source-val epoch; LoRA: r {hp['lora_r']}, alpha {hp['lora_alpha']}, "
@@ -905,9 +1235,13 @@ def markdown(payload: dict[str, Any]) -> str:
             f"target, {hp['top_epochs'] if setting == 'uci' else hp['blitzer_top_epochs']} epochs, best source-val epoch; CORAL weight {hp['coral_weight']:g} (the Deep-CORAL loss "
             f"||C_s-C_t||²/4d² is ~5e-5 between batches of 32 frozen embeddings, ~4.6e-5 between two batches of one domain); DANN weight {hp['dann_weight']:g}, discriminator 384→"
             f"{hp['disc_hidden']}→{hp['disc_hidden']}→1 with BatchNorm, GRL coefficient 2/(1+exp(-10p))-1; "
-            + (f"`+ent` adds target entropy minimisation (weight {hp['entropy_weight']:g}); "
-               if any(m.endswith("+ent") for per in r["tasks"].values() for m in per) else "")
-            + "all heads start from the frozen probe (LP-FT)")
+            + (
+                f"`+ent` adds target entropy minimisation (weight {hp['entropy_weight']:g}); "
+                if any(m.endswith("+ent") for per in r["tasks"].values() for m in per)
+                else ""
+            )
+            + "all heads start from the frozen probe (LP-FT)"
+        )
         lines += ["- model selection: source validation only (no target labels anywhere except the test numbers)", ""]
         labels = {p: ARROW[p] for p in r["tasks"]}
         lines += _table(r["tasks"], r["summary"], labels, "frozen-probe", flags)
@@ -918,7 +1252,9 @@ def markdown(payload: dict[str, Any]) -> str:
         r = res["fewshot"]
         lines += ["### 2. Few-shot in-domain sentiment (UCI)", ""]
         for task, s in r["sizes"].items():
-            lines.append(f"- {task}: {s['train']} labelled train sentences drawn from a {s['pool']}-sentence pool; {s['test']} test (disjoint)")
+            lines.append(
+                f"- {task}: {s['train']} labelled train sentences drawn from a {s['pool']}-sentence pool; {s['test']} test (disjoint)"
+            )
         lines += [
             f"- frozen probe: tlops linear probe on frozen embeddings (no validation: early stopping on train accuracy/loss); "
             f"SetFit: contrastive pairs ({hp['setfit_pairs_8']} positive + {hp['setfit_pairs_8']} negative per text at 8 labels/class, "
@@ -932,55 +1268,89 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["", f"Reference ({REFERENCE['fewshot']}).", ""]
     if "digits" in res:
         r = res["digits"]
-        lines += ["### 3. Stacking (digits)", "",
-                  f"- target: MNIST digits 5-9, {hp['digits_shots']} labels per class per seed ({r['sizes'].get('target_train')} images), "
-                  f"test {r['sizes'].get('target_test')} disjoint MNIST 5-9 images; source CNNs (LeNet-style + BatchNorm, 500-d features) "
-                  f"trained with tlops fine_tune (AdamW lr {hp['digits_lr']:g}, batch 64, random 2-px shifts, ~{hp['digits_source_steps']} "
-                  "steps, best epoch on a 10 % source hold-out), new ones per seed",
-                  "- stacked = `StackBackbone([usps-0-4, mnist-0-4])` (1000-d concatenated features) + one tlops probe head; "
-                  "ensemble = `tlops.models.ensemble.ProbaEnsemble` averaging the two single-source probes' probabilities",
-                  ""]
+        lines += [
+            "### 3. Stacking (digits)",
+            "",
+            f"- target: MNIST digits 5-9, {hp['digits_shots']} labels per class per seed ({r['sizes'].get('target_train')} images), "
+            f"test {r['sizes'].get('target_test')} disjoint MNIST 5-9 images; source CNNs (LeNet-style + BatchNorm, 500-d features) "
+            f"trained with tlops fine_tune (AdamW lr {hp['digits_lr']:g}, batch 64, random 2-px shifts, ~{hp['digits_source_steps']} "
+            "steps, best epoch on a 10 % source hold-out), new ones per seed",
+            "- stacked = `StackBackbone([usps-0-4, mnist-0-4])` (1000-d concatenated features) + one tlops probe head; "
+            "ensemble = `tlops.models.ensemble.ProbaEnsemble` averaging the two single-source probes' probabilities",
+            "",
+        ]
         lines += _table(r["tasks"], r["summary"], {"stacking": "MNIST 5-9"}, None, flags)
-        lines += ["", "Source models (source-val acc %, mean over seeds): " + ", ".join(
-            f"{c} {statistics.mean(x['source_val_acc'] for x in v) * 100:.1f} ({statistics.mean(x['seconds'] for x in v):.0f} s)"
-            for c, v in r["sources"].items() if v and v[0]["source_val_acc"] is not None), ""]
+        lines += [
+            "",
+            "Source models (source-val acc %, mean over seeds): "
+            + ", ".join(
+                f"{c} {statistics.mean(x['source_val_acc'] for x in v) * 100:.1f} ({statistics.mean(x['seconds'] for x in v):.0f} s)"
+                for c, v in r["sources"].items()
+                if v and v[0]["source_val_acc"] is not None
+            ),
+            "",
+        ]
         ss = r["selection_summary"]
-        lines += ["### 4. Source selection: LogME vs actual target accuracy (digits)", "",
-                  f"- candidates: {', '.join(CANDIDATES)}; LogME (`tlops.features.selection.logme`, ranked with `rank_sources`) on the "
-                  f"frozen features of the {r['sizes'].get('target_train')} labelled MNIST 5-9 images; actual = tlops probe on frozen "
-                  f"features and LP-FT fine-tune ({hp['digits_ft_epochs']} epochs, lr {hp['digits_ft_lr']:g}, head x10, no validation), "
-                  "both tested on the same test split", "",
-                  "| candidate | LogME | rank | probe acc (%) | fine-tune acc (%) |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "### 4. Source selection: LogME vs actual target accuracy (digits)",
+            "",
+            f"- candidates: {', '.join(CANDIDATES)}; LogME (`tlops.features.selection.logme`, ranked with `rank_sources`) on the "
+            f"frozen features of the {r['sizes'].get('target_train')} labelled MNIST 5-9 images; actual = tlops probe on frozen "
+            f"features and LP-FT fine-tune ({hp['digits_ft_epochs']} epochs, lr {hp['digits_ft_lr']:g}, head x10, no validation), "
+            "both tested on the same test split",
+            "",
+            "| candidate | LogME | rank | probe acc (%) | fine-tune acc (%) |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for n in ss["ranking_by_mean_logme"]:
             per = [next(c for c in s["candidates"] if c["source"] == n) for s in r["selection"]]
             sc = [c["score"] for c in per]
             score = f"{sc[0]:.3f}" if len(sc) == 1 else f"{statistics.mean(sc):.3f} ± {statistics.stdev(sc):.3f}"
             ranks = " / ".join(str(c["rank"]) for c in per)
-            lines.append(f"| {n} | {score} | {ranks} | {fmt_ms([c['probe_acc'] for c in per])} | {fmt_ms([c['ft_acc'] for c in per])} |")
+            lines.append(
+                f"| {n} | {score} | {ranks} | {fmt_ms([c['probe_acc'] for c in per])} | {fmt_ms([c['ft_acc'] for c in per])} |"
+            )
         lines.append("")
         for key, label in (("probe_acc", "probe"), ("ft_acc", "fine-tune")):
             s = ss[key]
-            lines.append(f"- LogME vs {label} accuracy: Spearman {s['spearman_on_means']:.2f} / Kendall {s['kendall_on_means']:.2f} on the "
-                         f"seed means; per seed Spearman {' / '.join(f'{v:.2f}' for v in s['spearman_per_seed'])}, Kendall "
-                         f"{' / '.join(f'{v:.2f}' for v in s['kendall_per_seed'])}; top-ranked candidate was the best in "
-                         f"{sum(s['top_ranked_is_best_per_seed'])} of {len(s['top_ranked_is_best_per_seed'])} seeds "
-                         f"(best by mean: {s['best_by_mean']}; top by mean LogME: {ss['ranking_by_mean_logme'][0]})")
+            lines.append(
+                f"- LogME vs {label} accuracy: Spearman {s['spearman_on_means']:.2f} / Kendall {s['kendall_on_means']:.2f} on the "
+                f"seed means; per seed Spearman {' / '.join(f'{v:.2f}' for v in s['spearman_per_seed'])}, Kendall "
+                f"{' / '.join(f'{v:.2f}' for v in s['kendall_per_seed'])}; top-ranked candidate was the best in "
+                f"{sum(s['top_ranked_is_best_per_seed'])} of {len(s['top_ranked_is_best_per_seed'])} seeds "
+                f"(best by mean: {s['best_by_mean']}; top by mean LogME: {ss['ranking_by_mean_logme'][0]})"
+            )
         lines.append("")
-    lines += ["### Targets" + (" (not applicable in quick mode: subsampled data, 1 seed, short training)" if quick else ""), ""]
+    lines += [
+        "### Targets" + (" (not applicable in quick mode: subsampled data, 1 seed, short training)" if quick else ""),
+        "",
+    ]
     if not quick:
         if "uci" in res:
             sm = res["uci"]["summary"]
-            cand = [(statistics.mean(sm[p][m]["acc_mean"] for p in sm), m) for m in next(iter(sm.values())) if all(m in sm[p] for p in sm)]
+            cand = [
+                (statistics.mean(sm[p][m]["acc_mean"] for p in sm), m)
+                for m in next(iter(sm.values()))
+                if all(m in sm[p] for p in sm)
+            ]
             acc, m = max(cand)
-            lines.append(f"- UCI cross-domain mean over the two pairs ≥ {TARGETS['uci_cross_mean'] * 100:.0f} %: "
-                         f"{'met' if acc >= TARGETS['uci_cross_mean'] else 'NOT met'} (best: {m} {acc * 100:.1f} %; frozen probe "
-                         f"{statistics.mean(sm[p]['frozen-probe']['acc_mean'] for p in sm) * 100:.1f} %)")
+            lines.append(
+                f"- UCI cross-domain mean over the two pairs ≥ {TARGETS['uci_cross_mean'] * 100:.0f} %: "
+                f"{'met' if acc >= TARGETS['uci_cross_mean'] else 'NOT met'} (best: {m} {acc * 100:.1f} %; frozen probe "
+                f"{statistics.mean(sm[p]['frozen-probe']['acc_mean'] for p in sm) * 100:.1f} %)"
+            )
         if "fewshot" in res and "yelp-8" in res["fewshot"]["summary"]:
             sm = res["fewshot"]["summary"]["yelp-8"]
             acc, m = max((v["acc_mean"], k) for k, v in sm.items())
-            lines.append(f"- yelp 8-shot ≥ {TARGETS['yelp_8shot'] * 100:.0f} %: {'met' if acc >= TARGETS['yelp_8shot'] else 'NOT met'} "
-                         f"(best: {m} {acc * 100:.1f} %; frozen probe {sm['frozen-probe']['acc_mean'] * 100:.1f} %)")
-    errs = [f"{s}: {e['task']} {e['method']} seed {e['seed']}: {e['error']}" for s, r in res.items() for e in r.get("errors", [])]
+            lines.append(
+                f"- yelp 8-shot ≥ {TARGETS['yelp_8shot'] * 100:.0f} %: {'met' if acc >= TARGETS['yelp_8shot'] else 'NOT met'} "
+                f"(best: {m} {acc * 100:.1f} %; frozen probe {sm['frozen-probe']['acc_mean'] * 100:.1f} %)"
+            )
+    errs = [
+        f"{s}: {e['task']} {e['method']} seed {e['seed']}: {e['error']}"
+        for s, r in res.items()
+        for e in r.get("errors", [])
+    ]
     if errs:
         lines += ["", "### Failed runs (left out of the tables)", "", *[f"- {e}" for e in errs]]
     lines += ["", "### Negative transfer (mean below the frozen-probe / source-only row of the same task)", ""]
@@ -1034,16 +1404,27 @@ def merge(paths: list[Path], out: Path, tuning: list[str]) -> int:
                     cur[key] = max(cur[key], val)
     infos = [p["info"] for p in payloads]
     info = dict(first["info"])
-    info["command"] = "` and `".join(i["command"] for i in infos) + "` (run at the same time, one process per setting), then `" + " ".join(
-        [".venv/bin/python", "bench/transfer_text.py", "--merge", *map(str, paths), "--out", str(out)])
+    info["command"] = (
+        "` and `".join(i["command"] for i in infos)
+        + "` (run at the same time, one process per setting), then `"
+        + " ".join([".venv/bin/python", "bench/transfer_text.py", "--merge", *map(str, paths), "--out", str(out)])
+    )
     info["total_seconds"] = max(i["total_seconds"] for i in infos)
     info["other_cpu_mean"] = statistics.mean(i["other_cpu_mean"] for i in infos)
     info["other_cpu_max"] = max(i["other_cpu_max"] for i in infos)
     info["load_start"] = max(i["load_start"] for i in infos)
-    info["note"] = (f"the {len(infos)} setting processes ran side by side with {info['threads']} torch thread(s) each, so "
-                    "'other processes' includes the sibling benchmark processes")
-    payload = {**first, "info": info, "hyperparameters": hp, "settings": {s: settings[s] for s in SETTINGS if s in settings},
-               "merged_from": [str(p) for p in paths], "tuning": tuning or first.get("tuning", [])}
+    info["note"] = (
+        f"the {len(infos)} setting processes ran side by side with {info['threads']} torch thread(s) each, so "
+        "'other processes' includes the sibling benchmark processes"
+    )
+    payload = {
+        **first,
+        "info": info,
+        "hyperparameters": hp,
+        "settings": {s: settings[s] for s in SETTINGS if s in settings},
+        "merged_from": [str(p) for p in paths],
+        "tuning": tuning or first.get("tuning", []),
+    }
     finish(payload, out)
     return 0
 
@@ -1053,21 +1434,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     ap.add_argument("--pairs", nargs="+", default=None, choices=[p for v in PAIRS.values() for p in v])
-    ap.add_argument("--methods", nargs="+", default=None, choices=CROSS_METHODS, help=f"cross-domain methods, default {DEFAULT_CROSS}")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=CROSS_METHODS,
+        help=f"cross-domain methods, default {DEFAULT_CROSS}",
+    )
     ap.add_argument("--few-methods", nargs="+", default=list(FEW_METHODS), choices=FEW_METHODS)
     ap.add_argument("--few-domains", nargs="+", default=["yelp", "amazon"], choices=["yelp", "amazon"])
     ap.add_argument("--shots", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--quick", action="store_true", help=f"reduced run for the slow test: {QUICK}")
-    ap.add_argument("--out", type=Path, default=None, help="markdown output (default bench/results/transfer-text.md, or "
-                    "transfer-text-quick.md with --quick); a .json with the raw results is written next to it")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown output (default bench/results/transfer-text.md, or "
+        "transfer-text-quick.md with --quick); a .json with the raw results is written next to it",
+    )
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v}")
-    ap.add_argument("--resume", action="store_true", help="reuse the finished results in <out>.partial.json (written as the run goes)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine extra OpenMP threads mostly spin)")
-    ap.add_argument("--tuning-note", action="append", default=[], help="a line for the report's tuning section (repeatable)")
-    ap.add_argument("--render", type=Path, default=None, metavar="JSON", help="no training: rewrite the markdown of an earlier run's .json")
-    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON", help="no training: combine earlier runs' .json into --out")
-    ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch logs incl. target-test accuracy (diagnostics only)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished results in <out>.partial.json (written as the run goes)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine extra OpenMP threads mostly spin)",
+    )
+    ap.add_argument(
+        "--tuning-note", action="append", default=[], help="a line for the report's tuning section (repeatable)"
+    )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="no training: rewrite the markdown of an earlier run's .json",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="no training: combine earlier runs' .json into --out",
+    )
+    ap.add_argument(
+        "-v", "--verbose", action="store_true", help="per-epoch logs incl. target-test accuracy (diagnostics only)"
+    )
     args = ap.parse_args(argv)
     out = args.out or RESULTS_DIR / ("transfer-text-quick.md" if args.quick else "transfer-text.md")
     if args.merge:
@@ -1096,9 +1514,15 @@ def main(argv: list[str] | None = None) -> int:
         methods.insert(0, "frozen-probe")
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([".venv/bin/python", "bench/transfer_text.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
-        "cpu": cpu_model(), "cores": os.cpu_count(), "usable": len(os.sched_getaffinity(0)), "load_start": os.getloadavg()[0],
-        "threads": torch.get_num_threads(), "library_sha256": library_digest(),
+        "command": " ".join(
+            [".venv/bin/python", "bench/transfer_text.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
+        ),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable": len(os.sched_getaffinity(0)),
+        "load_start": os.getloadavg()[0],
+        "threads": torch.get_num_threads(),
+        "library_sha256": library_digest(),
     }
     t_all = time.perf_counter()
     settings: dict[str, Any] = {}
@@ -1115,18 +1539,32 @@ def main(argv: list[str] | None = None) -> int:
         elif setting == "fewshot":
             domains = QUICK["few_domains"] if args.quick else args.few_domains
             shots = QUICK["shots"] if args.quick else args.shots
-            settings[setting] = run_fewshot(domains, shots, seeds, args.few_methods, hp, QUICK["uci_limit"] if args.quick else None)
+            settings[setting] = run_fewshot(
+                domains, shots, seeds, args.few_methods, hp, QUICK["uci_limit"] if args.quick else None
+            )
         else:
             settings[setting] = run_digits(seeds, hp)
         settings[setting]["wall_seconds"] = time.perf_counter() - t0
         print(f"== {setting} done in {settings[setting]['wall_seconds']:.0f}s", flush=True)
     info["total_seconds"] = time.perf_counter() - t_all
-    others = [r["other_cpu"] for s in settings.values() for per in s["tasks"].values() for rs in per.values() for r in rs
-              if r.get("other_cpu") is not None]
+    others = [
+        r["other_cpu"]
+        for s in settings.values()
+        for per in s["tasks"].values()
+        for rs in per.values()
+        for r in rs
+        if r.get("other_cpu") is not None
+    ]
     info["other_cpu_mean"] = statistics.mean(others) if others else 0.0
     info["other_cpu_max"] = max(others) if others else 0.0
-    payload = {"info": info, "hyperparameters": hp, "quick": args.quick, "seeds": seeds, "settings": settings,
-               "tuning": args.tuning_note}
+    payload = {
+        "info": info,
+        "hyperparameters": hp,
+        "quick": args.quick,
+        "seeds": seeds,
+        "settings": settings,
+        "tuning": args.tuning_note,
+    }
     finish(payload, out)
     PROGRESS.path.unlink(missing_ok=True)
     return 0

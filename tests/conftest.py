@@ -47,7 +47,12 @@ def digits_config(workdir: Path, **sections: Any) -> dict[str, Any]:
         "name": "t-digits",
         "workdir": str(workdir),
         "seed": 0,
-        "data": {"source": "sklearn:digits", "classes": [0, 1, 2], "split": {"val": 0.2, "test": 0.3}, "labels_per_class": 15},
+        "data": {
+            "source": "sklearn:digits",
+            "classes": [0, 1, 2],
+            "split": {"val": 0.2, "test": 0.3},
+            "labels_per_class": 15,
+        },
         "source": {"model": "timm:resnet10t", "pretrained": False, "in_chans": 1, "image_size": 16},
         "train": {"strategies": ["linear-probe"], "epochs": 1, "batch_size": 16},
         "evaluate": {"scratch_baseline": False},

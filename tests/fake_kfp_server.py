@@ -253,7 +253,7 @@ class FakeKfpServer:
                 return 200, ({"runs": runs, "total_size": total} if runs else {})
 
         if method == "GET" and path.startswith(f"{API}/runs/"):
-            run_id = path[len(f"{API}/runs/"):]
+            run_id = path[len(f"{API}/runs/") :]
             with self._lock:
                 run = self.runs.get(run_id)
             return (200, run) if run else self._not_found(f"Run {run_id}")

@@ -125,7 +125,9 @@ def test_domain_discriminator_and_multilinear_map_shapes():
 class TinyNet(nn.Module):
     def __init__(self, d_in: int = 4, d_hidden: int = 8, n_cls: int = 2, dropout: float = 0.5):
         super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(d_in, d_hidden), nn.Dropout(dropout), nn.BatchNorm1d(d_hidden), nn.ReLU())
+        self.backbone = nn.Sequential(
+            nn.Linear(d_in, d_hidden), nn.Dropout(dropout), nn.BatchNorm1d(d_hidden), nn.ReLU()
+        )
         self.backbone.feature_dim = d_hidden
         self.head = nn.Linear(d_hidden, n_cls)
 
@@ -207,8 +209,18 @@ def test_adapt_runs_is_deterministic_and_records_the_selection(method):
     for _ in range(2):
         torch.manual_seed(123)
         model = TinyNet()
-        hist = da.adapt(model, method, source, xt, epochs=3, batch_size=32, lr=0.05, seed=7, source_val=source_val,
-                        discriminator_hidden=16)
+        hist = da.adapt(
+            model,
+            method,
+            source,
+            xt,
+            epochs=3,
+            batch_size=32,
+            lr=0.05,
+            seed=7,
+            source_val=source_val,
+            discriminator_hidden=16,
+        )
         runs.append((model, hist))
     (m1, h1), (m2, h2) = runs
     s1, s2 = _state(m1), _state(m2)
@@ -233,7 +245,9 @@ def test_adapt_runs_is_deterministic_and_records_the_selection(method):
     # another seed gives another run
     torch.manual_seed(123)
     m3 = TinyNet()
-    da.adapt(m3, method, source, xt, epochs=3, batch_size=32, lr=0.05, seed=8, source_val=source_val, discriminator_hidden=16)
+    da.adapt(
+        m3, method, source, xt, epochs=3, batch_size=32, lr=0.05, seed=8, source_val=source_val, discriminator_hidden=16
+    )
     assert any(not torch.equal(v, _state(m3)[k]) for k, v in s1.items() if v.is_floating_point())
 
 
@@ -251,9 +265,18 @@ def test_adapt_last_epoch_selection_prepare_augment_and_monitor():
     model = KwNet()
     seen = []
     hist = da.adapt(
-        model, "coral", (xs.numpy(), ys.numpy()), xt.numpy(), epochs=2, batch_size=16, lr=0.05, seed=0,
+        model,
+        "coral",
+        (xs.numpy(), ys.numpy()),
+        xt.numpy(),
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        seed=0,
         prepare=lambda raw: {"values": torch.from_numpy(np.asarray(raw))},
-        augment=lambda inputs, g: {"values": inputs["values"] + 0.01 * torch.randn(inputs["values"].shape, generator=g)},
+        augment=lambda inputs, g: {
+            "values": inputs["values"] + 0.01 * torch.randn(inputs["values"].shape, generator=g)
+        },
         monitor=lambda m: {"target_acc": da.evaluate(m, xt, yt, prepare=lambda r: {"values": r})["acc"]},
         log=seen.append,
     )
@@ -270,8 +293,18 @@ def test_adapt_last_epoch_selection_prepare_augment_and_monitor():
 def test_adapt_randomized_cdan_map_and_target_entropy_term():
     source, _, xt, _ = two_domains(64)
     torch.manual_seed(0)
-    hist = da.adapt(TinyNet(), "cdan+e", source, xt, epochs=2, batch_size=16, seed=0, discriminator_hidden=8,
-                    cdan_randomized_dim=8, entropy_weight=0.1)
+    hist = da.adapt(
+        TinyNet(),
+        "cdan+e",
+        source,
+        xt,
+        epochs=2,
+        batch_size=16,
+        seed=0,
+        discriminator_hidden=8,
+        cdan_randomized_dim=8,
+        entropy_weight=0.1,
+    )
     assert hist.meta["cdan_map"] == "randomized 8" and hist.meta["entropy_weight"] == 0.1
     assert all(r["target_entropy"] > 0 for r in hist)
     rmap = da.RandomizedMultilinearMap(4, 3, 16, generator=torch.Generator().manual_seed(0))
@@ -302,8 +335,20 @@ def test_adapt_and_adabn_on_a_tlops_classifier_with_raw_uint8_images(shared_data
         for m in frozen:
             m.eval()
 
-    hist = da.adapt(clf, "dann", (xs, ys), xt, epochs=1, batch_size=32, seed=0, source_val=(d["x_test"][64:96], d["y_test"][64:96]),
-                    prepare=clf.backbone.prepare, augment=da.random_shift(1), set_train_mode=train_mode, discriminator_hidden=32)
+    hist = da.adapt(
+        clf,
+        "dann",
+        (xs, ys),
+        xt,
+        epochs=1,
+        batch_size=32,
+        seed=0,
+        source_val=(d["x_test"][64:96], d["y_test"][64:96]),
+        prepare=clf.backbone.prepare,
+        augment=da.random_shift(1),
+        set_train_mode=train_mode,
+        discriminator_hidden=32,
+    )
     assert hist.meta["selection"]["criterion"] == "source_val" and len(hist) == 1
     after = {k: v.clone() for k, v in clf.state_dict().items()}
     frozen_keys = [k for k in before if k.startswith(("backbone.model.conv1.", "backbone.model.bn1."))]
@@ -312,7 +357,9 @@ def test_adapt_and_adabn_on_a_tlops_classifier_with_raw_uint8_images(shared_data
     trainable = clf.backbone.blocks()[2:]
     assert da.adabn(clf, [xt[:32], xt[32:]], prepare=clf.backbone.prepare, within=trainable) == 64
     assert all(torch.equal(before[k], clf.state_dict()[k]) for k in frozen_keys)
-    assert not torch.equal(after["backbone.model.layer4.0.bn1.running_mean"], clf.state_dict()["backbone.model.layer4.0.bn1.running_mean"])
+    assert not torch.equal(
+        after["backbone.model.layer4.0.bn1.running_mean"], clf.state_dict()["backbone.model.layer4.0.bn1.running_mean"]
+    )
     assert clf.predict_proba(xt[:4]).shape == (4, 10)
 
 
@@ -338,8 +385,12 @@ QUICK_TOLERANCE = 0.03  # absolute accuracy; same code, data, seed and thread co
 def test_quick_benchmark_reproduces_the_committed_results(shared_data, tmp_path):
     committed = json.loads((REPO / "bench" / "results" / "transfer-quick.json").read_text())
     out = tmp_path / "transfer-quick.md"
-    subprocess.run([sys.executable, str(REPO / "bench" / "transfer.py"), "--quick", "--out", str(out)], check=True,
-                   cwd=REPO, env={**__import__("os").environ, "TLOPS_SHARED_DATA": str(shared_data)})
+    subprocess.run(
+        [sys.executable, str(REPO / "bench" / "transfer.py"), "--quick", "--out", str(out)],
+        check=True,
+        cwd=REPO,
+        env={**__import__("os").environ, "TLOPS_SHARED_DATA": str(shared_data)},
+    )
     got = json.loads(out.with_suffix(".json").read_text())
     assert got["sizes"] == committed["sizes"] and got["hyperparameters"] == committed["hyperparameters"]
     assert got["summary"].keys() == committed["summary"].keys()
@@ -347,6 +398,8 @@ def test_quick_benchmark_reproduces_the_committed_results(shared_data, tmp_path)
         assert per.keys() == got["summary"][pair].keys()
         for method, ref in per.items():
             acc = got["summary"][pair][method]["acc_mean"]
-            assert acc == pytest.approx(ref["acc_mean"], abs=QUICK_TOLERANCE), f"{pair} {method}: {acc:.3f} vs committed {ref['acc_mean']:.3f}"
+            assert acc == pytest.approx(ref["acc_mean"], abs=QUICK_TOLERANCE), (
+                f"{pair} {method}: {acc:.3f} vs committed {ref['acc_mean']:.3f}"
+            )
     text = out.read_text()
     assert "model selection (no target labels)" in text and "vs reference" in text

@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
 from conftest import digits_config
+
 from tlops.artifacts import MANIFEST, read_artifact
 from tlops.config import STRATEGIES
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -104,16 +103,20 @@ def test_empty_csv_with_header_only(monkeypatch, capsys, tmp_path):
     path = tmp_path / "reviews.tsv"
     path.write_text("text\tlabel\n")
     msg = ingest_fails(monkeypatch, capsys, tmp_path, {"source": str(path)})
-    assert msg == (f"data.source: {path} contains no samples (empty dataset); "
-                   "point data.source at the data you meant or add samples to it")
+    assert msg == (
+        f"data.source: {path} contains no samples (empty dataset); "
+        "point data.source at the data you meant or add samples to it"
+    )
 
 
 def test_empty_npz(monkeypatch, capsys, tmp_path):
     path = tmp_path / "empty.npz"
     np.savez(path, x=np.zeros((0, 8, 8), np.uint8), y=np.zeros(0, np.int64))
     msg = ingest_fails(monkeypatch, capsys, tmp_path, {"source": str(path)})
-    assert msg == (f"data.source: {path} contains no samples (empty dataset); "
-                   "point data.source at the data you meant or add samples to it")
+    assert msg == (
+        f"data.source: {path} contains no samples (empty dataset); "
+        "point data.source at the data you meant or add samples to it"
+    )
 
 
 def test_empty_image_folder(monkeypatch, capsys, tmp_path):
@@ -150,11 +153,18 @@ def test_class_with_one_sample(monkeypatch, capsys, tmp_path):
 def test_npz_test_labels_not_in_train(monkeypatch, capsys, tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "presplit.npz"
-    np.savez(path, x_train=rng.integers(0, 255, (12, 8, 8), dtype=np.uint8), y_train=np.array([0, 1] * 6),
-             x_test=rng.integers(0, 255, (6, 8, 8), dtype=np.uint8), y_test=np.array([0, 1, 7, 7, 9, 1]))
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (12, 8, 8), dtype=np.uint8),
+        y_train=np.array([0, 1] * 6),
+        x_test=rng.integers(0, 255, (6, 8, 8), dtype=np.uint8),
+        y_test=np.array([0, 1, 7, 7, 9, 1]),
+    )
     msg = ingest_fails(monkeypatch, capsys, tmp_path, {"source": str(path)})
-    assert msg == (f"data.source: {path}: y_test has label(s) not seen in y_train: '7' (2 samples), '9' (1 sample). "
-                   "Add training samples for these labels to y_train, or drop them with data.classes")
+    assert msg == (
+        f"data.source: {path}: y_test has label(s) not seen in y_train: '7' (2 samples), '9' (1 sample). "
+        "Add training samples for these labels to y_train, or drop them with data.classes"
+    )
 
 
 def test_adapt_from_lacks_a_target_class(monkeypatch, capsys, tmp_path):
@@ -163,9 +173,11 @@ def test_adapt_from_lacks_a_target_class(monkeypatch, capsys, tmp_path):
     np.savez(target, x=rng.integers(0, 255, (30, 8, 8), dtype=np.uint8), y=np.array([0, 1, 2] * 10))
     np.savez(source, x=rng.integers(0, 255, (20, 8, 8), dtype=np.uint8), y=np.array([0, 1] * 10))
     msg = ingest_fails(monkeypatch, capsys, tmp_path, {"source": str(target), "adapt_from": {"source": str(source)}})
-    assert msg == (f"data.adapt_from: {source} has no sample of target class(es) 2: the adapted model would be "
-                   "tested on labels it never saw in training. Add source-domain samples for them, or drop them "
-                   "from the target with data.classes")
+    assert msg == (
+        f"data.adapt_from: {source} has no sample of target class(es) 2: the adapted model would be "
+        "tested on labels it never saw in training. Add source-domain samples for them, or drop them "
+        "from the target with data.classes"
+    )
 
 
 # ---------------------------------------------------------------- corrupt / truncated images
@@ -190,11 +202,17 @@ def test_corrupt_and_truncated_images_are_named(monkeypatch, capsys, tmp_path):
 
 def test_non_utf8_text_names_file_and_line(monkeypatch, capsys, tmp_path):
     path = tmp_path / "latin1.tsv.gz"
-    body = ("text\tlabel\n" + text_rows(5)).encode() + "caf\u00e9 cr\u00e8me\t1\n".encode("latin-1") + text_rows(5).encode()
+    body = (
+        ("text\tlabel\n" + text_rows(5)).encode()
+        + "caf\u00e9 cr\u00e8me\t1\n".encode("latin-1")
+        + text_rows(5).encode()
+    )
     path.write_bytes(gzip.compress(body))
     msg = ingest_fails(monkeypatch, capsys, tmp_path, {"source": str(path)})
-    assert msg == (f"data.source: {path} is not valid utf-8 (line 7, byte {body.index(b'caf') + 3}); "
-                   "convert it to UTF-8 or set data.encoding")
+    assert msg == (
+        f"data.source: {path} is not valid utf-8 (line 7, byte {body.index(b'caf') + 3}); "
+        "convert it to UTF-8 or set data.encoding"
+    )
 
 
 # ---------------------------------------------------------------- CSV columns / delimiter
@@ -204,9 +222,11 @@ def test_csv_wrong_columns_lists_expected_and_found(monkeypatch, capsys, tmp_pat
     path = tmp_path / "reviews.csv"
     path.write_text("review,stars\n" + "".join(f"text {i},{i % 5}\n" for i in range(10)))
     msg = ingest_fails(monkeypatch, capsys, tmp_path, {"source": str(path)})
-    assert msg == (f"data.source: column(s) 'text', 'label' not found in {path}; columns are: review, stars "
-                   "(if the file has no header row, name its columns with data.columns); set data.text_column / "
-                   "data.label_column (expected: 'text' for the text and 'label' for the label)")
+    assert msg == (
+        f"data.source: column(s) 'text', 'label' not found in {path}; columns are: review, stars "
+        "(if the file has no header row, name its columns with data.columns); set data.text_column / "
+        "data.label_column (expected: 'text' for the text and 'label' for the label)"
+    )
 
 
 def test_semicolon_delimited_csv_suggests_the_delimiter(monkeypatch, capsys, tmp_path):
@@ -225,8 +245,9 @@ def test_tab_file_read_as_csv_suggests_tsv(monkeypatch, capsys, tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_text("text\tlabel\n" + text_rows())
     msg = ingest_fails(monkeypatch, capsys, tmp_path, {"source": str(path)})
-    assert ("(only one column found: is the delimiter right? the file was read as csv; try data.format=tsv for tab)"
-            in msg)
+    assert (
+        "(only one column found: is the delimiter right? the file was read as csv; try data.format=tsv for tab)" in msg
+    )
     assert msg.startswith(f"data.source: column(s) 'text', 'label' not found in {path}; columns are: text\tlabel ")
 
 
@@ -239,8 +260,16 @@ def test_duplicates_across_splits_warn_and_are_recorded(monkeypatch, capsys, cap
     path.write_text("text\tlabel\n" + "".join(rows))
     out = tmp_path / "arts" / "ingest"
     with caplog.at_level(logging.WARNING, logger="tlops.steps.ingest"):
-        rc, stdout, err = run_cli(monkeypatch, capsys, "step", "ingest", "--config",
-                                  str(write_config(tmp_path, {"source": str(path)})), "--out", str(out))
+        rc, stdout, err = run_cli(
+            monkeypatch,
+            capsys,
+            "step",
+            "ingest",
+            "--config",
+            str(write_config(tmp_path, {"source": str(path)})),
+            "--out",
+            str(out),
+        )
     assert rc == 0, err
     dups = read_artifact(out, "dataset").meta["duplicates_across_splits"]
     assert set(dups) == {"train/val", "train/test", "val/test"}  # no unlabelled split
@@ -284,8 +313,10 @@ def test_npz_with_object_arrays_is_refused_unopened(monkeypatch, capsys, tmp_pat
         with pytest.raises(ValueError, match="allow_pickle"):
             z["x"]
     msg = ingest_fails(monkeypatch, capsys, tmp_path, {"source": str(path)})
-    assert msg == (f"data.source: {path} contains object arrays; tlops never unpickles data. "
-                   "Save plain numeric arrays (np.savez(path, x=uint8_images, y=labels))")
+    assert msg == (
+        f"data.source: {path} contains object arrays; tlops never unpickles data. "
+        "Save plain numeric arrays (np.savez(path, x=uint8_images, y=labels))"
+    )
     assert not marker.exists(), "the pickle in the NPZ was executed"
 
 
@@ -310,19 +341,27 @@ def test_hf_dir_without_config(monkeypatch, capsys, tmp_path):
     d = tmp_path / "weights-only"
     d.mkdir()
     (d / "model.safetensors").write_bytes(b"")
-    msg = step_fails(monkeypatch, capsys, tmp_path, write_config(tmp_path, source={"model": f"hf:{d}"}), step="pull-model")
-    assert msg == (f"source.model: hf:{d} has no config.json (not a Hugging Face model directory; found: "
-                   "model.safetensors); save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)")
+    msg = step_fails(
+        monkeypatch, capsys, tmp_path, write_config(tmp_path, source={"model": f"hf:{d}"}), step="pull-model"
+    )
+    assert msg == (
+        f"source.model: hf:{d} has no config.json (not a Hugging Face model directory; found: "
+        "model.safetensors); save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+    )
 
 
 def test_bundle_dir_without_weights(monkeypatch, capsys, tmp_path):
     d = tmp_path / "bundle"
     d.mkdir()
-    (d / "bundle.json").write_text('{"kind": "timm", "arch": "resnet10t", "model_kwargs": {}, '
-                                   '"weights": "backbone.safetensors", "format": "tlops-bundle", "version": 1}')
+    (d / "bundle.json").write_text(
+        '{"kind": "timm", "arch": "resnet10t", "model_kwargs": {}, '
+        '"weights": "backbone.safetensors", "format": "tlops-bundle", "version": 1}'
+    )
     msg = step_fails(monkeypatch, capsys, tmp_path, write_config(tmp_path, source={"model": str(d)}), step="pull-model")
-    assert msg == (f"source.model: bundle {d} is missing backbone.safetensors (expected next to bundle.json: "
-                   "backbone.safetensors); re-export the bundle or pull the model again")
+    assert msg == (
+        f"source.model: bundle {d} is missing backbone.safetensors (expected next to bundle.json: "
+        "backbone.safetensors); re-export the bundle or pull the model again"
+    )
 
 
 def test_plain_dir_is_not_a_bundle(monkeypatch, capsys, tmp_path):
@@ -330,8 +369,10 @@ def test_plain_dir_is_not_a_bundle(monkeypatch, capsys, tmp_path):
     d.mkdir()
     (d / "config.json").write_text("{}")
     msg = step_fails(monkeypatch, capsys, tmp_path, write_config(tmp_path, source={"model": str(d)}), step="pull-model")
-    assert msg.startswith(f"source.model: {d} is a directory but not a tlops bundle (no bundle.json); "
-                          f"it looks like a Hugging Face model directory: use hf:{d}; valid sources: hf:<hub-id-or-dir>")
+    assert msg.startswith(
+        f"source.model: {d} is a directory but not a tlops bundle (no bundle.json); "
+        f"it looks like a Hugging Face model directory: use hf:{d}; valid sources: hf:<hub-id-or-dir>"
+    )
 
 
 # ---------------------------------------------------------------- unknown strategy / model spec (config validation)
@@ -353,19 +394,31 @@ def test_unknown_strategy_lists_allowed_values(monkeypatch, capsys, tmp_path):
         assert f"'{s}'" in line[0]
 
 
-@pytest.mark.parametrize("spec, expect", [
-    ("resnet50", "source.model: got 'resnet50': Unknown model source 'resnet50': not a prefix spec and no such "
-                 "bundle directory; valid sources: hf:<hub-id-or-dir>, hf:pkg:<package>/<dir>, timm:<name>, "
-                 "mlflow:models:/<name>@<alias>, mlflow:models:/<name>/<version>, <bundle dir> "
-                 "(did you mean timm:resnet50 or hf:resnet50?)"),
-    ("torchhub:resnet50", "source.model: got 'torchhub:resnet50': Unknown model source 'torchhub:' in "
-                          "'torchhub:resnet50'; valid sources: hf:<hub-id-or-dir>, hf:pkg:<package>/<dir>, "
-                          "timm:<name>, mlflow:models:/<name>@<alias>, mlflow:models:/<name>/<version>, <bundle dir>"),
-    ("mlflow:models:/digits", "source.model: got 'mlflow:models:/digits': bad MLflow reference "
-                              "'mlflow:models:/digits'; use mlflow:models:/<name>@<alias> or "
-                              "mlflow:models:/<name>/<version>"),
-    ("timm:", "source.model: got 'timm:': 'timm:' names no model; e.g. timm:<name>"),
-])
+@pytest.mark.parametrize(
+    "spec, expect",
+    [
+        (
+            "resnet50",
+            "source.model: got 'resnet50': Unknown model source 'resnet50': not a prefix spec and no such "
+            "bundle directory; valid sources: hf:<hub-id-or-dir>, hf:pkg:<package>/<dir>, timm:<name>, "
+            "mlflow:models:/<name>@<alias>, mlflow:models:/<name>/<version>, <bundle dir> "
+            "(did you mean timm:resnet50 or hf:resnet50?)",
+        ),
+        (
+            "torchhub:resnet50",
+            "source.model: got 'torchhub:resnet50': Unknown model source 'torchhub:' in "
+            "'torchhub:resnet50'; valid sources: hf:<hub-id-or-dir>, hf:pkg:<package>/<dir>, "
+            "timm:<name>, mlflow:models:/<name>@<alias>, mlflow:models:/<name>/<version>, <bundle dir>",
+        ),
+        (
+            "mlflow:models:/digits",
+            "source.model: got 'mlflow:models:/digits': bad MLflow reference "
+            "'mlflow:models:/digits'; use mlflow:models:/<name>@<alias> or "
+            "mlflow:models:/<name>/<version>",
+        ),
+        ("timm:", "source.model: got 'timm:': 'timm:' names no model; e.g. timm:<name>"),
+    ],
+)
 def test_unknown_model_spec_lists_valid_sources(monkeypatch, capsys, tmp_path, spec, expect):
     err = _validate_fails(monkeypatch, capsys, write_config(tmp_path, source={"model": spec}))
     assert err == f"error: invalid config {tmp_path / 'cfg.yaml'}:\n  {expect}\n"
@@ -400,8 +453,16 @@ def test_good_input_still_passes(monkeypatch, capsys, tmp_path):
     path = tmp_path / "ok.tsv"
     path.write_text("text\tlabel\n" + text_rows(20))
     out = tmp_path / "arts" / "ingest"
-    rc, stdout, err = run_cli(monkeypatch, capsys, "step", "ingest", "--config",
-                              str(write_config(tmp_path, {"source": str(path)})), "--out", str(out))
+    rc, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        "step",
+        "ingest",
+        "--config",
+        str(write_config(tmp_path, {"source": str(path)})),
+        "--out",
+        str(out),
+    )
     assert rc == 0, err
     assert (out / MANIFEST).is_file()
     assert stdout.startswith(f"ingest: wrote {out} (dataset, ")

@@ -43,8 +43,20 @@ def test_six_steps_through_the_cli(tmp_path):
     assert reg["model_name"] == "t-digits" and reg["version"] == "1" and reg["aliases"] == ["challenger"]
 
     # same inputs again: reused, not recomputed
-    r = tlops("step", "fine-tune", "--config", str(cfg), "--out", str(tmp_path / "again"),
-              "--in", f"dataset={a / 'ingest'}", "--in", f"model={a / 'pull-model'}", "--in", f"features={a / 'extract-features'}")
+    r = tlops(
+        "step",
+        "fine-tune",
+        "--config",
+        str(cfg),
+        "--out",
+        str(tmp_path / "again"),
+        "--in",
+        f"dataset={a / 'ingest'}",
+        "--in",
+        f"model={a / 'pull-model'}",
+        "--in",
+        f"features={a / 'extract-features'}",
+    )
     assert r.returncode == 0 and "fine-tune: reused" in r.stdout
     assert "inputs unchanged, reusing finished artifact" in r.stderr
 
@@ -55,8 +67,18 @@ def test_step_input_errors(tmp_path):
     r = tlops("step", "evaluate", "--config", str(cfg), "--out", str(tmp_path / "e"), "--in", f"dataset={tmp_path}")
     assert r.returncode == 2
     assert "error: step evaluate takes inputs dataset, trained; missing: trained" in r.stderr
-    r = tlops("step", "evaluate", "--config", str(cfg), "--out", str(tmp_path / "e"),
-              "--in", f"dataset={tmp_path / 'nope'}", "--in", f"trained={tmp_path}")
+    r = tlops(
+        "step",
+        "evaluate",
+        "--config",
+        str(cfg),
+        "--out",
+        str(tmp_path / "e"),
+        "--in",
+        f"dataset={tmp_path / 'nope'}",
+        "--in",
+        f"trained={tmp_path}",
+    )
     assert r.returncode == 1
     assert f"error: {tmp_path / 'nope'} is not a finished tlops artifact (no manifest.json)" in r.stderr
     r = tlops("step", "train", "--config", str(cfg), "--out", str(tmp_path / "e"))
@@ -74,16 +96,26 @@ def test_run_twice_reuses_and_lists_steps(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "reused: ingest, pull-model, extract-features, fine-tune, evaluate" in " ".join(second.stdout.split())
     # a fully reused run never imports torch (that import was ~2 s of a ~8 s no-op rerun; bench/results/perf.md)
-    probe = ("import sys; from tlops.cli import main; sys.argv = ['tlops', 'run', '--config', sys.argv[1], '--set', 'train.epochs=1']\n"
-             "try:\n    main()\nfinally:\n    print('torch imported:', 'torch' in sys.modules)")
+    probe = (
+        "import sys; from tlops.cli import main; sys.argv = ['tlops', 'run', '--config', sys.argv[1], '--set', 'train.epochs=1']\n"
+        "try:\n    main()\nfinally:\n    print('torch imported:', 'torch' in sys.modules)"
+    )
     third = subprocess.run([sys.executable, "-c", probe, str(cfg)], capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stderr
-    assert "torch imported: False" in third.stdout and "registered t-digits v1 as challenger" in " ".join(third.stdout.split())
+    assert "torch imported: False" in third.stdout and "registered t-digits v1 as challenger" in " ".join(
+        third.stdout.split()
+    )
     runs = sorted((tmp_path / "work" / "runs").iterdir())
     assert len(runs) == 3 and all((r / "config.yaml").is_file() for r in runs)
     listing = tlops("steps").stdout.split("\n")
     assert [line.split()[0] for line in listing if line] == [
-        "ingest", "pull-model", "extract-features", "fine-tune", "evaluate", "register"]
+        "ingest",
+        "pull-model",
+        "extract-features",
+        "fine-tune",
+        "evaluate",
+        "register",
+    ]
 
 
 def test_promote_moves_champion_and_keeps_previous(tmp_path):
@@ -91,7 +123,12 @@ def test_promote_moves_champion_and_keeps_previous(tmp_path):
     work = tmp_path / "work"
     cfg.write_text(yaml.safe_dump(digits_config(work)))
     assert tlops("run", "--config", str(cfg)).returncode == 0
-    assert tlops("run", "--config", str(cfg), "--set", "train.epochs=2", "--set", "train.strategies=[fine-tune]").returncode == 0
+    assert (
+        tlops(
+            "run", "--config", str(cfg), "--set", "train.epochs=2", "--set", "train.strategies=[fine-tune]"
+        ).returncode
+        == 0
+    )
     r = tlops("promote", "t-digits", "1", "--workdir", str(work), "--reason", "reviewed")
     assert r.returncode == 0 and "t-digits: champion -> v1" in r.stdout
     r = tlops("promote", "t-digits", "2", "--workdir", str(work))

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import digits_config
+
 from tlops.artifacts import read_artifact
 
 TLOPS = str(Path(sys.executable).parent / "tlops")
@@ -148,8 +148,10 @@ def test_two_processes_s3_cache_compute_identically(s3, tmp_path):
         FeatureCache(root).fetch(key, Path(d) / "f.npz")
         with np.load(Path(d) / "f.npz") as z:
             np.testing.assert_array_equal(z["train"], a["train"])
-    print(f"\nS3 cache, two writers: {[m['cache'] for m in metas]}; "
-          f"{sum('stored' in t for t in logs)} uploaded, entry valid")
+    print(
+        f"\nS3 cache, two writers: {[m['cache'] for m in metas]}; "
+        f"{sum('stored' in t for t in logs)} uploaded, entry valid"
+    )
 
 
 @pytest.mark.slow
@@ -168,7 +170,9 @@ def test_two_pipeline_runs_at_once_share_the_cache(tmp_path):
         (run,) = list((work / "runs").iterdir())
         modes.append(read_artifact(run / "extract-features", "features").meta["cache"])
         accs.append(read_artifact(run / "evaluate", "evaluation").meta["accuracy"])
-    assert sorted(modes) == ["hit", "miss"], modes  # the entry lock: one computed, the other waited (or came later) and hit
+    assert sorted(modes) == ["hit", "miss"], (
+        modes
+    )  # the entry lock: one computed, the other waited (or came later) and hit
     assert len({*accs}) == 1
     assert len(list(root.rglob("manifest.json"))) == 1
     print(f"\ntwo concurrent `tlops run`: cache {modes}, test accuracy {accs}")

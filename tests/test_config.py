@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import digits_config
+
 from tlops.config import (
     PipelineConfig,
     apply_overrides,
@@ -191,8 +191,10 @@ def test_data_needs_exactly_one_of_source_and_dvc(raw):
     del raw["data"]["source"]
     line = _invalid(raw).splitlines()[1]
     assert line.startswith("  data: got {")
-    assert line.endswith(": set exactly one of data.source (a path, s3:// URI or sklearn:<name>) "
-                         "and data.dvc (repo, rev, path of a DVC-versioned dataset)")
+    assert line.endswith(
+        ": set exactly one of data.source (a path, s3:// URI or sklearn:<name>) "
+        "and data.dvc (repo, rev, path of a DVC-versioned dataset)"
+    )
 
 
 def test_missing_required_section(raw):

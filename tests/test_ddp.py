@@ -31,8 +31,10 @@ REPO = HERE.parents[1]
 def test_epoch_batches_cover_every_item_once_per_global_batch(n, bs, world, bucket):
     texts = [("x" * ((i * 7919) % 50 + 1)) for i in range(n)]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).numpy()
-    shards = [epoch_batches(texts, perm, bs, bucket=bucket, generator=torch.Generator().manual_seed(1), rank=r, world=world)
-              for r in range(world)]
+    shards = [
+        epoch_batches(texts, perm, bs, bucket=bucket, generator=torch.Generator().manual_seed(1), rank=r, world=world)
+        for r in range(world)
+    ]
     n_batches = -(-n // bs)
     assert all(len(s) == n_batches for s in shards), "every rank takes the same number of steps"
     glob = epoch_batches(texts, perm, bs, bucket=bucket, generator=torch.Generator().manual_seed(1))
@@ -84,14 +86,30 @@ def _tiny_setup(minilm: Path):
     from tlops.models.backbone import TextBackbone
     from tlops.models.bundle import Classifier
 
-    lines = (Path(os.environ.get("TLOPS_SHARED_DATA", REPO.parent / "shared" / "data"))
-             / "sentiment_labelled_sentences" / "yelp_labelled.txt").read_text(encoding="utf-8").split("\n")
+    lines = (
+        (
+            Path(os.environ.get("TLOPS_SHARED_DATA", REPO.parent / "shared" / "data"))
+            / "sentiment_labelled_sentences"
+            / "yelp_labelled.txt"
+        )
+        .read_text(encoding="utf-8")
+        .split("\n")
+    )
     rows = [ln.rsplit("\t", 1) for ln in lines if ln.strip()]
     x, y = [r[0] for r in rows], np.array([int(r[1]) for r in rows])
     tok = AutoTokenizer.from_pretrained(minilm, local_files_only=True)
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
     clf = Classifier(TextBackbone(bert, tok, {"modality": "text", "max_length": 32, "pooling": "mean"}), 2)
     cfg = TrainConfig(strategies=["fine-tune"], epochs=2, batch_size=16, lr=2e-3, weight_decay=0.0)
     return clf, Split(x[:64], y[:64]), Split(x[500:564], y[500:564]), cfg
@@ -108,14 +126,24 @@ def _train(minilm: Path, out: Path) -> dict:
 def test_two_ranks_match_one_process(tmp_path, minilm_dir):
     one = _train(minilm_dir, tmp_path / "one")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), TLOPS_DEVICE="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
-           str(minilm_dir), str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(HERE),
+        str(minilm_dir),
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = torch.load(tmp_path / "two" / "result.pt", weights_only=False)
     assert not (tmp_path / "two" / "rank1-wrote-checkpoints").exists(), "only rank 0 writes checkpoints"
     for k, v in one["state"].items():
-        assert torch.allclose(v, two["state"][k], atol=2e-4, rtol=1e-3), f"{k}: max diff {(v - two['state'][k]).abs().max():.2e}"
+        assert torch.allclose(v, two["state"][k], atol=2e-4, rtol=1e-3), (
+            f"{k}: max diff {(v - two['state'][k]).abs().max():.2e}"
+        )
     for a, b in zip(one["hist"], two["hist"]):
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1 / 64)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import digits_config
+
 from tlops.errors import StorageError, TlopsError
 
 TLOPS = str(Path(sys.executable).parent / "tlops")
@@ -90,10 +90,15 @@ def test_bounded_defaults_are_set_only_for_http_and_only_when_unset(monkeypatch)
     bound_http_retries("https://mlflow.example.com")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # the user's value wins
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]
-    assert int(HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 3 and int(HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 30
+    assert (
+        int(HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 3
+        and int(HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 30
+    )
 
 
-def test_tracking_server_answering_503_is_retried_with_backoff_then_reported(server_503, secrets, digits_cfg, monkeypatch, caplog):
+def test_tracking_server_answering_503_is_retried_with_backoff_then_reported(
+    server_503, secrets, digits_cfg, monkeypatch, caplog
+):
     from tlops.tracking.setup import TrackingError, configure
 
     port, hits = server_503
@@ -103,8 +108,9 @@ def test_tracking_server_answering_503_is_retried_with_backoff_then_reported(ser
         configure(digits_cfg())
     took = time.monotonic() - t0
     msg = str(e.value)
-    assert msg.startswith(f"MLflow tracking server http://127.0.0.1:{port} returned HTTP 503 after 3 attempts "
-                          "while looking up experiment"), msg
+    assert msg.startswith(
+        f"MLflow tracking server http://127.0.0.1:{port} returned HTTP 503 after 3 attempts while looking up experiment"
+    ), msg
     assert len(hits) == 3  # 1 try + MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, then it gives up
     gaps = [b - a for a, b in zip(hits, hits[1:])]
     assert gaps[-1] >= 1.5, gaps  # exponential backoff (factor 1: waits of 0 s, then 2 s)
@@ -120,9 +126,20 @@ def mlflow_server(tmp_path):
     port = free_port()
     d = tmp_path / "mlflow-server"
     d.mkdir()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
-           "--workers", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{d / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(d / "artifacts"),
+        "--workers",
+        "1",
+    ]
     log = open(d / "server.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=d, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -204,8 +221,12 @@ def test_s3_endpoint_with_credentials_in_url_is_redacted(monkeypatch, tmp_path):
     monkeypatch.setenv("S3_ENDPOINT_URL", f"http://{USER}:{PASSWORD}@127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TOKEN)
-    for k, v in {"TLOPS_S3_ATTEMPTS": "2", "TLOPS_S3_BACKOFF": "0.01", "TLOPS_S3_CLIENT_RETRIES": "0",
-                 "TLOPS_S3_CONNECT_TIMEOUT": "1"}.items():
+    for k, v in {
+        "TLOPS_S3_ATTEMPTS": "2",
+        "TLOPS_S3_BACKOFF": "0.01",
+        "TLOPS_S3_CLIENT_RETRIES": "0",
+        "TLOPS_S3_CONNECT_TIMEOUT": "1",
+    }.items():
         monkeypatch.setenv(k, v)
     (tmp_path / "f.bin").write_bytes(b"x")
     with pytest.raises(StorageError) as e:

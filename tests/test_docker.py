@@ -350,7 +350,9 @@ def test_build_image_serves_local_pip_sources(tmp_path):
     assert f"--secret id=pipcert,src={ca}" in build
     assert "--build-arg PIP_TRUSTED_HOST=127.0.0.1" in build
     assert re.search(r"PIP_FIND_LINKS=http://127\.0\.0\.1:\d+/fl\d+/", build), build
-    assert re.search(r"PIP_EXTRA_INDEX_URL=http://127\.0\.0\.1:\d+/ix\d+/simple/ https://example\.invalid/simple", build)
+    assert re.search(
+        r"PIP_EXTRA_INDEX_URL=http://127\.0\.0\.1:\d+/ix\d+/simple/ https://example\.invalid/simple", build
+    )
     assert str(wheels) not in build and str(idx) not in build, "host paths leaked into the build args"
     assert "wheel-from-find-links" in calls and "wheel-from-index" in calls, calls
     assert "image build time:" in out

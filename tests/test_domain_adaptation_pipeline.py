@@ -6,23 +6,29 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import digits_config
+
 from tlops.config import validate_config
 from tlops.errors import ConfigError
 from tlops.steps import extract_features, fine_tune, ingest, pull_model
 
 
 def _cfg(tmp_path, shared, **train):
-    return validate_config(digits_config(
-        tmp_path / "work",
-        data={"source": str(shared / "mnist" / "mnist_subset.npz"), "classes": [0, 1], "labels_per_class": None,
-              "split": {"val": 0.1, "test": 0.3}, "unlabelled": 0.9,
-              "adapt_from": {"source": str(shared / "usps" / "usps.npz"), "max_samples": 300, "val": 0.25}},
-        source={"model": "timm:resnet10t", "pretrained": False, "in_chans": 1, "image_size": 16},
-        train={"strategies": ["dann", "adabn"], "adapt": {"epochs": 2, "batch_size": 32, "lr": 0.01},
-               **train},
-    ))
+    return validate_config(
+        digits_config(
+            tmp_path / "work",
+            data={
+                "source": str(shared / "mnist" / "mnist_subset.npz"),
+                "classes": [0, 1],
+                "labels_per_class": None,
+                "split": {"val": 0.1, "test": 0.3},
+                "unlabelled": 0.9,
+                "adapt_from": {"source": str(shared / "usps" / "usps.npz"), "max_samples": 300, "val": 0.25},
+            },
+            source={"model": "timm:resnet10t", "pretrained": False, "in_chans": 1, "image_size": 16},
+            train={"strategies": ["dann", "adabn"], "adapt": {"epochs": 2, "batch_size": 32, "lr": 0.01}, **train},
+        )
+    )
 
 
 def test_adaptation_strategies_select_on_source_validation(tmp_path, shared_data):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import digits_config
+from PIL import Image
 from s3srv import BUCKET, SECRET
+
 from tlops.config import validate_config
 from tlops.errors import DataError
 
@@ -76,14 +76,20 @@ def version(repo: Path, message: str) -> tuple[str, str, str]:
 
 
 def lineage_cfg(workdir: Path, clone: Path, rev: str, tracking_uri: str | None = None, **extra):
-    return validate_config(digits_config(
-        workdir,
-        # every image lands in a split (no label budget), so any changed file changes the features
-        data={"source": None, "dvc": {"repo": str(clone), "rev": rev, "path": "data/digits"}, "labels_per_class": None},
-        features={"cache_dir": f"s3://{BUCKET}/features"},
-        tracking={"artifact_location": f"s3://{BUCKET}/mlflow", "uri": tracking_uri},
-        **extra,
-    ))
+    return validate_config(
+        digits_config(
+            workdir,
+            # every image lands in a split (no label budget), so any changed file changes the features
+            data={
+                "source": None,
+                "dvc": {"repo": str(clone), "rev": rev, "path": "data/digits"},
+                "labels_per_class": None,
+            },
+            features={"cache_dir": f"s3://{BUCKET}/features"},
+            tracking={"artifact_location": f"s3://{BUCKET}/mlflow", "uri": tracking_uri},
+            **extra,
+        )
+    )
 
 
 def test_dvc_versioned_data_lineage_through_s3(data_repo, tmp_path, s3, monkeypatch, capfd, caplog):
@@ -109,8 +115,13 @@ def test_dvc_versioned_data_lineage_through_s3(data_repo, tmp_path, s3, monkeypa
     first = run_pipeline(cfg)
     ds = first.artifact("ingest").meta
     assert ds["counts"] == {"train": 60, "val": 24, "test": 36, "unlabelled": 0}  # the 120 images
-    assert ds["data_version"] == {"data_hash": ds["data_hash"], "dvc_repo": str(clone), "git_rev": rev1,
-                                  "dvc_path": "data/digits", "dvc_md5": md5_1}
+    assert ds["data_version"] == {
+        "data_hash": ds["data_hash"],
+        "dvc_repo": str(clone),
+        "git_rev": rev1,
+        "dvc_path": "data/digits",
+        "dvc_md5": md5_1,
+    }
     assert ds["source"] == f"dvc:{clone}@{rev1}:data/digits"
     feats1 = first.artifact("extract-features").meta
     assert feats1["cache"] == "miss"
@@ -127,7 +138,10 @@ def test_dvc_versioned_data_lineage_through_s3(data_repo, tmp_path, s3, monkeypa
     assert mv.tags["tlops.data.git_rev"] == rev1 and mv.tags["tlops.data.dvc_md5"] == md5_1
     assert mv.tags["tlops.data.repo"] == str(clone) and mv.tags["tlops.data.path"] == "data/digits"
     assert f"DVC: `data/digits` md5 `{md5_1}` at git rev `{rev1}`" in mv.description
-    print(f"\nLINEAGE t-digits v{mv.version}: " + ", ".join(f"{k}={mv.tags[k]}" for k in sorted(mv.tags) if k.startswith("tlops.data")))
+    print(
+        f"\nLINEAGE t-digits v{mv.version}: "
+        + ", ".join(f"{k}={mv.tags[k]}" for k in sorted(mv.tags) if k.startswith("tlops.data"))
+    )
 
     # MLflow artifacts went to S3 (MLFLOW_S3_ENDPOINT_URL) and the model loads back from there
     assert c.get_run(first.mlflow_run_id).info.artifact_uri.startswith(f"s3://{BUCKET}/mlflow/")
@@ -191,7 +205,9 @@ def test_dvc_ref_errors_are_clear(data_repo, tmp_path):
     assert "is not tracked by DVC (run `tlops data version .dvcignore` in that repo" in str(e.value)
 
     # committed but never pushed, and the local cache is gone: the message says what to check
-    (data_repo / "data" / "digits" / "0" / "000.png").write_bytes((data_repo / "data" / "digits" / "0" / "001.png").read_bytes())
+    (data_repo / "data" / "digits" / "0" / "000.png").write_bytes(
+        (data_repo / "data" / "digits" / "0" / "001.png").read_bytes()
+    )
     out = sh(TLOPS + ["data", "version", "data/digits", "--no-push"], data_repo)
     rev2 = re.search(r"at git rev ([0-9a-f]{40})", out).group(1)
     assert "(pushed)" not in out
@@ -209,8 +225,15 @@ def test_credentials_in_urls_are_refused(tmp_path):
     from tlops.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        validate_config(digits_config(tmp_path, data={"source": None, "dvc": {
-            "repo": "https://bot:ghp_secret123@github.com/org/data.git", "path": "d"}}))
+        validate_config(
+            digits_config(
+                tmp_path,
+                data={
+                    "source": None,
+                    "dvc": {"repo": "https://bot:ghp_secret123@github.com/org/data.git", "path": "d"},
+                },
+            )
+        )
     assert "data.dvc.repo: got 'https://***@github.com/org/data.git': the URL carries credentials" in str(e.value)
     with pytest.raises(ConfigError) as e:
         validate_config(digits_config(tmp_path, data={"dvc": {"repo": "r", "path": "d"}}))
@@ -236,15 +259,33 @@ def test_step_artifacts_on_s3(s3, tmp_path, via_cli, digits_cfg):
         save_config(cfg, cfg_file)
         sh(TLOPS + ["step", "ingest", "-c", str(cfg_file), "--out", f"{root}/ingest"], tmp_path)
         sh(TLOPS + ["step", "pull-model", "-c", str(cfg_file), "--out", f"{root}/pull-model"], tmp_path)
-        out = sh(TLOPS + ["step", "extract-features", "-c", str(cfg_file), "--in", f"dataset={root}/ingest",
-                          "--in", f"model={root}/pull-model", "--out", f"{root}/extract-features"], tmp_path)
+        out = sh(
+            TLOPS
+            + [
+                "step",
+                "extract-features",
+                "-c",
+                str(cfg_file),
+                "--in",
+                f"dataset={root}/ingest",
+                "--in",
+                f"model={root}/pull-model",
+                "--out",
+                f"{root}/extract-features",
+            ],
+            tmp_path,
+        )
         assert f"extract-features: wrote {root}/extract-features (features," in out
         assert SECRET not in out
     else:
         run_step(dag.get("ingest"), cfg, {}, f"{root}/ingest")
         run_step(dag.get("pull-model"), cfg, {}, f"{root}/pull-model")
-        run_step(dag.get("extract-features"), cfg, {"dataset": f"{root}/ingest", "model": f"{root}/pull-model"},
-                 f"{root}/extract-features")
+        run_step(
+            dag.get("extract-features"),
+            cfg,
+            {"dataset": f"{root}/ingest", "model": f"{root}/pull-model"},
+            f"{root}/extract-features",
+        )
     st = S3Storage()
     names = st.list(f"{root}/extract-features")
     assert "manifest.json" in names and "features.npz" in names
@@ -262,5 +303,9 @@ def test_step_artifacts_on_s3(s3, tmp_path, via_cli, digits_cfg):
     from tlops.errors import StorageError
 
     with pytest.raises(StorageError, match=rf"^cannot download s3://{BUCKET}/runs/none: no manifest.json there"):
-        run_step(dag.get("extract-features"), cfg, {"dataset": f"s3://{BUCKET}/runs/none", "model": f"{root}/pull-model"},
-                 str(tmp_path / "x"))
+        run_step(
+            dag.get("extract-features"),
+            cfg,
+            {"dataset": f"s3://{BUCKET}/runs/none", "model": f"{root}/pull-model"},
+            str(tmp_path / "x"),
+        )

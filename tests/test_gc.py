@@ -85,7 +85,7 @@ def workdir(tmp_path):
         0: _run(work, "r0-running", 500, keys[6], cache),
         1: _run(work, "r1", 400, keys[1], cache, extra=20 * KB),
         2: _run(work, "r2", 300, keys[2], cache, extra=20 * KB),
-        3: _run(work, "r3", 200, keys[2], cache, extra=20 * KB),   # same features as r2
+        3: _run(work, "r3", 200, keys[2], cache, extra=20 * KB),  # same features as r2
         4: _run(work, "r4", 100, keys[3], cache, extra=20 * KB),
     }
     (runs[4] / ".evaluate.tmp-1234abcd").mkdir()  # left by a killed step
@@ -119,8 +119,9 @@ def test_gc_keeps_newest_runs_and_what_they_reference(workdir):
     before = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
     with held(runs[0] / ".lock"), held(cache / ".locks" / f"{keys[5]}.lock"):
         dry = collect(work, keep=2, dry_run=True)
-        assert sorted(str(p.relative_to(work)) for p in work.rglob("*") if ".locks" not in str(p)) == \
-            [b for b in before if ".locks" not in b]  # dry run: nothing touched
+        assert sorted(str(p.relative_to(work)) for p in work.rglob("*") if ".locks" not in str(p)) == [
+            b for b in before if ".locks" not in b
+        ]  # dry run: nothing touched
         rep = collect(work, keep=2)
     assert [(i.kind, i.path, i.bytes) for i in dry.deleted] == [(i.kind, i.path, i.bytes) for i in rep.deleted]
     assert sorted(rep.kept_runs) == ["r0-running", "r3", "r4"]  # 2 newest + the one in progress
@@ -174,7 +175,9 @@ def test_gc_never_deletes_a_run_in_progress_even_with_keep_0(workdir):
 
 def test_gc_cli_dry_run_and_errors(workdir):
     work, runs, keys, cache = workdir
-    r = subprocess.run([TLOPS, "gc", "--keep", "3", "--workdir", str(work), "--dry-run"], capture_output=True, text=True)
+    r = subprocess.run(
+        [TLOPS, "gc", "--keep", "3", "--workdir", str(work), "--dry-run"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert "would delete run" in r.stdout and "[dry run: nothing deleted]" in r.stdout
     assert all(runs[i].exists() for i in runs)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
 from conftest import digits_config
+
 from tlops.artifacts import MANIFEST, SCHEMA_VERSION, read_artifact
 from tlops.config import validate_config
 from tlops.errors import DataError, TlopsError
@@ -37,7 +37,12 @@ def make_cfg(tmp_path: Path, seed: int = 0, **data: Any):
 
 
 def digits(tmp_path: Path, seed: int = 0, **data: Any):
-    base = {"source": "sklearn:digits", "classes": [0, 1, 2], "split": {"val": 0.2, "test": 0.3}, "labels_per_class": 15}
+    base = {
+        "source": "sklearn:digits",
+        "classes": [0, 1, 2],
+        "split": {"val": 0.2, "test": 0.3},
+        "labels_per_class": 15,
+    }
     return make_cfg(tmp_path, seed=seed, **{**base, **data})
 
 

@@ -246,7 +246,9 @@ def test_mlflow_server_serves_artifacts_from_s3_with_a_postgres_backend(rendered
     names = list(env)
     assert names.index("DB_USER") < names.index("MLFLOW_BACKEND_STORE_URI")  # $(VAR) needs order
     assert names.index("DB_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI")
-    secret_refs = {k: v["valueFrom"]["secretKeyRef"] for k, v in env.items() if "secretKeyRef" in v.get("valueFrom", {})}
+    secret_refs = {
+        k: v["valueFrom"]["secretKeyRef"] for k, v in env.items() if "secretKeyRef" in v.get("valueFrom", {})
+    }
     assert secret_refs == {
         "DB_USER": {"name": "tlops-mlflow-db", "key": "username"},
         "DB_PASSWORD": {"name": "tlops-mlflow-db", "key": "password"},
@@ -383,7 +385,10 @@ def test_dev_minio_and_bucket_job(rendered):
     (c,) = spec["containers"]
     env = _env(c)
     assert env["MINIO_ROOT_USER"]["valueFrom"]["secretKeyRef"] == {"name": "tlops-s3", "key": "AWS_ACCESS_KEY_ID"}
-    assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "tlops-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tlops-s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
     assert c["readinessProbe"]["httpGet"]["path"] == "/minio/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/minio/health/live"
     claim = next(v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v)
@@ -419,7 +424,7 @@ def test_gpu_overlay_matches_gpuconfig_defaults(rendered):
     assert f"requests.{gpu.accelerator_type}" in quota["spec"]["hard"]
 
     # and the docs say the same: label, taint key and effect, resource name
-    (label_key, label_value), = gpu.node_selector.items()
+    ((label_key, label_value),) = gpu.node_selector.items()
     (tol,) = gpu.tolerations
     for doc in (K8S / "README.md", K8S / "overlays" / "gpu" / "kustomization.yaml"):
         text = doc.read_text()

@@ -12,10 +12,18 @@ from tlops.config import load_config, validate_config
 from tlops.dag import DAG, STEP_NAMES
 
 GPU = {
-    "gpu": {"accelerator_type": "nvidia.com/gpu", "accelerator_limit": 2, "node_selector": {"pool": "a100"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}], "shm_size": "16Gi"},
+    "gpu": {
+        "accelerator_type": "nvidia.com/gpu",
+        "accelerator_limit": 2,
+        "node_selector": {"pool": "a100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "shm_size": "16Gi",
+    },
     "secrets": [
-        {"name": "tlops-s3", "env": {"AWS_ACCESS_KEY_ID": "access-key-id", "AWS_SECRET_ACCESS_KEY": "secret-access-key"}},
+        {
+            "name": "tlops-s3",
+            "env": {"AWS_ACCESS_KEY_ID": "access-key-id", "AWS_SECRET_ACCESS_KEY": "secret-access-key"},
+        },
         {"name": "tlops-mlflow", "env": {"MLFLOW_TRACKING_PASSWORD": "password"}},
     ],
     "data_version": "dvc-md5-abc123",
@@ -62,18 +70,32 @@ def test_gpu_pool_secrets_retries_and_cache_keys(tmp_path, monkeypatch):
     assert (res["resourceCpuRequest"], res["resourceMemoryRequest"]) == ("4", "16Gi")
     assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("8", "32Gi")
     ing = execs["exec-ingest"]["container"]["resources"]
-    assert (ing["resourceCpuRequest"], ing["resourceMemoryRequest"], ing["resourceCpuLimit"], ing["resourceMemoryLimit"]) == ("1", "2Gi", "2", "8Gi")
+    assert (
+        ing["resourceCpuRequest"],
+        ing["resourceMemoryRequest"],
+        ing["resourceCpuLimit"],
+        ing["resourceMemoryLimit"],
+    ) == ("1", "2Gi", "2", "8Gi")
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert k8s["exec-fine-tune"]["nodeSelector"] == {"labels": {"pool": "a100"}}
-    assert k8s["exec-fine-tune"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-    assert k8s["exec-fine-tune"]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}]
+    assert k8s["exec-fine-tune"]["tolerations"] == [
+        {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
+    ]
+    assert k8s["exec-fine-tune"]["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
+    ]
     for name in ("exec-ingest", "exec-evaluate", "exec-register"):
         assert "nodeSelector" not in k8s[name] and "accelerator" not in execs[name]["container"].get("resources", {})
         envs = {e["envVar"] for s in k8s[name]["secretAsEnv"] for e in s["keyToEnv"]}
         assert envs == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"}
     tasks = spec["root"]["dag"]["tasks"]
     for name in ("pull-model", "register"):
-        assert tasks[name]["retryPolicy"] == {"backoffDuration": "30s", "backoffFactor": 2.0, "backoffMaxDuration": "600s", "maxRetryCount": 3}
+        assert tasks[name]["retryPolicy"] == {
+            "backoffDuration": "30s",
+            "backoffFactor": 2.0,
+            "backoffMaxDuration": "600s",
+            "maxRetryCount": 3,
+        }
     assert "retryPolicy" not in tasks["fine-tune"]
     key = f"tlops-fine-tune-{cfg.config_hash[:16]}-dvc-md5-abc123"
     assert tasks["fine-tune"]["cachingOptions"] == {"cacheKey": key, "enableCache": True}

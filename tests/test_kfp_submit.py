@@ -60,8 +60,6 @@ def _clean_env(home: Path, extra: Optional[dict] = None) -> dict:
     return env
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # launchers
 
@@ -253,7 +251,9 @@ def test_submit_reuses_the_experiment(cli2, server, config_file):
         assert "in experiment nightly-exp:" in r.out
     assert server.requests_to("POST", "/apis/v2beta1/experiments") == []
     lookups = server.requests_to("GET", "/apis/v2beta1/experiments")
-    assert lookups and all(json.loads(q["query"]["filter"])["predicates"][0]["stringValue"] == "nightly-exp" for q in lookups)
+    assert lookups and all(
+        json.loads(q["query"]["filter"])["predicates"][0]["stringValue"] == "nightly-exp" for q in lookups
+    )
     runs = server.requests_to("POST", "/apis/v2beta1/runs")
     assert [q["body"]["experiment_id"] for q in runs] == [existing["experiment_id"]] * 2
     # default run name: '<config name> <time>'
@@ -302,8 +302,22 @@ def test_schedule_sends_cron_concurrency_and_no_catchup(cli, server, config_file
 
 def test_schedule_catchup_concurrency_and_job_name(inproc, server, config_file):
     r = inproc(
-        ["schedule", "--host", server.url, "-c", str(config_file), "--cron", "0 */30 * * * *",
-         "--job-name", "half-hourly", "--experiment", "sched", "--max-concurrency", "2", "--catchup"]
+        [
+            "schedule",
+            "--host",
+            server.url,
+            "-c",
+            str(config_file),
+            "--cron",
+            "0 */30 * * * *",
+            "--job-name",
+            "half-hourly",
+            "--experiment",
+            "sched",
+            "--max-concurrency",
+            "2",
+            "--catchup",
+        ]
     )
     assert r.code == 0, r.everything()
     (req,) = server.requests_to("POST", "/apis/v2beta1/recurringruns")
@@ -349,7 +363,9 @@ def test_forbidden_is_a_credentials_error_too(inproc, server):
     server.fail_all(403, f"user with token {TOKEN} may not list runs")  # a server that echoes the token
     r = inproc(["runs", "list", "--host", server.url], env={"KFP_TOKEN": TOKEN})
     assert r.code == 1
-    assert f"error: KFP at {server.url} rejected the credentials (403 Forbidden): set KFP_TOKEN or --token-file" in r.err
+    assert (
+        f"error: KFP at {server.url} rejected the credentials (403 Forbidden): set KFP_TOKEN or --token-file" in r.err
+    )
     assert TOKEN not in r.everything()
 
 
@@ -357,13 +373,19 @@ def test_server_error_messages_are_shown_and_redacted(inproc, server):
     server.fail_all(500, f"database is locked (caller {TOKEN})")
     r = inproc(["runs", "get", "abc", "--host", server.url], env={"KFP_TOKEN": TOKEN})
     assert r.code == 1
-    assert f"error: KFP at {server.url} answered 500 Internal Server Error while connecting: database is locked (caller ***)" in r.err
+    assert (
+        f"error: KFP at {server.url} answered 500 Internal Server Error while connecting: database is locked (caller ***)"
+        in r.err
+    )
     assert TOKEN not in r.everything()
 
     server.fail_all(None)
     r = inproc(["runs", "get", "no-such-run", "--host", server.url])
     assert r.code == 1
-    assert f"error: KFP at {server.url} answered 404 Not Found while getting run no-such-run: Run no-such-run not found" in r.err
+    assert (
+        f"error: KFP at {server.url} answered 404 Not Found while getting run no-such-run: Run no-such-run not found"
+        in r.err
+    )
 
 
 def test_unreachable_host_fails_fast(cli, config_file):
@@ -481,9 +503,18 @@ def _seed_runs(server: FakeKfpServer) -> tuple[dict, list[dict]]:
     exp = server.add_experiment("tlops")
     other = server.add_experiment("other")
     runs = [
-        server.add_run("digits nightly 1", "SUCCEEDED", exp["experiment_id"], "2024-05-01T03:00:00Z", "2024-05-01T03:20:00Z"),
-        server.add_run("digits nightly 2", "FAILED", exp["experiment_id"], "2024-05-02T03:00:00Z",
-                       "2024-05-02T03:05:00Z", error="fine-tune: CUDA out of memory", parameters={"greeting": "hi"}),
+        server.add_run(
+            "digits nightly 1", "SUCCEEDED", exp["experiment_id"], "2024-05-01T03:00:00Z", "2024-05-01T03:20:00Z"
+        ),
+        server.add_run(
+            "digits nightly 2",
+            "FAILED",
+            exp["experiment_id"],
+            "2024-05-02T03:00:00Z",
+            "2024-05-02T03:05:00Z",
+            error="fine-tune: CUDA out of memory",
+            parameters={"greeting": "hi"},
+        ),
         server.add_run("digits nightly 3", "RUNNING", exp["experiment_id"], "2024-05-03T03:00:00Z"),
         server.add_run("someone else", "SUCCEEDED", other["experiment_id"], "2024-05-04T03:00:00Z"),
     ]

@@ -18,16 +18,25 @@ def text_inputs(tmp_path_factory, minilm_dir_module, shared_data_module):
     tmp = tmp_path_factory.mktemp("lora")
 
     def make(**lora):
-        cfg = validate_config({
-            "name": "t-lora", "workdir": str(tmp / "work"), "seed": 0,
-            "data": {"source": str(shared_data_module / "sentiment_labelled_sentences" / "yelp_labelled.txt"),
-                     "format": "tsv", "columns": ["text", "label"], "quoting": "none", "labels_per_class": 16,
-                     "split": {"val": 0.05, "test": 0.05}},
-            "source": {"model": f"hf:{minilm_dir_module}", "max_length": 32},
-            "train": {"strategies": ["lora"], "epochs": 1, "batch_size": 16, "lora": {"r": 4, "alpha": 8, **lora}},
-            "evaluate": {"scratch_baseline": False},
-            "register": {"model_name": "t-lora"},
-        })
+        cfg = validate_config(
+            {
+                "name": "t-lora",
+                "workdir": str(tmp / "work"),
+                "seed": 0,
+                "data": {
+                    "source": str(shared_data_module / "sentiment_labelled_sentences" / "yelp_labelled.txt"),
+                    "format": "tsv",
+                    "columns": ["text", "label"],
+                    "quoting": "none",
+                    "labels_per_class": 16,
+                    "split": {"val": 0.05, "test": 0.05},
+                },
+                "source": {"model": f"hf:{minilm_dir_module}", "max_length": 32},
+                "train": {"strategies": ["lora"], "epochs": 1, "batch_size": 16, "lora": {"r": 4, "alpha": 8, **lora}},
+                "evaluate": {"scratch_baseline": False},
+                "register": {"model_name": "t-lora"},
+            }
+        )
         return cfg
 
     cfg = make()
@@ -65,7 +74,11 @@ def test_lora_adapter_and_merged_bundles(text_inputs):
     assert rec["trainable_params"] < 0.01 * rec["backbone_params"]
     bundle = kept.path / "models" / "lora"
     assert (bundle / "adapter" / "adapter_config.json").is_file()
-    base = _weights(load_backbone(bundle, ).model.get_base_model())
+    base = _weights(
+        load_backbone(
+            bundle,
+        ).model.get_base_model()
+    )
     # the stored base weights are exactly the source model's: only the adapter (and head) trained
     for k, v in source.items():
         key = next(b for b in base if b.endswith(k) or b.replace(".base_layer", "") == k)
@@ -91,6 +104,7 @@ def test_lora_on_a_cnn_is_a_clear_error(digits_cfg, tmp_path):
     ins["features"] = extract_features.run(cfg, ins, tmp_path / "features")
     with pytest.raises(ConfigError) as e:
         fine_tune.run(cfg, ins, tmp_path / "ft")
-    assert str(e.value) == ("train.strategies: lora needs a transformer backbone (hf:...); "
-                            "for CNNs use fine-tune or partial-fine-tune")
+    assert str(e.value) == (
+        "train.strategies: lora needs a transformer backbone (hf:...); for CNNs use fine-tune or partial-fine-tune"
+    )
     assert not (tmp_path / "ft").exists()

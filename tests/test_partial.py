@@ -50,7 +50,7 @@ def test_layer_decay_sets_group_lrs_and_a_scheduler_keeps_the_ratios(upstream):
     lrs = [g["lr"] for g in opt.param_groups]
     ratios = [lrs[i + 1] / lrs[i] for i in range(n - 1)]
     assert ratios == pytest.approx([2.0] * (n - 1))  # decay survives the schedule
-    assert lrs[0] < 1e-3 * 0.5 ** n  # and the schedule did scale them
+    assert lrs[0] < 1e-3 * 0.5**n  # and the schedule did scale them
 
 
 def test_l2sp_penalty_pulls_toward_the_pretrained_weights(upstream, tmp_path):
@@ -69,7 +69,9 @@ def test_l2sp_penalty_pulls_toward_the_pretrained_weights(upstream, tmp_path):
         c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"l2sp": alpha, "lr": 0.01})})
         out = fine_tune.run(c, ins, tmp_path / f"ft-{alpha}")
         after = _state(out.path / "models" / "fine-tune")
-        dist[alpha] = sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in before if k.endswith("weight"))
+        dist[alpha] = sum(
+            float((after[k].float() - before[k].float()).pow(2).sum()) for k in before if k.endswith("weight")
+        )
     assert dist[100.0] < 0.5 * dist[0.0], dist
 
 
@@ -85,8 +87,14 @@ def test_gradual_unfreezing_keeps_lower_blocks_and_their_bn_stats_frozen_until_t
     before = _state(ins["model"].path / "model")
     out = fine_tune.run(cfg, ins, tmp_path / "ft")
     ckpt = out.path / "models" / "fine-tune" / "checkpoints"
-    states = {e: {k.removeprefix("backbone.model."): v for k, v in torch.load(ckpt / f"epoch_00{e}.pt", weights_only=True)["model"].items()
-                  if k.startswith("backbone.model.")} for e in (1, 2)}
+    states = {
+        e: {
+            k.removeprefix("backbone.model."): v
+            for k, v in torch.load(ckpt / f"epoch_00{e}.pt", weights_only=True)["model"].items()
+            if k.startswith("backbone.model.")
+        }
+        for e in (1, 2)
+    }
     assert any("running_mean" in k for k in before)
     for k in before:
         assert torch.equal(before[k], states[1][k]), f"{k} moved during the head-only epoch"
@@ -115,7 +123,9 @@ def test_freeze_blocks_auto_probes_each_block_and_partial_fine_tune_records_the_
     assert rec["freeze_choice"] == "auto" and rec["freeze_blocks"] == k and len(rec["block_probe"]) == n
     before = _state(ins["model"].path / "model")
     after = _state(out.path / "models" / "partial-fine-tune")
-    names = [name for name, m in clf.backbone.model.named_children() if any(m in [b] for b in clf.backbone.blocks()[:k])]
+    names = [
+        name for name, m in clf.backbone.model.named_children() if any(m in [b] for b in clf.backbone.blocks()[:k])
+    ]
     for key in before:
         if key.split(".")[0] in names:
             assert torch.equal(before[key], after[key]), f"{key} is in a frozen block but moved"

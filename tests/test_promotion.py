@@ -93,11 +93,14 @@ def test_description_has_metrics_champion_comparison_and_links(reg, store):
     assert f"| ECE (lower is better) | {report['metrics']['ece']:.4f} | {champ['ece']:.4f} |" in d
     assert "| gain over from-scratch | not measured | | |" in d
     delta = acc - champ["accuracy"]
-    assert (f"Champion comparison: current `champion` v1 scores {champ['accuracy']:.4f} accuracy on the same test split "
-            f"({report['test_size']} samples); this version scores {acc:.4f} ({delta:+.4f}, "
-            f"{'better' if delta > 0 else 'worse' if delta < 0 else 'equal'}).") in d
-    assert d.splitlines()[0] == (f"t-digits · linear-probe · test accuracy {acc:.4f} (champion v1: {champ['accuracy']:.4f}) · "
-                                 "validation failed")
+    assert (
+        f"Champion comparison: current `champion` v1 scores {champ['accuracy']:.4f} accuracy on the same test split "
+        f"({report['test_size']} samples); this version scores {acc:.4f} ({delta:+.4f}, "
+        f"{'better' if delta > 0 else 'worse' if delta < 0 else 'equal'})."
+    ) in d
+    assert d.splitlines()[0] == (
+        f"t-digits · linear-probe · test accuracy {acc:.4f} (champion v1: {champ['accuracy']:.4f}) · validation failed"
+    )
     assert f"Validation: **failed**: accuracy {acc:.4f} < 0.999" in d
     assert f"Data: `{report['data_hash'][:16]}`" in d and "Source model: `timm:resnet10t`" in d
     assert "| linear-probe (selected) |" in d  # the per-strategy table is still there
@@ -105,7 +108,10 @@ def test_description_has_metrics_champion_comparison_and_links(reg, store):
     page = f"#/experiments/{exp}/runs/{v2.run_id}/artifacts/evaluation"
     assert f"[confusion matrix]({page}/confusion_matrix.png)" in d
     assert f"[evaluation report]({page}/report.md)" in d
-    assert f"![confusion matrix of the selected model](get-artifact?path=evaluation%2Fconfusion_matrix.png&run_uuid={v2.run_id})" in d
+    assert (
+        f"![confusion matrix of the selected model](get-artifact?path=evaluation%2Fconfusion_matrix.png&run_uuid={v2.run_id})"
+        in d
+    )
     logged = {a.path for a in store.list_artifacts(v2.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/report.md", "evaluation/report.json"} <= logged
     assert "Champion comparison: there is no `champion` yet." in v1.description
@@ -116,15 +122,19 @@ def test_promote_refuses_failed_gates_unless_forced(reg, store, cli):
     status = store.get_model_version("t-digits", "2").tags["validation_status"]
     code, out, err = cli("promote", "t-digits", "2", "--workdir", str(reg.work))
     assert (code, out) == (1, "")
-    assert err == (f"error: refusing to promote t-digits v2: validation_status is '{status}', not 'passed'; "
-                   "fix the model or promote anyway with --force\n")
+    assert err == (
+        f"error: refusing to promote t-digits v2: validation_status is '{status}', not 'passed'; "
+        "fix the model or promote anyway with --force\n"
+    )
     assert str(store.get_model_version_by_alias("t-digits", "champion").version) == "1"
 
     _versions(store, "t-force", ["passed", "failed: accuracy 0.5 < 0.9", None])
     assert cli("promote", "t-force", "1", "--workdir", str(reg.work))[:2] == (0, "t-force: champion -> v1\n")
     code, _, err = cli("promote", "t-force", "3", "--workdir", str(reg.work))
-    assert code == 1 and err == ("error: refusing to promote t-force v3: validation_status is missing, not 'passed'; "
-                                 "fix the model or promote anyway with --force\n")
+    assert code == 1 and err == (
+        "error: refusing to promote t-force v3: validation_status is missing, not 'passed'; "
+        "fix the model or promote anyway with --force\n"
+    )
     code, out, _ = cli("promote", "t-force", "2", "--force", "--reason", "hotfix", "--workdir", str(reg.work))
     assert (code, out) == (0, "t-force: champion -> v2 (previous champion: v1) [forced: gates failed]\n")
     assert str(store.get_model_version_by_alias("t-force", "champion").version) == "2"
@@ -139,16 +149,27 @@ def test_rollback_swaps_champion_and_previous(reg, store, cli, tmp_path):
     _versions(store, "t-roll", ["passed", "passed"])
     code, out, err = cli("rollback", "t-roll", "--workdir", str(reg.work))
     assert (code, out) == (1, "")
-    assert err == "error: cannot roll back t-roll: it has no 'previous-champion' alias (nothing was promoted over another champion)\n"
+    assert (
+        err
+        == "error: cannot roll back t-roll: it has no 'previous-champion' alias (nothing was promoted over another champion)\n"
+    )
     cli("promote", "t-roll", "1", "--workdir", str(reg.work), "--reason", "first")
-    assert cli("promote", "t-roll", "2", "--workdir", str(reg.work))[1] == "t-roll: champion -> v2 (previous champion: v1)\n"
+    assert (
+        cli("promote", "t-roll", "2", "--workdir", str(reg.work))[1]
+        == "t-roll: champion -> v2 (previous champion: v1)\n"
+    )
     code, out, _ = cli("rollback", "t-roll", "--reason", "latency regression", "--workdir", str(reg.work))
     assert (code, out) == (0, "t-roll: rolled back, champion -> v1 (previous champion: v2)\n")
     aliases = {a: str(store.get_model_version_by_alias("t-roll", a).version) for a in ("champion", "previous-champion")}
     assert aliases == {"champion": "1", "previous-champion": "2"}
-    assert re.fullmatch(STAMP + r" latency regression \(from v2\)", store.get_model_version("t-roll", "1").tags["tlops.rolled_back"])
+    assert re.fullmatch(
+        STAMP + r" latency regression \(from v2\)", store.get_model_version("t-roll", "1").tags["tlops.rolled_back"]
+    )
     # a second rollback undoes the first
-    assert cli("rollback", "t-roll", "--workdir", str(reg.work))[1] == "t-roll: rolled back, champion -> v2 (previous champion: v1)\n"
+    assert (
+        cli("rollback", "t-roll", "--workdir", str(reg.work))[1]
+        == "t-roll: rolled back, champion -> v2 (previous champion: v1)\n"
+    )
     history = store.get_registered_model("t-roll").tags["tlops.history"].splitlines()
     assert [re.sub(STAMP, "WHO", h) for h in history] == [
         "promote v1 (previous champion: none) by WHO first",
@@ -158,8 +179,10 @@ def test_rollback_swaps_champion_and_previous(reg, store, cli, tmp_path):
     ]
     # no store there: say where it looked
     code, _, err = cli("rollback", "t-roll", "--workdir", str(tmp_path / "nowhere"))
-    assert code == 1 and err == (f"error: no MLflow store at {tmp_path / 'nowhere' / 'mlflow.db'}: pass --workdir "
-                                 "(the pipeline's workdir) or set MLFLOW_TRACKING_URI\n")
+    assert code == 1 and err == (
+        f"error: no MLflow store at {tmp_path / 'nowhere' / 'mlflow.db'}: pass --workdir "
+        "(the pipeline's workdir) or set MLFLOW_TRACKING_URI\n"
+    )
 
 
 def test_compare_prints_table_and_writes_html(reg, store, cli, tmp_path, monkeypatch):
@@ -173,7 +196,11 @@ def test_compare_prints_table_and_writes_html(reg, store, cli, tmp_path, monkeyp
     assert lines[0] == "t-digits: v1 vs v2"
     assert lines[1].split() == ["v1", "v2", "change"]
     rows = {re.split(r"\s{2,}", line)[0]: re.split(r"\s{2,}", line)[1:] for line in lines[3:]}
-    assert rows["test accuracy"] == [f"{r1['accuracy']:.4f}", f"{r2['accuracy']:.4f}", f"{r2['accuracy'] - r1['accuracy']:+.4f}"]
+    assert rows["test accuracy"] == [
+        f"{r1['accuracy']:.4f}",
+        f"{r2['accuracy']:.4f}",
+        f"{r2['accuracy'] - r1['accuracy']:+.4f}",
+    ]
     assert rows["macro-F1"][:2] == [f"{r1['macro_f1']:.4f}", f"{r2['macro_f1']:.4f}"]
     assert rows["ECE (lower is better)"][:2] == [f"{r1['ece']:.4f}", f"{r2['ece']:.4f}"]
     assert rows["gain over from-scratch"] == ["n/a", "n/a"]
@@ -225,15 +252,28 @@ def test_concurrent_registration_creates_one_version(reg, tmp_path):
     raw = digits_config(work)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     configure(validate_config(raw))  # create the store + experiment first (as a tracking server would have)
-    ins = [f"{k}={reg.first.artifact(step).path}" for k, step in
-           (("dataset", "ingest"), ("model", "pull-model"), ("trained", "fine-tune"), ("evaluation", "evaluate"))]
+    ins = [
+        f"{k}={reg.first.artifact(step).path}"
+        for k, step in (
+            ("dataset", "ingest"),
+            ("model", "pull-model"),
+            ("trained", "fine-tune"),
+            ("evaluation", "evaluate"),
+        )
+    ]
     procs = []
     for me, them in (("a", "b"), ("b", "a")):
         args = ["step", "register", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / me)]
         for i in ins:
             args += ["--in", i]
-        procs.append(subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / f"{me}.ready"), str(tmp_path / f"{them}.ready"), *args],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, str(tmp_path / f"{me}.ready"), str(tmp_path / f"{them}.ready"), *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     t0 = time.time()
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -243,7 +283,9 @@ def test_concurrent_registration_creates_one_version(reg, tmp_path):
     assert sorted(r["reused"] for r in recs) == [False, True]
     loser = outs[[r["reused"] for r in recs].index(True)][1]
     assert "(digest " in loser and "registered concurrently): deleted v2, reusing v1" in loser
-    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}", registry_uri=f"sqlite:///{work / 'mlflow.db'}")
+    c = mlflow.MlflowClient(
+        tracking_uri=f"sqlite:///{work / 'mlflow.db'}", registry_uri=f"sqlite:///{work / 'mlflow.db'}"
+    )
     assert [str(v.version) for v in c.search_model_versions("name = 't-digits'")] == ["1"]
     v1 = c.get_model_version("t-digits", "1")
     assert v1.aliases == ["challenger"] and v1.tags["validation_status"] == "passed"
@@ -261,9 +303,13 @@ def test_rerun_after_auto_promotion_reuses_evaluate_and_never_asks_a_model_to_be
     from tlops.tracking.setup import use_store
 
     def cfg(**evaluate):
-        return validate_config(digits_config(
-            tmp_path / "work", register={"model_name": "t-self", "auto_promote": True},
-            evaluate={"scratch_baseline": False, "gates": {"must_beat_champion": True}, **evaluate}))
+        return validate_config(
+            digits_config(
+                tmp_path / "work",
+                register={"model_name": "t-self", "auto_promote": True},
+                evaluate={"scratch_baseline": False, "gates": {"must_beat_champion": True}, **evaluate},
+            )
+        )
 
     first = run_pipeline(cfg())
     assert first.artifact("register").meta["version"] == "1"
@@ -275,8 +321,13 @@ def test_rerun_after_auto_promotion_reuses_evaluate_and_never_asks_a_model_to_be
     report = json.loads((third.artifact("evaluate").path / "report.json").read_text())
     assert report["champion"]["same_model"] is True and report["champion"]["version"] == "1"
     assert report["gates"]["passed"] is True
-    assert report["gates"]["checks"] == [{"gate": "must_beat_champion", "passed": True, "reason": "champion v1 is this model"}]
-    assert "- champion: v1 is this model (same weights digest)" in (third.artifact("evaluate").path / "report.md").read_text()
+    assert report["gates"]["checks"] == [
+        {"gate": "must_beat_champion", "passed": True, "reason": "champion v1 is this model"}
+    ]
+    assert (
+        "- champion: v1 is this model (same weights digest)"
+        in (third.artifact("evaluate").path / "report.md").read_text()
+    )
     use_store(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     mv = mlflow.MlflowClient().get_model_version("t-self", "1")
     assert mv.tags["validation_status"] == "passed"

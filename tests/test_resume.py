@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import digits_config
+
 from tlops.artifacts import read_artifact
 
 TLOPS = str(Path(sys.executable).parent / "tlops")
@@ -75,13 +75,21 @@ def test_fine_tune_dies_after_an_epoch_and_resumes_exactly(digits_cfg, tmp_path,
     from tlops.runners.local import execute_step
     from tlops.steps import extract_features, ingest, pull_model
 
-    train = {"strategies": ["fine-tune"], "epochs": 3, "batch_size": 16, "threads": 1, "augment": True,
-             "gradual_unfreeze": True}
+    train = {
+        "strategies": ["fine-tune"],
+        "epochs": 3,
+        "batch_size": 16,
+        "threads": 1,
+        "augment": True,
+        "gradual_unfreeze": True,
+    }
     up = digits_cfg(train=train)
     ins = {"dataset": ingest.run(up, {}, tmp_path / "ingest"), "model": pull_model.run(up, {}, tmp_path / "pull")}
     ins["features"] = extract_features.run(up, ins, tmp_path / "features")
     spec = dag.get("fine-tune")
-    ref = execute_step(spec, validate_config(digits_config(tmp_path / "work-ref", train=train)), ins, tmp_path / "ref").artifact
+    ref = execute_step(
+        spec, validate_config(digits_config(tmp_path / "work-ref", train=train)), ins, tmp_path / "ref"
+    ).artifact
 
     cfg = validate_config(digits_config(tmp_path / "work", train=train))
     real = ft._checkpoint
@@ -132,7 +140,9 @@ def test_fine_tune_killed_mid_epoch_resumes_and_matches_uninterrupted_run(upstre
     paths = {k: a.path for k, a in ins.items()}
     # reference: one uninterrupted run of the same command (own workdir: nothing shared with the crashed one)
     ref_cfg = _write_cfg(tmp_path / "ref.yaml", tmp_path / "work-ref", data=data, train=_train_cfg())
-    r = subprocess.run(_step_cmd("fine-tune", ref_cfg, tmp_path / "ref", paths), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        _step_cmd("fine-tune", ref_cfg, tmp_path / "ref", paths), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" not in r.stderr
     ref = read_artifact(tmp_path / "ref", "trained-models")
@@ -170,10 +180,15 @@ def test_fine_tune_killed_mid_epoch_resumes_and_matches_uninterrupted_run(upstre
     for a, b in zip(h_got, h_want, strict=True):
         for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a, b)
-    assert sorted(p.name for p in (out / "models" / "fine-tune" / "checkpoints").iterdir()) == ["epoch_003.pt", "epoch_004.pt"]
+    assert sorted(p.name for p in (out / "models" / "fine-tune" / "checkpoints").iterdir()) == [
+        "epoch_003.pt",
+        "epoch_004.pt",
+    ]
     assert not ckpts.exists() or not any(ckpts.iterdir()), "resume checkpoints not cleaned after success"
-    print(f"\nfine-tune killed after {killed_after:.1f}s with {done_before}/{EPOCHS} epochs checkpointed; "
-          f"resumed run trained {len(trained)} epochs in {resumed_secs:.1f}s; digest {got['digest'][:12]} == reference")
+    print(
+        f"\nfine-tune killed after {killed_after:.1f}s with {done_before}/{EPOCHS} epochs checkpointed; "
+        f"resumed run trained {len(trained)} epochs in {resumed_secs:.1f}s; digest {got['digest'][:12]} == reference"
+    )
 
 
 @pytest.mark.slow
@@ -186,7 +201,10 @@ def test_extract_features_killed_mid_extraction_leaves_no_trusted_cache_entry(tm
     src = {"model": "timm:resnet10t", "pretrained": False, "in_chans": 1, "image_size": 32}
     cfg_path = _write_cfg(tmp_path / "cfg.yaml", work, data=data, source=src)
     cfg = validate_config(digits_config(work, data=data, source=src))
-    ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest").path, "model": pull_model.run(cfg, {}, tmp_path / "pull").path}
+    ins = {
+        "dataset": ingest.run(cfg, {}, tmp_path / "ingest").path,
+        "model": pull_model.run(cfg, {}, tmp_path / "pull").path,
+    }
     out = tmp_path / "features"
     cmd = _step_cmd("extract-features", cfg_path, out, ins)
     log = tmp_path / "killed.log"
@@ -205,7 +223,11 @@ def test_extract_features_killed_mid_extraction_leaves_no_trusted_cache_entry(tm
     key = art.meta["cache_key"]
     entry = read_artifact(root / key[:2] / key, "feature-cache-entry")
     assert entry.meta["cache_key"] == key
-    again = subprocess.run(_step_cmd("extract-features", cfg_path, tmp_path / "features-2", ins) + ["--no-reuse"],
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        _step_cmd("extract-features", cfg_path, tmp_path / "features-2", ins) + ["--no-reuse"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert read_artifact(tmp_path / "features-2", "features").meta["cache"] == "hit"

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from conftest import REPO
 from typer.testing import CliRunner
 
-from conftest import REPO
 from tlops.dag import DAG, STEP_NAMES
 from tlops.runners import compose
 
@@ -32,12 +32,18 @@ def test_compose_services_dvc_stages_and_kfp_tasks_match_the_dag():
     assert compose_edges == EDGES
     for n in steps:
         assert services[n]["depends_on"]["mlflow"] == {"condition": "service_healthy"}
-        assert all(c == {"condition": "service_completed_successfully"} for d, c in services[n]["depends_on"].items() if d != "mlflow")
+        assert all(
+            c == {"condition": "service_completed_successfully"}
+            for d, c in services[n]["depends_on"].items()
+            if d != "mlflow"
+        )
         assert services[n]["command"][:2] == ["step", n]
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STEP_NAMES)
-    dvc_edges = {n: {d.split("/")[-1] for d in st.get("deps", []) if d.startswith("dvc-artifacts/")} for n, st in stages.items()}
+    dvc_edges = {
+        n: {d.split("/")[-1] for d in st.get("deps", []) if d.startswith("dvc-artifacts/")} for n, st in stages.items()
+    }
     assert dvc_edges == EDGES
 
     ir = next(yaml.safe_load_all((REPO / "pipelines" / "transfer_learning" / "digits-target.yaml").read_text()))
@@ -50,7 +56,9 @@ def test_compose_services_dvc_stages_and_kfp_tasks_match_the_dag():
 
 def test_committed_compose_file_is_fresh():
     committed = (REPO / "docker" / "compose.yaml").read_text()
-    assert committed == compose.render(), "docker/compose.yaml is stale: run `tlops export compose` (make compose-export)"
+    assert committed == compose.render(), (
+        "docker/compose.yaml is stale: run `tlops export compose` (make compose-export)"
+    )
 
 
 def test_compose_step_commands_wire_inputs_to_producers():

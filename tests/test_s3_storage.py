@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import digits_config
+from s3srv import BUCKET, KEY_ID, SECRET  # noqa: F401  (the s3 fixture is in conftest)
+
 from tlops.config import validate_config
 from tlops.errors import DataError, StorageError
 from tlops.features import extract as extract_mod
 from tlops.storage import LocalStorage, S3Storage, storage_for
-
-from s3srv import BUCKET, KEY_ID, SECRET  # noqa: F401  (the s3 fixture is in conftest)
 
 
 def objects(prefix: str = "") -> list[str]:
@@ -124,7 +123,9 @@ def test_transient_errors_are_retried_then_reported(s3, tmp_path, monkeypatch, c
     st = S3Storage()
 
     def err(code: str, status: int) -> ClientError:
-        return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+        return ClientError(
+            {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+        )
 
     calls = {"n": 0}
 
@@ -146,7 +147,9 @@ def test_transient_errors_are_retried_then_reported(s3, tmp_path, monkeypatch, c
     with pytest.raises(StorageError) as e:
         st._call("upload x to", f"s3://{BUCKET}/k", always_503)
     assert calls["n"] == 4
-    assert str(e.value).startswith(f"cannot upload x to s3://{BUCKET}/k: endpoint {s3.endpoint} still failing after 4 attempts")
+    assert str(e.value).startswith(
+        f"cannot upload x to s3://{BUCKET}/k: endpoint {s3.endpoint} still failing after 4 attempts"
+    )
 
     calls["n"] = 0
 

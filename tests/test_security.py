@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, digits_config
+
 from tlops.config import validate_config
 from tlops.errors import ConfigError
 
@@ -89,22 +89,51 @@ def grep_tree(root: Path) -> None:
 
 
 CRED_URLS = [
-    ({"data": {"source": "s3://AKIATLOPSTESTKEY0001:wJalrXUtnFEMI-tlops-s3cr3t-KEY@bucket/data.npz"}},
-     "data.source", "take S3 credentials from the environment"),
-    ({"data": {"adapt_from": {"source": "s3://AKIATLOPSTESTKEY0001@bucket/usps.npz"}}},
-     "data.adapt_from.source", "take S3 credentials from the environment"),
-    ({"data": {"source": None, "dvc": {"repo": "https://bot:mlfl0w-pa55word-tlops@github.com/o/d.git", "path": "d"}}},
-     "data.dvc.repo", "use a git credential helper, GIT_ASKPASS or an SSH key"),
-    ({"features": {"cache_dir": "s3://AKIATLOPSTESTKEY0001:wJalrXUtnFEMI-tlops-s3cr3t-KEY@bucket/cache"}},
-     "features.cache_dir", "take S3 credentials from the environment"),
-    ({"tracking": {"uri": "https://mlflow-bot:mlfl0w-pa55word-tlops@mlflow.example.com"}},
-     "tracking.uri", "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"),
-    ({"tracking": {"artifact_location": "s3://AKIATLOPSTESTKEY0001:wJalrXUtnFEMI-tlops-s3cr3t-KEY@b/mlflow"}},
-     "tracking.artifact_location", "take S3 credentials from the environment"),
-    ({"source": {"model": "hf:https://user:kfp-token-tlops-4567@huggingface.co/x"}},
-     "source.model", "point at a local directory, or use the MLflow registry"),
-    ({"source": {"weights": "https://u:kfp-token-tlops-4567@example.com/w.safetensors"}},
-     "source.weights", "point source.weights at a local file"),
+    (
+        {"data": {"source": "s3://AKIATLOPSTESTKEY0001:wJalrXUtnFEMI-tlops-s3cr3t-KEY@bucket/data.npz"}},
+        "data.source",
+        "take S3 credentials from the environment",
+    ),
+    (
+        {"data": {"adapt_from": {"source": "s3://AKIATLOPSTESTKEY0001@bucket/usps.npz"}}},
+        "data.adapt_from.source",
+        "take S3 credentials from the environment",
+    ),
+    (
+        {
+            "data": {
+                "source": None,
+                "dvc": {"repo": "https://bot:mlfl0w-pa55word-tlops@github.com/o/d.git", "path": "d"},
+            }
+        },
+        "data.dvc.repo",
+        "use a git credential helper, GIT_ASKPASS or an SSH key",
+    ),
+    (
+        {"features": {"cache_dir": "s3://AKIATLOPSTESTKEY0001:wJalrXUtnFEMI-tlops-s3cr3t-KEY@bucket/cache"}},
+        "features.cache_dir",
+        "take S3 credentials from the environment",
+    ),
+    (
+        {"tracking": {"uri": "https://mlflow-bot:mlfl0w-pa55word-tlops@mlflow.example.com"}},
+        "tracking.uri",
+        "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    ),
+    (
+        {"tracking": {"artifact_location": "s3://AKIATLOPSTESTKEY0001:wJalrXUtnFEMI-tlops-s3cr3t-KEY@b/mlflow"}},
+        "tracking.artifact_location",
+        "take S3 credentials from the environment",
+    ),
+    (
+        {"source": {"model": "hf:https://user:kfp-token-tlops-4567@huggingface.co/x"}},
+        "source.model",
+        "point at a local directory, or use the MLflow registry",
+    ),
+    (
+        {"source": {"weights": "https://u:kfp-token-tlops-4567@example.com/w.safetensors"}},
+        "source.weights",
+        "point source.weights at a local file",
+    ),
 ]
 
 
@@ -123,7 +152,9 @@ def test_credentials_in_config_urls_are_refused_without_echo(tmp_path, sections,
 
 
 def test_git_ssh_user_is_not_a_credential(tmp_path):
-    raw = digits_config(tmp_path / "work", data={"source": None, "dvc": {"repo": "ssh://git@github.com/o/d.git", "path": "d"}})
+    raw = digits_config(
+        tmp_path / "work", data={"source": None, "dvc": {"repo": "ssh://git@github.com/o/d.git", "path": "d"}}
+    )
     assert validate_config(raw).data.dvc.repo == "ssh://git@github.com/o/d.git"
 
 
@@ -132,21 +163,32 @@ def test_compile_refuses_credential_url_and_writes_nothing(monkeypatch, capsys, 
     out = tmp_path / "pipeline.yaml"
     rc, stdout, err = run_cli(monkeypatch, capsys, "compile", "--config", str(cfg), "--out", str(out))
     assert rc == 2 and "Traceback" not in err
-    assert err == (f"error: invalid config {cfg}:\n  tracking.uri: got 'https://***@mlflow.example.com': the URL "
-                   "carries credentials (user:password@); remove them and set MLFLOW_TRACKING_USERNAME / "
-                   "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)\n")
+    assert err == (
+        f"error: invalid config {cfg}:\n  tracking.uri: got 'https://***@mlflow.example.com': the URL "
+        "carries credentials (user:password@); remove them and set MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)\n"
+    )
     assert not out.exists()
     assert_no_secret(stdout + err, "CLI output")
 
 
 def test_compiled_pipeline_yaml_has_secret_names_not_values(monkeypatch, capsys, caplog, tmp_path, secret_env):
     monkeypatch.delenv("TLOPS_IMAGE", raising=False)
-    k8s = {"secrets": [
-        {"name": "tlops-s3", "env": {"AWS_ACCESS_KEY_ID": "access-key-id", "AWS_SECRET_ACCESS_KEY": "secret-access-key"}},
-        {"name": "tlops-mlflow", "env": {"MLFLOW_TRACKING_PASSWORD": "password"}},
-    ]}
-    cfg = write_config(tmp_path, kubernetes=k8s, tracking={"uri": "https://mlflow.example.com"},
-                       features={"cache_dir": "s3://tlops/features"})
+    k8s = {
+        "secrets": [
+            {
+                "name": "tlops-s3",
+                "env": {"AWS_ACCESS_KEY_ID": "access-key-id", "AWS_SECRET_ACCESS_KEY": "secret-access-key"},
+            },
+            {"name": "tlops-mlflow", "env": {"MLFLOW_TRACKING_PASSWORD": "password"}},
+        ]
+    }
+    cfg = write_config(
+        tmp_path,
+        kubernetes=k8s,
+        tracking={"uri": "https://mlflow.example.com"},
+        features={"cache_dir": "s3://tlops/features"},
+    )
     out = tmp_path / "pipeline.yaml"
     with caplog.at_level(logging.DEBUG):
         rc, stdout, err = run_cli(monkeypatch, capsys, "compile", "--config", str(cfg), "--out", str(out))
@@ -258,8 +300,10 @@ def _refused(tmp_path: Path, archive: Path, tmpdir_here: Path) -> str:
     return str(e.value)
 
 
-REFUSAL_TAIL = ("; tlops only extracts regular files and folders that stay inside the archive root. Re-create the "
-                "archive from the data folder itself (e.g. cd data && zip -r ../data.zip . / tar czf ../data.tgz .)")
+REFUSAL_TAIL = (
+    "; tlops only extracts regular files and folders that stay inside the archive root. Re-create the "
+    "archive from the data folder itself (e.g. cd data && zip -r ../data.zip . / tar czf ../data.tgz .)"
+)
 
 
 def test_zip_and_tgz_image_folders_are_ingested(tmp_path, tmpdir_here):
@@ -277,8 +321,10 @@ def test_zip_path_traversal_is_refused(tmp_path, tmpdir_here):
     escape = "../" * 30 + str(tmp_path / "escaped.txt").lstrip("/")
     z = _zip(tmp_path / "evil.zip", {**_image_members(), escape: b"owned"})
     msg = _refused(tmp_path, z, tmpdir_here)
-    assert msg == (f"data.source: refusing to extract {z}: member {escape!r} escapes the target directory "
-                   "(path traversal with '..')" + REFUSAL_TAIL)
+    assert msg == (
+        f"data.source: refusing to extract {z}: member {escape!r} escapes the target directory "
+        "(path traversal with '..')" + REFUSAL_TAIL
+    )
     assert not (tmp_path / "escaped.txt").exists()
 
 
@@ -293,19 +339,30 @@ def test_zip_absolute_path_is_refused(tmp_path, tmpdir_here):
 def test_zip_symlink_outside_is_refused(tmp_path, tmpdir_here):
     z = _zip(tmp_path / "link.zip", _image_members(), symlinks={"cat/passwd.png": "../../../../etc/passwd"})
     msg = _refused(tmp_path, z, tmpdir_here)
-    assert msg == (f"data.source: refusing to extract {z}: member 'cat/passwd.png' is a symbolic link pointing "
-                   "outside the archive (../../../../etc/passwd)" + REFUSAL_TAIL)
+    assert msg == (
+        f"data.source: refusing to extract {z}: member 'cat/passwd.png' is a symbolic link pointing "
+        "outside the archive (../../../../etc/passwd)" + REFUSAL_TAIL
+    )
 
 
-@pytest.mark.parametrize("member, why", [
-    ("TRAVERSAL", "escapes the target directory (path traversal with '..')"),
-    ("ABSOLUTE", "has an absolute path"),
-    (_link("cat/evil.png", "/etc/passwd", tarfile.SYMTYPE), "is a symbolic link to an absolute path (/etc/passwd)"),
-    (_link("cat/evil.png", "../../outside.png", tarfile.SYMTYPE),
-     "is a symbolic link pointing outside the archive (../../outside.png)"),
-    (_link("cat/hard.png", "../outside.png", tarfile.LNKTYPE), "is a hardlink pointing outside the archive (../outside.png)"),
-    (_link("cat/dev", "", tarfile.CHRTYPE), "is a device file, FIFO or other special file"),
-], ids=["traversal", "absolute", "symlink-absolute", "symlink-outside", "hardlink-outside", "device"])
+@pytest.mark.parametrize(
+    "member, why",
+    [
+        ("TRAVERSAL", "escapes the target directory (path traversal with '..')"),
+        ("ABSOLUTE", "has an absolute path"),
+        (_link("cat/evil.png", "/etc/passwd", tarfile.SYMTYPE), "is a symbolic link to an absolute path (/etc/passwd)"),
+        (
+            _link("cat/evil.png", "../../outside.png", tarfile.SYMTYPE),
+            "is a symbolic link pointing outside the archive (../../outside.png)",
+        ),
+        (
+            _link("cat/hard.png", "../outside.png", tarfile.LNKTYPE),
+            "is a hardlink pointing outside the archive (../outside.png)",
+        ),
+        (_link("cat/dev", "", tarfile.CHRTYPE), "is a device file, FIFO or other special file"),
+    ],
+    ids=["traversal", "absolute", "symlink-absolute", "symlink-outside", "hardlink-outside", "device"],
+)
 def test_tar_malicious_members_are_refused(tmp_path, tmpdir_here, member, why):
     escape = "../" * 30 + str(tmp_path / "escaped.txt").lstrip("/")
     files, links = _image_members(), []
@@ -336,8 +393,10 @@ def test_cli_malicious_archive_exits_1_without_artifact(monkeypatch, capsys, tmp
     out = tmp_path / "arts" / "ingest"
     rc, stdout, err = run_cli(monkeypatch, capsys, "step", "ingest", "--config", str(cfg), "--out", str(out))
     assert rc == 1 and "Traceback" not in err
-    assert err == (f"error: data.source: refusing to extract {z}: member '../../x.png' escapes the target directory "
-                   "(path traversal with '..')" + REFUSAL_TAIL + "\n")
+    assert err == (
+        f"error: data.source: refusing to extract {z}: member '../../x.png' escapes the target directory "
+        "(path traversal with '..')" + REFUSAL_TAIL + "\n"
+    )
     assert not out.exists()
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
     assert list(tmpdir_here.iterdir()) == []
@@ -376,12 +435,14 @@ def test_malicious_pt_weights_file_is_refused_not_executed(tmp_path):
     with pytest.raises(ModelError) as e:
         _load_weights_file(torch.nn.Conv2d(1, 1, 1), weights)
     msg = str(e.value)
-    assert msg.startswith(f"source.weights: refused to load {weights}: it holds pickled Python objects, not "
-                          "plain tensors (")
+    assert msg.startswith(
+        f"source.weights: refused to load {weights}: it holds pickled Python objects, not plain tensors ("
+    )
     assert "GLOBAL posix.system" in msg or "GLOBAL os.system" in msg
     assert msg.endswith(
         "tlops loads weights only with safetensors or torch.load(weights_only=True). Convert the file to .safetensors "
-        "(safetensors.torch.save_file(state_dict, path)) from a trusted environment")
+        "(safetensors.torch.save_file(state_dict, path)) from a trusted environment"
+    )
     assert not marker.exists(), "the pickle was executed"
 
 

@@ -24,8 +24,15 @@ def test_pairs_cover_every_sample_with_positives_and_negatives():
 
 
 def _yelp(shared_data: Path, per_class: int) -> Split:
-    rows = [ln.rsplit("\t", 1) for ln in (shared_data / "sentiment_labelled_sentences" / "yelp_labelled.txt").read_text().split("\n") if ln.strip()]
-    texts = {0: [t for t, lab in rows if lab.strip() == "0"][:per_class], 1: [t for t, lab in rows if lab.strip() == "1"][:per_class]}
+    rows = [
+        ln.rsplit("\t", 1)
+        for ln in (shared_data / "sentiment_labelled_sentences" / "yelp_labelled.txt").read_text().split("\n")
+        if ln.strip()
+    ]
+    texts = {
+        0: [t for t, lab in rows if lab.strip() == "0"][:per_class],
+        1: [t for t, lab in rows if lab.strip() == "1"][:per_class],
+    }
     return Split(texts[0] + texts[1], np.array([0] * per_class + [1] * per_class))
 
 
@@ -55,20 +62,32 @@ def test_contrastive_tuning_pulls_same_label_texts_together(minilm_dir, shared_d
 def test_setfit_strategy_in_the_fine_tune_step(minilm_dir, shared_data, tmp_path):
     from tlops.steps import extract_features, fine_tune, ingest, pull_model
 
-    cfg = validate_config({
-        "name": "t-setfit", "workdir": str(tmp_path / "work"),
-        "data": {"source": str(shared_data / "sentiment_labelled_sentences" / "yelp_labelled.txt"), "format": "tsv",
-                 "columns": ["text", "label"], "quoting": "none", "labels_per_class": 8, "split": {"val": 0.05, "test": 0.05}},
-        "source": {"model": f"hf:{minilm_dir}", "max_length": 32},
-        "train": {"strategies": ["linear-probe", "setfit"], "setfit": {"pairs_per_sample": 2}},
-        "evaluate": {"scratch_baseline": False}, "register": {"model_name": "t-setfit"},
-    })
+    cfg = validate_config(
+        {
+            "name": "t-setfit",
+            "workdir": str(tmp_path / "work"),
+            "data": {
+                "source": str(shared_data / "sentiment_labelled_sentences" / "yelp_labelled.txt"),
+                "format": "tsv",
+                "columns": ["text", "label"],
+                "quoting": "none",
+                "labels_per_class": 8,
+                "split": {"val": 0.05, "test": 0.05},
+            },
+            "source": {"model": f"hf:{minilm_dir}", "max_length": 32},
+            "train": {"strategies": ["linear-probe", "setfit"], "setfit": {"pairs_per_sample": 2}},
+            "evaluate": {"scratch_baseline": False},
+            "register": {"model_name": "t-setfit"},
+        }
+    )
     ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
     ins["features"] = extract_features.run(cfg, ins, tmp_path / "features")
     ft = fine_tune.run(cfg, ins, tmp_path / "ft")
     rec = ft.meta["models"]["setfit"]
     assert rec["setfit"]["pairs"] == 16 * 2 * 2 and rec["val_acc"] is not None
-    probs = load_classifier(ft.path / "models" / "setfit").predict_proba(["Loved it, great food!", "Awful. Never again."])
+    probs = load_classifier(ft.path / "models" / "setfit").predict_proba(
+        ["Loved it, great food!", "Awful. Never again."]
+    )
     assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 

@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from conftest import digits_config
 
 RUNS = 20
@@ -63,15 +62,27 @@ def test_twenty_runs_reusing_caches_do_not_leak(tmp_path):
             assert reused == sorted(s.name for s in DAG if s.reusable), reused
         if full:
             assert res.artifact("extract-features").meta["cache"] == "hit"
-        rows.append({"run": i, "full": full, "fds": len(os.listdir("/proc/self/fd")), "rss": proc.memory_info().rss,
-                     "disk": disk(work), "index": files_in(work, "index"), "locks": files_in(work, "locks"),
-                     "reused": len(reused), "secs": res.seconds})
+        rows.append(
+            {
+                "run": i,
+                "full": full,
+                "fds": len(os.listdir("/proc/self/fd")),
+                "rss": proc.memory_info().rss,
+                "disk": disk(work),
+                "index": files_in(work, "index"),
+                "locks": files_in(work, "locks"),
+                "reused": len(reused),
+                "secs": res.seconds,
+            }
+        )
     print("\nrun full reused  fds  rss(MiB)  runs(KiB)  cache(KiB) mlflow(KiB) index locks  secs")
     for r in rows:
         d = r["disk"]
-        print(f"{r['run']:3} {'yes' if r['full'] else '   ':4} {r['reused']:6} {r['fds']:4} {r['rss'] / MiB:9.1f} "
-              f"{d.get('runs', 0) / 1024:10.0f} {d.get('cache', 0) / 1024:11.0f} {d.get('mlflow', 0) / 1024:11.0f} "
-              f"{r['index']:5} {r['locks']:5} {r['secs']:5.1f}")
+        print(
+            f"{r['run']:3} {'yes' if r['full'] else '   ':4} {r['reused']:6} {r['fds']:4} {r['rss'] / MiB:9.1f} "
+            f"{d.get('runs', 0) / 1024:10.0f} {d.get('cache', 0) / 1024:11.0f} {d.get('mlflow', 0) / 1024:11.0f} "
+            f"{r['index']:5} {r['locks']:5} {r['secs']:5.1f}"
+        )
 
     warm = rows[2]  # after two runs: imports, MLflow's connection pool and caches are warm
     last = rows[-1]
@@ -103,9 +114,13 @@ def test_twenty_runs_reusing_caches_do_not_leak(tmp_path):
     after = disk(work)
     assert sorted(rep.kept_runs) == [f"soak-{i:02d}" for i in (18, 19, 20)]
     assert len([i for i in rep.deleted if i.kind == "run"]) == RUNS - 3
-    assert before["runs"] - after["runs"] == pytest.approx(sum(i.bytes for i in rep.deleted if i.kind == "run"), abs=4096)
+    assert before["runs"] - after["runs"] == pytest.approx(
+        sum(i.bytes for i in rep.deleted if i.kind == "run"), abs=4096
+    )
     res = run_pipeline(cfg, run_id="soak-after-gc")
     assert sorted(n for n, s in res.steps.items() if s.reused) == sorted(s.name for s in DAG if s.reusable)
-    print(f"gc --keep 3: deleted {len(rep.deleted)} items, freed {rep.freed / MiB:.1f} MiB "
-          f"(runs {before['runs'] / MiB:.1f} -> {after['runs'] / MiB:.1f} MiB); the next run reused "
-          f"{sum(s.reused for s in res.steps.values())} steps")
+    print(
+        f"gc --keep 3: deleted {len(rep.deleted)} items, freed {rep.freed / MiB:.1f} MiB "
+        f"(runs {before['runs'] / MiB:.1f} -> {after['runs'] / MiB:.1f} MiB); the next run reused "
+        f"{sum(s.reused for s in res.steps.values())} steps"
+    )

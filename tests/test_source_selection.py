@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import digits_config
+
 from tlops.config import validate_config
 from tlops.features.selection import logme
 from tlops.steps import extract_features, fine_tune, ingest, pull_model
@@ -27,12 +27,18 @@ def test_logme_prefers_informative_features():
 def test_candidates_are_ranked_and_the_best_is_used(tmp_path):
     from tlops.runners.local import run_pipeline
 
-    src = validate_config(digits_config(tmp_path / "src", data={"classes": [0, 1, 2, 3, 4], "labels_per_class": None},
-                                        train={"strategies": ["fine-tune"], "epochs": 3}))
+    src = validate_config(
+        digits_config(
+            tmp_path / "src",
+            data={"classes": [0, 1, 2, 3, 4], "labels_per_class": None},
+            train={"strategies": ["fine-tune"], "epochs": 3},
+        )
+    )
     trained = run_pipeline(src).artifact("fine-tune").path / "models" / "fine-tune"
 
-    cfg = validate_config(digits_config(tmp_path / "work", data={"classes": [5, 6, 7]},
-                                        source={"candidates": [str(trained)]}))
+    cfg = validate_config(
+        digits_config(tmp_path / "work", data={"classes": [5, 6, 7]}, source={"candidates": [str(trained)]})
+    )
     ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
     cands = ins["model"].meta["candidates"]
     assert [c["path"] for c in cands] == ["model", "candidates/1"]
@@ -59,8 +65,10 @@ def test_stacking_concatenates_cached_features_and_serves_as_one_model(tmp_path,
 
     with pytest.raises(ConfigError, match="train.strategies: stacking needs source.candidates"):
         digits_cfg(train={"strategies": ["stacking"]})
-    cfg = digits_cfg(source={"candidates": ["timm:resnet10t"], "image_size": 16},
-                     train={"strategies": ["linear-probe", "stacking"], "epochs": 1})
+    cfg = digits_cfg(
+        source={"candidates": ["timm:resnet10t"], "image_size": 16},
+        train={"strategies": ["linear-probe", "stacking"], "epochs": 1},
+    )
     # the candidate differs from the primary model by its random init (seeded differently per pull order)
     ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
     feats = extract_features.run(cfg, ins, tmp_path / "features")

@@ -42,14 +42,22 @@ def test_yelp_probe_and_fine_tune_well_above_majority(text_work, shared_data):
 
     use_store(f"sqlite:///{text_work / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/sentiment-yelp@challenger")
-    out = model.predict(pd.DataFrame({"text": ["The food was wonderful and the staff friendly.", "Cold, bland and overpriced. Never again."]}))
+    out = model.predict(
+        pd.DataFrame(
+            {"text": ["The food was wonderful and the staff friendly.", "Cold, bland and overpriced. Never again."]}
+        )
+    )
     assert out["label"].tolist() == ["1", "0"]
 
 
 def test_amazon_second_domain_reuses_model_and_cache_layout(text_work, shared_data):
     res = _run(
-        text_work, shared_data, "data.source=amazon_cells_labelled.txt", "train.strategies=[linear-probe]",
-        "evaluate.scratch_baseline=false", "register.model_name=sentiment-amazon",
+        text_work,
+        shared_data,
+        "data.source=amazon_cells_labelled.txt",
+        "train.strategies=[linear-probe]",
+        "evaluate.scratch_baseline=false",
+        "register.model_name=sentiment-amazon",
     )
     assert res.steps["pull-model"].reused  # same source model as the yelp run
     assert res.artifact("extract-features").meta["cache"] == "miss"  # different data -> different key

@@ -75,7 +75,9 @@ def test_linear_probe_head_reproduces_on_raw_features(upstream, digits_cfg, tmp_
 def test_bad_freeze_fails_with_message_and_leaves_no_artifact(upstream, digits_cfg, tmp_path):
     _, ins = upstream
     cfg = digits_cfg(train={"strategies": ["fine-tune"], "freeze_blocks": 99})
-    with pytest.raises(ConfigError, match=r"train.freeze_blocks: got 99, but the backbone has only 6 blocks \(allowed: 0..6\)"):
+    with pytest.raises(
+        ConfigError, match=r"train.freeze_blocks: got 99, but the backbone has only 6 blocks \(allowed: 0..6\)"
+    ):
         fine_tune.run(cfg, ins, tmp_path / "ft")
     assert not (tmp_path / "ft").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ft.tmp")]

@@ -52,8 +52,12 @@ def test_proba_ensemble_averages_members_and_rejects_mismatched_classes():
 def test_quick_text_benchmark_reproduces_the_committed_results(shared_data, minilm_dir, tmp_path):
     committed = json.loads((REPO / "bench" / "results" / "transfer-text-quick.json").read_text())
     out = tmp_path / "transfer-text-quick.md"
-    subprocess.run([sys.executable, str(REPO / "bench" / "transfer_text.py"), "--quick", "--out", str(out)], check=True,
-                   cwd=REPO, env={**os.environ, "TLOPS_SHARED_DATA": str(shared_data)})
+    subprocess.run(
+        [sys.executable, str(REPO / "bench" / "transfer_text.py"), "--quick", "--out", str(out)],
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "TLOPS_SHARED_DATA": str(shared_data)},
+    )
     got = json.loads(out.with_suffix(".json").read_text())
     assert got["hyperparameters"] == committed["hyperparameters"] and got["seeds"] == committed["seeds"]
     assert got["settings"].keys() == committed["settings"].keys()
@@ -66,7 +70,8 @@ def test_quick_text_benchmark_reproduces_the_committed_results(shared_data, mini
             for method, r in per.items():
                 acc = new["summary"][task][method]["acc_mean"]
                 assert acc == pytest.approx(r["acc_mean"], abs=QUICK_TOLERANCE), (
-                    f"{setting} {task} {method}: {acc:.3f} vs committed {r['acc_mean']:.3f}")
+                    f"{setting} {task} {method}: {acc:.3f} vs committed {r['acc_mean']:.3f}"
+                )
     sel_ref, sel_new = committed["settings"]["digits"]["selection"], got["settings"]["digits"]["selection"]
     for a, b in zip(sel_ref, sel_new):
         for ca, cb in zip(a["candidates"], b["candidates"]):

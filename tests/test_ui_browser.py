@@ -30,8 +30,16 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 MODEL = os.environ.get("TLOPS_UI_MODEL", "digits-target")
 
 
@@ -40,11 +48,19 @@ def _chromium() -> str:
     if path:
         return path
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get): "
-                    "install Debian's 'chromium' package")
+        pytest.skip(
+            "chromium is not installed and cannot be installed here (needs root and apt-get): "
+            "install Debian's 'chromium' package"
+        )
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    r = subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        "apt-get update -qq && apt-get install -y -qq chromium",
+        shell=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     path = shutil.which("chromium")
     if r.returncode != 0 or not path:
         pytest.skip(f"apt-get install chromium failed (exit {r.returncode}): {(r.stderr or r.stdout)[-500:]}")
@@ -89,9 +105,26 @@ def server(tmp_path_factory):
     env.pop("MLFLOW_TRACKING_URI", None)
     with log.open("w") as fh:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=tmp, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{tmp / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(tmp / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=tmp,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_healthy(url, proc, log)
         yield url
@@ -109,7 +142,9 @@ def _tlops(url: str, log: Path, *args: str) -> str:
     r = subprocess.run([str(BIN / "tlops"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     with log.open("a") as fh:
         fh.write(f"$ tlops {' '.join(args)}\n{r.stdout}\n{r.stderr}\n")
-    assert r.returncode == 0, f"tlops {' '.join(args)} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (
+        f"tlops {' '.join(args)} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    )
     return r.stdout
 
 
@@ -149,8 +184,12 @@ def browser(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     with playwright.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
-            str(profile), executable_path=executable, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1800})
+            str(profile),
+            executable_path=executable,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1800},
+        )
         try:
             yield ctx
         finally:
@@ -200,21 +239,36 @@ def test_model_page_shows_champion_and_challenger(server, registry_with_champion
 
 
 @pytest.mark.parametrize("alias", ["champion", "challenger"])
-def test_version_page_shows_metrics_table_aliases_and_validation(server, registry_with_champion_and_challenger, browser,
-                                                                 shots, alias):
+def test_version_page_shows_metrics_table_aliases_and_validation(
+    server, registry_with_champion_and_challenger, browser, shots, alias
+):
     mv = registry_with_champion_and_challenger[alias]
     status = mv.tags["validation_status"]
-    page = _load(browser, f"{server}/#/models/{MODEL}/versions/{mv.version}", [f"Version {mv.version}", "target accuracy"])
+    page = _load(
+        browser, f"{server}/#/models/{MODEL}/versions/{mv.version}", [f"Version {mv.version}", "target accuracy"]
+    )
     try:
         text = _text(page)
-        for expected in (f"@ {alias}", "target accuracy", "macro-F1", "ECE (lower is better)", "gain over from-scratch",
-                         "Champion comparison", f"Validation: {status.split(':')[0]}", "Source model:", "Data:",
-                         "confusion matrix", "evaluation report"):
+        for expected in (
+            f"@ {alias}",
+            "target accuracy",
+            "macro-F1",
+            "ECE (lower is better)",
+            "gain over from-scratch",
+            "Champion comparison",
+            f"Validation: {status.split(':')[0]}",
+            "Source model:",
+            "Data:",
+            "confusion matrix",
+            "evaluation report",
+        ):
             assert expected in text, f"{expected!r} not visible on the version page"
         if alias == "challenger":
             assert "champion v1" in text  # the comparison column: champion scored on the same test split
         # the confusion matrix linked from the description is served by the tracking server and renders
-        img = page.locator(f'img[src*="get-artifact?path=evaluation%2Fconfusion_matrix.png&run_uuid={mv.run_id}"]')  # alt is sanitized away
+        img = page.locator(
+            f'img[src*="get-artifact?path=evaluation%2Fconfusion_matrix.png&run_uuid={mv.run_id}"]'
+        )  # alt is sanitized away
         img.scroll_into_view_if_needed()
         img.wait_for(state="visible")
         page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=img.element_handle())  # fails if it 404s

@@ -5,13 +5,25 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Mo
 
 
 def evaluate(
-    config: str, data_uri: str, source_model: str, model_name: str,
-    dataset: Input[Dataset], trained: Input[Model], evaluation: Output[Artifact],
-    metrics: Output[Metrics], classification: Output[ClassificationMetrics],
+    config: str,
+    data_uri: str,
+    source_model: str,
+    model_name: str,
+    dataset: Input[Dataset],
+    trained: Input[Model],
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    classification: Output[ClassificationMetrics],
 ):
     from tlops.runners.kfp_task import log_evaluation, run_task
 
-    art = run_task("evaluate", config, {"data_uri": data_uri, "source_model": source_model, "model_name": model_name}, {"dataset": dataset, "trained": trained}, evaluation)
+    art = run_task(
+        "evaluate",
+        config,
+        {"data_uri": data_uri, "source_model": source_model, "model_name": model_name},
+        {"dataset": dataset, "trained": trained},
+        evaluation,
+    )
     log_evaluation(art, metrics, classification)
 
 

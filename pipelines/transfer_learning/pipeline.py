@@ -6,7 +6,6 @@ Built from ``tlops.dag.DAG`` (no step list here) and compiled with ``tlops compi
     python pipelines/transfer_learning/pipeline.py --config configs/digits_target.yaml --out x.yaml
 """
 
-
 from typing import Any, Callable  # no `from __future__ import annotations`: KFP reads real types
 
 from kfp import dsl
@@ -26,9 +25,7 @@ def build(cfg: Any, components: dict[str, Any], configure_task: Callable[[Any, A
     def transfer_learning(config: str = config_yaml, data_uri: str = "", source_model: str = "", model_name: str = ""):
         tasks: dict[str, Any] = {}
         for spec in DAG:
-            upstream = {
-                name: tasks[producer].outputs[name] for name, producer in spec.inputs.items()
-            }
+            upstream = {name: tasks[producer].outputs[name] for name, producer in spec.inputs.items()}
             task = components[spec.name](
                 config=config, data_uri=data_uri, source_model=source_model, model_name=model_name, **upstream
             )
@@ -40,9 +37,9 @@ def build(cfg: Any, components: dict[str, Any], configure_task: Callable[[Any, A
 
 
 if __name__ == "__main__":
-    from tlops.cli import main
-
     import sys
+
+    from tlops.cli import main
 
     sys.argv = ["tlops", "compile", *sys.argv[1:]]
     main()

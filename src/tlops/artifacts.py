@@ -60,10 +60,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None) -> Artifact:
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
-        raise ArtifactError(
-            f"{path} is not a finished tlops artifact (no {MANIFEST}); "
-            "rerun the step that produces it"
-        )
+        raise ArtifactError(f"{path} is not a finished tlops artifact (no {MANIFEST}); rerun the step that produces it")
     manifest = json.loads(mf.read_text())
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{path} is a '{manifest.get('kind')}' artifact, expected '{kind}'")

@@ -13,7 +13,9 @@ import typer
 from tlops.cli_kfp import add_commands as add_kfp_commands
 from tlops.errors import ConfigError, TlopsError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="tlops: transfer-learning pipelines (ingest → register).")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="tlops: transfer-learning pipelines (ingest → register)."
+)
 
 CONFIG = typer.Option(..., "--config", "-c", help="pipeline YAML config")
 SET = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set train.epochs=3 (repeatable)")
@@ -98,10 +100,14 @@ def export_dvc(
 
 @app.command()
 def step(
-    name: str = typer.Argument(..., help="step name: ingest, pull-model, extract-features, fine-tune, evaluate, register"),
+    name: str = typer.Argument(
+        ..., help="step name: ingest, pull-model, extract-features, fine-tune, evaluate, register"
+    ),
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
-    inputs: Optional[List[str]] = typer.Option(None, "--in", help="input artifact as name=path or name=s3://... (repeatable)"),
+    inputs: Optional[List[str]] = typer.Option(
+        None, "--in", help="input artifact as name=path or name=s3://... (repeatable)"
+    ),
     out: str = typer.Option(..., "--out", "-o", help="where the step's artifact goes: a directory or an s3:// prefix"),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="do not reuse a finished artifact with the same inputs"),
 ) -> None:
@@ -125,7 +131,8 @@ def step(
     if missing or extra:
         raise ConfigError(
             f"step {name} takes inputs {', '.join(spec.inputs) or 'none'}; "
-            + (f"missing: {', '.join(missing)} " if missing else "") + (f"unexpected: {', '.join(extra)}" if extra else "")
+            + (f"missing: {', '.join(missing)} " if missing else "")
+            + (f"unexpected: {', '.join(extra)}" if extra else "")
         )
     res = run_step(spec, cfg, given, out, reuse=not no_reuse)
     typer.echo(f"{name}: {'reused' if res.reused else 'wrote'} {out} ({res.artifact.kind}, {res.seconds:.1f}s)")
@@ -204,8 +211,10 @@ def _use_registry(tracking_uri: Optional[str], workdir: Path) -> None:
     from tlops.tracking.setup import embedded_uri, use_store
 
     if not tracking_uri and not (workdir / "mlflow.db").is_file():
-        raise TlopsError(f"no MLflow store at {workdir.resolve() / 'mlflow.db'}: pass --workdir (the pipeline's workdir) "
-                         "or set MLFLOW_TRACKING_URI")
+        raise TlopsError(
+            f"no MLflow store at {workdir.resolve() / 'mlflow.db'}: pass --workdir (the pipeline's workdir) "
+            "or set MLFLOW_TRACKING_URI"
+        )
     use_store(tracking_uri or embedded_uri(workdir.resolve()))
 
 
@@ -214,7 +223,9 @@ def promote(
     model: str = typer.Argument(..., help="registered model name"),
     version: str = typer.Argument(..., help="version to make champion"),
     reason: Optional[str] = typer.Option(None, help="why (stored with who and when as tag tlops.promoted)"),
-    force: bool = typer.Option(False, "--force", help="promote even if the version's gates failed (validation_status not 'passed')"),
+    force: bool = typer.Option(
+        False, "--force", help="promote even if the version's gates failed (validation_status not 'passed')"
+    ),
     tracking_uri: Optional[str] = TRACKING_URI,
     workdir: Path = WORKDIR,
 ) -> None:
@@ -255,7 +266,9 @@ def compare(
     model: str = typer.Argument(..., help="registered model name"),
     version_a: str = typer.Argument(..., help="first version"),
     version_b: str = typer.Argument(..., help="second version"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML report path (default: compare-<model>-<a>-<b>.html)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="HTML report path (default: compare-<model>-<a>-<b>.html)"
+    ),
     tracking_uri: Optional[str] = TRACKING_URI,
     workdir: Path = WORKDIR,
 ) -> None:
@@ -282,9 +295,13 @@ def demo(
 
 @app.command()
 def gc(
-    keep: int = typer.Option(..., "--keep", "-k", help="how many of the newest runs to keep (runs in progress are always kept)"),
+    keep: int = typer.Option(
+        ..., "--keep", "-k", help="how many of the newest runs to keep (runs in progress are always kept)"
+    ),
     workdir: Path = typer.Option(Path(".tlops"), "--workdir", help="the tlops workdir to prune"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="local feature cache root (default: <workdir>/cache/features)"),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="local feature cache root (default: <workdir>/cache/features)"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what would be deleted, delete nothing"),
 ) -> None:
     """Prune old runs, their step outputs and feature cache entries no kept run uses (never what a running pipeline holds)."""

@@ -21,7 +21,9 @@ import typer
 
 CompileFn = Callable[[object, Path], Optional[Path]]
 
-HOST = typer.Option(..., "--host", help="KFP API URL, e.g. http://localhost:8080 or https://kubeflow.example.com/pipeline")
+HOST = typer.Option(
+    ..., "--host", help="KFP API URL, e.g. http://localhost:8080 or https://kubeflow.example.com/pipeline"
+)
 CONFIG = typer.Option(..., "--config", "-c", help="pipeline YAML config")
 SET = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set train.epochs=3 (repeatable)")
 EXPERIMENT = typer.Option("tlops", "--experiment", help="KFP experiment (created if missing)")
@@ -85,7 +87,9 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
             ..., "--cron", help="6 fields, seconds first: '0 0 3 * * *' = 03:00 daily (KFP's robfig/cron format)"
         ),
         set_: Optional[List[str]] = SET,
-        job_name: Optional[str] = typer.Option(None, "--job-name", help="recurring run name (default: the config name)"),
+        job_name: Optional[str] = typer.Option(
+            None, "--job-name", help="recurring run name (default: the config name)"
+        ),
         experiment: str = EXPERIMENT,
         max_concurrency: int = typer.Option(1, "--max-concurrency", min=1, help="runs of this job allowed at once"),
         catchup: bool = typer.Option(

@@ -55,8 +55,14 @@ def _no_credentials(url: Optional[str], how: str, *, any_user: bool = False) -> 
 
 _S3_CREDS = "take S3 credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an AWS profile or a Kubernetes Secret via kubernetes.secrets)"
 
-MODEL_SOURCES = ("hf:<hub-id-or-dir>", "hf:pkg:<package>/<dir>", "timm:<name>", "mlflow:models:/<name>@<alias>",
-                 "mlflow:models:/<name>/<version>", "<bundle dir>")
+MODEL_SOURCES = (
+    "hf:<hub-id-or-dir>",
+    "hf:pkg:<package>/<dir>",
+    "timm:<name>",
+    "mlflow:models:/<name>@<alias>",
+    "mlflow:models:/<name>/<version>",
+    "<bundle dir>",
+)
 _MLFLOW_MODEL_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -73,17 +79,24 @@ def check_model_spec(spec: str) -> str:
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*):", spec)
     if m and len(m.group(1)) > 1:  # C:\... is a Windows drive, not a scheme
         scheme = m.group(1)
-        rest = spec[len(scheme) + 1:]
+        rest = spec[len(scheme) + 1 :]
         if scheme in ("hf", "timm"):
             if not rest or rest in ("pkg:",):
                 raise ValueError(f"'{spec}' names no model; e.g. {scheme}:<name>")
             return spec
         if scheme == "mlflow":
             if not _MLFLOW_MODEL_RE.match(rest):
-                raise ValueError(f"bad MLflow reference '{spec}'; use mlflow:models:/<name>@<alias> or mlflow:models:/<name>/<version>")
+                raise ValueError(
+                    f"bad MLflow reference '{spec}'; use mlflow:models:/<name>@<alias> or mlflow:models:/<name>/<version>"
+                )
             return spec
         raise ValueError(f"Unknown model source '{scheme}:' in '{spec}'; {allowed}")
-    if "/" not in spec and "\\" not in spec and not spec.startswith((".", "~")) and not Path(spec).expanduser().is_dir():
+    if (
+        "/" not in spec
+        and "\\" not in spec
+        and not spec.startswith((".", "~"))
+        and not Path(spec).expanduser().is_dir()
+    ):
         raise ValueError(
             f"Unknown model source '{spec}': not a prefix spec and no such bundle directory; {allowed} "
             f"(did you mean timm:{spec} or hf:{spec}?)"
@@ -138,7 +151,8 @@ class DataConfig(_Strict):
     image_size: Optional[int] = Field(None, ge=4, description="resize image-folder images to this square size")
     min_per_class: int = Field(3, ge=1, description="fail if a class has fewer samples than this")
     adapt_from: Optional[SourceDomainConfig] = Field(
-        None, description="labelled source-domain data for the domain-adaptation strategies (coral, mmd, dann, cdan, adabn)"
+        None,
+        description="labelled source-domain data for the domain-adaptation strategies (coral, mmd, dann, cdan, adabn)",
     )
 
     @field_validator("source")
@@ -149,8 +163,10 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
         if (self.source is None) == (self.dvc is None):
-            raise ValueError("set exactly one of data.source (a path, s3:// URI or sklearn:<name>) "
-                             "and data.dvc (repo, rev, path of a DVC-versioned dataset)")
+            raise ValueError(
+                "set exactly one of data.source (a path, s3:// URI or sklearn:<name>) "
+                "and data.dvc (repo, rev, path of a DVC-versioned dataset)"
+            )
         return self
 
     def describe(self) -> str:
@@ -166,7 +182,8 @@ class DataConfig(_Strict):
 class SourceConfig(_Strict):
     model: str = Field(..., description="hf:<id|dir>, timm:<name>, mlflow:models:/<name>@<alias>, or a bundle dir")
     candidates: Optional[list[str]] = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="more source models to rank against `model` by LogME on the train features; the best is used",
     )
     pretrained: bool = Field(True, description="timm: load pretrained weights (False = random init)")
@@ -229,9 +246,24 @@ class AdaptConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    strategies: list[Literal["linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking", "setfit",
-                             "source-only", "coral", "mmd", "dann", "cdan", "adabn"]] = Field(
-        default_factory=lambda: ["linear-probe"], min_length=1,
+    strategies: list[
+        Literal[
+            "linear-probe",
+            "fine-tune",
+            "partial-fine-tune",
+            "lora",
+            "stacking",
+            "setfit",
+            "source-only",
+            "coral",
+            "mmd",
+            "dann",
+            "cdan",
+            "adabn",
+        ]
+    ] = Field(
+        default_factory=lambda: ["linear-probe"],
+        min_length=1,
         description="linear-probe (head on cached features), fine-tune (all blocks but freeze_blocks), "
         "partial-fine-tune (freeze_blocks, 'auto' when 0), lora (transformers: low-rank adapters, train.lora), "
         "stacking (one head on the concatenated features of source.model + source.candidates), "
@@ -249,7 +281,9 @@ class TrainConfig(_Strict):
     layer_decay: Optional[float] = Field(
         None, gt=0, le=1, description="layer-wise LR decay: block i of n trains at lr * d**(n-i)"
     )
-    gradual_unfreeze: bool = Field(False, description="epoch 1 trains the head; each epoch unfreezes one more block from the top")
+    gradual_unfreeze: bool = Field(
+        False, description="epoch 1 trains the head; each epoch unfreezes one more block from the top"
+    )
     l2sp: float = Field(0.0, ge=0, description="L2-SP strength toward the pretrained weights (0 = off)")
     lora: LoraConfig = LoraConfig()
     setfit: SetFitConfig = SetFitConfig()
@@ -262,10 +296,13 @@ class TrainConfig(_Strict):
     patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")
     augment: bool = Field(False, description="images: random shifts during fine-tuning")
     threads: Optional[int] = Field(
-        None, ge=1, description="torch CPU threads (default: the usable CPUs; pin 1 on cores shared with other busy processes)"
+        None,
+        ge=1,
+        description="torch CPU threads (default: the usable CPUs; pin 1 on cores shared with other busy processes)",
     )
     distributed: Literal["none", "ddp"] = Field(
-        "none", description="ddp = data-parallel fine-tuning under torchrun (NCCL on GPU, gloo on CPU); "
+        "none",
+        description="ddp = data-parallel fine-tuning under torchrun (NCCL on GPU, gloo on CPU); "
         "train.batch_size stays the global batch (see tlops.training.distributed)",
     )
     nproc: Optional[int] = Field(
@@ -359,10 +396,13 @@ class KubernetesConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite under workdir; env MLFLOW_TRACKING_URI wins)")
+    uri: Optional[str] = Field(
+        None, description="MLflow tracking URI (default: sqlite under workdir; env MLFLOW_TRACKING_URI wins)"
+    )
     experiment: str = "tlops"
     artifact_location: Optional[str] = Field(
-        None, description="artifact root for a new experiment, e.g. s3://bucket/mlflow (endpoint: MLFLOW_S3_ENDPOINT_URL)"
+        None,
+        description="artifact root for a new experiment, e.g. s3://bucket/mlflow (endpoint: MLFLOW_S3_ENDPOINT_URL)",
     )
 
     @field_validator("uri")
@@ -396,7 +436,9 @@ class PipelineConfig(_Strict):
     @model_validator(mode="after")
     def _stacking_needs_candidates(self) -> "PipelineConfig":
         if "stacking" in self.train.strategies and not self.source.candidates:
-            raise ValueError("train.strategies: stacking needs source.candidates (the models to stack with source.model)")
+            raise ValueError(
+                "train.strategies: stacking needs source.candidates (the models to stack with source.model)"
+            )
         adapt = [s for s in self.train.strategies if s in ADAPT_STRATEGIES]
         if adapt and self.data.adapt_from is None:
             raise ValueError(f"train.strategies: {', '.join(adapt)} need data.adapt_from (labelled source-domain data)")

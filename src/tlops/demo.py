@@ -30,7 +30,9 @@ def run_demo(source_config: Path, target_config: Path, overrides: list[str]) -> 
     print_run_summary(tgt_cfg, tgt)
     total = time.perf_counter() - t0
     console.rule("[bold]demo summary[/bold]")
-    console.print(rows_table(f"{tgt_cfg.name}: transfer from {tgt_cfg.source.model} (10 labels/class)", summary_rows(tgt)))
+    console.print(
+        rows_table(f"{tgt_cfg.name}: transfer from {tgt_cfg.source.model} (10 labels/class)", summary_rows(tgt))
+    )
     maj = tgt.artifact("evaluate")
     console.print(f"demo wall time: {total:.1f}s")
     return {"source": src, "target": tgt, "seconds": total, "evaluation": maj.meta}

@@ -71,8 +71,10 @@ class Report:
         out = [f"{verb} {i.kind:13} {i.path}  ({human(i.bytes)}; {i.reason})" for i in self.deleted]
         out += [f"skipped {i.kind:13} {i.path}  ({i.reason})" for i in self.skipped]
         out.append(f"kept {len(self.kept_runs)} run(s): {', '.join(self.kept_runs) or '-'}")
-        out.append(f"{'would free' if self.dry_run else 'freed'} {human(self.freed)} ({self.freed} bytes) "
-                   f"in {len(self.deleted)} item(s){' [dry run: nothing deleted]' if self.dry_run else ''}")
+        out.append(
+            f"{'would free' if self.dry_run else 'freed'} {human(self.freed)} ({self.freed} bytes) "
+            f"in {len(self.deleted)} item(s){' [dry run: nothing deleted]' if self.dry_run else ''}"
+        )
         return out
 
 
@@ -159,8 +161,9 @@ def _remove(path: Path) -> None:
         trash.unlink(missing_ok=True)
 
 
-def collect(workdir: str | os.PathLike, keep: int, *, cache_dir: str | os.PathLike | None = None,
-            dry_run: bool = False) -> Report:
+def collect(
+    workdir: str | os.PathLike, keep: int, *, cache_dir: str | os.PathLike | None = None, dry_run: bool = False
+) -> Report:
     """Prune ``workdir`` down to the ``keep`` newest runs (see the module doc); return what was done."""
     if keep < 0:
         raise ConfigError(f"--keep: got {keep}; expected 0 or more runs to keep")
@@ -168,17 +171,25 @@ def collect(workdir: str | os.PathLike, keep: int, *, cache_dir: str | os.PathLi
     if not workdir.is_dir():
         raise ConfigError(f"--workdir: {workdir} is not a directory (expected a tlops workdir such as .tlops)")
     if cache_dir is not None and is_s3(str(cache_dir)):
-        raise ConfigError(f"--cache-dir: {cache_dir} is on S3; gc prunes local caches only (S3 has no locks to make it "
-                          "safe against running pipelines); use a bucket lifecycle rule there")
+        raise ConfigError(
+            f"--cache-dir: {cache_dir} is on S3; gc prunes local caches only (S3 has no locks to make it "
+            "safe against running pipelines); use a bucket lifecycle rule there"
+        )
     rep = Report(workdir, dry_run)
     now = time.time()
 
     # -- runs
     runs_dir = workdir / "runs"
-    runs = sorted((d for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")) if runs_dir.is_dir() else [],
-                  key=_started, reverse=True)
-    active = {d for d in runs if is_locked(d / RUN_LOCK)
-              or (not (d / "config.yaml").exists() and now - d.stat().st_mtime < STARTING_GRACE_S)}
+    runs = sorted(
+        (d for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")) if runs_dir.is_dir() else [],
+        key=_started,
+        reverse=True,
+    )
+    active = {
+        d
+        for d in runs
+        if is_locked(d / RUN_LOCK) or (not (d / "config.yaml").exists() and now - d.stat().st_mtime < STARTING_GRACE_S)
+    }
     kept = runs[:keep] + [d for d in runs[keep:] if d in active]
     rep.kept_runs = [d.name for d in kept]
     doomed: list[Item] = [Item("run", d, f"older than the {keep} newest run(s)") for d in runs if d not in kept]
@@ -187,8 +198,11 @@ def collect(workdir: str | os.PathLike, keep: int, *, cache_dir: str | os.PathLi
     for d in kept:
         if d in active:
             continue  # its temp dirs may be live
-        doomed += [Item("leftover", p, "left by an interrupted step") for p in d.iterdir()
-                   if p.name.startswith(".") and any(m in p.name for m in _LEFTOVER)]
+        doomed += [
+            Item("leftover", p, "left by an interrupted step")
+            for p in d.iterdir()
+            if p.name.startswith(".") and any(m in p.name for m in _LEFTOVER)
+        ]
     gone_runs = {i.path.resolve() for i in doomed if i.kind == "run"}
 
     def in_gone_run(p: Path) -> bool:
@@ -267,5 +281,7 @@ def collect(workdir: str | os.PathLike, keep: int, *, cache_dir: str | os.PathLi
             if not dry_run:
                 _remove(item.path)
             rep.deleted.append(item)
-            log.info("gc: %s %s %s (%s)", "would delete" if dry_run else "deleted", item.kind, item.path, human(item.bytes))
+            log.info(
+                "gc: %s %s %s (%s)", "would delete" if dry_run else "deleted", item.kind, item.path, human(item.bytes)
+            )
     return rep

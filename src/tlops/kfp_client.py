@@ -263,8 +263,11 @@ def connect(
     host = validate_host(host)
     tok = resolve_token(token, token_file)
     if not verify_ssl:
-        log.warning("TLS certificate verification is OFF for KFP at %s (--no-verify-ssl): anyone on the path can "
-                    "read the API token and the pipeline; use it only for a test cluster with a self-signed certificate", host)
+        log.warning(
+            "TLS certificate verification is OFF for KFP at %s (--no-verify-ssl): anyone on the path can "
+            "read the API token and the pipeline; use it only for a test cluster with a self-signed certificate",
+            host,
+        )
     cls = _client_class()
     with _errors_for(host, [tok] if tok else [], "connecting"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "This client only works with KFP v2.0.0-beta.2 and later"

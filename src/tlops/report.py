@@ -22,12 +22,14 @@ def summary_rows(result: "PipelineResult") -> list[dict[str, Any]]:
     scratch = meta["summary"].get("scratch", {}).get("accuracy")
     rows = []
     for name, m in meta["summary"].items():
-        rows.append({
-            "strategy": name + (" *" if name == meta["selected"] else ""),
-            "accuracy": m["accuracy"],
-            "gain": None if scratch is None or name == "scratch" else m["accuracy"] - scratch,
-            "seconds": m["train_seconds"],
-        })
+        rows.append(
+            {
+                "strategy": name + (" *" if name == meta["selected"] else ""),
+                "accuracy": m["accuracy"],
+                "gain": None if scratch is None or name == "scratch" else m["accuracy"] - scratch,
+                "seconds": m["train_seconds"],
+            }
+        )
     return rows
 
 
@@ -39,7 +41,10 @@ def rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
     t.add_column("train time", justify="right")
     for r in rows:
         t.add_row(
-            r["strategy"], f"{r['accuracy']:.3f}", "-" if r["gain"] is None else f"{r['gain']:+.3f}", f"{r['seconds']:.2f}s" if r['seconds'] < 10 else f"{r['seconds']:.0f}s"
+            r["strategy"],
+            f"{r['accuracy']:.3f}",
+            "-" if r["gain"] is None else f"{r['gain']:+.3f}",
+            f"{r['seconds']:.2f}s" if r["seconds"] < 10 else f"{r['seconds']:.0f}s",
         )
     return t
 
@@ -61,7 +66,9 @@ def print_run_summary(cfg: "PipelineConfig", result: "PipelineResult") -> None:
     from tlops.redact import safe_url
 
     uri = tracking_uri(cfg)
-    console.print(f"look: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"tracking: {safe_url(uri)}")
+    console.print(
+        f"look: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"tracking: {safe_url(uri)}"
+    )
 
 
 def load_result(run_dir: "Path") -> "PipelineResult":

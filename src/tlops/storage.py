@@ -274,7 +274,9 @@ class S3Storage:
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        self.endpoint_url = endpoint_url or os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.endpoint_url = (
+            endpoint_url or os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+        )
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.attempts = max(1, attempts if attempts is not None else _env_num("TLOPS_S3_ATTEMPTS", 4, int))
         self.backoff = backoff if backoff is not None else _env_num("TLOPS_S3_BACKOFF", 0.5)
@@ -290,8 +292,12 @@ class S3Storage:
         session = boto3.session.Session()
         self.client = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
         threshold = multipart_threshold or _env_num("TLOPS_S3_MULTIPART_THRESHOLD", 64 * MiB, int)
-        chunksize = multipart_chunksize or _env_num("TLOPS_S3_MULTIPART_CHUNKSIZE", max(5 * MiB, min(16 * MiB, threshold)), int)
-        self.transfer_config = TransferConfig(multipart_threshold=threshold, multipart_chunksize=chunksize, max_concurrency=4)
+        chunksize = multipart_chunksize or _env_num(
+            "TLOPS_S3_MULTIPART_CHUNKSIZE", max(5 * MiB, min(16 * MiB, threshold)), int
+        )
+        self.transfer_config = TransferConfig(
+            multipart_threshold=threshold, multipart_chunksize=chunksize, max_concurrency=4
+        )
         self.endpoint = safe_url(self.client.meta.endpoint_url)
 
     # -- retry wrapper -------------------------------------------------------------
@@ -302,10 +308,12 @@ class S3Storage:
         from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
         from botocore.exceptions import (
             ClientError,
-            ConnectionError as BotoConnectionError,
             HTTPClientError,
             NoCredentialsError,
             PartialCredentialsError,
+        )
+        from botocore.exceptions import (
+            ConnectionError as BotoConnectionError,
         )
 
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
@@ -324,8 +332,22 @@ class S3Storage:
         if isinstance(exc, (S3UploadFailedError, S3TransferFailedError)):
             # boto3 wraps the real error in a message; classify by its text
             text = str(exc)
-            if any(s in text for s in ("Could not connect", "Connection was closed", "Read timeout", "Connect timeout",
-                                       "(500)", "(502)", "(503)", "(504)", "SlowDown", "Throttl", "InternalError")):
+            if any(
+                s in text
+                for s in (
+                    "Could not connect",
+                    "Connection was closed",
+                    "Read timeout",
+                    "Connect timeout",
+                    "(500)",
+                    "(502)",
+                    "(503)",
+                    "(504)",
+                    "SlowDown",
+                    "Throttl",
+                    "InternalError",
+                )
+            ):
                 return "transient"
             if "NoSuchBucket" in text or "(404)" in text:
                 return "missing"
@@ -358,10 +380,16 @@ class S3Storage:
                     delay = min(8.0, self.backoff * 2 ** (attempt - 1))
                     log.warning(
                         "storage: %s %s failed (attempt %d/%d: %s); retrying in %.2fs",
-                        what, uri, attempt, self.attempts, type(e).__name__, delay,
+                        what,
+                        uri,
+                        attempt,
+                        self.attempts,
+                        type(e).__name__,
+                        delay,
                     )
                     time.sleep(delay)
-        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
 
         down = isinstance(last, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)) or (
             last is not None and any(s in str(last) for s in ("Could not connect", "Connect timeout", "Read timeout"))
@@ -411,7 +439,7 @@ class S3Storage:
         """Relative names of the objects under ``uri/`` (like files under a dir)."""
         base = uri.rstrip("/") + "/"
         _, prefix = split_s3(base)
-        return sorted(k[len(prefix):] for k in self._list_keys(base) if not k.endswith("/"))
+        return sorted(k[len(prefix) :] for k in self._list_keys(base) if not k.endswith("/"))
 
     def stamp(self, uri: str) -> str:
         """Cheap fingerprint of an object or prefix (names, sizes, ETags; no downloads)."""
@@ -429,7 +457,7 @@ class S3Storage:
         def go() -> None:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    rows.append([obj["Key"][len(prefix):], obj.get("Size"), obj.get("ETag")])
+                    rows.append([obj["Key"][len(prefix) :], obj.get("Size"), obj.get("ETag")])
 
         self._call("list", base, go, missing_ok=True)
         return hash_json(sorted(rows)) if rows else "missing"

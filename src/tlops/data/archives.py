@@ -66,13 +66,17 @@ def _check_link(archive: Path, name: str, rel: str, target: str, hard: bool) -> 
     base = "" if hard else posixpath.dirname(rel)
     resolved = posixpath.normpath(posixpath.join(base, target))
     if resolved == ".." or resolved.startswith("../") or resolved.startswith("/"):
-        raise _refuse(archive, name, f"is a {'hard' if hard else 'symbolic '}link pointing outside the archive ({target})")
+        raise _refuse(
+            archive, name, f"is a {'hard' if hard else 'symbolic '}link pointing outside the archive ({target})"
+        )
 
 
 def _check_tar(archive: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
     members = tf.getmembers()
     if len(members) > MAX_MEMBERS:
-        raise DataError(f"data.source: {archive} has {len(members)} members (limit {MAX_MEMBERS}, TLOPS_MAX_ARCHIVE_MEMBERS)")
+        raise DataError(
+            f"data.source: {archive} has {len(members)} members (limit {MAX_MEMBERS}, TLOPS_MAX_ARCHIVE_MEMBERS)"
+        )
     total = 0
     for m in members:
         rel = _check_name(archive, m.name)
@@ -82,7 +86,9 @@ def _check_tar(archive: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
             raise _refuse(archive, m.name, "is a device file, FIFO or other special file")
         total += max(m.size, 0)
     if total > MAX_BYTES:
-        raise DataError(f"data.source: {archive} would extract to {total} bytes (limit {MAX_BYTES}, TLOPS_MAX_ARCHIVE_BYTES)")
+        raise DataError(
+            f"data.source: {archive} would extract to {total} bytes (limit {MAX_BYTES}, TLOPS_MAX_ARCHIVE_BYTES)"
+        )
     return members
 
 
@@ -94,7 +100,9 @@ def _extract_zip(archive: Path, dest: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         if len(infos) > MAX_MEMBERS:
-            raise DataError(f"data.source: {archive} has {len(infos)} members (limit {MAX_MEMBERS}, TLOPS_MAX_ARCHIVE_MEMBERS)")
+            raise DataError(
+                f"data.source: {archive} has {len(infos)} members (limit {MAX_MEMBERS}, TLOPS_MAX_ARCHIVE_MEMBERS)"
+            )
         total = 0
         checked = []
         seen: set[str] = set()
@@ -110,7 +118,9 @@ def _extract_zip(archive: Path, dest: Path) -> None:
             total += info.file_size
             checked.append((info, rel))
         if total > MAX_BYTES:
-            raise DataError(f"data.source: {archive} would extract to {total} bytes (limit {MAX_BYTES}, TLOPS_MAX_ARCHIVE_BYTES)")
+            raise DataError(
+                f"data.source: {archive} would extract to {total} bytes (limit {MAX_BYTES}, TLOPS_MAX_ARCHIVE_BYTES)"
+            )
         root = dest.resolve()
         for info, rel in checked:
             if not rel:
@@ -135,7 +145,9 @@ def _extract_tar(archive: Path, dest: Path) -> None:
             else:  # Python < 3.11.4: our own checks above are all there is
                 tf.extractall(dest, members=members)
         except tarfile.FilterError as e:
-            raise _refuse(archive, getattr(getattr(e, "tarinfo", None), "name", "?"), f"was refused by tarfile ({e})") from None
+            raise _refuse(
+                archive, getattr(getattr(e, "tarinfo", None), "name", "?"), f"was refused by tarfile ({e})"
+            ) from None
 
 
 def extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
@@ -154,7 +166,9 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     except DataError:
         raise
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise DataError(f"data.source: cannot extract {archive} ({type(e).__name__}: {e}); the archive is corrupt or truncated") from None
+        raise DataError(
+            f"data.source: cannot extract {archive} ({type(e).__name__}: {e}); the archive is corrupt or truncated"
+        ) from None
     for junk in _JUNK:
         shutil.rmtree(dest / junk, ignore_errors=True)
     return data_root(dest)

@@ -67,9 +67,7 @@ def resolve(ref: DvcRef) -> DvcVersion:
         try:
             info = fs.info(ref.path)
         except FileNotFoundError:
-            raise DataError(
-                f"data.dvc.path: {ref.path} not found in {safe_url(ref.repo)} at {commit[:12]}"
-            ) from None
+            raise DataError(f"data.dvc.path: {ref.path} not found in {safe_url(ref.repo)} at {commit[:12]}") from None
         md5 = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
         if not md5:
             raise DataError(

@@ -209,7 +209,9 @@ def load_image_folder(cfg: DataConfig, fmt: str) -> RawData:
             bad.append(f"{p} ({type(e).__name__}: {e})")
     if bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"data.source: cannot read {len(bad)} image file(s) in {root}:\n  {shown}\nremove or replace them")
+        raise DataError(
+            f"data.source: cannot read {len(bad)} image file(s) in {root}:\n  {shown}\nremove or replace them"
+        )
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
         raise DataError(
@@ -275,11 +277,14 @@ def _check_split_labels(path: Path, pairs: list[tuple[str, str]], ys: list[np.nd
         vals = [str(v) for v in y.tolist()]
         unseen = sorted({v for v in vals if v not in train and (keep is None or v in keep)})
         if unseen:
-            counts = ", ".join(f"'{u}' ({vals.count(u)} sample{'s' if vals.count(u) != 1 else ''})" for u in unseen[:10])
+            counts = ", ".join(
+                f"'{u}' ({vals.count(u)} sample{'s' if vals.count(u) != 1 else ''})" for u in unseen[:10]
+            )
             problems.append(f"{name} has label(s) not seen in y_train: {counts}{' ...' if len(unseen) > 10 else ''}")
     if problems:
         raise DataError(
-            f"data.source: {path}: " + "; ".join(problems)
+            f"data.source: {path}: "
+            + "; ".join(problems)
             + ". Add training samples for these labels to y_train, or drop them with data.classes"
         )
 
@@ -321,9 +326,11 @@ def load_delimited(cfg: DataConfig, fmt: str) -> RawData:
             foreign = [(d, n) for d, n in ((";", "';'"), ("|", "'|'")) if d in header[0]]
             if foreign:
                 d, n = foreign[0]
-                hint = (f" (only one column found and its header contains {n}: the file is {n}-delimited, "
-                        f"but tlops reads ',' (data.format=csv) or tab (data.format=tsv); convert it, e.g. "
-                        f"pandas.read_csv(path, sep={d!r}).to_csv('{path.stem}.csv', index=False))")
+                hint = (
+                    f" (only one column found and its header contains {n}: the file is {n}-delimited, "
+                    f"but tlops reads ',' (data.format=csv) or tab (data.format=tsv); convert it, e.g. "
+                    f"pandas.read_csv(path, sep={d!r}).to_csv('{path.stem}.csv', index=False))"
+                )
             else:
                 other = "," if delim == "\t" else "tab"
                 hint = f" (only one column found: is the delimiter right? the file was read as {fmt}; try data.format={'csv' if delim == chr(9) else 'tsv'} for {other})"

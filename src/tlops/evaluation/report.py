@@ -9,12 +9,16 @@ def metrics_table(report: dict[str, Any]) -> str:
     rows = ["| model | accuracy | macro-F1 | ECE | train s |", "|---|---|---|---|---|"]
     for name, m in report["models"].items():
         mark = " (selected)" if name == report["selected"] else ""
-        rows.append(f"| {name}{mark} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} | {m['train_seconds']:.1f} |")
+        rows.append(
+            f"| {name}{mark} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} | {m['train_seconds']:.1f} |"
+        )
     maj = report["baselines"]["majority"]
     rows.append(f"| majority class ({maj['class']}) | {maj['accuracy']:.4f} | | | |")
     ch = report.get("champion")
     if ch and ch.get("comparable"):
-        rows.append(f"| current champion v{ch['version']} | {ch['accuracy']:.4f} | {ch['macro_f1']:.4f} | {ch['ece']:.4f} | |")
+        rows.append(
+            f"| current champion v{ch['version']} | {ch['accuracy']:.4f} | {ch['macro_f1']:.4f} | {ch['ece']:.4f} | |"
+        )
     return "\n".join(rows)
 
 
@@ -22,7 +26,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     m = report["metrics"]
     g = report["gates"]
     ch = report.get("champion")
-    gain = f"{m['gain_over_scratch']:+.4f}" if m["gain_over_scratch"] is not None else f"n/a ({report['scratch_baseline']})"
+    gain = (
+        f"{m['gain_over_scratch']:+.4f}"
+        if m["gain_over_scratch"] is not None
+        else f"n/a ({report['scratch_baseline']})"
+    )
     if ch is None:
         champ = "none yet"
     elif ch.get("same_model"):

@@ -46,8 +46,14 @@ def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 100, tol: fl
         m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
         res2 = float((x2 / (1.0 + sigma / t) ** 2).sum()) + res_out
         logdet = float(np.log(alpha + beta * sigma).sum()) + (d - r) * math.log(alpha)
-        evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - 0.5 * logdet
-                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * math.log(2 * math.pi))
+        evidence = (
+            d / 2 * math.log(alpha)
+            + n / 2 * math.log(beta)
+            - 0.5 * logdet
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * math.log(2 * math.pi)
+        )
         evidences.append(evidence / n)
     return float(np.mean(evidences))
 
@@ -57,6 +63,8 @@ def rank_sources(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ranked = sorted(scored, key=lambda c: (-c["score"], c["index"]))
     for i, c in enumerate(ranked, 1):
         c["rank"] = i
-    log.info("source selection (LogME on train features, higher is better):\n%s", "\n".join(
-        f"  {c['rank']}. {c['source']}: {c['score']:.4f}" for c in ranked))
+    log.info(
+        "source selection (LogME on train features, higher is better):\n%s",
+        "\n".join(f"  {c['rank']}. {c['source']}: {c['score']:.4f}" for c in ranked),
+    )
     return ranked

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class ImageBackbone(nn.Module):
@@ -26,8 +26,12 @@ class ImageBackbone(nn.Module):
         self.arch = arch
         self.model_kwargs = dict(model_kwargs)
         self.preprocessing = dict(preprocessing)
-        self.register_buffer("_mean", torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "_mean", torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "_std", torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     @classmethod
     def create(cls, arch: str, *, pretrained: bool, in_chans: int | None, image_size: int | None) -> "ImageBackbone":

@@ -17,7 +17,6 @@ from torch import nn
 from tlops.errors import ModelError
 from tlops.hashing import hash_dir, hash_file, hash_json
 from tlops.models.backbone import BACKBONES
-
 from tlops.models.bundle_files import BUNDLE_FILE, read_spec
 
 
@@ -72,14 +71,19 @@ def save_bundle(
 
     d.mkdir(parents=True, exist_ok=True)
     spec = backbone.save(d)
-    spec.update({
-        "format": "tlops-bundle",
-        "version": 1,
-        "preprocessing": backbone.preprocessing,
-        "feature_dim": backbone.feature_dim,
-    })
+    spec.update(
+        {
+            "format": "tlops-bundle",
+            "version": 1,
+            "preprocessing": backbone.preprocessing,
+            "feature_dim": backbone.feature_dim,
+        }
+    )
     if head is not None:
-        save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(d / "head.safetensors"))
+        save_file(
+            {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+            str(d / "head.safetensors"),
+        )
         spec["head"] = "head.safetensors"
         spec["classes"] = list(classes or [])
     spec.update(extra or {})

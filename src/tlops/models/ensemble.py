@@ -28,7 +28,9 @@ def average_proba(probas: Sequence[np.ndarray], weights: Sequence[float] | None 
     else:
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (len(arrs),) or (w < 0).any() or w.sum() <= 0:
-            raise ConfigError(f"ensemble: need {len(arrs)} non-negative weights with a positive sum, got {list(weights)}")
+            raise ConfigError(
+                f"ensemble: need {len(arrs)} non-negative weights with a positive sum, got {list(weights)}"
+            )
         w = w / w.sum()
     return np.tensordot(w, np.stack(arrs), axes=1).astype(np.float32)
 

@@ -15,7 +15,11 @@ from typing import Any
 
 from tlops.config import MODEL_SOURCES, SourceConfig
 from tlops.errors import ModelError
-from tlops.models.bundle_files import BUNDLE_FILE, is_bundle, read_spec  # torch-free: fingerprint() must not import torch
+from tlops.models.bundle_files import (
+    BUNDLE_FILE,
+    is_bundle,
+    read_spec,
+)  # torch-free: fingerprint() must not import torch
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
         return "mlflow", ref
     if Path(spec).is_dir():
         if not is_bundle(spec):
-            hint = (f"; it looks like a Hugging Face model directory: use hf:{spec}"
-                    if (Path(spec) / HF_CONFIG).is_file() else "")
+            hint = (
+                f"; it looks like a Hugging Face model directory: use hf:{spec}"
+                if (Path(spec) / HF_CONFIG).is_file()
+                else ""
+            )
             raise ModelError(
                 f"source.model: {spec} is a directory but not a tlops bundle (no {BUNDLE_FILE}){hint}; "
                 f"valid sources: {', '.join(SOURCES)}"
@@ -72,8 +79,10 @@ def check_hf_dir(d: Path, what: str) -> None:
     present = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
     found = f"found: {', '.join(present[:15]) or 'nothing'}{', ...' if len(present) > 15 else ''}"
     if not (d / HF_CONFIG).is_file():
-        raise ModelError(f"source.model: {what} has no {HF_CONFIG} (not a Hugging Face model directory; {found}); "
-                         f"save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)")
+        raise ModelError(
+            f"source.model: {what} has no {HF_CONFIG} (not a Hugging Face model directory; {found}); "
+            f"save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+        )
     if not any((d / w).is_file() for w in HF_WEIGHTS):
         raise ModelError(
             f"source.model: {what} has no model weights: expected one of {', '.join(HF_WEIGHTS)} ({found}); "
@@ -165,10 +174,16 @@ def _pull_mlflow(ref: str, out: Path) -> dict[str, Any]:
 
     entry = resolve_mlflow(ref)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{entry['name']}/{entry['version']}", dst_path=tmp))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{entry['name']}/{entry['version']}", dst_path=tmp
+            )
+        )
         bundles = [p.parent for p in local.rglob("bundle.json")]
         if not bundles:
-            raise ModelError(f"source.model: mlflow:{ref} (version {entry['version']}) holds no tlops bundle; was it registered by tlops?")
+            raise ModelError(
+                f"source.model: mlflow:{ref} (version {entry['version']}) holds no tlops bundle; was it registered by tlops?"
+            )
         log.info("pull-model: mlflow:%s -> %s version %s", ref, entry["name"], entry["version"])
         return _copy_bundle(bundles[0], out, f"mlflow:{ref}", mlflow=entry)
 
@@ -188,7 +203,11 @@ def _pull_hf(ref: str, cfg: SourceConfig, out: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:  # transformers loads *.bin with torch.load(weights_only=True)
         raise _refused_pickle(f"hf:{ref}", e, "source.model") from None
     except OSError as e:
-        where = "local directory" if Path(ref).is_dir() else "Hugging Face Hub id (is the hub reachable? for offline use, point hf: at a local directory)"
+        where = (
+            "local directory"
+            if Path(ref).is_dir()
+            else "Hugging Face Hub id (is the hub reachable? for offline use, point hf: at a local directory)"
+        )
         raise ModelError(f"source.model: cannot load hf:{ref} as a {where}: {e}") from None
     return save_bundle(out, backbone, extra={"source": f"hf:{ref}"})
 
@@ -201,10 +220,14 @@ def _pull_timm(ref: str, cfg: SourceConfig, out: Path) -> dict[str, Any]:
 
     if not timm.is_model(ref):
         close = timm.list_models(f"*{ref.split('.')[0][:6]}*")[:8]
-        raise ModelError(f"source.model: unknown timm model '{ref}'; similar names: {', '.join(close) or 'none'} (see timm.list_models())")
+        raise ModelError(
+            f"source.model: unknown timm model '{ref}'; similar names: {', '.join(close) or 'none'} (see timm.list_models())"
+        )
     from_file = cfg.weights is not None
     try:
-        backbone = ImageBackbone.create(ref, pretrained=cfg.pretrained and not from_file, in_chans=cfg.in_chans, image_size=cfg.image_size)
+        backbone = ImageBackbone.create(
+            ref, pretrained=cfg.pretrained and not from_file, in_chans=cfg.in_chans, image_size=cfg.image_size
+        )
     except Exception as e:  # hub download failures come in many types
         raise ModelError(
             f"source.model: cannot create timm:{ref} with pretrained weights ({type(e).__name__}: {e}); "

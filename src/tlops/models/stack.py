@@ -22,7 +22,9 @@ class StackBackbone(nn.Module):
         super().__init__()
         kinds = {m.modality for m in members}
         if len(kinds) != 1:
-            raise ConfigError(f"stacking: the source models mix modalities ({', '.join(sorted(kinds))}); stack models of one kind")
+            raise ConfigError(
+                f"stacking: the source models mix modalities ({', '.join(sorted(kinds))}); stack models of one kind"
+            )
         self.members = nn.ModuleList(members)
         self.modality = kinds.pop()
         self.preprocessing = {"modality": self.modality, "stack": [dict(m.preprocessing) for m in members]}
@@ -38,7 +40,7 @@ class StackBackbone(nn.Module):
         outs = []
         for i, m in enumerate(self.members):
             prefix = f"m{i}."
-            outs.append(m(**{k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}))
+            outs.append(m(**{k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}))
         return torch.cat(outs, dim=1)
 
     def token_lengths(self, texts: Sequence[str]):
@@ -59,5 +61,9 @@ class StackBackbone(nn.Module):
     def load(cls, d: Path, spec: dict[str, Any], random_init: bool = False) -> "StackBackbone":
         from tlops.models.backbone import BACKBONES
 
-        return cls([BACKBONES[s["kind"]].load(d / "members" / str(i), s, random_init=random_init)
-                    for i, s in enumerate(spec["members"])])
+        return cls(
+            [
+                BACKBONES[s["kind"]].load(d / "members" / str(i), s, random_init=random_init)
+                for i, s in enumerate(spec["members"])
+            ]
+        )

@@ -61,11 +61,16 @@ def services(*, host_network: bool = False) -> dict[str, Any]:
             ],
             # MLflow 3 answers 403 to Host headers it does not know (DNS-rebinding guard):
             # the steps call it as mlflow:5000, the host as 127.0.0.1:<port>
-            "environment": {**common["environment"],
-                            "MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"},
+            "environment": {
+                **common["environment"],
+                "MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*",
+            },
             "healthcheck": {
                 "test": _health_cmd(f"http://127.0.0.1:{MLFLOW_PORT}/health"),
-                "interval": "5s", "timeout": "5s", "retries": 30, "start_period": "10s",
+                "interval": "5s",
+                "timeout": "5s",
+                "retries": 30,
+                "start_period": "10s",
             },
             # published on loopback only: the server has no authentication
             **({} if host_network else {"ports": [f"127.0.0.1:${{TLOPS_MLFLOW_PORT:-{MLFLOW_PORT}}}:{MLFLOW_PORT}"]}),

@@ -36,7 +36,9 @@ def stages(cfg: PipelineConfig, params_file: str = "params.yaml") -> dict[str, A
             stage["deps"] = deps
         stage["params"] = [{params_file: list(spec.params)}]
         stage["outs"] = [{f"{ARTIFACTS}/{spec.name}": {"cache": spec.name != "register"}}]
-        if spec.name == "pull-model" and any(m.startswith("mlflow:") for m in [cfg.source.model, *(cfg.source.candidates or [])]):
+        if spec.name == "pull-model" and any(
+            m.startswith("mlflow:") for m in [cfg.source.model, *(cfg.source.candidates or [])]
+        ):
             stage["always_changed"] = True  # an alias can move; pull-model is cheap and re-resolves it
         out[spec.name] = stage
     return {"stages": out}

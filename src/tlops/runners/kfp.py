@@ -79,13 +79,19 @@ def task_configurer(cfg: PipelineConfig):
             for t in gpu.tolerations:
                 kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
             if gpu.shm_size:
-                kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=gpu.shm_size)
+                kubernetes.empty_dir_mount(
+                    task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=gpu.shm_size
+                )
         for secret in k.secrets:
-            kubernetes.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env={key: env for env, key in secret.env.items()})
+            kubernetes.use_secret_as_env(
+                task, secret_name=secret.name, secret_key_to_env={key: env for env, key in secret.env.items()}
+            )
         if spec.network and k.retries.count:
             task.set_retry(
-                num_retries=k.retries.count, backoff_duration=k.retries.backoff,
-                backoff_factor=k.retries.factor, backoff_max_duration=k.retries.max_backoff,
+                num_retries=k.retries.count,
+                backoff_duration=k.retries.backoff,
+                backoff_factor=k.retries.factor,
+                backoff_max_duration=k.retries.max_backoff,
             )
         # KFP keys its cache on parameters and artifact names, not on data content: ingest may only
         # be cached when the data version is pinned, and register (side effects) never.

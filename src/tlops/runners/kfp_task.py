@@ -31,7 +31,17 @@ def config_from_params(config_yaml: str, params: dict[str, str]) -> PipelineConf
 
 def provenance(art: Artifact) -> dict[str, Any]:
     m = art.meta
-    keys = ("data_hash", "model_digest", "cache_key", "cache", "selected", "accuracy", "gates_passed", "model_name", "version")
+    keys = (
+        "data_hash",
+        "model_digest",
+        "cache_key",
+        "cache",
+        "selected",
+        "accuracy",
+        "gates_passed",
+        "model_name",
+        "version",
+    )
     out = {"tlops_kind": art.kind, "content_hash": art.content_hash}
     out.update({k: m[k] for k in keys if k in m and m[k] is not None})
     return out

@@ -101,7 +101,9 @@ def _env(name: str, value: str | None) -> Iterator[None]:
 def _secondary_rank() -> bool:
     """A non-zero rank of a multi-process torchrun job running one step together: rank 0 holds
     the step lock for the job (a rank waiting on it would deadlock the job's collectives)."""
-    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+    return (
+        "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+    )
 
 
 def _record(prev: Path, out: Path) -> None:
@@ -130,7 +132,12 @@ def _copy_artifact(src: Path, out: Path) -> None:
 
 
 def execute_step(
-    spec: StepSpec, cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, *, reuse: bool = True,
+    spec: StepSpec,
+    cfg: PipelineConfig,
+    inputs: dict[str, Artifact],
+    out: Path,
+    *,
+    reuse: bool = True,
     record: bool = True,
 ) -> StepResult:
     """Run one step into ``out``, or reuse a finished artifact with the same fingerprint.
@@ -140,8 +147,11 @@ def execute_step(
     workdir = cfg.workdir_path
     fp = step_fingerprint(spec, cfg, inputs) if spec.reusable else None
     prev = workdir / "index" / spec.name / fp if fp else None
-    lock = (file_lock(step_lock_path(workdir, spec.name, fp), what=f"{spec.name} (another run is computing it)")
-            if fp and not _secondary_rank() else contextlib.nullcontext(True))
+    lock = (
+        file_lock(step_lock_path(workdir, spec.name, fp), what=f"{spec.name} (another run is computing it)")
+        if fp and not _secondary_rank()
+        else contextlib.nullcontext(True)
+    )
     with lock:
         if reuse and prev is not None and prev.is_file():
             src = Path(prev.read_text().strip())
@@ -195,6 +205,10 @@ def _run(cfg: PipelineConfig, run_id: str, run_dir: Path, reuse: bool) -> Pipeli
             res = execute_step(spec, cfg, inputs, run_dir / spec.name, reuse=reuse)
             result.steps[spec.name] = res
             log_step(spec.name, res.artifact, res.seconds, res.reused)
-    log.info("pipeline %s: done in %.1fs (%s reused)", cfg.name, result.seconds,
-             ", ".join(n for n, s in result.steps.items() if s.reused) or "nothing")
+    log.info(
+        "pipeline %s: done in %.1fs (%s reused)",
+        cfg.name,
+        result.seconds,
+        ", ".join(n for n, s in result.steps.items() if s.reused) or "nothing",
+    )
     return result

@@ -21,7 +21,9 @@ from tlops.storage import S3Storage, is_s3
 log = logging.getLogger(__name__)
 
 
-def run_step(spec: StepSpec, cfg: PipelineConfig, inputs: dict[str, str], out: str, *, reuse: bool = True) -> StepResult:
+def run_step(
+    spec: StepSpec, cfg: PipelineConfig, inputs: dict[str, str], out: str, *, reuse: bool = True
+) -> StepResult:
     """``inputs``: input name -> artifact location; ``out``: where the artifact goes."""
     with tempfile.TemporaryDirectory(prefix=f"tlops-{spec.name}-") as tmp:
         arts = {}

@@ -34,7 +34,14 @@ def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
     champ = str(mv.version) if mv else None
     if mv is not None and _is_this_model(mv, inputs["trained"]):
         champ = None  # the champion is the very model under evaluation (e.g. this pipeline's last run): nothing new to compare
-    return hash_json([cfg.section_hash("evaluate"), cfg.register.model_name, champ, *(inputs[k].content_hash for k in ("dataset", "trained"))])
+    return hash_json(
+        [
+            cfg.section_hash("evaluate"),
+            cfg.register.model_name,
+            champ,
+            *(inputs[k].content_hash for k in ("dataset", "trained")),
+        ]
+    )
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
@@ -54,7 +61,13 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             models[name] = m
             png = "confusion_matrix.png" if name == selected else f"confusion_{name}.png"
             plot_confusion(m["confusion_matrix"], ds.classes, w.path / png, f"{cfg.name}: {name}")
-            log.info("evaluate: %-12s test accuracy %.4f  macro-F1 %.4f  ECE %.4f", name, m["accuracy"], m["macro_f1"], m["ece"])
+            log.info(
+                "evaluate: %-12s test accuracy %.4f  macro-F1 %.4f  ECE %.4f",
+                name,
+                m["accuracy"],
+                m["macro_f1"],
+                m["ece"],
+            )
         train_y = ds.load("train").y
         majority = int(np.bincount(train_y, minlength=len(ds.classes)).argmax())
         baselines = {"majority": {"class": ds.classes[majority], "accuracy": float((test.y == majority).mean())}}
@@ -69,10 +82,13 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "selected": selected,
             "classes": ds.classes,
             "test_size": int(len(test)),
-            "metrics": sel | {"gain_over_scratch": gain, "gain_over_majority": sel["accuracy"] - baselines["majority"]["accuracy"]},
+            "metrics": sel
+            | {"gain_over_scratch": gain, "gain_over_majority": sel["accuracy"] - baselines["majority"]["accuracy"]},
             "models": models,
             "baselines": baselines,
-            "scratch_baseline": "on" if "scratch" in models else "off (evaluate.scratch_baseline=false): transfer gain over random init not measured",
+            "scratch_baseline": "on"
+            if "scratch" in models
+            else "off (evaluate.scratch_baseline=false): transfer gain over random init not measured",
             "champion": champion,
             "gates": gates,
             "data_hash": ds.data_hash,
@@ -88,7 +104,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "gates_passed": gates["passed"],
             "summary": {n: {"accuracy": m["accuracy"], "train_seconds": m["train_seconds"]} for n, m in models.items()},
         }
-    log.info("evaluate: gates %s%s", "PASSED" if gates["passed"] else "FAILED", "" if gates["passed"] else ": " + "; ".join(gates["reasons"]))
+    log.info(
+        "evaluate: gates %s%s",
+        "PASSED" if gates["passed"] else "FAILED",
+        "" if gates["passed"] else ": " + "; ".join(gates["reasons"]),
+    )
     return Artifact(Path(out), w.manifest)
 
 
@@ -119,8 +139,16 @@ def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test, trained: Artifact)
         spec = read_spec(bundle)
         if spec.get("classes") != ds.classes:
             return {"version": str(mv.version), "comparable": False, "reason": f"classes differ: {spec.get('classes')}"}
-        m = classification_metrics(load_classifier(bundle).predict_proba(test.x), test.y, ds.classes, cfg.evaluate.ece_bins)
-        out = {"version": str(mv.version), "comparable": True, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"]}
+        m = classification_metrics(
+            load_classifier(bundle).predict_proba(test.x), test.y, ds.classes, cfg.evaluate.ece_bins
+        )
+        out = {
+            "version": str(mv.version),
+            "comparable": True,
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "ece": m["ece"],
+        }
         if _is_this_model(mv, trained):
             out["same_model"] = True
         return out

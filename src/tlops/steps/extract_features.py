@@ -34,7 +34,9 @@ def cache_root(cfg: PipelineConfig) -> Path | str:
 
 
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    return hash_json([cfg.section_hash("features"), _stacking(cfg), inputs["dataset"].content_hash, inputs["model"].content_hash])
+    return hash_json(
+        [cfg.section_hash("features"), _stacking(cfg), inputs["dataset"].content_hash, inputs["model"].content_hash]
+    )
 
 
 def _stacking(cfg: PipelineConfig) -> bool:
@@ -45,8 +47,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     ds = Dataset(inputs["dataset"])
     model = inputs["model"]
     cache = FeatureCache(cache_root(cfg))
-    chosen = {"source": model.meta["source"], "path": "model", "model_digest": model.meta["model_digest"],
-              "preprocessing": model.meta["preprocessing"]}
+    chosen = {
+        "source": model.meta["source"],
+        "path": "model",
+        "model_digest": model.meta["model_digest"],
+        "preprocessing": model.meta["preprocessing"],
+    }
     ranking = None
     if model.meta.get("candidates"):
         ranking = _rank_candidates(cfg, ds, model, cache)
@@ -59,7 +65,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             held.enter_context(cache.lock(key))  # held until the entry is published or fetched
         hit = cfg.features.cache and cache.get(key) is not None
         if hit:
-            log.info("extract-features: cache hit %s: backbone not run, features loaded from %s", key[:16], cache.entry(key))
+            log.info(
+                "extract-features: cache hit %s: backbone not run, features loaded from %s", key[:16], cache.entry(key)
+            )
         else:
             arrays = _compute(ds, model.path / chosen["path"], cfg.features.batch_size)
         with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
@@ -115,8 +123,11 @@ def _add_stack(path: Path, ds: Dataset, model: Artifact, cache: FeatureCache, cf
     tmp = path.with_name("stacked.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # a new file: features.npz may be a hard link into the cache, never write through it
-    log.info("extract-features: stacked features of %d source models (%d dims)", len(parts),
-             arrays[f"stack_{next(iter(parts[0]))}"].shape[1])
+    log.info(
+        "extract-features: stacked features of %d source models (%d dims)",
+        len(parts),
+        arrays[f"stack_{next(iter(parts[0]))}"].shape[1],
+    )
     return keys
 
 
@@ -135,7 +146,9 @@ def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: F
             if cfg.features.cache and cache.get(key) is not None:
                 f = cache.load(key)["train"]
             else:
-                f = extract(load_backbone(model.path / c["path"]), train.x, cfg.features.batch_size, desc=f"rank {c['source']}")
+                f = extract(
+                    load_backbone(model.path / c["path"]), train.x, cfg.features.batch_size, desc=f"rank {c['source']}"
+                )
                 if cfg.features.cache:
                     meta = {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash, "split": "train"}
                     cache.put(key, {"train": f}, meta)
@@ -152,4 +165,3 @@ def _compute(ds: Dataset, bundle_dir: Path, batch_size: int) -> dict[str, np.nda
     for split in ds.splits():
         arrays[split] = extract(backbone, ds.load(split).x, batch_size, desc=f"extract {split}")
     return arrays
-

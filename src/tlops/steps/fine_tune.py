@@ -22,17 +22,22 @@ from tlops.config import ADAPT_STRATEGIES, PipelineConfig
 from tlops.data.dataset import Dataset, Split
 from tlops.hashing import hash_json
 
-if TYPE_CHECKING:  # torch-heavy: imported by the functions that train, not for fingerprint() (a reused step imports no torch)
+if (
+    TYPE_CHECKING
+):  # torch-heavy: imported by the functions that train, not for fingerprint() (a reused step imports no torch)
     from tlops.models.bundle import Classifier
 
 log = logging.getLogger(__name__)
 
 
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    return hash_json([
-        cfg.section_hash("train"), cfg.evaluate.scratch_baseline,
-        *(inputs[k].content_hash for k in ("dataset", "model", "features")),
-    ])
+    return hash_json(
+        [
+            cfg.section_hash("train"),
+            cfg.evaluate.scratch_baseline,
+            *(inputs[k].content_hash for k in ("dataset", "model", "features")),
+        ]
+    )
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
@@ -100,7 +105,9 @@ def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifac
                 secs = probe_secs + time.perf_counter() - t0
             results[strategy] = _save(d, clf, hist, strategy, secs, ds.classes) | extra
             if results[strategy]["val_acc"] is None and val is not None and len(val):
-                results[strategy]["val_acc"] = evaluate_split(clf, val, tcfg.batch_size * 2)["val_acc"]  # reported, not used by DA            if domain_val is not None:
+                results[strategy]["val_acc"] = evaluate_split(clf, val, tcfg.batch_size * 2)[
+                    "val_acc"
+                ]  # reported, not used by DA            if domain_val is not None:
                 results[strategy]["source_val_acc"] = evaluate_split(clf, domain_val, tcfg.batch_size * 2)["val_acc"]
         if cfg.evaluate.scratch_baseline:
             d = w.path / "models" / "scratch"
@@ -114,13 +121,21 @@ def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifac
         on = tcfg.select_on or ("source_val" if domain_val is not None else "val")
         key = "source_val_acc" if on == "source_val" else "val_acc"
         selected = max(candidates, key=lambda s: (candidates[s][key] or 0.0, -tcfg.strategies.index(s)))
-        criterion = ("best source-domain validation accuracy (no target labels; ties: earlier strategy)" if on == "source_val"
-                     else "best validation accuracy (ties: earlier strategy)")
+        criterion = (
+            "best source-domain validation accuracy (no target labels; ties: earlier strategy)"
+            if on == "source_val"
+            else "best validation accuracy (ties: earlier strategy)"
+        )
         selection = {"selected": selected, "criterion": criterion, "models": results}
         (w.path / "selection.json").write_text(json.dumps(selection, indent=2))
-        w.metadata = {"selected": selected, "criterion": criterion, "models": results, "classes": ds.classes,
-                      "source": feat_meta.get("source", inputs["model"].meta["source"]),
-                      "source_digest": feat_meta.get("model_digest", inputs["model"].meta["model_digest"])}
+        w.metadata = {
+            "selected": selected,
+            "criterion": criterion,
+            "models": results,
+            "classes": ds.classes,
+            "source": feat_meta.get("source", inputs["model"].meta["source"]),
+            "source_digest": feat_meta.get("model_digest", inputs["model"].meta["model_digest"]),
+        }
     log.info("fine-tune: selected %s (val acc %.4f)", selected, results[selected]["val_acc"])
     return Artifact(Path(out), w.manifest)
 
@@ -142,27 +157,56 @@ def _adapt(strategy: str, src: Path, ds: Dataset, cfg: PipelineConfig) -> tuple[
     method = "source-only" if strategy == "adabn" else strategy
     image = clf.backbone.modality == "image"
     hist = adapt(
-        clf, method, (st.x, st.y), target.x, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
-        trade_off=a.trade_off, seed=cfg.seed, source_val=(sv.x, sv.y), select=a.select, prepare=clf.backbone.prepare,
+        clf,
+        method,
+        (st.x, st.y),
+        target.x,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        optimizer=a.optimizer,
+        trade_off=a.trade_off,
+        seed=cfg.seed,
+        source_val=(sv.x, sv.y),
+        select=a.select,
+        prepare=clf.backbone.prepare,
         augment=random_shift() if image and cfg.train.augment else None,
-        log=lambda r: log.info("%s epoch %d: %s", strategy, r["epoch"], {k: v for k, v in r.items() if k.endswith(("acc", "loss"))}),
+        log=lambda r: log.info(
+            "%s epoch %d: %s", strategy, r["epoch"], {k: v for k, v in r.items() if k.endswith(("acc", "loss"))}
+        ),
     )
-    extra = {"adaptation": {"method": method, "target_samples": len(target), "source_samples": len(st),
-                            "selection": hist.meta.get("selection")}}
+    extra = {
+        "adaptation": {
+            "method": method,
+            "target_samples": len(target),
+            "source_samples": len(st),
+            "selection": hist.meta.get("selection"),
+        }
+    }
     if strategy == "adabn":
         from tlops.features.extract import batches_for
 
         x = target.x
-        batches = (x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx] for idx in batches_for(clf.backbone, x, 128))
+        batches = (
+            x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx] for idx in batches_for(clf.backbone, x, 128)
+        )
         extra["adaptation"]["adabn_samples"] = adabn(clf, batches, prepare=clf.backbone.prepare)
     clf.eval()
-    records = [{"epoch": r["epoch"], "train_loss": r.get("cls_loss", 0.0), "train_acc": r.get("train_acc", 0.0),
-                **{k: r[k] for k in ("transfer_loss", "source_val_acc", "source_val_loss", "selected") if k in r}}
-               for r in hist]
+    records = [
+        {
+            "epoch": r["epoch"],
+            "train_loss": r.get("cls_loss", 0.0),
+            "train_acc": r.get("train_acc", 0.0),
+            **{k: r[k] for k in ("transfer_loss", "source_val_acc", "source_val_loss", "selected") if k in r},
+        }
+        for r in hist
+    ]
     return clf, records, extra
 
 
-def _setfit(src: Path, train: Split, val: Split | None, classes: list[str], cfg: PipelineConfig) -> tuple[Classifier, list[dict], dict]:
+def _setfit(
+    src: Path, train: Split, val: Split | None, classes: list[str], cfg: PipelineConfig
+) -> tuple[Classifier, list[dict], dict]:
     """Contrastive pair tuning of the encoder, then the probe head on the tuned embeddings."""
     from tlops.features.extract import extract
     from tlops.models.bundle import Classifier, load_backbone
@@ -175,29 +219,51 @@ def _setfit(src: Path, train: Split, val: Split | None, classes: list[str], cfg:
     pair_hist = contrastive_tune(clf, train, cfg.train.setfit, cfg.seed)
     bs = cfg.features.batch_size
     f_val = extract(clf.backbone, val.x, bs, desc="setfit val") if val is not None and len(val) else None
-    head, hist = train_probe(extract(clf.backbone, train.x, bs, desc="setfit train"), train.y, f_val,
-                             val.y if f_val is not None else None, len(classes), cfg.train, cfg.seed)
+    head, hist = train_probe(
+        extract(clf.backbone, train.x, bs, desc="setfit train"),
+        train.y,
+        f_val,
+        val.y if f_val is not None else None,
+        len(classes),
+        cfg.train,
+        cfg.seed,
+    )
     clf.head.load_state_dict(head.state_dict())
     return clf, hist, {"setfit": {"pairs": pair_hist[-1]["pairs"], "pair_loss": [h["pair_loss"] for h in pair_hist]}}
 
 
-def _stacking(model: Artifact, feats: dict[str, np.ndarray], train: Split, val: Split | None, classes: list[str],
-              cfg: PipelineConfig) -> tuple[Classifier, list[dict], float]:
+def _stacking(
+    model: Artifact,
+    feats: dict[str, np.ndarray],
+    train: Split,
+    val: Split | None,
+    classes: list[str],
+    cfg: PipelineConfig,
+) -> tuple[Classifier, list[dict], float]:
     """One head on the concatenated features of every source candidate (cached per model)."""
     from tlops.models.bundle import Classifier, load_backbone
     from tlops.models.stack import StackBackbone
     from tlops.training.probe import train_probe
 
     t0 = time.perf_counter()
-    head, hist = train_probe(feats["stack_train"], train.y, feats.get("stack_val"), val.y if val is not None else None,
-                             len(classes), cfg.train, cfg.seed)
+    head, hist = train_probe(
+        feats["stack_train"],
+        train.y,
+        feats.get("stack_val"),
+        val.y if val is not None else None,
+        len(classes),
+        cfg.train,
+        cfg.seed,
+    )
     members = [load_backbone(model.path / c["path"]) for c in model.meta["candidates"]]
     clf = Classifier(StackBackbone(members), len(classes), classes)
     clf.head.load_state_dict(head.state_dict())
     return clf, hist, time.perf_counter() - t0
 
 
-def _freeze_for(strategy: str, clf: Classifier, train: Split, val: Split | None, cfg: PipelineConfig) -> tuple[int, dict[str, Any]]:
+def _freeze_for(
+    strategy: str, clf: Classifier, train: Split, val: Split | None, cfg: PipelineConfig
+) -> tuple[int, dict[str, Any]]:
     """How many blocks to freeze: ``fine-tune`` takes ``freeze_blocks`` as given;
     ``partial-fine-tune`` picks the cut by probing each block when it is ``auto`` or 0."""
     k = cfg.train.freeze_blocks

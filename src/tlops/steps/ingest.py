@@ -72,7 +72,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     dvc = raw.info.get("dvc")
     if dvc:
         version |= {"dvc_repo": dvc["repo"], "git_rev": dvc["rev"], "dvc_path": dvc["path"], "dvc_md5": dvc["md5"]}
-        log.info("ingest: DVC data %s @ %s, md5 %s -> data hash %s", dvc["path"], dvc["rev"][:12], dvc["md5"], data_hash[:12])
+        log.info(
+            "ingest: DVC data %s @ %s, md5 %s -> data hash %s", dvc["path"], dvc["rev"][:12], dvc["md5"], data_hash[:12]
+        )
     parts = stratified_split(y, cfg.data, cfg.seed, classes)
     counts = {s: int(len(ix)) for s, ix in parts.items()}
     duplicates = cross_split_duplicates(x, raw.kind, parts)
@@ -80,7 +82,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         log.warning(
             "ingest: leakage: the same input occurs in more than one split (%s); evaluation on inputs seen in "
             "training is optimistic. Deduplicate %s (the counts are in the dataset manifest: duplicates_across_splits)",
-            ", ".join(f"{k}: {v}" for k, v in duplicates.items() if v), cfg.data.describe(),
+            ", ".join(f"{k}: {v}" for k, v in duplicates.items() if v),
+            cfg.data.describe(),
         )
     domain = _source_domain(cfg, raw.kind, index, classes) if cfg.data.adapt_from else None
     if domain is not None:
@@ -92,7 +95,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             xs = x[ix] if raw.kind == "image" else [x[i] for i in ix]
             ys = y[ix] if split != "unlabelled" else np.full(len(ix), -1, dtype=np.int64)
             write_split(w.path, split, raw.kind, xs, ys)
-        for split, (sx, sy) in (domain["splits"].items() if domain else ()):
+        for split, (sx, sy) in domain["splits"].items() if domain else ():
             write_split(w.path, split, raw.kind, sx, sy)
         w.metadata = {
             "modality": raw.kind,
@@ -104,11 +107,17 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "counts": counts,
             "duplicates_across_splits": duplicates,
             "per_class": {
-                s: {classes[c]: int((y[ix] == c).sum()) for c in range(len(classes))} for s, ix in parts.items() if s != "unlabelled"
+                s: {classes[c]: int((y[ix] == c).sum()) for c in range(len(classes))}
+                for s, ix in parts.items()
+                if s != "unlabelled"
             },
             "shape": list(x.shape[1:]) if raw.kind == "image" else None,
             "seed": cfg.seed,
-            **({"adapt_from": {"source": cfg.data.adapt_from.source, "hash": domain["hash"], **domain["info"]}} if domain else {}),
+            **(
+                {"adapt_from": {"source": cfg.data.adapt_from.source, "hash": domain["hash"], **domain["info"]}}
+                if domain
+                else {}
+            ),
             **raw.info,
         }
     return Artifact(Path(out), w.manifest)
@@ -127,7 +136,7 @@ def cross_split_duplicates(x, kind: str, parts) -> dict[str, int]:
     sets = {s: set(keys[s]) for s in names}
     out = {}
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             out[f"{a}/{b}"] = int(sum(k in sets[a] for k in keys[b]))
     return out
 
@@ -138,15 +147,24 @@ def _source_domain(cfg: PipelineConfig, kind: str, index: dict[str, int], classe
     from tlops.config import DataConfig
 
     sd = cfg.data.adapt_from
-    dcfg = DataConfig(source=sd.source, format=sd.format, text_column=sd.text_column, label_column=sd.label_column,
-                      columns=sd.columns, quoting=sd.quoting, encoding=sd.encoding)
+    dcfg = DataConfig(
+        source=sd.source,
+        format=sd.format,
+        text_column=sd.text_column,
+        label_column=sd.label_column,
+        columns=sd.columns,
+        quoting=sd.quoting,
+        encoding=sd.encoding,
+    )
     raw = loaders.load(dcfg)
     if raw.kind != kind:
         raise DataError(f"data.adapt_from: {sd.source} holds {raw.kind} data but data.source holds {kind} data")
     keep = np.array([label in index for label in raw.y])
     if not keep.any():
-        raise DataError(f"data.adapt_from: none of the labels in {sd.source} ({', '.join(sorted(set(raw.y))[:10])}) "
-                        f"is a target class ({', '.join(classes)})")
+        raise DataError(
+            f"data.adapt_from: none of the labels in {sd.source} ({', '.join(sorted(set(raw.y))[:10])}) "
+            f"is a target class ({', '.join(classes)})"
+        )
     y = np.array([index.get(label, -1) for label in raw.y], dtype=np.int64)[keep]
     absent = [classes[c] for c in range(len(classes)) if not (y == c).any()]
     if absent:
@@ -167,10 +185,22 @@ def _source_domain(cfg: PipelineConfig, kind: str, index: dict[str, int], classe
         val_ix.append(ix[:n_val])
         train_ix.append(ix[n_val:])
     splits = {}
-    for name, ix in (("source_train", np.sort(np.concatenate(train_ix))), ("source_val", np.sort(np.concatenate(val_ix)))):
+    for name, ix in (
+        ("source_train", np.sort(np.concatenate(train_ix))),
+        ("source_val", np.sort(np.concatenate(val_ix))),
+    ):
         splits[name] = (x[ix] if kind == "image" else [x[i] for i in ix], y[ix])
     h = hash_arrays({"x": x, "y": y}) if kind == "image" else hash_json([x, y.tolist()])
-    log.info("ingest: source domain %s: %d samples kept (%d dropped: not target classes), source_train %d, source_val %d",
-             sd.source, len(y), int((~keep).sum()), len(splits["source_train"][1]), len(splits["source_val"][1]))
-    return {"splits": splits, "hash": hash_json([h, sd.max_samples, sd.val, cfg.seed]),
-            "info": {"kept": int(len(y)), "dropped": int((~keep).sum()), "format": raw.format}}
+    log.info(
+        "ingest: source domain %s: %d samples kept (%d dropped: not target classes), source_train %d, source_val %d",
+        sd.source,
+        len(y),
+        int((~keep).sum()),
+        len(splits["source_train"][1]),
+        len(splits["source_val"][1]),
+    )
+    return {
+        "splits": splits,
+        "hash": hash_json([h, sd.max_samples, sd.val, cfg.seed]),
+        "info": {"kept": int(len(y)), "dropped": int((~keep).sum()), "format": raw.format},
+    }

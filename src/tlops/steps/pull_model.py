@@ -28,8 +28,12 @@ def _use_registry(cfg: PipelineConfig) -> None:
 
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
     _use_registry(cfg)
-    return hash_json([cfg.section_hash("source"),
-                      *(sources.fingerprint(cfg.source.model_copy(update={"model": m})) for m in specs(cfg))])
+    return hash_json(
+        [
+            cfg.section_hash("source"),
+            *(sources.fingerprint(cfg.source.model_copy(update={"model": m})) for m in specs(cfg)),
+        ]
+    )
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
@@ -45,7 +49,13 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             where = "model" if i == 0 else f"candidates/{i}"
             spec = sources.pull(cfg.source.model_copy(update={"model": model}), w.path / where)
             pulled.append((model, where, spec))
-            log.info("pull-model: %s (%s, %d-dim features, digest %s)", model, spec["kind"], spec["feature_dim"], spec["digest"][:12])
+            log.info(
+                "pull-model: %s (%s, %d-dim features, digest %s)",
+                model,
+                spec["kind"],
+                spec["feature_dim"],
+                spec["digest"][:12],
+            )
         _, _, spec = pulled[0]
         w.content_hash = spec["digest"] if len(pulled) == 1 else hash_json([p[2]["digest"] for p in pulled])
         w.metadata = {
@@ -58,8 +68,14 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         }
         if len(pulled) > 1:
             w.metadata["candidates"] = [
-                {"index": i, "source": m, "path": where, "model_digest": sp["digest"], "preprocessing": sp["preprocessing"],
-                 "feature_dim": sp["feature_dim"]}
+                {
+                    "index": i,
+                    "source": m,
+                    "path": where,
+                    "model_digest": sp["digest"],
+                    "preprocessing": sp["preprocessing"],
+                    "feature_dim": sp["feature_dim"],
+                }
                 for i, (m, where, sp) in enumerate(pulled)
             ]
     return Artifact(Path(out), w.manifest)

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    return hash_json([cfg.section_hash("register"), *(inputs[k].content_hash for k in ("dataset", "model", "trained", "evaluation"))])
+    return hash_json(
+        [cfg.section_hash("register"), *(inputs[k].content_hash for k in ("dataset", "model", "trained", "evaluation"))]
+    )
 
 
 def _requirements() -> list[str]:
@@ -48,12 +50,16 @@ def _requirements() -> list[str]:
 def _dvc_line(version: dict[str, Any]) -> list[str]:
     if not version.get("git_rev"):
         return []
-    return [f"DVC: `{version['dvc_path']}` md5 `{version['dvc_md5']}` at git rev `{version['git_rev']}` of {version['dvc_repo']}"]
+    return [
+        f"DVC: `{version['dvc_path']}` md5 `{version['dvc_md5']}` at git rev `{version['git_rev']}` of {version['dvc_repo']}"
+    ]
 
 
 def _source_used(source: Artifact, trained: Artifact) -> tuple[str, str]:
     """The source model the trained models came from (the selected one, with candidates)."""
-    return trained.meta.get("source", source.meta["source"]), trained.meta.get("source_digest", source.meta["model_digest"])
+    return trained.meta.get("source", source.meta["source"]), trained.meta.get(
+        "source_digest", source.meta["model_digest"]
+    )
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -72,17 +78,23 @@ def _champion_summary(report: dict[str, Any], version: str | None) -> tuple[list
     elif comparable:
         delta = m["accuracy"] - ch["accuracy"]
         verdict = "better" if delta > 0 else "worse" if delta < 0 else "equal"
-        note = (f"Champion comparison: current `champion` v{ch['version']} scores {ch['accuracy']:.4f} accuracy on the same "
-                f"test split ({report['test_size']} samples); this version scores {m['accuracy']:.4f} ({delta:+.4f}, {verdict}).")
+        note = (
+            f"Champion comparison: current `champion` v{ch['version']} scores {ch['accuracy']:.4f} accuracy on the same "
+            f"test split ({report['test_size']} samples); this version scores {m['accuracy']:.4f} ({delta:+.4f}, {verdict})."
+        )
     elif ch:
         note = f"Champion comparison: champion v{ch['version']} is not comparable ({ch.get('reason')})."
     else:
         note = "Champion comparison: there is no `champion` yet."
-    head = [f"| metric | {this} | champion v{ch['version']} | change |" if comparable else f"| metric | {this} |",
-            "|---|---|---|---|" if comparable else "|---|---|"]
+    head = [
+        f"| metric | {this} | champion v{ch['version']} | change |" if comparable else f"| metric | {this} |",
+        "|---|---|---|---|" if comparable else "|---|---|",
+    ]
     rows = [("target accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("ECE (lower is better)", "ece")]
-    body = [f"| {label} | {m[k]:.4f} | {ch[k]:.4f} | {m[k] - ch[k]:+.4f} |" if comparable else f"| {label} | {m[k]:.4f} |"
-            for label, k in rows]
+    body = [
+        f"| {label} | {m[k]:.4f} | {ch[k]:.4f} | {m[k] - ch[k]:+.4f} |" if comparable else f"| {label} | {m[k]:.4f} |"
+        for label, k in rows
+    ]
     gain = _fmt(m["gain_over_scratch"], signed=True) or "not measured"
     body.append(f"| gain over from-scratch | {gain} | | |" if comparable else f"| gain over from-scratch | {gain} |")
     return head + body, note
@@ -102,40 +114,56 @@ def _artifact_links(experiment_id: str | None, run_id: str | None) -> list[str]:
     ]
 
 
-def _description(cfg: PipelineConfig, report: dict[str, Any], ds: Dataset, source: Artifact, strategy: str,
-                 trained: Artifact, *, version: str | None = None, experiment_id: str | None = None,
-                 run_id: str | None = None) -> str:
+def _description(
+    cfg: PipelineConfig,
+    report: dict[str, Any],
+    ds: Dataset,
+    source: Artifact,
+    strategy: str,
+    trained: Artifact,
+    *,
+    version: str | None = None,
+    experiment_id: str | None = None,
+    run_id: str | None = None,
+) -> str:
     gates = report["gates"]
     src, digest = _source_used(source, trained)
     table, champion = _champion_summary(report, version)
     ch = report.get("champion")
-    vs = f" (champion v{ch['version']}: {ch['accuracy']:.4f})" if ch and ch.get("comparable") and str(ch["version"]) != str(version) else ""
-    return "\n".join([  # the first line is the preview in the UI's version list: plain text
-        f"{cfg.name} · {strategy} · test accuracy {report['metrics']['accuracy']:.4f}{vs} · "
-        f"validation {'passed' if gates['passed'] else 'failed'}",
-        "",
-        f"**{cfg.name}**: strategy `{strategy}` on source `{src}` (digest `{digest[:12]}`).",
-        "",
-        *table,
-        "",
-        champion,
-        "",
-        f"Validation: **{'passed' if gates['passed'] else 'failed'}**: {'; '.join(gates['reasons'])}",
-        "",
-        f"Data: `{ds.data_hash[:16]}` ({ds.artifact.meta['source']}, splits {ds.artifact.meta['counts']})",
-        *_dvc_line(ds.artifact.meta.get("data_version") or {}),
-        "",
-        f"Source model: `{src}` (digest `{digest[:16]}`); strategy: `{strategy}`",
-        "",
-        "All strategies and baselines on the test split:",
-        "",
-        metrics_table(report),
-        "",
-        f"Gain over from-scratch: {report['metrics']['gain_over_scratch']:+.4f}" if report["metrics"]["gain_over_scratch"] is not None
-        else f"Gain over from-scratch: not measured ({report['scratch_baseline']})",
-        "",
-        *_artifact_links(experiment_id, run_id),
-    ])
+    vs = (
+        f" (champion v{ch['version']}: {ch['accuracy']:.4f})"
+        if ch and ch.get("comparable") and str(ch["version"]) != str(version)
+        else ""
+    )
+    return "\n".join(
+        [  # the first line is the preview in the UI's version list: plain text
+            f"{cfg.name} · {strategy} · test accuracy {report['metrics']['accuracy']:.4f}{vs} · "
+            f"validation {'passed' if gates['passed'] else 'failed'}",
+            "",
+            f"**{cfg.name}**: strategy `{strategy}` on source `{src}` (digest `{digest[:12]}`).",
+            "",
+            *table,
+            "",
+            champion,
+            "",
+            f"Validation: **{'passed' if gates['passed'] else 'failed'}**: {'; '.join(gates['reasons'])}",
+            "",
+            f"Data: `{ds.data_hash[:16]}` ({ds.artifact.meta['source']}, splits {ds.artifact.meta['counts']})",
+            *_dvc_line(ds.artifact.meta.get("data_version") or {}),
+            "",
+            f"Source model: `{src}` (digest `{digest[:16]}`); strategy: `{strategy}`",
+            "",
+            "All strategies and baselines on the test split:",
+            "",
+            metrics_table(report),
+            "",
+            f"Gain over from-scratch: {report['metrics']['gain_over_scratch']:+.4f}"
+            if report["metrics"]["gain_over_scratch"] is not None
+            else f"Gain over from-scratch: not measured ({report['scratch_baseline']})",
+            "",
+            *_artifact_links(experiment_id, run_id),
+        ]
+    )
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
@@ -157,17 +185,29 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         "tlops.config_hash": cfg.config_hash,
         "tlops.git_commit": git_commit(),
         "tlops.strategy": strategy,
-        "validation_status": "passed" if report["gates"]["passed"] else "failed: " + "; ".join(report["gates"]["reasons"]),
+        "validation_status": "passed"
+        if report["gates"]["passed"]
+        else "failed: " + "; ".join(report["gates"]["reasons"]),
     }
     existing = registry.find_version_by_tag(name, registry.DIGEST_TAG, digest)
     standalone = mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID")
     with pipeline_run(cfg, run_name=f"{cfg.name}-register") as run:
         if standalone:  # run as its own process (KFP, compose, DVC): record the lineage here
-            for step, art in (("ingest", ds.artifact), ("pull-model", source), ("fine-tune", trained), ("evaluate", evaluation)):
+            for step, art in (
+                ("ingest", ds.artifact),
+                ("pull-model", source),
+                ("fine-tune", trained),
+                ("evaluate", evaluation),
+            ):
                 log_step(step, art)
         if existing is not None:
             version, reused = str(existing.version), True
-            log.info("register: %s version %s already holds this model (digest %s): not registering again", name, version, digest[:12])
+            log.info(
+                "register: %s version %s already holds this model (digest %s): not registering again",
+                name,
+                version,
+                digest[:12],
+            )
         else:  # torch, pandas and the pyfunc flavour only when there is something to register
             import pandas as pd
             from mlflow.models import infer_signature
@@ -198,22 +238,43 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         version_run = c.get_run(mv.run_id) if mv.run_id else None
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)
-        c.update_model_version(name, version, description=_description(
-            cfg, report, ds, source, strategy, trained, version=version, run_id=mv.run_id,
-            experiment_id=version_run.info.experiment_id if version_run else None))
+        c.update_model_version(
+            name,
+            version,
+            description=_description(
+                cfg,
+                report,
+                ds,
+                source,
+                strategy,
+                trained,
+                version=version,
+                run_id=mv.run_id,
+                experiment_id=version_run.info.experiment_id if version_run else None,
+            ),
+        )
         c.set_registered_model_alias(name, registry.CHALLENGER, version)
         promoted = False
         if cfg.register.auto_promote and report["gates"]["passed"]:
             registry.promote(name, version, reason="auto_promote: gates passed")
             promoted = True
         elif cfg.register.auto_promote:
-            log.warning("register: not promoting %s v%s: gates failed: %s", name, version, "; ".join(report["gates"]["reasons"]))
+            log.warning(
+                "register: not promoting %s v%s: gates failed: %s", name, version, "; ".join(report["gates"]["reasons"])
+            )
         run_id = run.info.run_id
     aliases = [registry.CHALLENGER] + ([registry.CHAMPION] if promoted else [])
     log.info("register: %s version %s -> aliases %s", name, version, ", ".join(aliases))
     with write_artifact(out, "registration", config=cfg.register.model_dump(mode="json"), inputs=inputs) as w:
-        rec = {"model_name": name, "version": version, "aliases": aliases, "reused": reused, "run_id": run_id,
-               "model_uri": f"models:/{name}/{version}", "tags": tags}
+        rec = {
+            "model_name": name,
+            "version": version,
+            "aliases": aliases,
+            "reused": reused,
+            "run_id": run_id,
+            "model_uri": f"models:/{name}/{version}",
+            "tags": tags,
+        }
         (w.path / "registration.json").write_text(json.dumps(rec, indent=2))
         w.metadata = rec
     return Artifact(Path(out), w.manifest)

@@ -74,8 +74,12 @@ def _num(x: float | None, signed: bool = False) -> str:
 def rows(a: VersionInfo, b: VersionInfo) -> list[tuple[str, str, str, str]]:
     """(field, version a, version b, change b - a) for every compared field."""
     out: list[tuple[str, str, str, str]] = []
-    for label, key, signed in (("test accuracy", "accuracy", False), ("macro-F1", "macro_f1", False),
-                               ("ECE (lower is better)", "ece", False), ("gain over from-scratch", "gain_over_scratch", True)):
+    for label, key, signed in (
+        ("test accuracy", "accuracy", False),
+        ("macro-F1", "macro_f1", False),
+        ("ECE (lower is better)", "ece", False),
+        ("gain over from-scratch", "gain_over_scratch", True),
+    ):
         va, vb = a.metric(key), b.metric(key)
         delta = _num(vb - va, signed=True) if va is not None and vb is not None else ""
         out.append((label, _num(va, signed), _num(vb, signed), delta))
@@ -107,25 +111,37 @@ def render_text(a: VersionInfo, b: VersionInfo) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append("same data: metrics are on the same test split" if same_split(a, b)
-                 else "different data hashes: the metrics are not on the same test split")
+    lines.append(
+        "same data: metrics are on the same test split"
+        if same_split(a, b)
+        else "different data hashes: the metrics are not on the same test split"
+    )
     return "\n".join(lines)
 
 
 def render_html(a: VersionInfo, b: VersionInfo) -> str:
     e = html.escape
     head = f"<tr><th></th><th>v{e(a.version)}</th><th>v{e(b.version)}</th><th>change</th></tr>"
-    body = "\n".join(f"<tr><th>{e(r[0])}</th><td>{e(r[1])}</td><td>{e(r[2])}</td><td>{e(r[3])}</td></tr>" for r in rows(a, b))
+    body = "\n".join(
+        f"<tr><th>{e(r[0])}</th><td>{e(r[1])}</td><td>{e(r[2])}</td><td>{e(r[3])}</td></tr>" for r in rows(a, b)
+    )
 
     def figure(v: VersionInfo) -> str:
         if v.confusion_png is None:
-            return f"<figure><figcaption>v{e(v.version)}</figcaption><p>no {CONFUSION} in this version's run</p></figure>"
+            return (
+                f"<figure><figcaption>v{e(v.version)}</figcaption><p>no {CONFUSION} in this version's run</p></figure>"
+            )
         data = base64.b64encode(v.confusion_png).decode("ascii")
-        return (f'<figure><img alt="confusion matrix v{e(v.version)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>v{e(v.version)}: confusion matrix ({e(v.tags.get('tlops.strategy', ''))})</figcaption></figure>")
+        return (
+            f'<figure><img alt="confusion matrix v{e(v.version)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>v{e(v.version)}: confusion matrix ({e(v.tags.get('tlops.strategy', ''))})</figcaption></figure>"
+        )
 
-    split = ("same data: metrics are on the same test split" if same_split(a, b)
-             else "different data hashes: the metrics are not on the same test split")
+    split = (
+        "same data: metrics are on the same test split"
+        if same_split(a, b)
+        else "different data hashes: the metrics are not on the same test split"
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(a.name)}: v{e(a.version)} vs v{e(b.version)}</title>
 <style>

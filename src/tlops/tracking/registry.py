@@ -69,8 +69,14 @@ def settle_duplicate(name: str, version: str, digest: str) -> tuple[str, bool]:
     winner = str(same[0].version) if same else str(version)
     if int(winner) < int(version):
         client().delete_model_version(name, str(version))
-        log.info("register: %s v%s holds the same model (digest %s, registered concurrently): deleted v%s, reusing v%s",
-                 name, winner, digest[:12], version, winner)
+        log.info(
+            "register: %s v%s holds the same model (digest %s, registered concurrently): deleted v%s, reusing v%s",
+            name,
+            winner,
+            digest[:12],
+            version,
+            winner,
+        )
         return winner, True
     return str(version), False
 
@@ -144,8 +150,10 @@ def promote(name: str, version: str, *, reason: str | None = None, force: bool =
         return {"model": name, "champion": version, "previous": None, "changed": False, "forced": False}
     if status != "passed" and not force:
         shown = f"'{status}'" if status else "missing"
-        raise TlopsError(f"refusing to promote {name} v{version}: validation_status is {shown}, not 'passed'; "
-                         "fix the model or promote anyway with --force")
+        raise TlopsError(
+            f"refusing to promote {name} v{version}: validation_status is {shown}, not 'passed'; "
+            "fix the model or promote anyway with --force"
+        )
     forced = status != "passed"
     if old is not None:
         c.set_registered_model_alias(name, PREVIOUS, old.version)
@@ -153,8 +161,16 @@ def promote(name: str, version: str, *, reason: str | None = None, force: bool =
     note = f" [forced: validation_status {status or 'missing'}]" if forced else ""
     stamp = _stamp(reason) + note
     c.set_model_version_tag(name, version, "tlops.promoted", stamp)
-    _append_history(name, f"promote v{version} (previous champion: {'v' + str(old.version) if old else 'none'}) by {stamp}")
-    return {"model": name, "champion": version, "previous": str(old.version) if old else None, "changed": True, "forced": forced}
+    _append_history(
+        name, f"promote v{version} (previous champion: {'v' + str(old.version) if old else 'none'}) by {stamp}"
+    )
+    return {
+        "model": name,
+        "champion": version,
+        "previous": str(old.version) if old else None,
+        "changed": True,
+        "forced": forced,
+    }
 
 
 def rollback(name: str, *, reason: str | None = None) -> dict[str, Any]:
@@ -162,7 +178,9 @@ def rollback(name: str, *, reason: str | None = None) -> dict[str, Any]:
     c = client()
     prev = get_alias(name, PREVIOUS)
     if prev is None:
-        raise TlopsError(f"cannot roll back {name}: it has no '{PREVIOUS}' alias (nothing was promoted over another champion)")
+        raise TlopsError(
+            f"cannot roll back {name}: it has no '{PREVIOUS}' alias (nothing was promoted over another champion)"
+        )
     cur = get_alias(name, CHAMPION)
     c.set_registered_model_alias(name, CHAMPION, prev.version)
     if cur is not None:
@@ -170,6 +188,10 @@ def rollback(name: str, *, reason: str | None = None) -> dict[str, Any]:
     else:
         c.delete_registered_model_alias(name, PREVIOUS)
     stamp = _stamp(reason)
-    c.set_model_version_tag(name, str(prev.version), "tlops.rolled_back", f"{stamp} (from v{cur.version})" if cur else stamp)
-    _append_history(name, f"rollback to v{prev.version} (from {'v' + str(cur.version) if cur else 'no champion'}) by {stamp}")
+    c.set_model_version_tag(
+        name, str(prev.version), "tlops.rolled_back", f"{stamp} (from v{cur.version})" if cur else stamp
+    )
+    _append_history(
+        name, f"rollback to v{prev.version} (from {'v' + str(cur.version) if cur else 'no champion'}) by {stamp}"
+    )
     return {"model": name, "champion": str(prev.version), "previous": str(cur.version) if cur else None}

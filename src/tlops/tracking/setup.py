@@ -112,12 +112,14 @@ def tracking_errors(uri: str, what: str) -> Iterator[None]:
         if len(detail) > 300:
             detail = detail[:300] + "..."
         how = "returned " + state if state.startswith("HTTP") else state
-        raise TrackingError(redact(
-            f"MLflow tracking server {safe_url(uri)} {how} after {attempts} attempts while {what} "
-            f"({type(e).__name__}: {detail}). Check that the server is up and reachable, or unset "
-            "MLFLOW_TRACKING_URI / tracking.uri to use the embedded store; retries are tuned with "
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR and MLFLOW_HTTP_REQUEST_TIMEOUT"
-        )) from None
+        raise TrackingError(
+            redact(
+                f"MLflow tracking server {safe_url(uri)} {how} after {attempts} attempts while {what} "
+                f"({type(e).__name__}: {detail}). Check that the server is up and reachable, or unset "
+                "MLFLOW_TRACKING_URI / tracking.uri to use the embedded store; retries are tuned with "
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR and MLFLOW_HTTP_REQUEST_TIMEOUT"
+            )
+        ) from None
 
 
 def warn_insecure_tls(uri: str) -> bool:
@@ -128,8 +130,12 @@ def warn_insecure_tls(uri: str) -> bool:
     if insecure and uri.startswith(("http://", "https://")):
         from tlops.redact import safe_url
 
-        log.warning("TLS certificate verification is OFF for the MLflow tracking server %s "
-                    "(MLFLOW_TRACKING_INSECURE_TLS=%s); credentials and models travel unverified", safe_url(uri), flag)
+        log.warning(
+            "TLS certificate verification is OFF for the MLflow tracking server %s "
+            "(MLFLOW_TRACKING_INSECURE_TLS=%s); credentials and models travel unverified",
+            safe_url(uri),
+            flag,
+        )
     return insecure
 
 
@@ -169,7 +175,10 @@ def configure(cfg: PipelineConfig) -> str:
         init_lock = file_lock(db.with_name(db.name + ".lock"), what=f"the MLflow store {db.name} (being initialised)")
     use_store(uri)
     bound_http_retries(uri)
-    with init_lock, tracking_errors(uri, f"looking up experiment {cfg.tracking.experiment!r}"):  # the first tracking call
+    with (
+        init_lock,
+        tracking_errors(uri, f"looking up experiment {cfg.tracking.experiment!r}"),
+    ):  # the first tracking call
         client = mlflow.MlflowClient()
         if client.get_experiment_by_name(cfg.tracking.experiment) is None:
             location = cfg.tracking.artifact_location
@@ -216,7 +225,9 @@ def pipeline_run(cfg: PipelineConfig, run_name: str, config_file: Path | None = 
         return
     with tracking_errors(uri, f"tracking run {run_name}"), mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()})
-        mlflow.set_tags({"tlops.pipeline": cfg.name, "tlops.config_hash": cfg.config_hash, "tlops.git_commit": git_commit()})
+        mlflow.set_tags(
+            {"tlops.pipeline": cfg.name, "tlops.config_hash": cfg.config_hash, "tlops.git_commit": git_commit()}
+        )
         if config_file is not None:
             mlflow.log_artifact(str(config_file))
         yield run

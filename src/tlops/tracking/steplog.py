@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from tlops.artifacts import Artifact
 
-
-LINEAGE_TAGS = {"dvc_repo": "tlops.data.repo", "git_rev": "tlops.data.git_rev", "dvc_path": "tlops.data.path",
-                "dvc_md5": "tlops.data.dvc_md5"}
+LINEAGE_TAGS = {
+    "dvc_repo": "tlops.data.repo",
+    "git_rev": "tlops.data.git_rev",
+    "dvc_path": "tlops.data.path",
+    "dvc_md5": "tlops.data.dvc_md5",
+}
 
 
 def data_tags(dataset_meta: dict) -> dict[str, str]:
@@ -46,7 +49,9 @@ def log_step(step: str, artifact: Artifact, seconds: float | None = None, reused
     elif step == "evaluate":
         for name, m in meta["summary"].items():
             mlflow.log_metric(f"{name}.test_accuracy", m["accuracy"])
-        mlflow.log_metrics({"test_accuracy": meta["accuracy"], "test_macro_f1": meta["macro_f1"], "test_ece": meta["ece"]})
+        mlflow.log_metrics(
+            {"test_accuracy": meta["accuracy"], "test_macro_f1": meta["macro_f1"], "test_ece": meta["ece"]}
+        )
         if meta["gain_over_scratch"] is not None:
             mlflow.log_metric("gain_over_scratch", meta["gain_over_scratch"])
         mlflow.set_tag("tlops.gates", "passed" if meta["gates_passed"] else "failed")

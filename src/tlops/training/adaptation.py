@@ -78,7 +78,9 @@ def coral_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     same covariance; only second-order statistics are matched (not the means).
     """
     if fs.ndim != 2 or ft.ndim != 2 or fs.shape[1] != ft.shape[1]:
-        raise ValueError(f"coral_loss expects (n_s, d) and (n_t, d) features, got {tuple(fs.shape)} and {tuple(ft.shape)}")
+        raise ValueError(
+            f"coral_loss expects (n_s, d) and (n_t, d) features, got {tuple(fs.shape)} and {tuple(ft.shape)}"
+        )
     d = fs.shape[1]
     diff = _covariance(fs.float()) - _covariance(ft.float())
     return (diff * diff).sum() / (4.0 * d * d)
@@ -106,7 +108,9 @@ def mmd_loss(
     estimate of MMD^2 that can be negative and is ~0 in expectation for equal distributions.
     """
     if fs.ndim != 2 or ft.ndim != 2 or fs.shape[1] != ft.shape[1]:
-        raise ValueError(f"mmd_loss expects (n_s, d) and (n_t, d) features, got {tuple(fs.shape)} and {tuple(ft.shape)}")
+        raise ValueError(
+            f"mmd_loss expects (n_s, d) and (n_t, d) features, got {tuple(fs.shape)} and {tuple(ft.shape)}"
+        )
     ns, nt = fs.shape[0], ft.shape[0]
     if unbiased and (ns < 2 or nt < 2):
         raise ValueError("the unbiased MMD estimate needs at least 2 samples per domain")
@@ -213,7 +217,9 @@ class RandomizedMultilinearMap(nn.Module):
     drawn from ``generator`` (not trained).
     """
 
-    def __init__(self, features_dim: int, num_classes: int, output_dim: int = 1024, generator: torch.Generator | None = None):
+    def __init__(
+        self, features_dim: int, num_classes: int, output_dim: int = 1024, generator: torch.Generator | None = None
+    ):
         super().__init__()
         self.output_dim = output_dim
         self.register_buffer("rf", torch.randn(features_dim, output_dim, generator=generator))
@@ -306,7 +312,9 @@ def predict(model: nn.Module, x: Any, *, prepare: Prepare | None = None, batch_s
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate(model: nn.Module, x: Any, y: Any, *, prepare: Prepare | None = None, batch_size: int = 512) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: Any, y: Any, *, prepare: Prepare | None = None, batch_size: int = 512
+) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on labelled data ``(x, y)``."""
     logits = predict(model, x, prepare=prepare, batch_size=batch_size)
     yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y, dtype=torch.long)
@@ -322,7 +330,11 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @torch.no_grad()
 def adabn(
-    model: nn.Module, target_batches: Iterable[Any], *, prepare: Prepare | None = None, within: Iterable[nn.Module] | None = None,
+    model: nn.Module,
+    target_batches: Iterable[Any],
+    *,
+    prepare: Prepare | None = None,
+    within: Iterable[nn.Module] | None = None,
 ) -> int:
     """AdaBN: replace every BatchNorm layer's running statistics by statistics of the target data.
 
@@ -516,14 +528,27 @@ def adapt(
     steps = iters_per_epoch or max(1, n_s // batch_size)
     total = epochs * steps
     meta: dict[str, Any] = {
-        "method": method, "epochs": epochs, "iters_per_epoch": steps, "batch_size": batch_size, "lr": lr,
-        "lr_schedule": lr_schedule, "optimizer": optimizer, "momentum": momentum, "weight_decay": weight_decay,
-        "trade_off": trade_off, "seed": seed, "n_source": n_s, "n_target": n_t,
+        "method": method,
+        "epochs": epochs,
+        "iters_per_epoch": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "lr_schedule": lr_schedule,
+        "optimizer": optimizer,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "trade_off": trade_off,
+        "seed": seed,
+        "n_source": n_s,
+        "n_target": n_t,
         "n_source_val": len(source_val[0]) if source_val is not None else 0,
-        "augment": augment is not None, "augment_target": bool(augment and augment_target),
+        "augment": augment is not None,
+        "augment_target": bool(augment and augment_target),
         "entropy_weight": entropy_weight if method != "source-only" else 0.0,
         "discriminator": f"{discriminator_hidden} hidden x2" if adversarial else None,
-        "cdan_map": (f"randomized {rmap.output_dim}" if rmap is not None else "exact") if method.startswith("cdan") else None,
+        "cdan_map": (f"randomized {rmap.output_dim}" if rmap is not None else "exact")
+        if method.startswith("cdan")
+        else None,
         "bn_batches": "source+target concatenated" if method != "source-only" else "source only",
     }
     history = AdaptHistory(meta=meta)

@@ -71,8 +71,14 @@ class DistributedError(TlopsError):
 
 
 def epoch_batches(
-    x: Any, perm: np.ndarray, batch_size: int, *, bucket: bool, generator: torch.Generator | None = None,
-    rank: int = 0, world: int = 1,
+    x: Any,
+    perm: np.ndarray,
+    batch_size: int,
+    *,
+    bucket: bool,
+    generator: torch.Generator | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> list[np.ndarray]:
     """This rank's index batches for one epoch.
 
@@ -91,7 +97,9 @@ def epoch_batches(
             part = perm[s : s + chunk]
             part = part[np.argsort(-lengths[s : s + chunk], kind="stable")]
             batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-        order = torch.randperm(len(batches), generator=generator).numpy() if generator is not None else range(len(batches))
+        order = (
+            torch.randperm(len(batches), generator=generator).numpy() if generator is not None else range(len(batches))
+        )
         batches = [batches[i] for i in order]
     else:
         batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
@@ -294,9 +302,19 @@ def init(train_cfg: Any) -> Context:
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     base = current() if _CURRENT is None else _CURRENT
-    _CURRENT = Context(device=device, rank=rank, world=world, local_rank=local_rank, distributed=world > 1,
-                       amp=base.amp, channels_last=base.channels_last, compile=base.compile)
-    log.info("ddp: rank %d/%d on %s (%s, %d threads)", rank, world, device, tdist.get_backend(), torch.get_num_threads())
+    _CURRENT = Context(
+        device=device,
+        rank=rank,
+        world=world,
+        local_rank=local_rank,
+        distributed=world > 1,
+        amp=base.amp,
+        channels_last=base.channels_last,
+        compile=base.compile,
+    )
+    log.info(
+        "ddp: rank %d/%d on %s (%s, %d threads)", rank, world, device, tdist.get_backend(), torch.get_num_threads()
+    )
     return _CURRENT
 
 
@@ -339,8 +357,20 @@ def run_step(cfg: Any, inputs: dict[str, Any], out: Path, body: Callable[[Any, d
 
 
 def launch_command(config_file: Path, inputs: dict[str, Path], out: Path, nproc: int) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
-           "-m", "tlops.training.distributed", "--config", str(config_file), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "tlops.training.distributed",
+        "--config",
+        str(config_file),
+        "--out",
+        str(out),
+    ]
     for name, path in inputs.items():
         cmd += ["--in", f"{name}={path}"]
     return cmd
@@ -363,7 +393,9 @@ def launch(cfg: Any, inputs: dict[str, Any], out: Path, nproc: int) -> Any:
         log.info("fine-tune: train.distributed=ddp, launching %d workers: %s", nproc, " ".join(cmd))
         rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise DistributedError(f"fine-tune: the {nproc} DDP workers failed (exit status {rc}); command: {' '.join(cmd)}")
+        raise DistributedError(
+            f"fine-tune: the {nproc} DDP workers failed (exit status {rc}); command: {' '.join(cmd)}"
+        )
     return read_artifact(out, "trained-models")
 
 
@@ -375,8 +407,11 @@ def _worker(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from tlops import dag
     from tlops.artifacts import read_artifact
     from tlops.config import load_config

@@ -44,7 +44,9 @@ def freeze_blocks(clf: Classifier, k: int) -> list[nn.Module]:
     if k > len(blocks):
         from tlops.errors import ConfigError
 
-        raise ConfigError(f"train.freeze_blocks: got {k}, but the backbone has only {len(blocks)} blocks (allowed: 0..{len(blocks)})")
+        raise ConfigError(
+            f"train.freeze_blocks: got {k}, but the backbone has only {len(blocks)} blocks (allowed: 0..{len(blocks)})"
+        )
     frozen = blocks[:k]
     for m in frozen:
         for p in m.parameters():
@@ -85,7 +87,15 @@ def evaluate_split(clf: Classifier, split: Split, batch_size: int) -> dict[str, 
 
 
 def fine_tune(
-    clf: Classifier, train: Split, val: Split | None, cfg: TrainConfig, seed: int, out_dir: Path, *, frozen_k: int, name: str,
+    clf: Classifier,
+    train: Split,
+    val: Split | None,
+    cfg: TrainConfig,
+    seed: int,
+    out_dir: Path,
+    *,
+    frozen_k: int,
+    name: str,
 ) -> list[dict[str, Any]]:
     from tlops.training.partial import L2SP, param_groups, unfreeze_plan
 
@@ -125,8 +135,9 @@ def fine_tune(
             model = ctx.wrap(clf)  # DDP when distributed (re-wrapped when the trainable set changes)
         perm = torch.randperm(len(train), generator=g).numpy()
         tot_loss, tot_correct, seen = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), 0
-        batches = distributed.epoch_batches(train.x, perm, cfg.batch_size, bucket=not image, generator=g,
-                                            rank=ctx.rank, world=ctx.world)  # text: length-grouped batches
+        batches = distributed.epoch_batches(
+            train.x, perm, cfg.batch_size, bucket=not image, generator=g, rank=ctx.rank, world=ctx.world
+        )  # text: length-grouped batches
         for idx in batches:
             inputs = clf.backbone.prepare(_take(train.x, idx))
             if image and cfg.augment:
@@ -156,11 +167,29 @@ def fine_tune(
             best, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in clf.state_dict().items()}
         if ctx.is_main:
-            _checkpoint(ckpt_dir, epoch, clf, opt, sched=sched, g=g, history=history, best=best, best_epoch=best_epoch,
-                        best_state=best_state, epochs=cfg.epochs, name=name)
+            _checkpoint(
+                ckpt_dir,
+                epoch,
+                clf,
+                opt,
+                sched=sched,
+                g=g,
+                history=history,
+                best=best,
+                best_epoch=best_epoch,
+                best_state=best_state,
+                epochs=cfg.epochs,
+                name=name,
+            )
         log.info(
-            "%s epoch %d/%d: loss %.4f acc %.3f%s (%.1fs)", name, epoch, cfg.epochs, rec["train_loss"], rec["train_acc"],
-            f" val_acc {rec['val_acc']:.3f}" if "val_acc" in rec else "", rec["seconds"],
+            "%s epoch %d/%d: loss %.4f acc %.3f%s (%.1fs)",
+            name,
+            epoch,
+            cfg.epochs,
+            rec["train_loss"],
+            rec["train_acc"],
+            f" val_acc {rec['val_acc']:.3f}" if "val_acc" in rec else "",
+            rec["seconds"],
         )
     if resumable and ctx.is_main:
         _export_checkpoints(ckpt_dir, out_dir / "checkpoints")
@@ -189,8 +218,12 @@ def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -207,9 +240,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _checkpoint(
-    d: Path, epoch: int, clf: Classifier, opt: torch.optim.Optimizer, *, sched: Any = None, g: torch.Generator | None = None,
-    history: list[dict[str, Any]] | None = None, best: tuple[float, float] | None = None, best_epoch: int = 0,
-    best_state: dict[str, torch.Tensor] | None = None, epochs: int | None = None, name: str = "",
+    d: Path,
+    epoch: int,
+    clf: Classifier,
+    opt: torch.optim.Optimizer,
+    *,
+    sched: Any = None,
+    g: torch.Generator | None = None,
+    history: list[dict[str, Any]] | None = None,
+    best: tuple[float, float] | None = None,
+    best_epoch: int = 0,
+    best_state: dict[str, torch.Tensor] | None = None,
+    epochs: int | None = None,
+    name: str = "",
 ) -> None:
     """Write ``epoch_NNN.pt`` atomically (unique temp name: two writers never share a temp file)."""
     path = d / f"epoch_{epoch:03d}.pt"
@@ -217,9 +260,14 @@ def _checkpoint(
     ckpt: dict[str, Any] = {"epoch": epoch, "model": clf.state_dict(), "optimizer": opt.state_dict()}
     if g is not None:  # everything a resumed run needs to continue exactly
         ckpt |= {
-            "name": name, "epochs": epochs, "scheduler": sched.state_dict() if sched is not None else None,
-            "generator": g.get_state(), "rng": _rng_state(), "history": history or [],
-            "best": list(best) if best is not None else None, "best_epoch": best_epoch,
+            "name": name,
+            "epochs": epochs,
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "generator": g.get_state(),
+            "rng": _rng_state(),
+            "history": history or [],
+            "best": list(best) if best is not None else None,
+            "best_epoch": best_epoch,
             # the best weights, unless they are this epoch's (then "model" holds them)
             "best_state": best_state if best_epoch != epoch else None,
         }
@@ -233,7 +281,13 @@ def _checkpoint(
 
 
 def _resume(
-    d: Path, clf: Classifier, opt: torch.optim.Optimizer, sched: Any, g: torch.Generator, epochs: int, name: str,
+    d: Path,
+    clf: Classifier,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    g: torch.Generator,
+    epochs: int,
+    name: str,
 ) -> tuple[int, list[dict[str, Any]], tuple[float, float] | None, int, dict[str, torch.Tensor]] | None:
     """Load the newest readable checkpoint in ``d`` into the model, optimizer, scheduler and
     RNGs; return (epoch, history, best score, best epoch, best weights), or None to start fresh."""
@@ -243,9 +297,16 @@ def _resume(
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unreadable (e.g. truncated by a full disk): try an older one
-            log.warning("%s: checkpoint %s is unreadable (%s: %s); trying an older one", name, path, type(e).__name__, e)
+            log.warning(
+                "%s: checkpoint %s is unreadable (%s: %s); trying an older one", name, path, type(e).__name__, e
+            )
             continue
-        if "generator" not in ckpt or ckpt.get("epochs") != epochs or ckpt.get("name") != name or ckpt["epoch"] > epochs:
+        if (
+            "generator" not in ckpt
+            or ckpt.get("epochs") != epochs
+            or ckpt.get("name") != name
+            or ckpt["epoch"] > epochs
+        ):
             log.warning("%s: checkpoint %s does not match this training run; starting from scratch", name, path)
             return None
         clf.load_state_dict(ckpt["model"])

@@ -50,18 +50,34 @@ def apply_lora(clf: Classifier, settings: LoraSettings) -> dict[str, Any]:
         )
     base = clf.backbone.model
     targets = settings.target_modules or default_targets(base)
-    cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=targets, bias="none")
+    cfg = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets, bias="none"
+    )
     try:
         clf.backbone.model = get_peft_model(base, cfg)
     except ValueError as e:
         raise ConfigError(f"train.lora.target_modules: {e}") from None
     trainable = sum(p.numel() for p in clf.backbone.parameters() if p.requires_grad)
     total = sum(p.numel() for p in clf.backbone.parameters())
-    log.info("lora: r=%d alpha=%d on %s: %d of %d backbone parameters train (%.2f%%)",
-             settings.r, settings.alpha, ",".join(targets), trainable, total, 100 * trainable / total)
-    return {"lora": {"r": settings.r, "alpha": settings.alpha, "target_modules": targets,
-                     "trainable_params": trainable, "backbone_params": total, "merged": settings.merge}}
+    log.info(
+        "lora: r=%d alpha=%d on %s: %d of %d backbone parameters train (%.2f%%)",
+        settings.r,
+        settings.alpha,
+        ",".join(targets),
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    return {
+        "lora": {
+            "r": settings.r,
+            "alpha": settings.alpha,
+            "target_modules": targets,
+            "trainable_params": trainable,
+            "backbone_params": total,
+            "merged": settings.merge,
+        }
+    }
 
 
 def merge_lora(clf: Classifier) -> None:

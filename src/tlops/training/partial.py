@@ -55,6 +55,7 @@ def block_features(clf: Classifier, x: Any, batch_size: int = 64) -> list[np.nda
             if outs[i] is None:
                 outs[i] = np.zeros((n, v.shape[1]), dtype=np.float32)
             outs[i][cur["idx"]] = v
+
         return fn
 
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
@@ -74,7 +75,11 @@ def block_features(clf: Classifier, x: Any, batch_size: int = 64) -> list[np.nda
 
 
 def choose_freeze_blocks(
-    clf: Classifier, train: Split, val: Split | None, cfg: TrainConfig, seed: int,
+    clf: Classifier,
+    train: Split,
+    val: Split | None,
+    cfg: TrainConfig,
+    seed: int,
     cached: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """``freeze_blocks: auto``: probe each block on validation; freeze up to the best one.
@@ -102,8 +107,12 @@ def choose_freeze_blocks(
     valid = [s for s in scores if s["score"] is not None]
     best_block = max(valid, key=lambda s: (s["score"], -s["block"]))["block"] if valid else -1
     k = min(best_block + 1, n_blocks - 1)
-    log.info("freeze_blocks auto: block probe scores %s -> freezing the first %d of %d blocks",
-             [s["score"] for s in scores], k, n_blocks)
+    log.info(
+        "freeze_blocks auto: block probe scores %s -> freezing the first %d of %d blocks",
+        [s["score"] for s in scores],
+        k,
+        n_blocks,
+    )
     return max(k, 0), scores
 
 
@@ -133,7 +142,9 @@ def param_groups(clf: Classifier, cfg: TrainConfig) -> list[dict[str, Any]]:
     rest = [p for p in clf.backbone.parameters() if p.requires_grad and id(p) not in in_blocks]
     if rest:
         groups.append({"params": rest, "lr": cfg.lr, "weight_decay": body_wd, "name": "backbone-rest"})
-    groups.append({"params": list(clf.head.parameters()), "lr": head_lr, "weight_decay": cfg.weight_decay, "name": "head"})
+    groups.append(
+        {"params": list(clf.head.parameters()), "lr": head_lr, "weight_decay": cfg.weight_decay, "name": "head"}
+    )
     return groups
 
 
@@ -160,6 +171,10 @@ def unfreeze_plan(trainable: list[nn.Module], epochs: int) -> dict[int, list[nn.
     plan = {j + 2: [block] for j, block in enumerate(reversed(trainable))}
     never = len([e for e in plan if e > epochs])
     if never:
-        log.info("gradual_unfreeze: %d epochs open only the top %d of %d trainable blocks",
-                 epochs, len(trainable) - never, len(trainable))
+        log.info(
+            "gradual_unfreeze: %d epochs open only the top %d of %d trainable blocks",
+            epochs,
+            len(trainable) - never,
+            len(trainable),
+        )
     return plan

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from tlops.config import TrainConfig
 
@@ -21,8 +21,13 @@ log = logging.getLogger(__name__)
 
 
 def train_probe(
-    f_train: np.ndarray, y_train: np.ndarray, f_val: np.ndarray | None, y_val: np.ndarray | None,
-    num_classes: int, cfg: TrainConfig, seed: int,
+    f_train: np.ndarray,
+    y_train: np.ndarray,
+    f_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    num_classes: int,
+    cfg: TrainConfig,
+    seed: int,
 ) -> tuple[nn.Linear, list[dict[str, Any]]]:
     torch.manual_seed(seed)
     xt, yt = torch.from_numpy(f_train).float(), torch.from_numpy(y_train).long()
@@ -44,10 +49,17 @@ def train_probe(
         opt.step()
         with torch.no_grad():
             head.eval()
-            rec = {"epoch": epoch, "train_loss": float(loss), "train_acc": float((head(xt).argmax(1) == yt).float().mean())}
+            rec = {
+                "epoch": epoch,
+                "train_loss": float(loss),
+                "train_acc": float((head(xt).argmax(1) == yt).float().mean()),
+            }
             if has_val:
                 lv = head(xv)
-                rec |= {"val_loss": float(F.cross_entropy(lv, yv)), "val_acc": float((lv.argmax(1) == yv).float().mean())}
+                rec |= {
+                    "val_loss": float(F.cross_entropy(lv, yv)),
+                    "val_acc": float((lv.argmax(1) == yv).float().mean()),
+                }
                 score = (rec["val_acc"], -rec["val_loss"])
             else:
                 score = (rec["train_acc"], -rec["train_loss"])

@@ -67,8 +67,20 @@ def contrastive_tune(clf: Classifier, train: Split, cfg: SetFitConfig, seed: int
             loss.backward()
             opt.step()
             total += loss.item() * len(batch)
-        rec = {"epoch": epoch, "pair_loss": total / len(pairs), "pairs": len(pairs), "seconds": round(time.perf_counter() - t0, 3)}
+        rec = {
+            "epoch": epoch,
+            "pair_loss": total / len(pairs),
+            "pairs": len(pairs),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         history.append(rec)
-        log.info("setfit epoch %d/%d: %d pairs, cosine loss %.4f (%.1fs)", epoch, cfg.epochs, len(pairs), rec["pair_loss"], rec["seconds"])
+        log.info(
+            "setfit epoch %d/%d: %d pairs, cosine loss %.4f (%.1fs)",
+            epoch,
+            cfg.epochs,
+            len(pairs),
+            rec["pair_loss"],
+            rec["seconds"],
+        )
     clf.backbone.eval()
     return history
