@@ -112,7 +112,7 @@ def test_tracking_server_answering_503_is_retried_with_backoff_then_reported(
         f"MLflow tracking server http://127.0.0.1:{port} returned HTTP 503 after 3 attempts while looking up experiment"
     ), msg
     assert len(hits) == 3  # 1 try + MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, then it gives up
-    gaps = [b - a for a, b in zip(hits, hits[1:])]
+    gaps = [b - a for a, b in zip(hits, hits[1:], strict=False)]
     assert gaps[-1] >= 1.5, gaps  # exponential backoff (factor 1: waits of 0 s, then 2 s)
     assert took < 30
     assert "MLFLOW_TRACKING_URI" in msg and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in msg

@@ -109,8 +109,8 @@ def test_description_has_metrics_champion_comparison_and_links(reg, store):
     assert f"[confusion matrix]({page}/confusion_matrix.png)" in d
     assert f"[evaluation report]({page}/report.md)" in d
     assert (
-        f"![confusion matrix of the selected model](get-artifact?path=evaluation%2Fconfusion_matrix.png&run_uuid={v2.run_id})"
-        in d
+        "![confusion matrix of the selected model]"
+        f"(get-artifact?path=evaluation%2Fconfusion_matrix.png&run_uuid={v2.run_id})" in d
     )
     logged = {a.path for a in store.list_artifacts(v2.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/report.md", "evaluation/report.json"} <= logged
@@ -150,8 +150,8 @@ def test_rollback_swaps_champion_and_previous(reg, store, cli, tmp_path):
     code, out, err = cli("rollback", "t-roll", "--workdir", str(reg.work))
     assert (code, out) == (1, "")
     assert (
-        err
-        == "error: cannot roll back t-roll: it has no 'previous-champion' alias (nothing was promoted over another champion)\n"
+        err == "error: cannot roll back t-roll: it has no 'previous-champion' alias "
+        "(nothing was promoted over another champion)\n"
     )
     cli("promote", "t-roll", "1", "--workdir", str(reg.work), "--reason", "first")
     assert (

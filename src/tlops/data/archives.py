@@ -41,7 +41,8 @@ def _refuse(archive: Path, member: str, why: str) -> DataError:
     return DataError(
         f"data.source: refusing to extract {archive}: member {member!r} {why}; "
         "tlops only extracts regular files and folders that stay inside the archive root. "
-        "Re-create the archive from the data folder itself (e.g. cd data && zip -r ../data.zip . / tar czf ../data.tgz .)"
+        "Re-create the archive from the data folder itself "
+        "(e.g. cd data && zip -r ../data.zip . / tar czf ../data.tgz .)"
     )
 
 

@@ -28,7 +28,7 @@ def write_split(root: Path, name: str, kind: str, x: Any, y: np.ndarray) -> None
         np.savez(d / f"{name}.npz", x=np.asarray(x, dtype=np.uint8), y=np.asarray(y, dtype=np.int64))
     else:
         with open(d / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for t, label in zip(x, y):
+            for t, label in zip(x, y, strict=True):
                 f.write(json.dumps({"text": t, "y": int(label)}, ensure_ascii=False) + "\n")
 
 

@@ -215,7 +215,8 @@ def load_image_folder(cfg: DataConfig, fmt: str) -> RawData:
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
         raise DataError(
-            f"data.source: images in {root} have different sizes ({', '.join('x'.join(map(str, s[:2])) for s in shapes[:5])}); "
+            f"data.source: images in {root} have different sizes "
+            f"({', '.join('x'.join(map(str, s[:2])) for s in shapes[:5])}); "
             "set data.image_size to resize them to one square size"
         )
     return RawData("image", np.stack(arrays), labels, "image-folder", {"files": len(files)})
@@ -234,7 +235,8 @@ def load_npz(cfg: DataConfig, fmt: str) -> RawData:
                 pairs = [(k, "y" + k[1:]) for k in keys if k.startswith("x_") and "y" + k[1:] in keys]
             if not pairs:
                 raise DataError(
-                    f"data.source: {path} must hold arrays 'x' and 'y' (or x_<split>/y_<split> pairs); it has: {', '.join(keys)}"
+                    f"data.source: {path} must hold arrays 'x' and 'y' (or x_<split>/y_<split> pairs); "
+                    f"it has: {', '.join(keys)}"
                 )
             xs = [z[a] for a, _ in pairs]
             ys = [z[b] for _, b in pairs]
@@ -271,7 +273,7 @@ def _check_split_labels(path: Path, pairs: list[tuple[str, str]], ys: list[np.nd
     keep = None if classes is None else {str(c) for c in classes}
     train = {str(v) for v in ys[names.index("y_train")].tolist()}
     problems = []
-    for name, y in zip(names, ys):
+    for name, y in zip(names, ys, strict=True):
         if name == "y_train" or not y.size:
             continue
         vals = [str(v) for v in y.tolist()]
@@ -333,7 +335,11 @@ def load_delimited(cfg: DataConfig, fmt: str) -> RawData:
                 )
             else:
                 other = "," if delim == "\t" else "tab"
-                hint = f" (only one column found: is the delimiter right? the file was read as {fmt}; try data.format={'csv' if delim == chr(9) else 'tsv'} for {other})"
+                fix = "csv" if delim == chr(9) else "tsv"
+                hint = (
+                    f" (only one column found: is the delimiter right? the file was read as {fmt}; "
+                    f"try data.format={fix} for {other})"
+                )
         elif not cfg.columns:
             hint = " (if the file has no header row, name its columns with data.columns)"
         raise DataError(

@@ -61,7 +61,8 @@ def decide(gates: GatesConfig, accuracy: float, gain: float | None, champion: di
                 {
                     "gate": "must_beat_champion",
                     "passed": ok,
-                    "reason": f"accuracy {accuracy:.4f} {'>' if ok else '<='} champion v{champion['version']} {champion['accuracy']:.4f}",
+                    "reason": f"accuracy {accuracy:.4f} {'>' if ok else '<='} "
+                    f"champion v{champion['version']} {champion['accuracy']:.4f}",
                 }
             )
     failed = [c for c in checks if not c["passed"]]

@@ -42,7 +42,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation: {report['pipeline']}",
         "",
-        f"Selected strategy: **{report['selected']}** (chosen on the validation split); test split: {report['test_size']} samples.",
+        f"Selected strategy: **{report['selected']}** (chosen on the validation split); "
+        f"test split: {report['test_size']} samples.",
         "",
         metrics_table(report),
         "",

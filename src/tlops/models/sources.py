@@ -54,7 +54,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
         ref = spec[7:]
         if not _MLFLOW_RE.match(ref):
             raise ModelError(
-                f"source.model: bad MLflow reference '{spec}'; use mlflow:models:/<name>@<alias> or mlflow:models:/<name>/<version>"
+                f"source.model: bad MLflow reference '{spec}'; "
+                "use mlflow:models:/<name>@<alias> or mlflow:models:/<name>/<version>"
             )
         return "mlflow", ref
     if Path(spec).is_dir():
@@ -182,7 +183,8 @@ def _pull_mlflow(ref: str, out: Path) -> dict[str, Any]:
         bundles = [p.parent for p in local.rglob("bundle.json")]
         if not bundles:
             raise ModelError(
-                f"source.model: mlflow:{ref} (version {entry['version']}) holds no tlops bundle; was it registered by tlops?"
+                f"source.model: mlflow:{ref} (version {entry['version']}) holds no tlops bundle; "
+                "was it registered by tlops?"
             )
         log.info("pull-model: mlflow:%s -> %s version %s", ref, entry["name"], entry["version"])
         return _copy_bundle(bundles[0], out, f"mlflow:{ref}", mlflow=entry)
@@ -221,7 +223,8 @@ def _pull_timm(ref: str, cfg: SourceConfig, out: Path) -> dict[str, Any]:
     if not timm.is_model(ref):
         close = timm.list_models(f"*{ref.split('.')[0][:6]}*")[:8]
         raise ModelError(
-            f"source.model: unknown timm model '{ref}'; similar names: {', '.join(close) or 'none'} (see timm.list_models())"
+            f"source.model: unknown timm model '{ref}'; similar names: {', '.join(close) or 'none'} "
+            "(see timm.list_models())"
         )
     from_file = cfg.weights is not None
     try:
@@ -264,5 +267,6 @@ def _load_weights_file(model, path: Path) -> None:
     unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier."))]
     if missing or unexpected:
         raise ModelError(
-            f"source.weights: {path} does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"source.weights: {path} does not match the architecture: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )

@@ -108,7 +108,7 @@ def render_text(a: VersionInfo, b: VersionInfo) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     lines = [f"{a.name}: v{a.version} vs v{b.version}"]
     for i, r in enumerate(table):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append(
@@ -134,7 +134,8 @@ def render_html(a: VersionInfo, b: VersionInfo) -> str:
         data = base64.b64encode(v.confusion_png).decode("ascii")
         return (
             f'<figure><img alt="confusion matrix v{e(v.version)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>v{e(v.version)}: confusion matrix ({e(v.tags.get('tlops.strategy', ''))})</figcaption></figure>"
+            f"<figcaption>v{e(v.version)}: confusion matrix ({e(v.tags.get('tlops.strategy', ''))})"
+            "</figcaption></figure>"
         )
 
     split = (
