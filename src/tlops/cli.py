@@ -9,13 +9,36 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from tlops.cli_kfp import add_commands as add_kfp_commands
 from tlops.errors import ConfigError, TlopsError
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="tlops: transfer-learning pipelines (ingest → register)."
-)
+
+class _UsageCommand(TyperCommand):
+    """A command whose every parse error is a usage error with the command's usage line.
+
+    The option parser raises "Option '--x' requires an argument" without a context, so typer
+    would print the error alone, without "Usage: ..."; the context is attached here."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as e:  # typer's bundled click UsageError: exit code 2, .ctx and .cmd
+            if getattr(e, "exit_code", None) == 2 and hasattr(e, "ctx") and e.ctx is None:
+                e.ctx, e.cmd = ctx, self
+            raise
+
+
+class _Typer(typer.Typer):
+    """``typer.Typer`` whose commands are ``_UsageCommand`` unless a command names its own class."""
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", _UsageCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(add_completion=False, no_args_is_help=True, help="tlops: transfer-learning pipelines (ingest → register).")
 
 CONFIG = typer.Option(..., "--config", "-c", help="pipeline YAML config")
 SET = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set train.epochs=3 (repeatable)")
@@ -81,7 +104,7 @@ def compile_(
     typer.echo(f"wrote {out} (image {image_for(cfg)}, fine-tune on {'GPU: ' + gpu.accelerator_type if gpu else 'CPU'})")
 
 
-export_app = typer.Typer(no_args_is_help=True, help="Generate runner files from the DAG.")
+export_app = _Typer(no_args_is_help=True, help="Generate runner files from the DAG.")
 app.add_typer(export_app, name="export")
 
 
@@ -180,7 +203,7 @@ def summary(
     print_run_summary(_load(config, set_), load_result(run_dir))
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Version datasets with DVC (for data.dvc references).")
+data_app = _Typer(no_args_is_help=True, help="Version datasets with DVC (for data.dvc references).")
 app.add_typer(data_app, name="data")
 
 
@@ -304,7 +327,9 @@ def gc(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what would be deleted, delete nothing"),
 ) -> None:
-    """Prune old runs, their step outputs and feature cache entries no kept run uses (never what a running pipeline holds)."""
+    """Prune old runs, their step outputs and the feature cache entries no kept run uses.
+
+    Never deletes what a running pipeline holds."""
     from tlops.gc import collect
 
     for line in collect(workdir, keep, cache_dir=cache_dir, dry_run=dry_run).lines():
@@ -324,25 +349,16 @@ def main() -> None:
     verbose = os.environ.get("TLOPS_DEBUG") == "1"
     _setup_logging(verbose)
     try:
-        app(standalone_mode=False)
+        # Standalone mode: typer itself prints usage errors (unknown option, missing value, bad
+        # type) with the command's usage line and exits 2; they are instances of typer's bundled
+        # click, which an `except click.ClickException` here would not catch.
+        app(prog_name="tlops", standalone_mode=True)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except TlopsError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except (typer.Exit, SystemExit) as e:
-        code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
             f"max concurrency {res['max_concurrency']}, catch-up {'on' if res['catchup'] else 'off'}"
         )
 
-    runs = typer.Typer(no_args_is_help=True, help="Runs on a Kubeflow Pipelines server.")
+    # the parent app's class: its commands report usage errors the same way
+    runs = type(app)(no_args_is_help=True, help="Runs on a Kubeflow Pipelines server.")
 
     @runs.command("list")
     def runs_list(
@@ -152,7 +153,7 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
         ]
         widths = [max(len(row[i]) for row in table) for i in range(3)]
         for row in table:
-            typer.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
 
     @runs.command("get")
     def runs_get(
