@@ -110,7 +110,22 @@ def run_info(script: str, argv: list[str] | None) -> dict[str, Any]:
         "load_start": os.getloadavg()[0],
         "threads": torch.get_num_threads(),
         "isa": cpu_isa(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
+
+
+def run_machine(info: dict[str, Any]) -> str:
+    """The machine part of a transfer report's header, from :func:`run_info` (older runs lack the ISA and versions:
+    then the versions are this interpreter's)."""
+    import torch
+
+    isa = f" (CPU capability {info['isa']})" if info.get("isa") else ""
+    return (
+        f"CPU {info['cpu']} ({info['cores']} logical cores, {info['usable']} usable), "
+        f"torch {info.get('torch', torch.__version__)}{isa}, torch threads {info['threads']} per process, "
+        f"Python {info.get('python', platform.python_version())}, load average at start {info['load_start']:.2f}"
+    )
 
 
 # =============================================================================== CPU accounting

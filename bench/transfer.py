@@ -47,27 +47,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import (
+    RESULTS,
+    SHARED_DATA,
+    epoch_printer,
+    fmt_ms,
+    merged_command,
+    other_cpu_stats,
+    per_seed_accs,
+    rounded_history,
+    run_info,
+    run_machine,
+    summarise,
+    timed,
+    write_report,
+)
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-from tlops.training import adaptation as da  # noqa: E402
+from tlops.training import adaptation as da
 
-SHARED_DATA = Path(os.environ.get("TLOPS_SHARED_DATA", REPO.parent / "shared" / "data"))
-RESULTS_DIR = REPO / "bench" / "results"
+RESULTS_DIR = RESULTS
 PAIRS = {"usps-mnist": ("usps", "mnist"), "mnist-usps": ("mnist", "usps")}
 ARROW = {"usps-mnist": "USPS→MNIST", "mnist-usps": "MNIST→USPS"}
 # "X+ent": method X plus target entropy minimisation (weight --entropy-weight); plain names have none.
@@ -222,42 +229,6 @@ class LeNet(nn.Module):
         return self.head(self.backbone(x))
 
 
-# --------------------------------------------------------------------------- machine / load
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().split("\n"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _busy_cpu_seconds() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def timed(fn):
-    """(result, wall s, share of the machine's CPU used by OTHER processes meanwhile, this process's CPU s)."""
-    busy0, own0, t0 = _busy_cpu_seconds(), os.times(), time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    busy1, own1 = _busy_cpu_seconds(), os.times()
-    other = None
-    if busy0 is not None and busy1 is not None and dt > 0:
-        own = (own1.user - own0.user) + (own1.system - own0.system)
-        other = max(0.0, (busy1 - busy0 - own) / (dt * (os.cpu_count() or 1)))
-    cpu = (own1.user - own0.user) + (own1.system - own0.system)
-    return out, dt, other, cpu
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -272,22 +243,13 @@ def run_method(
 ) -> tuple[dict[str, Any], nn.Module | None]:
     test_x, test_y = data["test"]
 
-    def log(rec: dict[str, Any]) -> None:
-        if verbose:
-            keys = ("cls_loss", "transfer_loss", "domain_acc", "source_val_acc", "monitor_target_test_acc", "seconds")
-            print(
-                f"    [{method} s{seed}] epoch {rec['epoch']}: "
-                + " ".join(f"{k}={rec[k]:.4f}" for k in keys if k in rec),
-                flush=True,
-            )
-
     if method == "adabn":
         if source_only_model is None:
             raise RuntimeError("adabn needs the source-only model of the same seed (list source-only first)")
         model = LeNet()
         model.load_state_dict(source_only_model.state_dict())
         tx = data["target"][0]
-        n, dt, other, cpu = timed(lambda: da.adabn(model, (tx[i : i + 256] for i in range(0, len(tx), 256))))
+        n, dt, other, cpu = timed(da.adabn, model, (tx[i : i + 256] for i in range(0, len(tx), 256)))
         acc = da.evaluate(model, test_x, test_y)["acc"]
         return {
             "acc": acc,
@@ -313,33 +275,33 @@ def run_method(
             data["target"][0],
         )
     ent = hp["entropy_weight"] if method.endswith("+ent") else 0.0
-    monitor = None
-    if verbose:  # diagnostics only (printed, never used for selection)
-        monitor = lambda m: {"target_test_acc": da.evaluate(m, test_x, test_y)["acc"]}  # noqa: E731
+
+    def target_test(m: nn.Module) -> dict[str, float]:  # diagnostics only (printed, never used for selection)
+        return {"target_test_acc": da.evaluate(m, test_x, test_y)["acc"]}
+
     hist, dt, other, cpu = timed(
-        lambda: da.adapt(
-            model,
-            algo,
-            source,
-            target_x,
-            epochs=hp["epochs"] or EPOCHS[data["pair"]],
-            batch_size=hp["batch_size"],
-            lr=hp["lr"],
-            trade_off=trade_off.get(method, 1.0),
-            seed=seed,
-            source_val=source_val,
-            log=log,
-            select=hp["select"],
-            optimizer=hp["optimizer"],
-            momentum=hp["momentum"],
-            weight_decay=hp["weight_decay"],
-            lr_schedule=hp["lr_schedule"],
-            augment=da.random_shift(hp["augment"]) if hp["augment"] else None,
-            monitor=monitor,
-            discriminator_hidden=hp["disc_hidden"],
-            entropy_weight=ent,
-            augment_target=bool(hp["augment_target"]),
-        )
+        da.adapt,
+        model,
+        algo,
+        source,
+        target_x,
+        epochs=hp["epochs"] or EPOCHS[data["pair"]],
+        batch_size=hp["batch_size"],
+        lr=hp["lr"],
+        trade_off=trade_off.get(method, 1.0),
+        seed=seed,
+        source_val=source_val,
+        log=epoch_printer(method, seed, verbose),
+        select=hp["select"],
+        optimizer=hp["optimizer"],
+        momentum=hp["momentum"],
+        weight_decay=hp["weight_decay"],
+        lr_schedule=hp["lr_schedule"],
+        augment=da.random_shift(hp["augment"]) if hp["augment"] else None,
+        monitor=target_test if verbose else None,
+        discriminator_hidden=hp["disc_hidden"],
+        entropy_weight=ent,
+        augment_target=bool(hp["augment_target"]),
     )
     acc = da.evaluate(model, test_x, test_y)["acc"]
     sel = hist.meta["selection"]
@@ -351,7 +313,7 @@ def run_method(
         "other_cpu": other,
         "selection": sel["criterion"],
         "selected_epoch": sel["epoch"],
-        "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in hist],
+        "history": rounded_history(hist),
         "source_val_acc": next(r["source_val_acc"] for r in hist if r["selected"]),
         "final_cls_loss": last["cls_loss"],
         "final_transfer_loss": last["transfer_loss"],
@@ -365,29 +327,6 @@ def run_method(
         da.adabn(m2, (tx[i : i + 256] for i in range(0, len(tx), 256)))
         res["acc_after_adabn"] = da.evaluate(m2, test_x, test_y)["acc"]
     return res, model
-
-
-def fmt_ms(vals: list[float], pct: bool = True) -> str:
-    k = 100.0 if pct else 1.0
-    if len(vals) == 1:
-        return f"{vals[0] * k:.1f}" if pct else f"{vals[0]:.0f}"
-    m, s = statistics.mean(vals) * k, statistics.stdev(vals) * k
-    return f"{m:.1f} ± {s:.1f}" if pct else f"{m:.0f} ± {s:.0f}"
-
-
-def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for pair, per in results.items():
-        out[pair] = {}
-        for method, runs in per.items():
-            accs = [r["acc"] for r in runs]
-            out[pair][method] = {
-                "acc_mean": statistics.mean(accs),
-                "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "seconds_mean": statistics.mean(r["seconds"] for r in runs),
-                "accs": accs,
-            }
-    return out
 
 
 def markdown(
@@ -405,21 +344,22 @@ def markdown(
         "",
         f"- date: {info['date']}; total wall time {info['total_seconds']:.0f} s",
         f"- command: `{info['command']}`",
-        f"- machine: CPU {info['cpu']} ({info['cores']} logical cores, {info['usable']} usable), torch {torch.__version__}, "
-        f"torch threads {info['threads']} per process, Python {platform.python_version()}, "
-        f"load average at start {info['load_start']:.2f}; other processes used {info['other_cpu_mean'] * 100:.0f} % of the "
-        f"CPUs on average during the runs (worst run {info['other_cpu_max'] * 100:.0f} %), so wall times are upper bounds; "
+        f"- machine: {run_machine(info)}; other processes used {info['other_cpu_mean'] * 100:.0f} % of the "
+        f"CPUs on average during the runs (worst run {info['other_cpu_max'] * 100:.0f} %), so wall times are upper "
+        "bounds; "
         "CPU s = CPU time of the benchmark process itself (user + system)"
         + (f"; {info['note']}" if info.get("note") else ""),
         "- model: LeNet-style CNN + BatchNorm (conv5x5-20, BN, ReLU, maxpool / conv5x5-50, BN, ReLU, maxpool / "
-        "fc-500, BN, ReLU, dropout 0.5 = 500-d features / linear head), random init (same init for all methods of a seed)",
+        "fc-500, BN, ReLU, dropout 0.5 = 500-d features / linear head), random init (same init for all methods of a "
+        "seed)",
         "- training: "
         + (
             f"{hp['epochs']} epoch(s)"
             if hp["epochs"]
             else ", ".join(f"{EPOCHS[p]} epochs for {ARROW[p]}" for p in args.pairs)
         )
-        + f" over the source (an epoch = one pass over the labelled training images), batch {hp['batch_size']} source + {hp['batch_size']} target, "
+        + " over the source (an epoch = one pass over the labelled training images), "
+        f"batch {hp['batch_size']} source + {hp['batch_size']} target, "
         f"{hp['optimizer'].upper()} lr {hp['lr']} momentum {hp['momentum']} weight decay {hp['weight_decay']}, "
         f"lr schedule `{hp['lr_schedule']}` (lr/(1+10p)^0.75), "
         + (
@@ -436,7 +376,8 @@ def markdown(
             if any(m.endswith("+ent") for m in methods)
             else ""
         )
-        + f"; DANN/CDAN: 3-layer discriminator (hidden {hp['disc_hidden']}, BatchNorm), GRL coefficient 2/(1+exp(-10p))-1; "
+        + f"; DANN/CDAN: 3-layer discriminator (hidden {hp['disc_hidden']}, BatchNorm), "
+        "GRL coefficient 2/(1+exp(-10p))-1; "
         "CDAN: randomized multilinear map (1024-d, as the paper does when features x classes = 5000 > 4096), "
         "cdan+e = with entropy conditioning",
         f"- model selection (no target labels): `{hp['select']}`"
@@ -446,7 +387,8 @@ def markdown(
         + (
             "USPS 16x16 resized to 28x28 bilinearly"
             if info["usps_size"] == 28
-            else f"USPS 16x16 resized bilinearly to {info['usps_size']}x{info['usps_size']} and zero-padded to 28x28 (MNIST digits are "
+            else f"USPS 16x16 resized bilinearly to {info['usps_size']}x{info['usps_size']} and zero-padded to 28x28 "
+            "(MNIST digits are "
             "size-normalised to 20x20 and centred in 28x28; USPS digits fill their frame)"
         ),
     ]
@@ -493,12 +435,7 @@ def markdown(
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed (acc %):", ""]
     for pair in args.pairs:
-        per = "; ".join(
-            f"{m} " + " / ".join(f"{a * 100:.1f}" for a in summary[pair][m]["accs"])
-            for m in methods
-            if m in summary[pair]
-        )
-        lines.append(f"- {ARROW[pair]}: {per}")
+        lines.append(f"- {ARROW[pair]}: {per_seed_accs(summary[pair], methods)}")
     lines += [
         "",
         "Post-hoc AdaBN on each adapted model (diagnostic: another fixed variant, no target labels used; acc %):",
@@ -531,7 +468,8 @@ def markdown(
     lines += [
         "",
         'vs reference (TLlib digits benchmark, LeNet, 28x28, quoted in /work/shared/DESIGN.md "Reference numbers"; '
-        "TLlib selects on the target test set, so its numbers are optimistic; target supervised from the CyCADA paper): "
+        "TLlib selects on the target test set, so its numbers are optimistic; "
+        "target supervised from the CyCADA paper): "
         + "; ".join(f"{ARROW[p]} " + ", ".join(f"{m} {v}" for m, v in REFERENCE[p].items()) for p in args.pairs)
         + ". Differences here: MNIST has only its 10,000 official test images offline (TLlib trains on 60,000), "
         "model selection without target labels, and far fewer iterations (CPU budget)"
@@ -565,7 +503,8 @@ def with_text_report(md: str, args: argparse.Namespace, out: Path) -> str:
 
 
 def merge(args: argparse.Namespace, out: Path) -> int:
-    """Combine the JSON results of several runs (same hyper-parameters; different pairs and/or seeds; interrupted runs count with what they finished)."""
+    """Combine the JSON results of several runs (same hyper-parameters; different pairs and/or seeds; interrupted
+    runs count with what they finished)."""
     payloads = [json.loads(p.read_text()) for p in args.merge]
     first = payloads[0]
     for p in payloads[1:]:
@@ -587,18 +526,12 @@ def merge(args: argparse.Namespace, out: Path) -> int:
     sizes = {pair: sz for p in payloads for pair, sz in p["sizes"].items()}
     infos = [p["info"] for p in payloads]
     info = dict(first["info"])
-    info["command"] = (
-        "` and `".join(i["command"] for i in infos)
-        + "` (run at the same time, one process per pair), then `"
-        + " ".join([".venv/bin/python", "bench/transfer.py", "--merge", *map(str, args.merge), "--out", str(out)])
-    )
+    info["command"] = merged_command(infos, "bench/transfer.py", args.merge, out, "pair")
     info["total_seconds"] = max(i["total_seconds"] for i in infos)
-    others = [
-        r["other_cpu"] for per in runs.values() for rs in per.values() for r in rs if r.get("other_cpu") is not None
-    ]
-    info["other_cpu_mean"] = statistics.mean(others) if others else 0.0
-    info["other_cpu_max"] = max(others) if others else 0.0
-    incomplete = [str(p) for p, payload in zip(args.merge, payloads) if not payload.get("complete", True)]
+    info["other_cpu_mean"], info["other_cpu_max"] = other_cpu_stats(
+        [r for per in runs.values() for rs in per.values() for r in rs]
+    )
+    incomplete = [str(p) for p, payload in zip(args.merge, payloads, strict=True) if not payload.get("complete", True)]
     info["load_start"] = max(i["load_start"] for i in infos)
     info["note"] = (
         f"the {len(infos)} benchmark processes ran side by side with {info['threads']} torch thread(s) each, so "
@@ -618,7 +551,6 @@ def merge(args: argparse.Namespace, out: Path) -> int:
         markdown(args, first["hyperparameters"], first["trade_off"], runs, summary, sizes, info), args, out
     )
     print(md)
-    out.write_text(md)
     payload = {
         **first,
         "info": info,
@@ -627,7 +559,7 @@ def merge(args: argparse.Namespace, out: Path) -> int:
         "runs": runs,
         "merged_from": [str(p) for p in args.merge],
     }
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    write_report(out, md, payload)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
@@ -678,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=RESULTS_DIR / "transfer-text.md",
         help="append this bench/transfer_text.py report (text cross-domain, few-shot, stacking, source selection) "
-        "to bench/results/transfer.md, so that it holds every setting (default %(default)s, if it exists; not with --quick)",
+        "to bench/results/transfer.md, so that it holds every setting (default %(default)s, if it exists; "
+        "not with --quick)",
     )
     ap.add_argument(
         "-v", "--verbose", action="store_true", help="per-epoch log incl. target-test accuracy (diagnostics only)"
@@ -710,18 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge(args, out)
 
-    info: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(
-            [".venv/bin/python", "bench/transfer.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
-        ),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable": len(os.sched_getaffinity(0)),
-        "load_start": os.getloadavg()[0],
-        "threads": torch.get_num_threads(),
-        "usps_size": USPS_SIZE,
-    }
+    info: dict[str, Any] = run_info("bench/transfer.py", argv) | {"usps_size": USPS_SIZE}
     t_all = time.perf_counter()
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     sizes: dict[str, dict[str, int]] = {}
@@ -762,17 +684,13 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     info["total_seconds"] = time.perf_counter() - t_all
-    others = [
-        r["other_cpu"] for per in results.values() for runs in per.values() for r in runs if r["other_cpu"] is not None
-    ]
-    info["other_cpu_mean"] = statistics.mean(others) if others else 0.0
-    info["other_cpu_max"] = max(others) if others else 0.0
+    info["other_cpu_mean"], info["other_cpu_max"] = other_cpu_stats(
+        [r for per in results.values() for runs in per.values() for r in runs]
+    )
     summary = summarise(results)
     md = with_text_report(markdown(args, hp, trade_off, results, summary, sizes, info), args, out)
     print()
     print(md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
     payload = {
         "info": info,
         "hyperparameters": hp,
@@ -785,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": results,
         "complete": True,
     }
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    write_report(out, md, payload)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
