@@ -27,6 +27,9 @@ lint: $(STAMP) ## ruff: pyflakes, pycodestyle (line length 120), isort, bugbear 
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
+docs: $(STAMP) ## regenerate the generated docs pages (docs/config.md from the config schema, docs/strategies.md from the strategy registry)
+	$(BIN)/python -m tlops.docgen --write docs
+
 format: $(STAMP) ## apply ruff's formatter and safe fixes
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
@@ -99,4 +102,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install lint format pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean
+.PHONY: help install lint docs format pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean
