@@ -270,14 +270,21 @@ def test_readme_is_short_and_says_how_to_start():
         assert cmd in text
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
 def test_relative_links_resolve():
     broken = []
     for page in PAGES:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"^[a-z]+:", target):
                 continue
-            path = (page.parent / target.split("#", 1)[0]).resolve()
-            if not path.exists():
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in _anchors(path)):
                 broken.append(f"{page.relative_to(REPO)}: {target}")
     assert not broken, broken
 
@@ -293,3 +300,25 @@ def test_dvc_lineage_example():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "tlops.data.dvc_md5 = " in r.stdout and "tlops.data.git_rev = " in r.stdout
     assert "no credential value in any file under the workdir" in r.stdout
+
+
+def test_tests_named_in_the_docs_exist():
+    """`test_x.py::test_y` (and the `::test_z` shorthand after it on the same line) name real tests,
+    so the reliability table and the other pages cannot point at a test that was renamed."""
+    missing, seen = [], 0
+    for page in PAGES:
+        for line in page.read_text().splitlines():
+            current = None
+            for m in re.finditer(r"`(?:tests/)?(test_\w+\.py)(?:::(\w+))?|`::(\w+)", line):
+                if m.group(1):
+                    current = REPO / "tests" / m.group(1)
+                    if not current.is_file():
+                        missing.append(f"{page.name}: tests/{m.group(1)}")
+                        current = None
+                        continue
+                name = m.group(2) or m.group(3)
+                if name and current is not None:
+                    seen += 1
+                    if not re.search(rf"^def {name}\(", current.read_text(), re.M):
+                        missing.append(f"{page.name}: {current.name}::{name}")
+    assert seen >= 40 and not missing, missing
