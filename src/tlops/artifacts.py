@@ -92,15 +92,9 @@ def write_artifact(
     try:
         yield writer
         writer._finish()
-        if out.exists():
-            if not overwrite:
-                raise ArtifactError(f"{out} already exists")
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        if not overwrite and out.exists():
+            raise ArtifactError(f"{out} already exists")
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,22 +123,67 @@ class ArtifactWriter:
             "versions": library_versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp = self.path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.path / MANIFEST)
+        _write_manifest(self.path, self.manifest)
+
+
+def publish(tmp: Path, out: Path, *, replace: bool = True) -> None:
+    """Move the finished directory ``tmp`` to ``out`` with renames only: a reader sees the old
+    ``out`` or the new one, never a mix, and a crash leaves at most a hidden sibling behind.
+
+    ``replace``: an existing ``out`` is renamed aside, the new one renamed in, the old removed.
+    Else (content-addressed caches) an existing finished ``out`` wins: someone published the
+    same content first, so ``tmp`` is dropped."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not replace:
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not is_finished(out):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, trash)
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def publish_dir(src: Path, dst: Path) -> None:
-    """Atomically move a finished directory into place (used by caches)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    """Publish a cache entry (see :func:`publish`; an entry already there wins)."""
+    publish(src, dst, replace=False)
+
+
+def copy_artifact(src: Path, out: Path) -> Artifact:
+    """Place a copy of the finished artifact ``src`` at ``out`` (hard links where possible),
+    staged in a hidden sibling and checked before it is published: a copy that fails half-way
+    (e.g. ``tlops gc`` removed ``src`` meanwhile) is never trusted."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.reuse-{uuid.uuid4().hex[:8]}"
     try:
-        os.rename(src, dst)
-    except OSError:
-        # Someone else published the same content first: keep theirs.
-        if is_finished(dst):
-            shutil.rmtree(src, ignore_errors=True)
-        else:
-            raise
+        link_or_copy_tree(src, tmp)
+        read_artifact(tmp)
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return read_artifact(out)
+
+
+def set_step_key(art: Artifact, key: str) -> None:
+    """Record the step key ``art`` was made under in its manifest (a new file renamed over the
+    old one: the manifest may be a hard link shared with other copies of the artifact)."""
+    if art.manifest.get("step_key") == key:
+        return
+    art.manifest["step_key"] = key
+    _write_manifest(art.path, art.manifest)
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path / MANIFEST)
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

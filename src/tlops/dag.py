@@ -1,4 +1,12 @@
-"""The pipeline DAG, defined once. Every runner is built from ``DAG``."""
+"""The pipeline DAG, defined once: every runner is built from ``DAG``.
+
+A ``StepSpec`` is a step's whole contract: its inputs (and which step produces each), the kind
+of artifact it writes, the config fields it reads and the resources it needs. The reuse key
+(``tlops.contract.step_key``), the DVC stages (``runners/dvc.py``), the compose services
+(``runners/compose.py``) and the KFP tasks are derived from it. ``params`` must list every
+config field the step's code reads, and nothing else: a test walks every field of the config
+schema and checks that exactly the steps declaring it change their key and their DVC params.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +22,21 @@ class StepSpec:
     resources: str = "cpu"  # "cpu" or "gpu" (node pool class)
     network: bool = False  # talks to remote services (retries on the cluster)
     reusable: bool = True  # the runner may reuse a finished artifact with the same fingerprint
-    params: tuple[str, ...] = ()  # config fields the step reads (DVC tracks them in params.yaml)
+    # config fields the step reads, as dotted paths ("data", "train.strategies"); "*" = all of them.
+    # They feed the step key and are the DVC params of the stage.
+    params: tuple[str, ...] = ()
     help: str = ""
 
 
 DAG: tuple[StepSpec, ...] = (
+    # seed: the split (and the source-domain split) are seeded
     StepSpec("ingest", "dataset", "dataset", params=("seed", "data"), help="read, validate and split the data"),
     StepSpec(
         "pull-model",
         "source-model",
         "model",
         network=True,
-        params=("seed", "source"),
+        params=("seed", "source"),  # seed: random-init backbones (pretrained: false)
         help="resolve the source model into a bundle",
     ),
     StepSpec(
@@ -33,7 +44,7 @@ DAG: tuple[StepSpec, ...] = (
         "features",
         "features",
         {"dataset": "ingest", "model": "pull-model"},
-        params=("features",),
+        params=("features", "train.strategies"),  # train.strategies: stacking adds the candidates' features
         help="backbone features per split (content-addressed cache)",
     ),
     StepSpec(
@@ -42,7 +53,8 @@ DAG: tuple[StepSpec, ...] = (
         "trained",
         {"dataset": "ingest", "model": "pull-model", "features": "extract-features"},
         resources="gpu",
-        params=("seed", "train", "evaluate.scratch_baseline"),
+        # features.batch_size: setfit embeds with the tuned encoder
+        params=("seed", "train", "evaluate.scratch_baseline", "features.batch_size"),
         help="train the strategies and the from-scratch baseline",
     ),
     StepSpec(
@@ -50,7 +62,8 @@ DAG: tuple[StepSpec, ...] = (
         "evaluation",
         "evaluation",
         {"dataset": "ingest", "trained": "fine-tune"},
-        params=("evaluate", "register.model_name"),
+        # name: report title and plots; register.model_name + tracking: where the champion is looked up
+        params=("name", "evaluate", "register.model_name", "tracking"),
         help="test metrics, baselines, champion comparison, gates",
     ),
     StepSpec(
@@ -60,7 +73,7 @@ DAG: tuple[StepSpec, ...] = (
         {"dataset": "ingest", "model": "pull-model", "trained": "fine-tune", "evaluation": "evaluate"},
         network=True,
         reusable=False,
-        params=("register", "tracking"),
+        params=("*",),  # the model version records the hash of the whole config
         help="log the pyfunc model, register a version, set aliases",
     ),
 )

@@ -1,9 +1,10 @@
 """DVC: ``dvc.yaml`` + ``params.yaml`` generated from the DAG (``tlops export dvc``).
 
 One stage per step, each calling ``tlops step <name>``; ``params.yaml`` is the fully resolved
-config (so it is also the ``--config`` every stage reads), each stage declares the config
-fields it reads as DVC params, its upstream artifacts as deps, and its artifact as an out, so
-``dvc repro`` reruns exactly what changed and ``dvc dag`` shows the same DAG as KFP.
+config (so it is also the ``--config`` every stage reads). Everything else comes from the
+step's ``StepSpec``: the config fields it reads (``params``, the same list its step key hashes)
+are the stage's DVC params, its inputs are deps and its artifact is an out, so ``dvc repro``
+reruns exactly what changed and ``dvc dag`` shows the same DAG as KFP.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from tlops.config import PipelineConfig
+from tlops.contract import WHOLE_CONFIG
 from tlops.dag import DAG
 
 ARTIFACTS = "dvc-artifacts"
@@ -34,7 +36,8 @@ def stages(cfg: PipelineConfig, params_file: str = "params.yaml") -> dict[str, A
             deps += _data_deps(cfg, stage)
         if deps:
             stage["deps"] = deps
-        stage["params"] = [{params_file: list(spec.params)}]
+        # the config fields the step reads; "*" (the whole config) is DVC's "every param in the file"
+        stage["params"] = [{params_file: None if WHOLE_CONFIG in spec.params else list(spec.params)}]
         stage["outs"] = [{f"{ARTIFACTS}/{spec.name}": {"cache": spec.name != "register"}}]
         if spec.name == "pull-model" and any(
             m.startswith("mlflow:") for m in [cfg.source.model, *(cfg.source.candidates or [])]

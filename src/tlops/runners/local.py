@@ -1,18 +1,20 @@
 """In-process runner: the six steps in DAG order, one MLflow run, reuse of finished artifacts.
 
-Artifacts go to ``<workdir>/runs/<run-id>/<step>/``. Before running a step, the runner
-computes its fingerprint (config section + input content hashes + cheap source stamps); if a
-finished artifact with the same fingerprint exists, it is hard-linked into the run instead.
+Artifacts go to ``<workdir>/runs/<run-id>/<step>/`` (the layout is ``tlops.workdir.Workdir``).
+Before running a step, the runner computes its key (``tlops.contract.step_key``: the config
+fields the step reads, its inputs' content hashes, cheap stamps of outside state, versions); if
+a finished artifact made under the same key exists, it is hard-linked into the run instead.
+Every artifact's manifest records the key it was made under (``step_key``).
 
 Concurrency and crashes:
 
-- A step with a fingerprint runs under ``<workdir>/locks/<step>/<fingerprint>.lock``: two runs
+- A reusable step runs under ``<workdir>/locks/<step>/<key>.lock``: two runs
   that need the same step at the same time do not both compute it; the second waits, then
   reuses the first one's artifact. A killed holder releases the lock (kernel ``flock``).
 - A reused artifact is linked into a hidden temp dir and renamed into place, so a copy that
   fails half-way (e.g. ``tlops gc`` removed the source meanwhile) is never trusted; the step
-  then simply runs. The reuse index is pointed at the newest copy, so pruning old runs keeps
-  reuse working.
+  then simply runs, and so does one whose manifest names another key. The reuse index is
+  pointed at the newest copy, so pruning old runs keeps reuse working.
 - ``TLOPS_CHECKPOINT_DIR`` is set to ``<workdir>/checkpoints/<fingerprint>`` while a step runs:
   the fine-tune step keeps resumable checkpoints there (the step's own output dir is a temp
   dir that vanishes with a crash). A rerun with the same fingerprint resumes from them; they
@@ -32,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tlops import __version__
-from tlops.artifacts import Artifact, is_finished, link_or_copy_tree, read_artifact
+from tlops.artifacts import Artifact, copy_artifact, is_finished, read_artifact, set_step_key
 from tlops.config import PipelineConfig, save_config
+from tlops.contract import step_key
 from tlops.dag import DAG, StepSpec
 from tlops.errors import TlopsError
-from tlops.hashing import hash_json
 from tlops.steps import get_step
 from tlops.storage import file_lock
+from tlops.workdir import RUN_LOCK, Workdir
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +68,7 @@ class PipelineResult:
         return self.steps[step].artifact
 
 
-def step_fingerprint(spec: StepSpec, cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    return hash_json([spec.name, __version__, get_step(spec.name).fingerprint(cfg, inputs)])
-
-
-RUN_LOCK = ".lock"
 CHECKPOINT_ENV = "TLOPS_CHECKPOINT_DIR"  # read by tlops.training.finetune.checkpoint_dir
-
-
-def step_lock_path(workdir: Path, step: str, fp: str) -> Path:
-    return workdir / "locks" / step / f"{fp}.lock"
-
-
-def checkpoint_path(workdir: Path, fp: str) -> Path:
-    return workdir / "checkpoints" / fp
 
 
 @contextlib.contextmanager
@@ -113,22 +102,22 @@ def _record(prev: Path, out: Path) -> None:
     tmp.replace(prev)
 
 
-def _copy_artifact(src: Path, out: Path) -> None:
-    """Link ``src`` into a temp sibling of ``out``, check it is finished, rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.reuse-{uuid.uuid4().hex[:8]}"
+def _reusable(prev: Path, key: str, out: Path) -> Path | None:
+    """The finished artifact the index points at for ``key``, if it is one made under that key
+    (a pointer to a deleted, half-written or foreign artifact is ignored) and is not ``out``."""
+    if not prev.is_file():
+        return None
+    src = Path(prev.read_text().strip())
+    if not is_finished(src) or src.resolve() == out.resolve():
+        return None
     try:
-        link_or_copy_tree(src, tmp)
-        read_artifact(tmp)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        made_under = read_artifact(src).manifest.get("step_key")
+    except (OSError, ValueError, TlopsError):
+        return None
+    if made_under != key:
+        log.info("%s: index points at an artifact made under another key; not reused", src)
+        return None
+    return src
 
 
 def execute_step(
@@ -140,35 +129,37 @@ def execute_step(
     reuse: bool = True,
     record: bool = True,
 ) -> StepResult:
-    """Run one step into ``out``, or reuse a finished artifact with the same fingerprint.
+    """Run one step into ``out``, or reuse a finished artifact made under the same step key.
 
     ``record=False`` keeps ``out`` out of the reuse index (a temp dir that will not survive)."""
     t0 = time.perf_counter()
-    workdir = cfg.workdir_path
-    fp = step_fingerprint(spec, cfg, inputs) if spec.reusable else None
-    prev = workdir / "index" / spec.name / fp if fp else None
+    wd = Workdir.at(cfg.workdir_path)
+    key = step_key(spec, cfg, inputs)
+    fp = key if spec.reusable else None
+    prev = wd.index_entry(spec.name, fp) if fp else None
     lock = (
-        file_lock(step_lock_path(workdir, spec.name, fp), what=f"{spec.name} (another run is computing it)")
+        file_lock(wd.step_lock(spec.name, fp), what=f"{spec.name} (another run is computing it)")
         if fp and not _secondary_rank()
         else contextlib.nullcontext(True)
     )
     with lock:
-        if reuse and prev is not None and prev.is_file():
-            src = Path(prev.read_text().strip())
-            if is_finished(src) and src.resolve() != out.resolve():
-                try:
-                    _copy_artifact(src, out)
-                except (OSError, shutil.Error, TlopsError) as e:
-                    log.warning("%s: could not reuse %s (%s); running the step", spec.name, src, type(e).__name__)
-                else:
-                    if record and (workdir / "runs").resolve() in out.resolve().parents:
-                        _record(prev, out)  # the newest run's copy: older runs can be pruned without losing reuse
-                    log.info("%s: inputs unchanged, reusing finished artifact %s", spec.name, src)
-                    return StepResult(read_artifact(out, spec.output), time.perf_counter() - t0, True)
-        ckpt = checkpoint_path(workdir, fp) if fp else None
-        log.info("%s: running", spec.name)
+        src = _reusable(prev, key, out) if reuse and prev is not None else None
+        if src is not None:
+            try:
+                copy_artifact(src, out)
+            except (OSError, shutil.Error, TlopsError) as e:
+                log.warning("%s: could not reuse %s (%s); running the step", spec.name, src, type(e).__name__)
+            else:
+                if record and wd.in_runs(out):
+                    _record(prev, out)  # the newest run's copy: older runs can be pruned without losing reuse
+                log.info("%s: inputs unchanged, reusing finished artifact %s", spec.name, src)
+                return StepResult(read_artifact(out, spec.output), time.perf_counter() - t0, True)
+        ckpt = wd.checkpoint(fp) if fp else None
+        log.info("%s: running (key %s)", spec.name, key[:16])
         with _env(CHECKPOINT_ENV, str(ckpt) if ckpt else None):
             artifact = get_step(spec.name).run(cfg, inputs, out)
+        if not _secondary_rank():
+            set_step_key(artifact, key)
         if prev is not None and record:
             _record(prev, out)
         if ckpt is not None:
@@ -182,7 +173,7 @@ def new_run_id(cfg: PipelineConfig) -> str:
 
 def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, reuse: bool = True) -> PipelineResult:
     run_id = run_id or new_run_id(cfg)
-    run_dir = cfg.workdir_path / "runs" / run_id
+    run_dir = Workdir.at(cfg.workdir_path).run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=False)
     with file_lock(run_dir / RUN_LOCK):  # held while the run is in progress (tlops gc skips it)
         return _run(cfg, run_id, run_dir, reuse)

@@ -19,29 +19,22 @@ from tlops.data.dataset import Dataset
 from tlops.evaluation.gates import decide
 from tlops.evaluation.metrics import classification_metrics, plot_confusion
 from tlops.evaluation.report import render_markdown
-from tlops.hashing import hash_json
 
 log = logging.getLogger(__name__)
 
 
-def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    """The report compares with the current champion, so a new champion means a new report."""
+def stamp(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> list | None:
+    """The report compares with the current champion, so a new champion means a new report; a
+    champion that is the very model under evaluation (e.g. this pipeline's last run) counts as
+    none: there is nothing new to compare with."""
     from tlops.tracking.registry import get_alias
     from tlops.tracking.setup import configure
 
     configure(cfg)
     mv = get_alias(cfg.register.model_name, "champion")
-    champ = str(mv.version) if mv else None
-    if mv is not None and _is_this_model(mv, inputs["trained"]):
-        champ = None  # the champion is the very model under evaluation (e.g. this pipeline's last run): nothing new to compare
-    return hash_json(
-        [
-            cfg.section_hash("evaluate"),
-            cfg.register.model_name,
-            champ,
-            *(inputs[k].content_hash for k in ("dataset", "trained")),
-        ]
-    )
+    if mv is None or _is_this_model(mv, inputs["trained"]):
+        return None
+    return [str(mv.version), getattr(mv, "run_id", None)]
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:

@@ -33,12 +33,6 @@ def cache_root(cfg: PipelineConfig) -> Path | str:
     return cfg.workdir_path / "cache" / "features"
 
 
-def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    return hash_json(
-        [cfg.section_hash("features"), _stacking(cfg), inputs["dataset"].content_hash, inputs["model"].content_hash]
-    )
-
-
 def _stacking(cfg: PipelineConfig) -> bool:
     return "stacking" in cfg.train.strategies
 

@@ -20,7 +20,6 @@ import numpy as np
 from tlops.artifacts import Artifact, write_artifact
 from tlops.config import ADAPT_STRATEGIES, PipelineConfig
 from tlops.data.dataset import Dataset, Split
-from tlops.hashing import hash_json
 
 if (
     TYPE_CHECKING
@@ -28,16 +27,6 @@ if (
     from tlops.models.bundle import Classifier
 
 log = logging.getLogger(__name__)
-
-
-def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    return hash_json(
-        [
-            cfg.section_hash("train"),
-            cfg.evaluate.scratch_baseline,
-            *(inputs[k].content_hash for k in ("dataset", "model", "features")),
-        ]
-    )
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:

@@ -26,14 +26,11 @@ def _use_registry(cfg: PipelineConfig) -> None:
         configure(cfg)
 
 
-def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
+def stamp(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> list:
+    """What each spec resolves to right now without pulling it: the registry version behind an
+    ``mlflow:`` alias, the stat stamp of a bundle dir or weights file."""
     _use_registry(cfg)
-    return hash_json(
-        [
-            cfg.section_hash("source"),
-            *(sources.fingerprint(cfg.source.model_copy(update={"model": m})) for m in specs(cfg)),
-        ]
-    )
+    return [sources.fingerprint(cfg.source.model_copy(update={"model": m})) for m in specs(cfg)]
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:

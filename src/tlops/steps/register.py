@@ -21,18 +21,11 @@ from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
 from tlops.evaluation.report import metrics_table
-from tlops.hashing import hash_json
 from tlops.tracking import registry
 from tlops.tracking.setup import configure, git_commit, pipeline_run
 from tlops.tracking.steplog import data_tags, log_step
 
 log = logging.getLogger(__name__)
-
-
-def fingerprint(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> str:
-    return hash_json(
-        [cfg.section_hash("register"), *(inputs[k].content_hash for k in ("dataset", "model", "trained", "evaluation"))]
-    )
 
 
 def _requirements() -> list[str]:
@@ -51,7 +44,8 @@ def _dvc_line(version: dict[str, Any]) -> list[str]:
     if not version.get("git_rev"):
         return []
     return [
-        f"DVC: `{version['dvc_path']}` md5 `{version['dvc_md5']}` at git rev `{version['git_rev']}` of {version['dvc_repo']}"
+        f"DVC: `{version['dvc_path']}` md5 `{version['dvc_md5']}` at git rev `{version['git_rev']}` "
+        f"of {version['dvc_repo']}"
     ]
 
 
@@ -79,8 +73,9 @@ def _champion_summary(report: dict[str, Any], version: str | None) -> tuple[list
         delta = m["accuracy"] - ch["accuracy"]
         verdict = "better" if delta > 0 else "worse" if delta < 0 else "equal"
         note = (
-            f"Champion comparison: current `champion` v{ch['version']} scores {ch['accuracy']:.4f} accuracy on the same "
-            f"test split ({report['test_size']} samples); this version scores {m['accuracy']:.4f} ({delta:+.4f}, {verdict})."
+            f"Champion comparison: current `champion` v{ch['version']} scores {ch['accuracy']:.4f} accuracy on the "
+            f"same test split ({report['test_size']} samples); this version scores {m['accuracy']:.4f} "
+            f"({delta:+.4f}, {verdict})."
         )
     elif ch:
         note = f"Champion comparison: champion v{ch['version']} is not comparable ({ch.get('reason')})."
