@@ -14,7 +14,7 @@ It implements what ``kfp.Client`` calls for ``tlops submit / schedule / runs`` (
 Every request is recorded (method, path, query, headers with lower-case names, JSON body).
 ``fail_all(401)`` makes every request answer 401, as a KFP behind an auth proxy does.
 
-Also here: ``compile_tiny_pipeline(cfg, out)``, a stand-in for ``tlops.kfp_pipeline.compile_pipeline``
+Also here: ``compile_tiny_pipeline(cfg, out)``, a stand-in for ``tlops.kfp.pipeline.compile_pipeline``
 that compiles a real one-step KFP pipeline (name ``tiny-pipeline``, parameters ``greeting: str``
 and ``n: int``), so that tests can run without the real pipeline module.
 """

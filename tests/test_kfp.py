@@ -31,7 +31,7 @@ GPU = {
 
 
 def _compile(tmp_path, monkeypatch, **sections):
-    from tlops.runners.kfp import compile_pipeline
+    from tlops.kfp.pipeline import compile_pipeline
 
     monkeypatch.delenv("TLOPS_IMAGE", raising=False)
     cfg = validate_config(digits_config(tmp_path / "w", **sections))
@@ -55,6 +55,31 @@ def test_compiled_dag_matches_the_library_dag(tmp_path, monkeypatch):
     from tlops.runners import local
 
     assert local.DAG is DAG
+
+
+def test_components_are_generated_from_the_dag():
+    """Each component's interface is its StepSpec's: inputs typed by their producer's artifact kind,
+    the output under the name consumers use, the pipeline parameters; the repo shells are the same."""
+    import importlib.util
+
+    from tlops.kfp.components import EXTRA_OUTPUTS, KFP_TYPES, PIPELINE_PARAMS, component
+
+    producers = {s.name: s for s in DAG}
+    for spec in DAG:
+        cs = component(spec.name, "img:1").component_spec
+        expected_in = {p: "String" for p in PIPELINE_PARAMS}
+        expected_in |= {n: f"system.{KFP_TYPES[producers[p].output]}@0.0.1" for n, p in spec.inputs.items()}
+        assert {n: i.type for n, i in cs.inputs.items()} == expected_in, spec.name
+        expected_out = {spec.output_name: f"system.{KFP_TYPES[spec.output]}@0.0.1"}
+        expected_out |= {n: f"system.{c}@0.0.1" for n, c in EXTRA_OUTPUTS.get(spec.name, ())}
+        assert {n: o.type for n, o in cs.outputs.items()} == expected_out, spec.name
+        assert cs.implementation.container.image == "img:1"
+
+        path = REPO / "components" / spec.name.replace("-", "_") / "component.py"
+        mod_spec = importlib.util.spec_from_file_location(f"shell_{spec.name}", path)
+        shell = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(shell)
+        assert shell.make("img:1").component_spec == cs, spec.name
 
 
 def test_gpu_pool_secrets_retries_and_cache_keys(tmp_path, monkeypatch):
@@ -117,7 +142,7 @@ def test_cpu_only_when_no_gpu_configured(tmp_path, monkeypatch):
 
 
 def test_committed_compiled_pipeline_is_fresh(tmp_path, monkeypatch):
-    from tlops.runners.kfp import compile_pipeline
+    from tlops.kfp.pipeline import compile_pipeline
 
     monkeypatch.delenv("TLOPS_IMAGE", raising=False)
     committed = REPO / "pipelines" / "transfer_learning" / "digits-target.yaml"
@@ -128,7 +153,7 @@ def test_committed_compiled_pipeline_is_fresh(tmp_path, monkeypatch):
 
 def test_kfp_local_matches_in_process_runner(tmp_path):
     """Digits demo: source in-process, target through kfp.local, target again in-process: same model."""
-    from tlops.runners.kfp import run_kfp_local
+    from tlops.kfp.pipeline import run_kfp_local
     from tlops.runners.local import run_pipeline
 
     work = [f"workdir={tmp_path / 'w'}", "train.epochs=4"]

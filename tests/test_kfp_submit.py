@@ -2,7 +2,7 @@
 
 Each end-to-end test runs through up to three launchers:
 
-* ``inproc``: a fresh ``typer.Typer()`` with ``tlops.cli_kfp.add_commands`` mounted, run with
+* ``inproc``: a fresh ``typer.Typer()`` with ``tlops.kfp.cli.add_commands`` mounted, run with
   ``typer.testing.CliRunner``; a ``TlopsError`` is rendered the way ``tlops.cli.main`` does;
 * ``subprocess``: a new Python process that mounts the commands on ``tlops.cli``'s app and runs the
   real ``tlops.cli.main()`` (real exit codes and ``error: ...`` lines);
@@ -39,9 +39,9 @@ if str(TESTS) not in sys.path:
 from conftest import digits_config  # noqa: E402
 from fake_kfp_server import TINY_PIPELINE_NAME, FakeKfpServer, compile_tiny_pipeline  # noqa: E402
 
-from tlops import kfp_client  # noqa: E402
-from tlops.cli_kfp import add_commands  # noqa: E402
 from tlops.errors import ConfigError, TlopsError  # noqa: E402
+from tlops.kfp import client as kfp_client  # noqa: E402
+from tlops.kfp.cli import add_commands  # noqa: E402
 
 TLOPS = Path(sys.executable).parent / "tlops"
 TOKEN = "tok-3f9c2a7e-very-secret-4b1d"
@@ -81,7 +81,7 @@ sys.path.insert(0, {tests!r})
 import typer
 from fake_kfp_server import compile_tiny_pipeline
 from tlops import cli
-from tlops.cli_kfp import add_commands
+from tlops.kfp.cli import add_commands
 cli.app = typer.Typer(add_completion=False, no_args_is_help=True)
 add_commands(cli.app, compile_tiny_pipeline)
 cli.main()
@@ -144,7 +144,7 @@ class ConsoleScript(Launcher):
         return self._subprocess([str(TLOPS), *args], env)
 
     def compile_fn(self) -> Callable:
-        from tlops.runners.kfp import compile_pipeline
+        from tlops.kfp.pipeline import compile_pipeline
 
         return compile_pipeline
 
@@ -374,8 +374,8 @@ def test_server_error_messages_are_shown_and_redacted(inproc, server):
     r = inproc(["runs", "get", "abc", "--host", server.url], env={"KFP_TOKEN": TOKEN})
     assert r.code == 1
     assert (
-        f"error: KFP at {server.url} answered 500 Internal Server Error while connecting: database is locked (caller ***)"
-        in r.err
+        f"error: KFP at {server.url} answered 500 Internal Server Error while connecting: "
+        "database is locked (caller ***)" in r.err
     )
     assert TOKEN not in r.everything()
 
@@ -530,7 +530,7 @@ def test_runs_list_prints_the_servers_runs(cli2, server):
     assert lines[0].split() == ["RUN", "ID", "NAME", "STATE", "CREATED"]
     body = lines[1:]
     assert len(body) == 3  # not the other experiment's run
-    for line, run in zip(body, [runs[2], runs[1], runs[0]]):  # newest first
+    for line, run in zip(body, [runs[2], runs[1], runs[0]], strict=True):  # newest first
         assert line.startswith(run["run_id"])
         assert run["display_name"] in line and run["state"] in line
         assert line.rstrip().endswith(run["created_at"])

@@ -483,11 +483,11 @@ def test_no_unsafe_deserialisation_in_the_library():
 def test_kfp_client_verifies_tls_by_default_and_warns_when_off(caplog):
     from fake_kfp_server import FakeKfpServer
 
-    from tlops import kfp_client
-    from tlops.cli_kfp import NO_VERIFY_SSL
+    from tlops.kfp import client as kfp_client
+    from tlops.kfp.cli import NO_VERIFY_SSL
 
     assert NO_VERIFY_SSL.default is False  # the CLI flag is opt-in: --no-verify-ssl
-    with FakeKfpServer() as server, caplog.at_level(logging.WARNING, logger="tlops.kfp_client"):
+    with FakeKfpServer() as server, caplog.at_level(logging.WARNING, logger="tlops.kfp.client"):
         url = server.url
         client = kfp_client.connect(url)
         assert client._healthz_api.api_client.configuration.verify_ssl is True

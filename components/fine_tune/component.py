@@ -1,29 +1,9 @@
-"""KFP component: fine-tune (strategies + from-scratch baseline; the GPU step)."""
+"""KFP component: fine-tune, generated from its StepSpec in ``tlops.dag`` by ``tlops.kfp.components``."""
 
-from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from tlops.kfp.components import component, function
 
-
-def fine_tune(
-    config: str,
-    data_uri: str,
-    source_model: str,
-    model_name: str,
-    dataset: Input[Dataset],
-    model: Input[Model],
-    features: Input[Dataset],
-    trained: Output[Model],
-):
-    from tlops.runners.kfp_task import run_task
-
-    run_task(
-        "fine-tune",
-        config,
-        {"data_uri": data_uri, "source_model": source_model, "model_name": model_name},
-        {"dataset": dataset, "model": model, "features": features},
-        trained,
-    )
+fine_tune = function("fine-tune")  # the component's Python function (unit tests: call it directly)
 
 
 def make(image: str):
-    return dsl.component(fine_tune, base_image=image)
+    return component("fine-tune", image)

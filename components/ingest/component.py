@@ -1,16 +1,9 @@
-"""KFP component: ingest (read, validate and split the data)."""
+"""KFP component: ingest, generated from its StepSpec in ``tlops.dag`` by ``tlops.kfp.components``."""
 
-from kfp import dsl
-from kfp.dsl import Dataset, Output
+from tlops.kfp.components import component, function
 
-
-def ingest(config: str, data_uri: str, source_model: str, model_name: str, dataset: Output[Dataset]):
-    from tlops.runners.kfp_task import run_task
-
-    run_task(
-        "ingest", config, {"data_uri": data_uri, "source_model": source_model, "model_name": model_name}, {}, dataset
-    )
+ingest = function("ingest")  # the component's Python function (unit tests: call it directly)
 
 
 def make(image: str):
-    return dsl.component(ingest, base_image=image)
+    return component("ingest", image)

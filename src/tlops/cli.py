@@ -11,8 +11,8 @@ from typing import List, Optional
 import typer
 from typer.core import TyperCommand
 
-from tlops.cli_kfp import add_commands as add_kfp_commands
 from tlops.errors import ConfigError, TlopsError
+from tlops.kfp.cli import add_commands as add_kfp_commands
 
 
 class _UsageCommand(TyperCommand):
@@ -81,7 +81,7 @@ def run(
 
         result = run_pipeline(cfg, run_id=run_id, reuse=not no_reuse)
     elif runner == "kfp-local":
-        from tlops.runners.kfp import run_kfp_local
+        from tlops.kfp.pipeline import run_kfp_local
 
         result = run_kfp_local(cfg)
     else:
@@ -96,7 +96,7 @@ def compile_(
     out: Path = typer.Option(Path("pipeline.yaml"), "--out", "-o", help="where to write the KFP IR YAML"),
 ) -> None:
     """Compile the pipeline for Kubeflow Pipelines v2 (IR YAML) from a config."""
-    from tlops.runners.kfp import compile_pipeline, image_for
+    from tlops.kfp.pipeline import compile_pipeline, image_for
 
     cfg = _load(config, set_)
     compile_pipeline(cfg, out)
@@ -337,7 +337,7 @@ def gc(
 
 
 def _compile_pipeline(cfg, out: Path) -> Path:
-    from tlops.runners.kfp import compile_pipeline  # imported late: keeps `tlops --help` fast
+    from tlops.kfp.pipeline import compile_pipeline  # imported late: keeps `tlops --help` fast
 
     return compile_pipeline(cfg, out)
 

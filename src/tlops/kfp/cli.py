@@ -38,7 +38,7 @@ NO_VERIFY_SSL = typer.Option(False, "--no-verify-ssl", help="do not verify the s
 
 
 def _connect(host: str, token_file: Optional[Path], namespace: str, no_verify_ssl: bool):
-    from tlops import kfp_client
+    from tlops.kfp import client as kfp_client
 
     return kfp_client.connect(host, token_file=token_file, namespace=namespace, verify_ssl=not no_verify_ssl)
 
@@ -65,8 +65,8 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
         no_verify_ssl: bool = NO_VERIFY_SSL,
     ) -> None:
         """Compile the pipeline and start one run of it on Kubeflow Pipelines."""
-        from tlops import kfp_client
         from tlops.config import load_config
+        from tlops.kfp import client as kfp_client
 
         kfp_client.validate_host(host)
         params = kfp_client.parse_params(param)
@@ -101,8 +101,8 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
         no_verify_ssl: bool = NO_VERIFY_SSL,
     ) -> None:
         """Compile the pipeline and create a recurring run of it on a cron schedule."""
-        from tlops import kfp_client
         from tlops.config import load_config
+        from tlops.kfp import client as kfp_client
 
         kfp_client.validate_cron(cron)
         kfp_client.validate_host(host)
@@ -141,7 +141,7 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
         no_verify_ssl: bool = NO_VERIFY_SSL,
     ) -> None:
         """List the newest runs: id, name, state, created."""
-        from tlops import kfp_client
+        from tlops.kfp import client as kfp_client
 
         client = _connect(host, token_file, namespace, no_verify_ssl)
         rows = kfp_client.list_runs(client, experiment, limit)
@@ -164,7 +164,7 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
         no_verify_ssl: bool = NO_VERIFY_SSL,
     ) -> None:
         """Show one run: id, name, state, times, error, parameters, link."""
-        from tlops import kfp_client
+        from tlops.kfp import client as kfp_client
 
         client = _connect(host, token_file, namespace, no_verify_ssl)
         run = kfp_client.get_run(client, run_id)

@@ -1,19 +1,17 @@
 """Kubeflow Pipelines: build the pipeline from the DAG, compile it, run it with ``kfp.local``.
 
-The component shells live in ``components/<step>/component.py`` and the pipeline in
-``pipelines/transfer_learning/pipeline.py`` (the design card's layout); this module loads
-them from the repository, applies the Kubernetes settings from the config, and compiles.
+Everything comes from the installed package: the components are generated from ``tlops.dag``
+(``tlops.kfp.components``), the Kubernetes settings from the config. ``tlops compile`` works
+the same from a checkout and from an installed wheel.
 """
 
-from __future__ import annotations
-
-import importlib.util
+# no `from __future__ import annotations`: KFP reads the pipeline function's annotations as types
+import json
 import logging
 import os
 import time
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from tlops import __version__
 from tlops.artifacts import read_artifact
@@ -25,29 +23,8 @@ from tlops.runners.local import PipelineResult, StepResult
 log = logging.getLogger(__name__)
 
 
-def repo_root() -> Path:
-    """The checkout holding components/ and pipelines/ (env TLOPS_REPO, the package's checkout, or cwd)."""
-    candidates = [os.environ.get("TLOPS_REPO"), Path(__file__).resolve().parents[3], Path.cwd()]
-    for c in candidates:
-        if c and (Path(c) / "components").is_dir() and (Path(c) / "pipelines").is_dir():
-            return Path(c)
-    raise TlopsError("cannot find the tlops checkout (components/ and pipelines/); run from it or set TLOPS_REPO")
-
-
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"tlops_kfp_{path.parent.name}_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def image_for(cfg: PipelineConfig) -> str:
     return cfg.kubernetes.image or os.environ.get("TLOPS_IMAGE") or f"tlops:{__version__}"
-
-
-def load_components(image: str) -> dict[str, Any]:
-    root = repo_root() / "components"
-    return {s.name: _load(root / s.name.replace("-", "_") / "component.py").make(image) for s in DAG}
 
 
 def cache_key(cfg: PipelineConfig, step: str) -> str:
@@ -101,9 +78,39 @@ def task_configurer(cfg: PipelineConfig):
     return configure
 
 
+def pipeline_name(cfg: PipelineConfig) -> str:
+    return "tlops-" + "".join(c if c.isalnum() else "-" for c in cfg.name.lower()).strip("-")
+
+
+def build(cfg: PipelineConfig, components: dict[str, Any], configure_task: Callable[[Any, StepSpec], None]):
+    """Return the ``@dsl.pipeline`` function for one resolved tlops config: one task per step."""
+    from kfp import dsl
+
+    # One line of JSON (valid YAML): KFP copies defaults into a header comment, line by line.
+    config_yaml = json.dumps(cfg.to_dict())
+
+    @dsl.pipeline(
+        name=pipeline_name(cfg),
+        description=f"tlops transfer learning ({cfg.name}): " + " -> ".join(s.name for s in DAG),
+    )
+    def transfer_learning(config: str = config_yaml, data_uri: str = "", source_model: str = "", model_name: str = ""):
+        tasks: dict[str, Any] = {}
+        for spec in DAG:
+            upstream = {name: tasks[producer].outputs[name] for name, producer in spec.inputs.items()}
+            task = components[spec.name](
+                config=config, data_uri=data_uri, source_model=source_model, model_name=model_name, **upstream
+            )
+            task.set_display_name(spec.name)
+            configure_task(task, spec)
+            tasks[spec.name] = task
+
+    return transfer_learning
+
+
 def build_pipeline(cfg: PipelineConfig):
-    mod = _load(repo_root() / "pipelines" / "transfer_learning" / "pipeline.py")
-    return mod.build(cfg, load_components(image_for(cfg)), task_configurer(cfg))
+    from tlops.kfp.components import components
+
+    return build(cfg, components(image_for(cfg)), task_configurer(cfg))
 
 
 def compile_pipeline(cfg: PipelineConfig, out: Path) -> Path:

@@ -1,7 +1,7 @@
 """What a KFP component runs inside its container: one step, with KFP artifacts as I/O.
 
-KFP components (``components/<step>/component.py``) are thin shells around ``run_task``;
-the work is the same ``execute_step`` that ``tlops run`` and ``tlops step`` use.
+The generated component functions (``tlops.kfp.components``) pass all their arguments to
+``run_task``; the work is the same ``execute_step`` that ``tlops run`` and ``tlops step`` use.
 """
 
 from __future__ import annotations
@@ -47,16 +47,21 @@ def provenance(art: Artifact) -> dict[str, Any]:
     return out
 
 
-def run_task(step: str, config_yaml: str, params: dict[str, str], inputs: dict[str, Any], output: Any) -> Artifact:
+def run_task(step: str, args: dict[str, Any]) -> Artifact:
+    """Run ``step`` with a component's arguments: the pipeline parameters, the KFP input artifacts
+    (named as in ``StepSpec.inputs``), its output artifact and any KFP-only extra outputs."""
     from tlops.runners.local import execute_step
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", stream=sys.stderr)
     spec = dag.get(step)
-    cfg = config_from_params(config_yaml, params)
-    arts = {name: read_artifact(inputs[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
+    cfg = config_from_params(args["config"], {k: args[k] for k in PARAM_FIELDS})
+    arts = {name: read_artifact(args[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
+    output = args[spec.output_name]
     res = execute_step(spec, cfg, arts, Path(output.path))
     output.metadata.update(provenance(res.artifact))
+    if step == "evaluate":
+        log_evaluation(res.artifact, args["metrics"], args["classification"])
     return res.artifact
 
 

@@ -1,0 +1,10 @@
+"""Kubeflow Pipelines support, all of it inside the installed package.
+
+- ``components``: one lightweight Python component per DAG step, generated from ``tlops.dag``;
+- ``task``: what a component runs in its container (``run_task``: one step, KFP artifacts as I/O);
+- ``pipeline``: the pipeline built from the DAG, Kubernetes settings, compile, ``kfp.local`` runs;
+- ``client``: submit / schedule / list runs against a KFP API server;
+- ``cli``: the ``tlops submit``, ``tlops schedule`` and ``tlops runs`` commands.
+
+Nothing here imports ``kfp`` at module level, so ``tlops --help`` stays fast.
+"""
