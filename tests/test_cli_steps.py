@@ -97,7 +97,8 @@ def test_run_twice_reuses_and_lists_steps(tmp_path):
     assert "reused: ingest, pull-model, extract-features, fine-tune, evaluate" in " ".join(second.stdout.split())
     # a fully reused run never imports torch (that import was ~2 s of a ~8 s no-op rerun; bench/results/perf.md)
     probe = (
-        "import sys; from tlops.cli import main; sys.argv = ['tlops', 'run', '--config', sys.argv[1], '--set', 'train.epochs=1']\n"
+        "import sys; from tlops.cli import main\n"
+        "sys.argv = ['tlops', 'run', '--config', sys.argv[1], '--set', 'train.epochs=1']\n"
         "try:\n    main()\nfinally:\n    print('torch imported:', 'torch' in sys.modules)"
     )
     third = subprocess.run([sys.executable, "-c", probe, str(cfg)], capture_output=True, text=True, timeout=600)

@@ -92,7 +92,7 @@ def test_twenty_runs_reusing_caches_do_not_leak(tmp_path):
     # reusing run adds no index entry or lock (a full rerun may add one per step whose inputs'
     # content hashes changed, e.g. a retrained model's history has new timings); no checkpoints
     # or temp leftovers
-    for prev, r in zip(rows, rows[1:]):
+    for prev, r in zip(rows, rows[1:], strict=False):
         assert r["disk"].get("cache", 0) == rows[0]["disk"].get("cache", 0)
         if not r["full"]:
             assert (r["index"], r["locks"]) == (prev["index"], prev["locks"]), r["run"]
@@ -103,7 +103,7 @@ def test_twenty_runs_reusing_caches_do_not_leak(tmp_path):
     assert not [p for p in work.rglob(".*") if any(m in p.name for m in (".tmp-", ".old-", ".reuse-"))]
     # the run dirs: a reusing run adds only small files (its artifacts are hard links)
     first_run = rows[0]["disk"]["runs"]
-    for prev, r in zip(rows, rows[1:]):
+    for prev, r in zip(rows, rows[1:], strict=False):
         grew = r["disk"]["runs"] - prev["disk"]["runs"]
         assert grew <= (first_run * 1.1 if r["full"] else 512 * 1024), (r["run"], grew)
     assert len(list((work / "runs").iterdir())) == RUNS

@@ -38,10 +38,10 @@ from pathlib import Path
 from tlops.artifacts import MANIFEST, is_finished
 from tlops.errors import ConfigError
 from tlops.storage import file_lock, is_locked, is_s3
+from tlops.workdir import RUN_LOCK, Workdir
 
 log = logging.getLogger(__name__)
 
-RUN_LOCK = ".lock"  # tlops.runners.local.RUN_LOCK
 STARTING_GRACE_S = 3600
 _LEFTOVER = (".tmp-", ".old-", ".reuse-")
 
@@ -136,7 +136,7 @@ def _size_freed(items: list[Item]) -> None:
     per_item = [_files([i.path]) for i in items]
     links = Counter((st.st_dev, st.st_ino) for sts in per_item for st in sts)
     counted: set[tuple[int, int]] = set()
-    for item, sts in zip(items, per_item):
+    for item, sts in zip(items, per_item, strict=True):
         n = 0
         for st in sts:
             ident = (st.st_dev, st.st_ino)
@@ -176,10 +176,11 @@ def collect(
             "safe against running pipelines); use a bucket lifecycle rule there"
         )
     rep = Report(workdir, dry_run)
+    wd = Workdir(workdir)
     now = time.time()
 
     # -- runs
-    runs_dir = workdir / "runs"
+    runs_dir = wd.runs
     runs = sorted(
         (d for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")) if runs_dir.is_dir() else [],
         key=_started,
@@ -211,7 +212,7 @@ def collect(
 
     # -- reuse index
     finished_fps: set[str] = set()
-    index = workdir / "index"
+    index = wd.index
     for f in sorted(index.glob("*/*")) if index.is_dir() else []:
         if f.name.startswith("."):
             if f.name.endswith(".tmp") and now - f.stat().st_mtime > 60:
@@ -227,9 +228,9 @@ def collect(
 
     # -- resumable checkpoints
     oldest_kept = min((_started(d) for d in kept), default=now)
-    ckpts = workdir / "checkpoints"
+    ckpts = wd.checkpoints
     for d in sorted(ckpts.iterdir()) if ckpts.is_dir() else []:
-        locks = list((workdir / "locks").glob(f"*/{d.name}.lock"))
+        locks = wd.step_locks(d.name)
         if any(is_locked(lk) for lk in locks):
             rep.skipped.append(Item("checkpoints", d, "its step is running"))
         elif d.name in finished_fps:
@@ -238,7 +239,7 @@ def collect(
             doomed.append(Item("checkpoints", d, "abandoned: older than the kept runs"))
 
     # -- feature cache
-    root = Path(cache_dir) if cache_dir is not None else workdir / "cache" / "features"
+    root = Path(cache_dir) if cache_dir is not None else wd.feature_cache
     wanted: set[str] = set()
     for d in kept:
         wanted |= referenced_keys(d)

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -115,6 +115,43 @@ class FeatureCache:
             publish_dir(staging, dst)
         log.info("feature cache: stored %s", key[:16])
         return dst
+
+    def get_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], dict[str, np.ndarray]],
+        meta: dict,
+        dst: str | os.PathLike,
+        *,
+        enabled: bool = True,
+    ) -> bool:
+        """Place the features of ``key`` at ``dst`` (a ``features.npz``); return whether it was a hit.
+
+        A hit is fetched (a hard link locally); a miss runs ``compute()``, saves the arrays at
+        ``dst`` and publishes them as the entry. The key's writer lock is held from the lookup
+        to the publish, so of two runs needing one key, one computes and the other gets a hit.
+        ``enabled=False`` (``features.cache: false``) only computes."""
+        dst = Path(dst)
+        if not enabled:
+            np.savez(dst, **compute())
+            return False
+        with self.lock(key):
+            if self.get(key) is not None:
+                self.fetch(key, dst)
+                return True
+            np.savez(dst, **compute())
+            self.put_file(key, dst, meta)
+            return False
+
+    def get_or_compute_arrays(
+        self, key: str, compute: Callable[[], dict[str, np.ndarray]], meta: dict, *, enabled: bool = True
+    ) -> dict[str, np.ndarray]:
+        """:meth:`get_or_compute`, returning the arrays instead of a file."""
+        with tempfile.TemporaryDirectory(prefix="tlops-features-") as tmp:
+            f = Path(tmp) / FEATURES
+            self.get_or_compute(key, compute, meta, f, enabled=enabled)
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
 
     def fetch(self, key: str, dst: str | os.PathLike) -> None:
         """Place the entry's ``features.npz`` at ``dst`` (hard link locally, download from S3)."""

@@ -8,7 +8,6 @@ second waits and gets a hit. The artifact lists every cache key it used (``cache
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ from tlops.data.dataset import Dataset
 from tlops.features.cache import FeatureCache, cache_key
 from tlops.hashing import hash_json
 from tlops.storage import is_s3
+from tlops.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def cache_root(cfg: PipelineConfig) -> Path | str:
     """The feature cache root: a local dir, or an ``s3://bucket/prefix`` URI kept as a string."""
     if cfg.features.cache_dir:
         return cfg.features.cache_dir if is_s3(cfg.features.cache_dir) else Path(cfg.features.cache_dir)
-    return cfg.workdir_path / "cache" / "features"
+    return Workdir.at(cfg.workdir_path).feature_cache
 
 
 def _stacking(cfg: PipelineConfig) -> bool:
@@ -54,43 +54,36 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     key = cache_key(chosen["model_digest"], chosen["preprocessing"], ds.content_hash)
     used = [key] + [cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train") for c in ranking or []]
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as held:
-        if cfg.features.cache:
-            held.enter_context(cache.lock(key))  # held until the entry is published or fetched
-        hit = cfg.features.cache and cache.get(key) is not None
+    with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
+        # local: hard link into/out of an atomically published entry; S3: features.npz, then manifest.json
+        hit = cache.get_or_compute(
+            key,
+            lambda: _compute(ds, model.path / chosen["path"], cfg.features.batch_size),
+            {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash},
+            w.path / "features.npz",
+            enabled=cfg.features.cache,
+        )
         if hit:
             log.info(
                 "extract-features: cache hit %s: backbone not run, features loaded from %s", key[:16], cache.entry(key)
             )
-        else:
-            arrays = _compute(ds, model.path / chosen["path"], cfg.features.batch_size)
-        with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
-            if hit:
-                cache.fetch(key, w.path / "features.npz")
-            else:
-                np.savez(w.path / "features.npz", **arrays)
-                if cfg.features.cache:
-                    # local: hard link into an atomically published entry; S3: features.npz, then manifest.json
-                    meta = {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash}
-                    cache.put_file(key, w.path / "features.npz", meta)
-            held.close()  # the entry is published (or fetched): let other runs at it
-            if _stacking(cfg) and model.meta.get("candidates"):
-                used += _add_stack(w.path / "features.npz", ds, model, cache, cfg)
-            w.content_hash = key if not _stacking(cfg) else hash_json([key, "stack", model.content_hash])
-            with np.load(w.path / "features.npz", allow_pickle=False) as z:
-                shapes = {k: list(z[k].shape) for k in z.files}
-            w.metadata = {
-                "cache_key": key,
-                "cache": "hit" if hit else ("miss" if cfg.features.cache else "off"),
-                "model_digest": chosen["model_digest"],
-                "source": chosen["source"],
-                "source_bundle": chosen["path"],  # fine-tune trains this bundle of the pull-model artifact
-                "dataset_hash": ds.content_hash,
-                **({"source_ranking": ranking} if ranking else {}),
-                "shapes": shapes,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "cache_keys": sorted(set(used)) if cfg.features.cache else [],
-            }
+        if _stacking(cfg) and model.meta.get("candidates"):
+            used += _add_stack(w.path / "features.npz", ds, model, cache, cfg)
+        w.content_hash = key if not _stacking(cfg) else hash_json([key, "stack", model.content_hash])
+        with np.load(w.path / "features.npz", allow_pickle=False) as z:
+            shapes = {k: list(z[k].shape) for k in z.files}
+        w.metadata = {
+            "cache_key": key,
+            "cache": "hit" if hit else ("miss" if cfg.features.cache else "off"),
+            "model_digest": chosen["model_digest"],
+            "source": chosen["source"],
+            "source_bundle": chosen["path"],  # fine-tune trains this bundle of the pull-model artifact
+            "dataset_hash": ds.content_hash,
+            **({"source_ranking": ranking} if ranking else {}),
+            "shapes": shapes,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "cache_keys": sorted(set(used)) if cfg.features.cache else [],
+        }
     return Artifact(Path(out), w.manifest)
 
 
@@ -102,14 +95,14 @@ def _add_stack(path: Path, ds: Dataset, model: Artifact, cache: FeatureCache, cf
     for c in model.meta["candidates"]:
         key = cache_key(c["model_digest"], c["preprocessing"], ds.content_hash)
         keys.append(key)
-        with cache.lock(key) if cfg.features.cache else contextlib.nullcontext():
-            if cfg.features.cache and cache.get(key) is not None:
-                parts.append(cache.load(key))
-            else:
-                arrays = _compute(ds, model.path / c["path"], cfg.features.batch_size)
-                if cfg.features.cache:
-                    cache.put(key, arrays, {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash})
-                parts.append(arrays)
+        parts.append(
+            cache.get_or_compute_arrays(
+                key,
+                lambda c=c: _compute(ds, model.path / c["path"], cfg.features.batch_size),
+                {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash},
+                enabled=cfg.features.cache,
+            )
+        )
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     for split in parts[0]:
@@ -136,16 +129,16 @@ def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: F
     scored = []
     for c in model.meta["candidates"]:
         key = cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train")
-        with cache.lock(key) if cfg.features.cache else contextlib.nullcontext():
-            if cfg.features.cache and cache.get(key) is not None:
-                f = cache.load(key)["train"]
-            else:
-                f = extract(
+        f = cache.get_or_compute_arrays(
+            key,
+            lambda c=c: {
+                "train": extract(
                     load_backbone(model.path / c["path"]), train.x, cfg.features.batch_size, desc=f"rank {c['source']}"
                 )
-                if cfg.features.cache:
-                    meta = {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash, "split": "train"}
-                    cache.put(key, {"train": f}, meta)
+            },
+            {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash, "split": "train"},
+            enabled=cfg.features.cache,
+        )["train"]
         scored.append({**c, "score": round(logme(f, train.y), 6)})
     return rank_sources(scored)
 
