@@ -181,8 +181,10 @@ def set_step_key(art: Artifact, key: str) -> None:
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    # Key order is kept as written (no sort_keys): mappings such as the trained models are in
+    # config order, and a step reading the manifest from disk must see the order the writer saw.
     tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(tmp, path / MANIFEST)
 
 
