@@ -44,13 +44,29 @@ def test_adaptation_strategies_select_on_source_validation(tmp_path, shared_data
     assert sel["criterion"].startswith("best source-domain validation accuracy (no target labels")
     models = ft.meta["models"]
     assert set(models) == {"dann", "adabn"}
-    for name, m in models.items():
+    for m in models.values():
         assert 0.0 <= m["source_val_acc"] <= 1.0 and m["val_acc"] is not None
         assert m["adaptation"]["selection"]["uses_target_labels"] is False
     best = max(models, key=lambda s: (models[s]["source_val_acc"], -cfg.train.strategies.index(s)))
     assert sel["selected"] == best
     assert models["adabn"]["adaptation"]["adabn_samples"] == counts["unlabelled"]
     assert models["adabn"]["source_val_acc"] > 0.6  # USPS 0 vs 1 is easy even from scratch
+
+
+def test_adaptation_and_plain_strategies_mix_and_all_are_scored_on_source_validation(tmp_path, shared_data):
+    """linear-probe (trained on the target's labelled train split) next to source-only: every
+    strategy gets a source-validation score, and the selection compares them on it."""
+    cfg = _cfg(tmp_path, shared_data, strategies=["linear-probe", "source-only"], adapt={"epochs": 1, "batch_size": 32})
+    ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
+    ins["features"] = extract_features.run(cfg, ins, tmp_path / "features")
+    ft = fine_tune.run(cfg, ins, tmp_path / "ft")
+    models = ft.meta["models"]
+    assert list(models) == ["linear-probe", "source-only"]
+    for m in models.values():
+        assert 0.0 <= m["source_val_acc"] <= 1.0 and 0.0 <= m["val_acc"] <= 1.0
+    best = max(models, key=lambda s: (models[s]["source_val_acc"], -cfg.train.strategies.index(s)))
+    assert ft.meta["selected"] == best
+    assert ft.meta["criterion"].startswith("best source-domain validation accuracy")
 
 
 def test_adaptation_needs_source_domain_data(tmp_path):

@@ -94,9 +94,9 @@ def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifac
                 secs = probe_secs + time.perf_counter() - t0
             results[strategy] = _save(d, clf, hist, strategy, secs, ds.classes) | extra
             if results[strategy]["val_acc"] is None and val is not None and len(val):
-                results[strategy]["val_acc"] = evaluate_split(clf, val, tcfg.batch_size * 2)[
-                    "val_acc"
-                ]  # reported, not used by DA            if domain_val is not None:
+                # reported, not used for selection under DA
+                results[strategy]["val_acc"] = evaluate_split(clf, val, tcfg.batch_size * 2)["val_acc"]
+            if domain_val is not None:
                 results[strategy]["source_val_acc"] = evaluate_split(clf, domain_val, tcfg.batch_size * 2)["val_acc"]
         if cfg.evaluate.scratch_baseline:
             d = w.path / "models" / "scratch"

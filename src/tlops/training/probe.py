@@ -38,7 +38,7 @@ def train_probe(
     if has_val:
         xv, yv = (torch.from_numpy(f_val).float() - mean) / std, torch.from_numpy(y_val).long()
     head = nn.Linear(xt.shape[1], num_classes)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=cfg.weight_decay or 1e-4)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=cfg.weight_decay)
     best: tuple[float, float] | None = None
     best_state, history, bad = None, [], 0
     for epoch in range(1, cfg.probe_epochs + 1):
