@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -10,6 +11,7 @@ import yaml
 from tests.conftest import REPO, digits_config
 from tlops.config import load_config, validate_config
 from tlops.dag import DAG, STEP_NAMES
+from tlops.errors import TlopsError
 
 GPU = {
     "gpu": {
@@ -67,7 +69,7 @@ def test_components_are_generated_from_the_dag():
     producers = {s.name: s for s in DAG}
     for spec in DAG:
         cs = component(spec.name, "img:1").component_spec
-        expected_in = {p: "String" for p in PIPELINE_PARAMS}
+        expected_in = {p: "String" for p in (*PIPELINE_PARAMS, "image")}
         expected_in |= {n: f"system.{KFP_TYPES[producers[p].output]}@0.0.1" for n, p in spec.inputs.items()}
         assert {n: i.type for n, i in cs.inputs.items()} == expected_in, spec.name
         expected_out = {spec.output_name: f"system.{KFP_TYPES[spec.output]}@0.0.1"}
@@ -128,6 +130,74 @@ def test_gpu_pool_secrets_retries_and_cache_keys(tmp_path, monkeypatch):
     assert tasks["register"]["cachingOptions"].get("enableCache", False) is False
     for secret in ("sup3r-s3cret-value", "mlflow-pa55word"):
         assert secret not in text
+
+
+DIGEST = "sha256:" + "ab12" * 16
+
+
+def test_image_pinned_by_digest_joins_the_kfp_cache_key(tmp_path, monkeypatch, caplog):
+    image = f"registry.example.com/ml/tlops@{DIGEST}"
+    with caplog.at_level(logging.WARNING, logger="tlops.kfp.pipeline"):
+        cfg, _, spec, _ = _compile(tmp_path, monkeypatch, kubernetes={"image": image, "data_version": "v7"})
+    assert not caplog.records  # pinned: nothing to warn about
+    tasks = spec["root"]["dag"]["tasks"]
+    key = f"tlops-fine-tune-{cfg.config_hash[:16]}-v7-{DIGEST}"
+    assert tasks["fine-tune"]["cachingOptions"] == {"cacheKey": key, "enableCache": True}
+    assert tasks["ingest"]["cachingOptions"]["cacheKey"].endswith(f"-v7-{DIGEST}")
+    for name in STEP_NAMES:  # each task knows its image: its digest joins the step key inside the task
+        assert tasks[name]["inputs"]["parameters"]["image"] == {"runtimeValue": {"constant": image}}
+
+    # the image may come from TLOPS_IMAGE instead of the config: its digest counts the same
+    from tlops.kfp.pipeline import compile_pipeline
+
+    monkeypatch.setenv("TLOPS_IMAGE", f"tlops@{DIGEST}")
+    plain = validate_config(digits_config(tmp_path / "w"))
+    ir = next(yaml.safe_load_all(compile_pipeline(plain, tmp_path / "env.yaml").read_text()))
+    assert ir["root"]["dag"]["tasks"]["fine-tune"]["cachingOptions"]["cacheKey"].endswith(f"-unpinned-{DIGEST}")
+
+    with pytest.raises(TlopsError, match="sha256:<64 hex digits>"):
+        _compile(tmp_path, monkeypatch, kubernetes={"image": "tlops@sha256:abc"})
+
+
+def test_image_tag_with_caching_warns_once_how_to_pin(tmp_path, monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING, logger="tlops.kfp.pipeline"):
+        cfg, _, spec, _ = _compile(tmp_path, monkeypatch, kubernetes={"image": "registry:5000/tlops:0.1.0"})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "registry:5000/tlops:0.1.0 is a tag" in warnings[0]
+    assert "kubernetes.image: registry:5000/tlops@sha256:<digest>" in warnings[0]
+    # the key stays what it was: config hash and data version
+    key = spec["root"]["dag"]["tasks"]["fine-tune"]["cachingOptions"]["cacheKey"]
+    assert key == f"tlops-fine-tune-{cfg.config_hash[:16]}-unpinned"
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tlops.kfp.pipeline"):
+        _compile(tmp_path, monkeypatch, kubernetes={"image": "tlops:0.1.0", "caching": False})
+    assert not caplog.records  # nothing cached, nothing stale
+
+
+def test_task_step_key_includes_the_image_digest(tmp_path):
+    """Inside a KFP task, the step key (recorded in the manifest, used for reuse) has the digest."""
+    from types import SimpleNamespace
+
+    from tlops import dag
+    from tlops.artifacts import read_artifact
+    from tlops.contract import step_key
+    from tlops.kfp.task import config_from_params, run_task
+
+    config = json.dumps(validate_config(digits_config(tmp_path / "w")).to_dict())
+    cfg = config_from_params(config, {})
+    spec = dag.get("ingest")
+    keys = {}
+    for i, image in enumerate(["tlops:0.1.0", f"tlops@{DIGEST}", "tlops@sha256:" + "cd34" * 16]):
+        out = SimpleNamespace(path=str(tmp_path / f"out{i}"), metadata={})
+        args = {"config": config, "data_uri": "", "source_model": "", "model_name": "", "image": image}
+        run_task("ingest", {**args, "dataset": out})
+        keys[image] = read_artifact(tmp_path / f"out{i}").manifest["step_key"]
+        assert out.metadata["image"] == image
+    assert keys["tlops:0.1.0"] == step_key(spec, cfg, {})  # a tag: the same key as every other runner
+    assert keys[f"tlops@{DIGEST}"] == step_key(spec, cfg, {}, DIGEST)
+    assert len(set(keys.values())) == 3
 
 
 def test_cpu_only_when_no_gpu_configured(tmp_path, monkeypatch):

@@ -80,8 +80,13 @@ def step_stamp(spec: "StepSpec", cfg: "PipelineConfig", inputs: Mapping[str, "Ar
     return None if stamp is None else stamp(cfg, inputs)
 
 
-def key_parts(spec: "StepSpec", cfg: "PipelineConfig", inputs: Mapping[str, "Artifact"]) -> dict[str, Any]:
-    """What :func:`step_key` hashes (for debugging a surprising miss: diff two of these)."""
+def key_parts(
+    spec: "StepSpec", cfg: "PipelineConfig", inputs: Mapping[str, "Artifact"], image_digest: str | None = None
+) -> dict[str, Any]:
+    """What :func:`step_key` hashes (for debugging a surprising miss: diff two of these).
+
+    ``image_digest``: the digest of the container image the step runs in, when it is pinned by one
+    (a KFP task); a tag names no fixed content, so it is not part of the key."""
     missing = sorted(set(spec.inputs) - set(inputs))
     if missing:
         raise KeyError(f"step {spec.name} takes inputs {', '.join(spec.inputs)}; missing: {', '.join(missing)}")
@@ -93,9 +98,12 @@ def key_parts(spec: "StepSpec", cfg: "PipelineConfig", inputs: Mapping[str, "Art
         "params": param_values(spec, cfg),
         "inputs": {name: inputs[name].content_hash for name in sorted(spec.inputs)},
         "stamp": step_stamp(spec, cfg, inputs),
+        **({"image": image_digest} if image_digest else {}),
     }
 
 
-def step_key(spec: "StepSpec", cfg: "PipelineConfig", inputs: Mapping[str, "Artifact"]) -> str:
+def step_key(
+    spec: "StepSpec", cfg: "PipelineConfig", inputs: Mapping[str, "Artifact"], image_digest: str | None = None
+) -> str:
     """The reuse key of running ``spec`` on ``cfg`` and ``inputs`` (see the module doc)."""
-    return hash_json(key_parts(spec, cfg, inputs))
+    return hash_json(key_parts(spec, cfg, inputs, image_digest))

@@ -2,7 +2,8 @@
 
 A component's interface is derived from its step, so it cannot drift from ``tlops.dag``:
 
-- parameters: the pipeline parameters (``PIPELINE_PARAMS``: the config and its overrides);
+- parameters: the pipeline parameters (``PIPELINE_PARAMS``: the config and its overrides) and
+  the image the task runs in (a constant set at compile time);
 - one input artifact per ``spec.inputs`` entry, typed by the kind its producer writes;
 - one output artifact named ``spec.output_name``, typed by ``spec.output``;
 - KFP-only extra outputs (``EXTRA_OUTPUTS``: the evaluation's Metrics / ClassificationMetrics).
@@ -21,7 +22,7 @@ import linecache
 from typing import Any, Callable
 
 from tlops.dag import DAG, StepSpec
-from tlops.kfp.task import PARAM_FIELDS
+from tlops.kfp.task import IMAGE_PARAM, PARAM_FIELDS
 
 # Parameters every component takes: the resolved config (YAML) and the values that override it.
 PIPELINE_PARAMS = ("config", *PARAM_FIELDS)
@@ -58,7 +59,7 @@ def kfp_type(kind: str) -> str:
 def signature(spec: StepSpec) -> list[tuple[str, str]]:
     """(argument name, annotation) of the step's component function, in order."""
     producers = {s.name: s for s in DAG}
-    args = [(p, "str") for p in PIPELINE_PARAMS]
+    args = [(p, "str") for p in (*PIPELINE_PARAMS, IMAGE_PARAM)]
     args += [(name, f"Input[{kfp_type(producers[producer].output)}]") for name, producer in spec.inputs.items()]
     args.append((spec.output_name, f"Output[{kfp_type(spec.output)}]"))
     args += [(name, f"Output[{cls}]") for name, cls in EXTRA_OUTPUTS.get(spec.name, ())]

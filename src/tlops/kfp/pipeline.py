@@ -18,6 +18,7 @@ from tlops.artifacts import read_artifact
 from tlops.config import KubernetesConfig, PipelineConfig
 from tlops.dag import DAG, StepSpec
 from tlops.errors import TlopsError
+from tlops.kfp.task import image_digest
 from tlops.runners.local import PipelineResult, StepResult
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,29 @@ def image_for(cfg: PipelineConfig) -> str:
 
 
 def cache_key(cfg: PipelineConfig, step: str) -> str:
-    return f"tlops-{step}-{cfg.config_hash[:16]}-{cfg.kubernetes.data_version or 'unpinned'}"
+    """The KFP cache key of a step's task: the config, the data version and, when the image is
+    pinned by digest, the digest (a new image then misses the cache instead of reusing results)."""
+    key = f"tlops-{step}-{cfg.config_hash[:16]}-{cfg.kubernetes.data_version or 'unpinned'}"
+    digest = image_digest(image_for(cfg))
+    return f"{key}-{digest}" if digest else key
+
+
+def warn_if_cached_by_tag(cfg: PipelineConfig) -> None:
+    """With caching on, an image named by a tag lets KFP serve results of whatever image the tag
+    named when they were cached; say so once per compile, with how to pin it."""
+    image = image_for(cfg)
+    if cfg.kubernetes.caching and image_digest(image) is None:
+        repo = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
+        log.warning(
+            "image %s is a tag, not a digest: KFP caches steps by config and data version, so after the tag "
+            "moves to a new image a cached step can return results of the old one. Pin it: "
+            "kubernetes.image: %s@sha256:<digest> (docker buildx imagetools inspect %s, or crane digest %s), "
+            "or set kubernetes.caching: false",
+            image,
+            repo,
+            image,
+            image,
+        )
 
 
 def task_configurer(cfg: PipelineConfig):
@@ -82,8 +105,9 @@ def pipeline_name(cfg: PipelineConfig) -> str:
     return "tlops-" + "".join(c if c.isalnum() else "-" for c in cfg.name.lower()).strip("-")
 
 
-def build(cfg: PipelineConfig, components: dict[str, Any], configure_task: Callable[[Any, StepSpec], None]):
-    """Return the ``@dsl.pipeline`` function for one resolved tlops config: one task per step."""
+def build(cfg: PipelineConfig, components: dict[str, Any], configure_task: Callable[[Any, StepSpec], None], image: str):
+    """Return the ``@dsl.pipeline`` function for one resolved tlops config: one task per step, each
+    told the ``image`` its component runs in."""
     from kfp import dsl
 
     # One line of JSON (valid YAML): KFP copies defaults into a header comment, line by line.
@@ -98,7 +122,12 @@ def build(cfg: PipelineConfig, components: dict[str, Any], configure_task: Calla
         for spec in DAG:
             upstream = {name: tasks[producer].outputs[name] for name, producer in spec.inputs.items()}
             task = components[spec.name](
-                config=config, data_uri=data_uri, source_model=source_model, model_name=model_name, **upstream
+                config=config,
+                data_uri=data_uri,
+                source_model=source_model,
+                model_name=model_name,
+                image=image,
+                **upstream,
             )
             task.set_display_name(spec.name)
             configure_task(task, spec)
@@ -110,7 +139,8 @@ def build(cfg: PipelineConfig, components: dict[str, Any], configure_task: Calla
 def build_pipeline(cfg: PipelineConfig):
     from tlops.kfp.components import components
 
-    return build(cfg, components(image_for(cfg)), task_configurer(cfg))
+    image = image_for(cfg)
+    return build(cfg, components(image), task_configurer(cfg), image)
 
 
 def compile_pipeline(cfg: PipelineConfig, out: Path) -> Path:
@@ -118,7 +148,9 @@ def compile_pipeline(cfg: PipelineConfig, out: Path) -> Path:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(cfg), str(out))
+    pipeline = build_pipeline(cfg)
+    warn_if_cached_by_tag(cfg)
+    compiler.Compiler().compile(pipeline, str(out))
     return out
 
 

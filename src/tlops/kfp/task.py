@@ -7,6 +7,7 @@ The generated component functions (``tlops.kfp.components``) pass all their argu
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,25 @@ import yaml
 from tlops import dag
 from tlops.artifacts import Artifact, read_artifact
 from tlops.config import PipelineConfig, apply_overrides, validate_config
+from tlops.errors import TlopsError
 
 # Pipeline parameters that override config fields when not empty.
 PARAM_FIELDS = {"data_uri": "data.source", "source_model": "source.model", "model_name": "register.model_name"}
+# A constant each task gets at compile time: the image it runs in (its digest joins the step key).
+IMAGE_PARAM = "image"
+
+# name[:tag]@<algorithm>:<hex>, as in the OCI image spec (sha256 / sha512)
+_DIGEST = re.compile(r"@(?P<digest>sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
+
+
+def image_digest(image: str) -> str | None:
+    """The digest an image reference is pinned by (``repo@sha256:...``), or None for a tag."""
+    m = _DIGEST.search(image or "")
+    if m is None and "@" in (image or ""):
+        raise TlopsError(
+            f"image {image!r}: a digest must look like @sha256:<64 hex digits> (or @sha512:<128 hex digits>)"
+        )
+    return m.group("digest") if m else None
 
 
 def config_from_params(config_yaml: str, params: dict[str, str]) -> PipelineConfig:
@@ -48,8 +65,10 @@ def provenance(art: Artifact) -> dict[str, Any]:
 
 
 def run_task(step: str, args: dict[str, Any]) -> Artifact:
-    """Run ``step`` with a component's arguments: the pipeline parameters, the KFP input artifacts
-    (named as in ``StepSpec.inputs``), its output artifact and any KFP-only extra outputs."""
+    """Run ``step`` with a component's arguments: the pipeline parameters, the task's image, the KFP
+    input artifacts (named as in ``StepSpec.inputs``), its output artifact and any KFP-only extra
+    outputs. An image pinned by digest is part of the step key: an artifact made by another image
+    is not reused."""
     from tlops.runners.local import execute_step
 
     if not logging.getLogger().handlers:
@@ -58,8 +77,11 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
     cfg = config_from_params(args["config"], {k: args[k] for k in PARAM_FIELDS})
     arts = {name: read_artifact(args[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
     output = args[spec.output_name]
-    res = execute_step(spec, cfg, arts, Path(output.path))
+    image = args.get(IMAGE_PARAM) or ""
+    res = execute_step(spec, cfg, arts, Path(output.path), image_digest=image_digest(image))
     output.metadata.update(provenance(res.artifact))
+    if image:
+        output.metadata["image"] = image
     if step == "evaluate":
         log_evaluation(res.artifact, args["metrics"], args["classification"])
     return res.artifact

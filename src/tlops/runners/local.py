@@ -128,13 +128,14 @@ def execute_step(
     *,
     reuse: bool = True,
     record: bool = True,
+    image_digest: str | None = None,
 ) -> StepResult:
     """Run one step into ``out``, or reuse a finished artifact made under the same step key.
 
     ``record=False`` keeps ``out`` out of the reuse index (a temp dir that will not survive)."""
     t0 = time.perf_counter()
     wd = Workdir.at(cfg.workdir_path)
-    key = step_key(spec, cfg, inputs)
+    key = step_key(spec, cfg, inputs, image_digest)  # image_digest: a KFP task's pinned image
     fp = key if spec.reusable else None
     prev = wd.index_entry(spec.name, fp) if fp else None
     lock = (
