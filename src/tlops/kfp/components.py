@@ -21,6 +21,7 @@ import functools
 import linecache
 from typing import Any, Callable
 
+from tlops import dag
 from tlops.dag import DAG, StepSpec
 from tlops.kfp.task import IMAGE_PARAM, PARAM_FIELDS
 
@@ -84,7 +85,7 @@ def function(step: str) -> Callable[..., None]:
     """The step's component function, compiled from :func:`source` (for ``dsl.component``)."""
     from kfp import dsl
 
-    spec = next(s for s in DAG if s.name == step)
+    spec = dag.get(step)
     text = source(spec)
     filename = f"<tlops.kfp.components:{step}>"
     linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
