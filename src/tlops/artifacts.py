@@ -132,16 +132,19 @@ def publish(tmp: Path, out: Path, *, replace: bool = True) -> None:
 
     ``replace``: an existing ``out`` is renamed aside, the new one renamed in, the old removed.
     Else (content-addressed caches) an existing finished ``out`` wins: someone published the
-    same content first, so ``tmp`` is dropped."""
+    same content first, so ``tmp`` is dropped; an unfinished one is replaced."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if not replace:
         try:
             os.rename(tmp, out)
+            return
         except OSError:
-            if not is_finished(out):
+            if is_finished(out):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            if not out.exists():
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        return
+        # an unfinished dir (no manifest: a half-deleted entry) is never trusted: replace it
     if not out.exists():
         os.rename(tmp, out)
         return

@@ -54,7 +54,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                 spec["digest"][:12],
             )
         _, _, spec = pulled[0]
-        w.content_hash = spec["digest"] if len(pulled) == 1 else hash_json([p[2]["digest"] for p in pulled])
+        # weights and how they are fed: the same weights at another image size give other features
+        w.content_hash = hash_json([[p[2]["digest"], p[2]["preprocessing"]] for p in pulled])
         w.metadata = {
             "source": cfg.source.model,
             "backbone_kind": spec["kind"],
