@@ -67,9 +67,92 @@ def test_bad_usage_is_a_usage_error(argv, monkeypatch, capsys):
     assert "Usage: tlops " in text and "Traceback" not in text, text
 
 
-@pytest.mark.parametrize("argv", [["run", "--bogus"], ["demo", "--workdir", "X"]])
+@pytest.mark.parametrize("argv", [["run", "--bogus"], ["demo", "--bogus", "X"]])
 def test_console_script_prints_usage_not_traceback(argv, tmp_path):
     proc = subprocess.run([str(TLOPS), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "Usage: tlops " in proc.stderr and "No such option" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and len(proc.stderr.splitlines()) < 10
+
+
+# --- --workdir and --version -------------------------------------------------------------------
+
+WORKDIR_COMMANDS = {"run", "demo", "validate", "step", "export dvc", "promote", "compare", "rollback", "gc"}
+
+
+def test_every_command_that_uses_a_workdir_takes_workdir():
+    opts = {
+        " ".join(path): {o for p in cmd.params for o in p.opts}
+        for path, cmd in _commands(typer.main.get_command(cli.app))
+    }
+    assert WORKDIR_COMMANDS <= set(opts)
+    assert [name for name in sorted(WORKDIR_COMMANDS) if "--workdir" not in opts[name]] == []
+    # and only those: the others never touch a workdir (KFP server, compile, summary of a run dir)
+    assert sorted(n for n, o in opts.items() if "--workdir" in o) == sorted(WORKDIR_COMMANDS)
+
+
+def _cfg(tmp_path: Path) -> Path:
+    import yaml
+    from conftest import digits_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config(tmp_path / "from-config")))
+    return path
+
+
+def _main(monkeypatch, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["tlops", *argv])
+    try:
+        cli.main()
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def test_workdir_option_overrides_the_config(tmp_path, monkeypatch, capsys):
+    cfg = _cfg(tmp_path)
+    assert _main(monkeypatch, "validate", "--config", str(cfg), "--workdir", "yes") == 0
+    assert "\nworkdir: 'yes'\n" in capsys.readouterr().out
+    # the value is a path even when YAML would read it as a bool; --workdir wins over --set workdir=
+    assert _main(monkeypatch, "validate", "-c", str(cfg), "--set", "workdir=a", "--workdir", "yes") == 0
+    assert "\nworkdir: 'yes'\n" in capsys.readouterr().out
+
+
+def test_run_and_demo_use_the_workdir_option(tmp_path, monkeypatch):
+    import tlops.demo
+    import tlops.report
+    import tlops.runners.local
+
+    seen = {}
+    monkeypatch.setattr(tlops.runners.local, "run_pipeline", lambda cfg, **kw: seen.setdefault("run", cfg.workdir))
+    monkeypatch.setattr(tlops.report, "print_run_summary", lambda cfg, result: None)
+    monkeypatch.setattr(tlops.demo, "run_demo", lambda src, tgt, overrides: seen.setdefault("demo", overrides))
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path)
+    assert _main(monkeypatch, "run", "--config", str(cfg), "--workdir", str(tmp_path / "w")) == 0
+    assert seen["run"] == str(tmp_path / "w")
+    assert _main(monkeypatch, "demo", "--workdir", "w2", "--set", "seed=1") == 0
+    assert seen["demo"] == ["seed=1", 'workdir="w2"']
+
+
+def test_version_prints_tlops_git_commit_and_library_versions(tmp_path):
+    from importlib import metadata
+
+    import tlops
+
+    proc = subprocess.run([str(TLOPS), "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(cli.__file__).parents[2], capture_output=True, text=True
+    )
+    assert lines[0].startswith(f"tlops {tlops.__version__} (git {head.stdout.strip()}"), lines[0]
+    assert lines[1].startswith("python 3.")
+    for lib, line in zip(cli.KEY_LIBRARIES, lines[2:], strict=True):
+        assert line == f"{lib} {metadata.version(lib)}"
+
+
+def test_version_uses_the_commit_recorded_at_build_time(monkeypatch, capsys):
+    monkeypatch.setenv("TLOPS_GIT_COMMIT", "0123abc")
+    assert _main(monkeypatch, "--version") == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("(git 0123abc)")

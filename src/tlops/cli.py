@@ -42,6 +42,83 @@ app = _Typer(add_completion=False, no_args_is_help=True, help="tlops: transfer-l
 
 CONFIG = typer.Option(..., "--config", "-c", help="pipeline YAML config")
 SET = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+CFG_WORKDIR = typer.Option(
+    None, "--workdir", help="workdir (runs, feature cache, embedded MLflow store); default: the config's workdir"
+)
+
+#: libraries whose versions decide what a run computes (``tlops --version`` prints them)
+KEY_LIBRARIES = ("torch", "mlflow", "kfp", "transformers", "timm", "dvc")
+
+
+def version_text() -> str:
+    """The tlops version, the git commit it runs from and the key library versions (no imports:
+    ``importlib.metadata`` reads the installed distributions, so this stays fast)."""
+    from importlib import metadata
+    from platform import python_version
+
+    import tlops
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    commit = source_commit()
+    lines = [
+        f"tlops {tlops.__version__}" + (f" (git {commit})" if commit else ""),
+        f"python {python_version()}",
+        *(f"{lib} {version(lib)}" for lib in KEY_LIBRARIES),
+    ]
+    return "\n".join(lines)
+
+
+def source_commit() -> Optional[str]:
+    """The commit tlops runs from: ``TLOPS_GIT_COMMIT`` (set when an image is built), else the git
+    checkout holding this package (an editable install), with ``-dirty`` for uncommitted changes;
+    None for an installed wheel outside a checkout."""
+    import subprocess
+
+    env = os.environ.get("TLOPS_GIT_COMMIT")
+    if env and env != "unknown":
+        return env
+    root = Path(__file__).resolve().parents[2]  # <checkout>/src/tlops/cli.py
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        is_eager=True,
+        callback=_print_version,
+        help="print the tlops version, git commit and key library versions, then exit",
+    ),
+) -> None:
+    """tlops: transfer-learning pipelines (ingest → register)."""
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -58,10 +135,18 @@ def _setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _load(config: Path, overrides: Optional[List[str]]):
+def _with_workdir(overrides: Optional[List[str]], workdir: Optional[Path]) -> List[str]:
+    """``--workdir X`` is ``--set workdir=X`` (given last, so it wins); the path is quoted as a YAML
+    string so a name like ``yes`` or ``123`` stays a path."""
+    import json
+
+    return [*(overrides or []), *([f"workdir={json.dumps(str(workdir))}"] if workdir is not None else [])]
+
+
+def _load(config: Path, overrides: Optional[List[str]], workdir: Optional[Path] = None):
     from tlops.config import load_config
 
-    return load_config(config, overrides or [])
+    return load_config(config, _with_workdir(overrides, workdir))
 
 
 @app.command()
@@ -71,11 +156,12 @@ def run(
     run_id: Optional[str] = typer.Option(None, help="run id (default: timestamp-name-random)"),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="rerun every step even if its inputs are unchanged"),
     runner: str = typer.Option("local", help="local (in-process) or kfp-local (the compiled KFP DAG via kfp.local)"),
+    workdir: Optional[Path] = CFG_WORKDIR,
 ) -> None:
     """Run the whole pipeline: ingest → pull-model → extract-features → fine-tune → evaluate → register."""
     from tlops.report import print_run_summary
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, workdir)
     if runner == "local":
         from tlops.runners.local import run_pipeline
 
@@ -113,11 +199,12 @@ def export_dvc(
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
     out_dir: Path = typer.Option(Path("."), "--out-dir", help="where to write dvc.yaml and params.yaml"),
+    workdir: Optional[Path] = CFG_WORKDIR,
 ) -> None:
     """Write dvc.yaml (one stage per step) and params.yaml (the resolved config) for `dvc repro`."""
     from tlops.runners.dvc import export
 
-    dvc_yaml, params = export(_load(config, set_), out_dir)
+    dvc_yaml, params = export(_load(config, set_, workdir), out_dir)
     typer.echo(f"wrote {dvc_yaml} and {params}")
 
 
@@ -133,6 +220,7 @@ def step(
     ),
     out: str = typer.Option(..., "--out", "-o", help="where the step's artifact goes: a directory or an s3:// prefix"),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="do not reuse a finished artifact with the same inputs"),
+    workdir: Optional[Path] = CFG_WORKDIR,
 ) -> None:
     """Run one step (what KFP components, compose services and DVC stages call)."""
     from tlops import dag
@@ -142,7 +230,7 @@ def step(
         spec = dag.get(name)
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, workdir)
     given = {}
     for item in inputs or []:
         if "=" not in item:
@@ -162,11 +250,11 @@ def step(
 
 
 @app.command()
-def validate(config: Path = CONFIG, set_: Optional[List[str]] = SET) -> None:
+def validate(config: Path = CONFIG, set_: Optional[List[str]] = SET, workdir: Optional[Path] = CFG_WORKDIR) -> None:
     """Validate a config and print it fully resolved (defaults filled in)."""
     import yaml
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, workdir)
     typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
 
 
@@ -309,11 +397,12 @@ def demo(
     source_config: Path = typer.Option(Path("configs/digits_source.yaml"), help="source-task pipeline config"),
     target_config: Path = typer.Option(Path("configs/digits_target.yaml"), help="target-task pipeline config"),
     set_: Optional[List[str]] = SET,
+    workdir: Optional[Path] = CFG_WORKDIR,
 ) -> None:
     """The offline demo: train + register a source model on digits 0-4, transfer to 5-9 with 10 labels/class."""
     from tlops.demo import run_demo
 
-    run_demo(source_config, target_config, set_ or [])
+    run_demo(source_config, target_config, _with_workdir(set_, workdir))
 
 
 @app.command()
