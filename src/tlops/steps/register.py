@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tlops import __version__
 from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
@@ -26,18 +25,6 @@ from tlops.tracking.setup import configure, git_commit, pipeline_run
 from tlops.tracking.steplog import data_tags, log_step
 
 log = logging.getLogger(__name__)
-
-
-def _requirements() -> list[str]:
-    from importlib import metadata
-
-    pins = [f"tlops=={__version__}"]
-    for pkg in ("torch", "timm", "transformers", "safetensors", "numpy", "pandas", "pillow"):
-        try:
-            pins.append(f"{pkg}=={metadata.version(pkg)}")
-        except metadata.PackageNotFoundError:
-            pass
-    return pins
 
 
 def _dvc_line(version: dict[str, Any]) -> list[str]:
@@ -205,25 +192,23 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             )
         else:  # torch, pandas and the pyfunc flavour only when there is something to register
             import pandas as pd
-            from mlflow.models import infer_signature
 
             from tlops.models.bundle import load_classifier
-            from tlops.tracking import pyfunc_model
+            from tlops.serving import package
             from tlops.tracking.pyfunc import predict_frame
 
             clf = load_classifier(bundle)
             test = ds.load("test")
             raw = test.x[:2] if ds.kind == "image" else list(test.x[:2])
             example = raw if ds.kind == "image" else pd.DataFrame({"text": raw})
-            signature = infer_signature(example, predict_frame(clf, raw))
             mlflow.log_artifacts(str(evaluation.path), artifact_path="evaluation")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(Path(pyfunc_model.__file__)),  # models-from-code: nothing pickled
-                artifacts={"bundle": str(bundle)},
-                signature=signature,
+            # slim and pickle-free: inference files + contract + tlops wheel (checkpoints stay in the workdir)
+            info = package.log_model(
+                bundle=bundle,
+                model_name=name,
+                train_x=ds.load("train").x if ds.kind == "image" else None,
                 input_example=example,
-                pip_requirements=_requirements(),
+                output_example=predict_frame(clf, raw, {"model_name": name, "model_version": "1", "model_alias": "x"}),
             )
             # the digest tag is set when the version is created, so a concurrent registration sees it
             mv = mlflow.register_model(info.model_uri, name, tags={registry.DIGEST_TAG: digest})

@@ -1,45 +1,29 @@
-"""The MLflow pyfunc wrapper: raw inputs in, labels and probabilities out.
+"""The MLflow pyfunc wrapper: raw inputs in, labels and probabilities out, by the model's contract.
 
-Inputs: text models take a DataFrame with a ``text`` column (or any single string column),
-or a list of strings. Image models take a uint8 array (N,H,W) or (N,H,W,C); the unwrapped
-model (``.unwrap_python_model().predict(None, paths)``) also takes image file paths.
-Output: a DataFrame with ``label``, ``score`` and one ``prob_<class>`` column per class.
+What a request may hold and what comes back is :mod:`tlops.serving.contract` (images as PNG/JPEG
+bytes, base64 or pixel arrays of any size and dtype; text from the ``text`` column or the only
+string column; table formats for both). A request that breaks the contract raises an
+``MlflowException`` with ``INVALID_PARAMETER_VALUE`` (HTTP 400 from ``mlflow models serve``)
+that says what was expected. Python callers of the unwrapped model
+(``.unwrap_python_model().predict(None, paths)``) may also pass image file paths.
+
+Every output row names the model that answered (``model_name``, ``model_version``,
+``model_alias``): from ``model_config`` when the loader knows it (``tlops serve``,
+:func:`tlops.serving.registry.load`), else looked up in the registry by the model's run.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 
+from tlops.serving.contract import Contract, ContractError
 
-def _to_inputs(model_input: Any, modality: str) -> Any:
-    import pandas as pd
-
-    if modality == "text":
-        if isinstance(model_input, pd.DataFrame):
-            col = "text" if "text" in model_input.columns else model_input.columns[0]
-            return model_input[col].astype(str).tolist()
-        if isinstance(model_input, (pd.Series, np.ndarray)):
-            return [str(v) for v in model_input.tolist()]
-        return [str(v) for v in model_input]
-    if isinstance(model_input, pd.DataFrame):
-        model_input = model_input.iloc[:, 0].tolist()
-    if isinstance(model_input, (list, tuple)) and model_input and isinstance(model_input[0], str):
-        return load_images(model_input)
-    return np.asarray(model_input)
-
-
-def load_images(paths: list[str]) -> np.ndarray:
-    from PIL import Image
-
-    arrays = []
-    for p in paths:
-        with Image.open(p) as im:
-            arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    return np.stack(arrays)
+log = logging.getLogger(__name__)
 
 
 # MLflow nags about predict() type hints; the signature is logged explicitly instead.
@@ -50,17 +34,63 @@ class TlopsClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from tlops.models.bundle import load_classifier
 
-        self.clf = load_classifier(context.artifacts["bundle"])
+        bundle = context.artifacts["bundle"]
+        self.clf = load_classifier(bundle)
+        path = context.artifacts.get("contract")
+        self.contract = Contract.load(path) if path else Contract.from_bundle(bundle)
+        cfg = dict(getattr(context, "model_config", None) or {})
+        self.identity = {
+            "model_name": cfg.get("name") or self.contract.model_name,
+            "model_version": cfg.get("version"),
+            "model_alias": cfg.get("alias"),
+        }
+        if self.identity["model_version"] is None:
+            self.identity.update(_registered_identity(Path(bundle).parents[1], self.identity["model_name"]))
 
     def predict(self, context, model_input, params=None):
-        return predict_frame(self.clf, _to_inputs(model_input, self.clf.backbone.modality))
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:  # context is None only for direct Python calls of the unwrapped model: file paths allowed
+            items = self.contract.parse(model_input, allow_paths=context is None)
+        except ContractError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        return self.contract.frame(self.contract.predict_proba(self.clf, items), self.identity)
 
 
-def predict_frame(clf: Any, x: Any) -> Any:
-    import pandas as pd
+def _registered_identity(model_dir: Path, name: str | None) -> dict[str, Any]:
+    """The registered version (and its aliases) holding this model, when a registry is configured."""
+    import os
 
-    probs = clf.predict_proba(x)
-    df = pd.DataFrame({"label": [clf.classes[i] for i in probs.argmax(1)], "score": probs.max(1).astype(float)})
-    for i, c in enumerate(clf.classes):
-        df[f"prob_{c}"] = probs[:, i].astype(float)
-    return df
+    try:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+    except ImportError:  # pragma: no cover - older/newer MLflow layouts
+
+        def is_tracking_uri_set() -> bool:
+            return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+    if not name or not is_tracking_uri_set() or not (model_dir / "MLmodel").is_file():
+        return {}
+    try:
+        import yaml
+        from mlflow import MlflowClient
+
+        run_id = yaml.safe_load((model_dir / "MLmodel").read_text()).get("run_id")
+        c = MlflowClient()
+        found = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        mv = c.get_model_version(name, found[0].version) if len(found) == 1 else None  # search omits aliases
+    except Exception as e:  # the registry is a nicety here: predictions work without it
+        log.debug("cannot look up the registered version of %s: %s", model_dir, e)
+        return {}
+    if mv is None:
+        return {}
+    return {"model_version": str(mv.version), "model_alias": ",".join(sorted(mv.aliases)) or None}
+
+
+def predict_frame(clf: Any, x: Any, identity: dict[str, Any] | None = None) -> Any:
+    """The output table for raw inputs ``x`` scored by ``clf`` (used to log the output signature)."""
+    from tlops.serving.contract import build_contract
+
+    spec = {"preprocessing": {"modality": clf.backbone.modality}, "classes": clf.classes}
+    contract = Contract(build_contract(spec, model_name=""))
+    return contract.frame(contract.predict_proba(clf, contract.parse(x)), identity)

@@ -1,0 +1,1 @@
+"""Serving: the model contract, the registered model's files, ``tlops serve`` and ``tlops predict``."""
