@@ -203,7 +203,9 @@ def test_tracking_server_goes_down(mlflow_server, secrets, tmp_path, monkeypatch
     cfg_file.write_text(yaml.safe_dump(raw))
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://{USER}:{PASSWORD}@127.0.0.1:{port}")
     t0 = time.monotonic()
-    r = subprocess.run([TLOPS, "run", "--config", str(cfg_file)], capture_output=True, text=True, env=env, timeout=300)
+    # --offline: past the pre-flight (which refuses a server that does not answer: test_preflight), into the run
+    cmd = [TLOPS, "run", "--config", str(cfg_file), "--offline"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     took = time.monotonic() - t0
     assert r.returncode == 1, r.stderr[-3000:]
     assert f"error: MLflow tracking server http://127.0.0.1:{port} unreachable after 3 attempts" in r.stderr

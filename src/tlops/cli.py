@@ -42,6 +42,7 @@ app = _Typer(add_completion=False, no_args_is_help=True, help="tlops: transfer-l
 
 CONFIG = typer.Option(..., "--config", "-c", help="pipeline YAML config")
 SET = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+OFFLINE = typer.Option(False, "--offline", help="pre-flight: skip the network checks (tracking server, S3)")
 CFG_WORKDIR = typer.Option(
     None, "--workdir", help="workdir (runs, feature cache, embedded MLflow store); default: the config's workdir"
 )
@@ -157,21 +158,27 @@ def run(
     no_reuse: bool = typer.Option(False, "--no-reuse", help="rerun every step even if its inputs are unchanged"),
     runner: str = typer.Option("local", help="local (in-process) or kfp-local (the compiled KFP DAG via kfp.local)"),
     workdir: Optional[Path] = CFG_WORKDIR,
+    offline: bool = OFFLINE,
 ) -> None:
-    """Run the whole pipeline: ingest → pull-model → extract-features → fine-tune → evaluate → register."""
+    """Run the whole pipeline: ingest → pull-model → extract-features → fine-tune → evaluate → register.
+
+    The pre-flight checks of `tlops validate` run first: a config that cannot work fails at once
+    (exit 2) and leaves no run directory and no MLflow run."""
+    from tlops.preflight import preflight
     from tlops.report import print_run_summary
 
     cfg = _load(config, set_, workdir)
+    if runner not in ("local", "kfp-local"):
+        raise ConfigError(f"--runner: got {runner!r}; allowed: local, kfp-local")
+    preflight(cfg, offline=offline)
     if runner == "local":
         from tlops.runners.local import run_pipeline
 
         result = run_pipeline(cfg, run_id=run_id, reuse=not no_reuse)
-    elif runner == "kfp-local":
+    else:
         from tlops.kfp.pipeline import run_kfp_local
 
         result = run_kfp_local(cfg)
-    else:
-        raise ConfigError(f"--runner: got {runner!r}; allowed: local, kfp-local")
     print_run_summary(cfg, result)
 
 
@@ -250,12 +257,26 @@ def step(
 
 
 @app.command()
-def validate(config: Path = CONFIG, set_: Optional[List[str]] = SET, workdir: Optional[Path] = CFG_WORKDIR) -> None:
-    """Validate a config and print it fully resolved (defaults filled in)."""
+def validate(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    workdir: Optional[Path] = CFG_WORKDIR,
+    offline: bool = OFFLINE,
+) -> None:
+    """Validate a config, run the pre-flight checks and print the config fully resolved (defaults filled in).
+
+    Pre-flight: data files exist and hold the configured columns, source models resolve (local
+    dirs, timm names, registry names and aliases), the tracking server and S3 buckets answer.
+    Any problem: exit 2, every problem listed, nothing printed on stdout."""
     import yaml
 
+    from tlops.preflight import preflight
+
     cfg = _load(config, set_, workdir)
+    seconds = preflight(cfg, offline=offline)
     typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
+    skipped = " (network checks skipped: --offline)" if offline else ""
+    typer.echo(f"pre-flight: ok in {seconds:.2f}s{skipped}", err=True)
 
 
 @app.command()
@@ -370,6 +391,34 @@ def rollback(
     res = do_rollback(model, reason=reason)
     prev = f" (previous champion: v{res['previous']})" if res["previous"] else ""
     typer.echo(f"{model}: rolled back, champion -> v{res['champion']}{prev}")
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="NAME@ALIAS (e.g. digits-target@champion) or NAME/VERSION"),
+    data: str = typer.Option(..., "--data", help="any source ingest reads: path, s3:// URI, sklearn:digits"),
+    out: Path = typer.Option(..., "--out", help="result file: .parquet or .jsonl"),
+    data_format: str = typer.Option("auto", "--format", help="data format, as data.format"),
+    shard_size: int = typer.Option(1024, min=1, help="rows per resumable shard"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    workdir: Path = WORKDIR,
+) -> None:
+    """Batch prediction with a registered model; resumes after a kill without redoing finished shards."""
+    from tlops.serving.predict import predict as do_predict
+
+    _use_registry(tracking_uri, workdir)
+    res = do_predict(
+        model,
+        data,
+        out,
+        shard_size=shard_size,
+        data_options={"format": data_format},
+        progress=lambda k, n: typer.echo(f"shard {k}/{n}", err=True),
+    )
+    typer.echo(
+        f"{res['model_name']} v{res['model_version']}: {res['rows']} rows -> {res['out']} "
+        f"({res['reused_shards']} of {res['shards']} shards reused)"
+    )
 
 
 @app.command()
