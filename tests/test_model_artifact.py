@@ -224,3 +224,29 @@ def test_model_loads_in_a_fresh_venv_from_its_logged_wheel(model_dir, tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["tlops"].startswith(str(venv)), res  # the wheel's tlops, not the checkout
     assert len(res["labels"]) == 2
+
+
+def test_batch_predict_resumes_after_a_kill_without_redoing_shards(reg, tmp_path):
+    from tlops.serving.predict import predict
+    from tlops.tracking.setup import use_store
+
+    use_store(reg.uri)
+    out = tmp_path / "pred.parquet"
+
+    def killed(k, n):
+        if k == 2:
+            raise KeyboardInterrupt  # killed after two shards were written
+
+    with pytest.raises(KeyboardInterrupt):
+        predict("t-digits@challenger", "sklearn:digits", out, shard_size=500, progress=killed)
+    assert not out.exists() and len(list((tmp_path / "pred.parquet.parts").glob("shard-*.parquet"))) == 2
+    res = predict("t-digits@challenger", "sklearn:digits", out, shard_size=500)
+    assert res["shards"] == 4 and res["reused_shards"] == 2 and res["model_version"] == "1"
+    df = pd.read_parquet(out)
+    assert len(df) == 1797 and df["row"].tolist() == list(range(1797))
+    assert set(df["model_alias"]) == {"challenger"} and set(df["model_version"]) == {"1"}
+    np.testing.assert_allclose(df[["prob_0", "prob_1", "prob_2"]].sum(1), 1.0, atol=1e-5)
+    seen = df[df["input_label"].isin(["0", "1", "2"])]
+    assert (seen["label"] == seen["input_label"]).mean() > 0.5
+    jsonl = predict("t-digits/1", "sklearn:digits", tmp_path / "pred.jsonl", shard_size=2000)
+    assert jsonl["model_alias"] is None and sum(1 for _ in open(tmp_path / "pred.jsonl")) == 1797

@@ -1,0 +1,48 @@
+"""Load a registered model by ``NAME@ALIAS`` (or ``NAME/VERSION``), knowing which version answered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tlops.errors import ModelError
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    alias: str | None
+    version: str
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"model_name": self.name, "model_version": self.version, "model_alias": self.alias}
+
+
+def resolve(ref: str) -> ModelRef:
+    """``NAME@ALIAS`` -> the version the alias points at now; ``NAME/VERSION`` as given."""
+    from tlops.tracking import registry
+
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = registry.get_alias(name, alias)
+        if mv is None:
+            c = registry.client()
+            known = sorted({a for v in registry.versions(name) for a in c.get_model_version(name, v.version).aliases})
+            raise ModelError(
+                f"{ref}: no version of '{name}' holds alias '{alias}'"
+                + (f"; aliases in use: {', '.join(known)}" if known else f" ('{name}' has no aliased versions)")
+            )
+        return ModelRef(name, alias, str(mv.version))
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        return ModelRef(name, None, version)
+    raise ModelError(f"model '{ref}': give NAME@ALIAS (e.g. {ref}@champion) or NAME/VERSION")
+
+
+def load(ref: ModelRef) -> Any:
+    """The pyfunc of ``ref`` loaded with its identity (every output row names it)."""
+    import mlflow
+
+    cfg = {"name": ref.name, "version": ref.version, "alias": ref.alias}
+    return mlflow.pyfunc.load_model(f"models:/{ref.name}/{ref.version}", model_config=cfg)
