@@ -42,6 +42,7 @@ app = _Typer(add_completion=False, no_args_is_help=True, help="tlops: transfer-l
 
 CONFIG = typer.Option(..., "--config", "-c", help="pipeline YAML config")
 SET = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+EXIT_GATES_FAILED = 3
 OFFLINE = typer.Option(False, "--offline", help="pre-flight: skip the network checks (tracking server, S3)")
 CFG_WORKDIR = typer.Option(
     None, "--workdir", help="workdir (runs, feature cache, embedded MLflow store); default: the config's workdir"
@@ -159,6 +160,11 @@ def run(
     runner: str = typer.Option("local", help="local (in-process) or kfp-local (the compiled KFP DAG via kfp.local)"),
     workdir: Optional[Path] = CFG_WORKDIR,
     offline: bool = OFFLINE,
+    fail_on_gates: bool = typer.Option(
+        True,
+        "--fail-on-gates/--no-fail-on-gates",
+        help="exit 3 when the run finished but its gates failed (a scheduler sees it); --no-fail-on-gates: exit 0",
+    ),
 ) -> None:
     """Run the whole pipeline: ingest → pull-model → extract-features → fine-tune → evaluate → register.
 
@@ -180,6 +186,9 @@ def run(
 
         result = run_kfp_local(cfg)
     print_run_summary(cfg, result)
+    if fail_on_gates and not result.artifact("evaluate").meta["gates_passed"]:
+        typer.echo(f"gates failed: exit code {EXIT_GATES_FAILED} (--no-fail-on-gates to exit 0)", err=True)
+        raise typer.Exit(EXIT_GATES_FAILED)
 
 
 @app.command("compile")
@@ -484,13 +493,21 @@ add_kfp_commands(app, _compile_pipeline)
 
 
 def main() -> None:
+    """Exit codes (docs/exit-codes.md): 0 success, 1 run failed, 2 usage, config or pre-flight
+    error, 3 gates failed, 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
+    from tlops.interrupt import Interrupted, report, signals_raise
+
     verbose = os.environ.get("TLOPS_DEBUG") == "1"
     _setup_logging(verbose)
     try:
         # Standalone mode: typer itself prints usage errors (unknown option, missing value, bad
         # type) with the command's usage line and exits 2; they are instances of typer's bundled
         # click, which an `except click.ClickException` here would not catch.
-        app(prog_name="tlops", standalone_mode=True)
+        with signals_raise():
+            app(prog_name="tlops", standalone_mode=True)
+    except Interrupted as e:
+        typer.echo(report(e), err=True)
+        sys.exit(e.exit_code)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

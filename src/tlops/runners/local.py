@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from tlops import interrupt
 from tlops.artifacts import Artifact, copy_artifact, is_finished, read_artifact, set_step_key
 from tlops.config import PipelineConfig, save_config
 from tlops.contract import step_key
@@ -157,6 +158,7 @@ def execute_step(
                 return StepResult(read_artifact(out, spec.output), time.perf_counter() - t0, True)
         ckpt = wd.checkpoint(fp) if fp else None
         log.info("%s: running (key %s)", spec.name, key[:16])
+        interrupt.note(step=spec.name, checkpoints=ckpt)  # what a Ctrl-C / SIGTERM report names
         with _env(CHECKPOINT_ENV, str(ckpt) if ckpt else None):
             artifact = get_step(spec.name).run(cfg, inputs, out)
         if not _secondary_rank():
@@ -191,6 +193,7 @@ def _run(cfg: PipelineConfig, run_id: str, run_dir: Path, reuse: bool) -> Pipeli
     log.info("pipeline %s: run %s in %s", cfg.name, run_id, run_dir)
     with pipeline_run(cfg, run_name=run_id, config_file=run_dir / "config.yaml") as mlrun:
         result.mlflow_run_id = mlrun.info.run_id
+        interrupt.note(run_id=run_id, run_dir=run_dir, mlflow_run_id=mlrun.info.run_id)
         mlflow.set_tag("tlops.run_dir", str(run_dir))
         for spec in DAG:
             inputs = {name: result.artifact(producer) for name, producer in spec.inputs.items()}

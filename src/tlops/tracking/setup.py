@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from tlops.config import PipelineConfig
 from tlops.errors import TlopsError
+from tlops.interrupt import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -230,4 +231,8 @@ def pipeline_run(cfg: PipelineConfig, run_name: str, config_file: Path | None = 
         )
         if config_file is not None:
             mlflow.log_artifact(str(config_file))
-        yield run
+        try:
+            yield run
+        except (KeyboardInterrupt, Interrupted):
+            mlflow.end_run(status="KILLED")  # not FAILED: stopped by Ctrl-C / SIGTERM, resumable
+            raise
