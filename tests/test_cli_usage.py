@@ -77,7 +77,7 @@ def test_console_script_prints_usage_not_traceback(argv, tmp_path):
 
 # --- --workdir and --version -------------------------------------------------------------------
 
-WORKDIR_COMMANDS = {"run", "demo", "validate", "step", "export dvc", "promote", "compare", "rollback", "gc"}
+WORKDIR_COMMANDS = {"run", "demo", "validate", "step", "export dvc", "promote", "compare", "rollback", "gc", "predict"}
 
 
 def test_every_command_that_uses_a_workdir_takes_workdir():
@@ -119,12 +119,20 @@ def test_workdir_option_overrides_the_config(tmp_path, monkeypatch, capsys):
 
 
 def test_run_and_demo_use_the_workdir_option(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     import tlops.demo
     import tlops.report
     import tlops.runners.local
 
     seen = {}
-    monkeypatch.setattr(tlops.runners.local, "run_pipeline", lambda cfg, **kw: seen.setdefault("run", cfg.workdir))
+    passed = SimpleNamespace(artifact=lambda step: SimpleNamespace(meta={"gates_passed": True}))
+
+    def run_pipeline(cfg, **kw):
+        seen["run"] = cfg.workdir
+        return passed
+
+    monkeypatch.setattr(tlops.runners.local, "run_pipeline", run_pipeline)
     monkeypatch.setattr(tlops.report, "print_run_summary", lambda cfg, result: None)
     monkeypatch.setattr(tlops.demo, "run_demo", lambda src, tgt, overrides: seen.setdefault("demo", overrides))
     monkeypatch.chdir(tmp_path)
