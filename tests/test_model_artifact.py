@@ -250,3 +250,12 @@ def test_batch_predict_resumes_after_a_kill_without_redoing_shards(reg, tmp_path
     assert (seen["label"] == seen["input_label"]).mean() > 0.5
     jsonl = predict("t-digits/1", "sklearn:digits", tmp_path / "pred.jsonl", shard_size=2000)
     assert jsonl["model_alias"] is None and sum(1 for _ in open(tmp_path / "pred.jsonl")) == 1797
+    # the same through the CLI
+    from tlops.cli import main
+
+    argv = ["tlops", "predict", "t-digits@challenger", "--data", "sklearn:digits", "--out", str(tmp_path / "c.jsonl")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [*argv, "--shard-size", "1000", "--workdir", str(reg.work)])
+        with pytest.raises(SystemExit) as e:
+            main()
+    assert e.value.code in (0, None) and sum(1 for _ in open(tmp_path / "c.jsonl")) == 1797
