@@ -205,7 +205,8 @@ def test_cpu_only_when_no_gpu_configured(tmp_path, monkeypatch):
     ft = spec["deploymentSpec"]["executors"]["exec-fine-tune"]["container"]
     assert "accelerator" not in ft.get("resources", {})
     executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
-    assert "exec-fine-tune" not in executors  # no selector, toleration or /dev/shm mount
+    # no selector, toleration or /dev/shm mount: only what every task gets (pod label, security context)
+    assert set(executors["exec-fine-tune"]) == {"podMetadata", "securityContext"}
     assert "/dev/shm" not in text and "nvidia" not in text
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["ingest"]["cachingOptions"].get("enableCache", False) is False  # data version unpinned

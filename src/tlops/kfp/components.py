@@ -96,10 +96,15 @@ def function(step: str) -> Callable[..., None]:
 
 
 def component(step: str, image: str):
-    """The KFP component of ``step``, run in ``image`` (which must have tlops installed)."""
+    """The KFP component of ``step``, run in ``image`` (which must have tlops installed).
+
+    ``install_kfp_package=False``: the image already has kfp (a tlops dependency), so the task
+    does not ``pip install kfp`` from the network at run time (no package index reachable from
+    the task pod needed, nothing unpinned installed into a running pipeline).
+    """
     from kfp import dsl
 
-    return dsl.component(function(step), base_image=image)
+    return dsl.component(function(step), base_image=image, install_kfp_package=False)
 
 
 def components(image: str) -> dict[str, Any]:

@@ -54,6 +54,11 @@ def warn_if_cached_by_tag(cfg: PipelineConfig) -> None:
         )
 
 
+# uid/gid of the tlops image's user (docker/Dockerfile: USER 1000:1000)
+RUN_AS = 1000
+POD_LABELS = {"app.kubernetes.io/part-of": "tlops", "tlops.dev/role": "pipeline"}
+
+
 def task_configurer(cfg: PipelineConfig):
     """Apply resources, GPU pool, secrets, retries and caching from ``cfg.kubernetes`` to a task."""
     from kfp import kubernetes
@@ -61,6 +66,13 @@ def task_configurer(cfg: PipelineConfig):
     k: KubernetesConfig = cfg.kubernetes
 
     def configure(task: Any, spec: StepSpec) -> None:
+        # Pod Security "restricted": run as the image's non-root user (uid/gid 1000). The KFP
+        # backend adds allowPrivilegeEscalation=false, drop ALL and RuntimeDefault seccomp itself;
+        # kfp-kubernetes cannot set readOnlyRootFilesystem (docs/security.md).
+        kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
+        # the label the NetworkPolicies in k8s/base/network-policies.yaml select pipeline pods by
+        for key, value in POD_LABELS.items():
+            kubernetes.add_pod_label(task, label_key=key, label_value=value)
         gpu = k.gpu if spec.resources == "gpu" else None
         r = gpu or k.resources  # the GPU step has its own requests/limits
         if r.cpu_request:

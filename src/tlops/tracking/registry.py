@@ -97,10 +97,15 @@ def champion_bundle(name: str) -> Iterator[tuple[Any, Path] | None]:
 
 
 def who() -> str:
-    """The user recorded on promotions: ``TLOPS_USER`` (CI, pipelines), else the login name."""
+    """The user recorded on promotions.
+
+    Against a server with authentication, the identity the server authenticated
+    (``MLFLOW_TRACKING_USERNAME``: the call that records it succeeded with that user, so it cannot
+    be someone else's name); else ``TLOPS_USER`` (CI, pipelines), else the login name.
+    """
     import getpass
 
-    user = os.environ.get("TLOPS_USER")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("TLOPS_USER")
     if user:
         return user
     try:
@@ -124,6 +129,32 @@ def _append_history(name: str, line: str) -> None:
     while len(lines) > 1 and len("\n".join(lines)) > HISTORY_MAX_CHARS:
         lines.pop(0)
     client().set_registered_model_tag(name, HISTORY_TAG, "\n".join(lines)[-HISTORY_MAX_CHARS:])
+
+
+# What each registry change needs on a server with tlops' auth app (tlops.tracking.auth_app).
+NEEDS_MANAGE = "MANAGE on the registered model (the reviewer role)"
+NEEDS_EDIT = "EDIT on the registered model"
+
+
+@contextmanager
+def _permission(action: str, name: str, needed: str) -> Iterator[None]:
+    """Turn the server's 401/403 for ``action`` on model ``name`` into one line naming what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        if e.error_code == "PERMISSION_DENIED" or status == 403:
+            raise TlopsError(
+                f"permission denied: user '{who()}' may not {action} of registered model '{name}': needs {needed}"
+            ) from None
+        if e.error_code == "UNAUTHENTICATED" or status == 401:
+            raise TlopsError(
+                f"not authenticated to the tracking server (cannot {action} of '{name}'): "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        raise
 
 
 def _get_version(name: str, version: str, action: str):
@@ -155,15 +186,18 @@ def promote(name: str, version: str, *, reason: str | None = None, force: bool =
             "fix the model or promote anyway with --force"
         )
     forced = status != "passed"
-    if old is not None:
-        c.set_registered_model_alias(name, PREVIOUS, old.version)
-    c.set_registered_model_alias(name, CHAMPION, version)
+    # the protected aliases first: without the reviewer's permission nothing below happens
+    with _permission(f"move '{CHAMPION}'", name, NEEDS_MANAGE):
+        if old is not None:
+            c.set_registered_model_alias(name, PREVIOUS, old.version)
+        c.set_registered_model_alias(name, CHAMPION, version)
     note = f" [forced: validation_status {status or 'missing'}]" if forced else ""
     stamp = _stamp(reason) + note
-    c.set_model_version_tag(name, version, "tlops.promoted", stamp)
-    _append_history(
-        name, f"promote v{version} (previous champion: {'v' + str(old.version) if old else 'none'}) by {stamp}"
-    )
+    with _permission("tag a version", name, NEEDS_EDIT):
+        c.set_model_version_tag(name, version, "tlops.promoted", stamp)
+        _append_history(
+            name, f"promote v{version} (previous champion: {'v' + str(old.version) if old else 'none'}) by {stamp}"
+        )
     return {
         "model": name,
         "champion": version,
@@ -182,16 +216,18 @@ def rollback(name: str, *, reason: str | None = None) -> dict[str, Any]:
             f"cannot roll back {name}: it has no '{PREVIOUS}' alias (nothing was promoted over another champion)"
         )
     cur = get_alias(name, CHAMPION)
-    c.set_registered_model_alias(name, CHAMPION, prev.version)
-    if cur is not None:
-        c.set_registered_model_alias(name, PREVIOUS, cur.version)
-    else:
-        c.delete_registered_model_alias(name, PREVIOUS)
+    with _permission(f"move '{CHAMPION}'", name, NEEDS_MANAGE):
+        c.set_registered_model_alias(name, CHAMPION, prev.version)
+        if cur is not None:
+            c.set_registered_model_alias(name, PREVIOUS, cur.version)
+        else:
+            c.delete_registered_model_alias(name, PREVIOUS)
     stamp = _stamp(reason)
-    c.set_model_version_tag(
-        name, str(prev.version), "tlops.rolled_back", f"{stamp} (from v{cur.version})" if cur else stamp
-    )
-    _append_history(
-        name, f"rollback to v{prev.version} (from {'v' + str(cur.version) if cur else 'no champion'}) by {stamp}"
-    )
+    with _permission("tag a version", name, NEEDS_EDIT):
+        c.set_model_version_tag(
+            name, str(prev.version), "tlops.rolled_back", f"{stamp} (from v{cur.version})" if cur else stamp
+        )
+        _append_history(
+            name, f"rollback to v{prev.version} (from {'v' + str(cur.version) if cur else 'no champion'}) by {stamp}"
+        )
     return {"model": name, "champion": str(prev.version), "previous": str(cur.version) if cur else None}
