@@ -17,6 +17,9 @@
 #   KUBECTL               kubectl binary (default: kubectl on PATH)
 #   KUBERNETES_VALIDATE   kubernetes-validate binary (default: .venv/bin/ of this repo if
 #                         present, else PATH)
+#   REQUIRE_DIGESTS=1     also fail when a container image is not referenced by digest
+#                         (name@sha256:...): the check for a production overlay, where a tag
+#                         could be moved to another image under a running deployment
 set -euo pipefail
 
 K8S_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -42,10 +45,11 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
 # Prints the number of objects in a multi-document YAML file; fails if a Secret has data that
-# is not a placeholder (empty, CHANGE_ME/REPLACE_ME..., or <angle brackets>).
+# is not a placeholder (empty, CHANGE_ME/REPLACE_ME..., or <angle brackets>), and with
+# REQUIRE_DIGESTS=1 if an image is not pinned by digest.
 check_objects() {
   "$PY" - "$1" <<'PYEOF'
-import base64, re, sys, yaml
+import base64, os, re, sys, yaml
 
 PLACEHOLDER = re.compile(r"^(|(CHANGE|REPLACE)[_-]?ME\w*|<[^<>]*>)$", re.I)
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
@@ -62,6 +66,18 @@ for d in docs:
             values[k] = "<undecodable>x"  # never a placeholder
     bad += [f"secret/{name}: key {k!r} holds a non-placeholder value"
             for k, v in values.items() if not PLACEHOLDER.match(str(v))]
+if os.environ.get("REQUIRE_DIGESTS") == "1":
+    def pods(d):
+        spec = d.get("spec") or {}
+        if d.get("kind") == "CronJob":
+            spec = spec.get("jobTemplate", {}).get("spec", {})
+        return [spec.get("template", {}).get("spec", {})] if "template" in spec else []
+    for d in docs:
+        for pod in pods(d):
+            for c in pod.get("initContainers", []) + pod.get("containers", []):
+                if not re.search(r"@sha256:[0-9a-f]{64}$", c.get("image", "")):
+                    bad.append(f"{d['kind'].lower()}/{d['metadata']['name']}: container {c['name']} image "
+                               f"{c.get('image')!r} is not pinned by digest (REQUIRE_DIGESTS=1)")
 if bad:
     print("\n".join(bad), file=sys.stderr)
     sys.exit(1)
@@ -74,7 +90,7 @@ validate() {
   local label="$1" file="$2" n out rc passed problems v
   if ! n="$(check_objects "$file" 2>"$TMP/secrets.err")"; then
     sed 's/^/  /' "$TMP/secrets.err"
-    echo "FAIL $label: rendered Secret(s) with real-looking data (secrets never come from git)"
+    echo "FAIL $label: rendered Secret(s) with real-looking data (secrets never come from git), or images not pinned by digest"
     return 1
   fi
   # One kubernetes-validate per version, in parallel (it reloads the schemas for every object).

@@ -232,6 +232,7 @@ def test_mlflow_server_serves_artifacts_from_s3_with_a_postgres_backend(rendered
     assert c["image"] == "tlops:0.1.0"
     cmd = c.get("command", []) + c["args"]
     assert cmd[:2] == ["mlflow", "server"]
+    assert cmd[cmd.index("--app-name") + 1] == "tlops-auth"  # authentication + per-model permissions
     assert "--serve-artifacts" in cmd
     dest = cmd[cmd.index("--artifacts-destination") + 1]
     assert dest == "s3://$(MLFLOW_BUCKET)/mlflow"
@@ -252,9 +253,16 @@ def test_mlflow_server_serves_artifacts_from_s3_with_a_postgres_backend(rendered
     assert secret_refs == {
         "DB_USER": {"name": "tlops-mlflow-db", "key": "username"},
         "DB_PASSWORD": {"name": "tlops-mlflow-db", "key": "password"},
-        "AWS_ACCESS_KEY_ID": {"name": "tlops-s3", "key": "AWS_ACCESS_KEY_ID"},
-        "AWS_SECRET_ACCESS_KEY": {"name": "tlops-s3", "key": "AWS_SECRET_ACCESS_KEY"},
+        # MLflow's own S3 user (artifact bucket), not the pipeline's
+        "AWS_ACCESS_KEY_ID": {"name": "tlops-mlflow-s3", "key": "AWS_ACCESS_KEY_ID"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "tlops-mlflow-s3", "key": "AWS_SECRET_ACCESS_KEY"},
+        "MLFLOW_AUTH_ADMIN_USERNAME": {"name": "tlops-mlflow-auth", "key": "admin-username"},
+        "MLFLOW_AUTH_ADMIN_PASSWORD": {"name": "tlops-mlflow-auth", "key": "admin-password"},
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": {"name": "tlops-mlflow-auth", "key": "flask-secret-key"},
     }
+    # the auth store: the same database, by reference (defined after the URI it expands)
+    assert env["TLOPS_AUTH_DATABASE_URI"]["value"] == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert names.index("MLFLOW_BACKEND_STORE_URI") < names.index("TLOPS_AUTH_DATABASE_URI")
     for var in ("MLFLOW_S3_ENDPOINT_URL", "MLFLOW_BUCKET"):
         assert env[var]["valueFrom"]["configMapKeyRef"] == {"name": "tlops-settings", "key": var}
 
@@ -334,7 +342,13 @@ def test_no_secret_is_rendered_and_every_reference_is_documented(rendered, name)
 
 def test_secret_template_holds_placeholders_only_and_is_not_applied():
     template = [d for d in yaml.safe_load_all((K8S / "base" / "secrets.example.yaml").read_text()) if d]
-    assert {d["metadata"]["name"] for d in template} == {"tlops-s3", "tlops-mlflow-db"}
+    assert {d["metadata"]["name"] for d in template} == {
+        "tlops-s3",
+        "tlops-mlflow-s3",
+        "tlops-mlflow-db",
+        "tlops-mlflow-auth",
+        "tlops-minio-root",
+    }
     for d in template:
         assert d["kind"] == "Secret" and "data" not in d
         assert set(d["stringData"].values()) == {"CHANGE_ME"}
@@ -359,13 +373,12 @@ def test_pipeline_rbac_is_least_privilege(rendered):
         assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
         for res in rule["resources"]:
             grants[res] = (set(rule["verbs"]), rule.get("resourceNames"))
-    assert grants["pods"] == ({"get", "list", "watch"}, None)
-    assert grants["pods/log"][0] == {"get"}
-    assert grants["events"][0] == {"create", "patch"}
-    # secrets/configmaps: read by name only (RBAC cannot wildcard names) and only tlops-* names
-    for res in ("secrets", "configmaps"):
-        verbs, names = grants[res]
-        assert verbs == {"get"} and names and all(n.startswith("tlops-") for n in names), res
+    # no pod listing, no logs, no events; secrets/configmaps read by name only (each grant's caller:
+    # tests/test_security_k8s.py)
+    assert not {"pods", "pods/log", "events"} & set(grants)
+    assert grants["workflowtaskresults"] == ({"create", "patch"}, None)
+    assert grants["configmaps"] == ({"get"}, ["kfp-launcher"])
+    assert grants["secrets"] == ({"get"}, ["mlpipeline-minio-artifact"])
     binding = _one(docs, "RoleBinding", "tlops-pipeline")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tlops-pipeline"}
 
@@ -376,7 +389,8 @@ def test_pipeline_rbac_is_least_privilege(rendered):
 def test_dev_minio_and_bucket_job(rendered):
     docs = rendered["dev"]
     ns = _one(docs, "Namespace", NAMESPACE)
-    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/warn"] == "restricted"
+    for mode in ("enforce", "warn", "audit"):
+        assert ns["metadata"]["labels"][f"pod-security.kubernetes.io/{mode}"] == "restricted", mode
 
     svc = _one(docs, "Service", "minio")
     assert sorted(p["port"] for p in svc["spec"]["ports"]) == [9000, 9001]
@@ -384,11 +398,9 @@ def test_dev_minio_and_bucket_job(rendered):
     spec = minio["spec"]["template"]["spec"]
     (c,) = spec["containers"]
     env = _env(c)
-    assert env["MINIO_ROOT_USER"]["valueFrom"]["secretKeyRef"] == {"name": "tlops-s3", "key": "AWS_ACCESS_KEY_ID"}
-    assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-        "name": "tlops-s3",
-        "key": "AWS_SECRET_ACCESS_KEY",
-    }
+    root = {"name": "tlops-minio-root", "key": "MINIO_ROOT_USER"}
+    assert env["MINIO_ROOT_USER"]["valueFrom"]["secretKeyRef"] == root
+    assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {**root, "key": "MINIO_ROOT_PASSWORD"}
     assert c["readinessProbe"]["httpGet"]["path"] == "/minio/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/minio/health/live"
     claim = next(v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v)
@@ -399,7 +411,7 @@ def test_dev_minio_and_bucket_job(rendered):
     (mc,) = job["spec"]["template"]["spec"]["containers"]
     assert mc["image"].startswith("quay.io/minio/mc:")
     script = " ".join(mc.get("command", []) + mc.get("args", []))
-    assert "mc alias set" in script and "http://minio:9000" in script
+    assert 'mc alias set tlops http://minio:9000 "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD"' in script
     assert 'mc mb --ignore-existing "tlops/$MLFLOW_BUCKET" "tlops/$DATA_BUCKET"' in script
     env = _env(mc)
     for var in ("MLFLOW_BUCKET", "DATA_BUCKET"):
@@ -433,9 +445,6 @@ def test_gpu_overlay_matches_gpuconfig_defaults(rendered):
     readme = (K8S / "README.md").read_text()
     assert f"kubectl label node <gpu-node> {label_key}={label_value}" in readme
     assert f"kubectl taint node <gpu-node> {tol.key}=present:{tol.effect}" in readme
-    # the RBAC name list knows the pool ConfigMap
-    role = _one(docs, "Role", "tlops-pipeline")
-    assert any("tlops-gpu-pool" in (r.get("resourceNames") or []) for r in role["rules"])
 
 
 def test_images_are_pinned(rendered):
