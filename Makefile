@@ -81,12 +81,14 @@ pipeline-kfp-local: $(STAMP) ## run the demo target pipeline through the compile
 	$(BIN)/tlops run --runner kfp-local --config configs/digits_target.yaml
 
 MLFLOW_PORT ?= 5000
-mlflow-ui: $(STAMP) ## start the MLflow UI on the embedded store .tlops/ (http://127.0.0.1:5000, or MLFLOW_PORT=...)
+# the UI has no authentication: loopback only unless you say otherwise (MLFLOW_HOST=0.0.0.0)
+MLFLOW_HOST ?= 127.0.0.1
+mlflow-ui: $(STAMP) ## start the MLflow UI on the embedded store .tlops/ (http://127.0.0.1:5000; MLFLOW_PORT=, MLFLOW_HOST=)
 	@mkdir -p .tlops
 	@test -f .tlops/mlflow.db || echo "note: .tlops/mlflow.db does not exist yet: run 'make pipeline-local' first"
-	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)/#/models  (store: sqlite:///$(CURDIR)/.tlops/mlflow.db; Ctrl-C stops it)"
+	@echo "MLflow UI: http://$(MLFLOW_HOST):$(MLFLOW_PORT)/#/models  (store: sqlite:///$(CURDIR)/.tlops/mlflow.db; Ctrl-C stops it)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.tlops/mlflow.db --artifacts-destination $(CURDIR)/.tlops/mlartifacts \
-	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 ui-test: $(STAMP) ## browser test: MLflow server + demo twice + headless Chromium on the model pages (apt-installs chromium)
 	$(BIN)/python -m pytest -m slow tests/test_ui_browser.py -s -p no:cacheprovider $(PYTEST_ARGS)

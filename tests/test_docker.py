@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -370,6 +371,43 @@ def test_build_image_serves_local_pip_sources(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(5400)
+def test_compose_services_are_hardened_and_local():
+    """Every compose service: no capabilities, read-only root (tmpfs /tmp), no-new-privileges; the
+    unauthenticated MLflow server is reachable from the host's loopback only, with host networking too."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from tlops.runners import compose
+
+    for host_network in (False, True):
+        services = compose.services(host_network=host_network)
+        for name, svc in services.items():
+            assert svc["cap_drop"] == ["ALL"] and "cap_add" not in svc, name
+            assert svc["read_only"] is True and svc["tmpfs"] == ["/tmp"], name
+            assert svc["security_opt"] == ["no-new-privileges:true"], name
+            assert svc["environment"]["HOME"] == "/tmp", name  # the only writable paths: /tmp, /artifacts
+            assert not svc.get("privileged") and "ports" not in svc or name == "mlflow", name
+        mlflow = services["mlflow"]
+        server = mlflow["command"][0]
+        bind = re.search(r"mlflow server --host (\S+) ", server).group(1)
+        if host_network:
+            assert bind == "127.0.0.1" and "ports" not in mlflow
+        else:  # inside its own network namespace; published on the host's loopback only
+            assert bind == "0.0.0.0"
+            assert all(p.startswith("127.0.0.1:") for p in mlflow["ports"]), mlflow["ports"]
+    committed = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    assert all(s["read_only"] and s["cap_drop"] == ["ALL"] for s in committed["services"].values())
+
+
+def test_make_mlflow_ui_binds_loopback_unless_asked():
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    for extra, host in (([], "127.0.0.1"), (["MLFLOW_HOST=0.0.0.0"], "0.0.0.0")):
+        proc = subprocess.run([make, "-n", "mlflow-ui", *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (line,) = [ln for ln in proc.stdout.replace("\\\n", " ").splitlines() if "mlflow ui" in ln]
+        assert f"--host {host} " in line, line
+
+
 def test_compose_e2e():
     """docker/compose-e2e.sh: image build, source + target pipelines under docker compose, the
     registered models on the compose MLflow server."""

@@ -13,6 +13,12 @@ environment variables, so one generated file runs every pipeline:
 Services: ``mlflow`` (tracking server, sqlite backend, ``--serve-artifacts``), one service per
 step running ``tlops step <name>`` that starts when its inputs' services completed
 successfully, and ``summary``, which prints the same table as ``tlops run``.
+
+Hardening (docs/security.md): the MLflow server has no authentication here (a single-user local
+runner), so it is reachable from the host's loopback only: published on 127.0.0.1, and with host
+networking (where nothing is published) it binds 127.0.0.1 itself. Every service drops all
+capabilities, runs with a read-only root filesystem (writes go to the mounted /artifacts and a
+tmpfs on /tmp, which is also HOME) and with ``no-new-privileges``.
 """
 
 from __future__ import annotations
@@ -35,11 +41,24 @@ def _health_cmd(url: str) -> list[str]:
     return ["CMD", "python", "-c", f"import urllib.request; urllib.request.urlopen('{url}', timeout=3)"]
 
 
+# What every service gets: no capabilities, read-only root, no privilege gain through setuid binaries.
+HARDENING: dict[str, Any] = {
+    "cap_drop": ["ALL"],
+    "read_only": True,
+    "security_opt": ["no-new-privileges:true"],
+    "tmpfs": ["/tmp"],
+}
+
+
 def services(*, host_network: bool = False) -> dict[str, Any]:
     host = "127.0.0.1" if host_network else "mlflow"
+    # bridge network: listen inside the container's own namespace (published on 127.0.0.1 only);
+    # host network: the container shares the host's interfaces, so listen on loopback itself
+    bind = "127.0.0.1" if host_network else "0.0.0.0"
     common: dict[str, Any] = {
         "image": f"${{TLOPS_IMAGE:-tlops:{__version__}}}",
         "user": "${TLOPS_UID:-1000}:${TLOPS_GID:-1000}",
+        **HARDENING,
         "volumes": ["${TLOPS_ARTIFACTS:?set TLOPS_ARTIFACTS}:/artifacts"],
         "environment": {
             "MLFLOW_TRACKING_URI": f"http://{host}:{MLFLOW_PORT}",
@@ -55,7 +74,7 @@ def services(*, host_network: bool = False) -> dict[str, Any]:
             **common,
             "entrypoint": ["sh", "-c"],
             "command": [
-                "mkdir -p /artifacts/mlflow/artifacts && exec mlflow server --host 0.0.0.0 "
+                f"mkdir -p /artifacts/mlflow/artifacts && exec mlflow server --host {bind} "
                 f"--port {MLFLOW_PORT} --workers 1 --backend-store-uri sqlite:////artifacts/mlflow/mlflow.db "
                 "--artifacts-destination /artifacts/mlflow/artifacts --serve-artifacts"
             ],
