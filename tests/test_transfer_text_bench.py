@@ -73,8 +73,8 @@ def test_quick_text_benchmark_reproduces_the_committed_results(shared_data, mini
                     f"{setting} {task} {method}: {acc:.3f} vs committed {r['acc_mean']:.3f}"
                 )
     sel_ref, sel_new = committed["settings"]["digits"]["selection"], got["settings"]["digits"]["selection"]
-    for a, b in zip(sel_ref, sel_new):
-        for ca, cb in zip(a["candidates"], b["candidates"]):
+    for a, b in zip(sel_ref, sel_new, strict=True):
+        for ca, cb in zip(a["candidates"], b["candidates"], strict=True):
             assert ca["source"] == cb["source"] and cb["score"] == pytest.approx(ca["score"], abs=0.05)
     text = out.read_text()
     for needle in ("model selection: source validation only", "Negative transfer", "Spearman", "stacked"):
