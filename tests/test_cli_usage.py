@@ -78,6 +78,7 @@ def test_console_script_prints_usage_not_traceback(argv, tmp_path):
 # --- --workdir and --version -------------------------------------------------------------------
 
 WORKDIR_COMMANDS = {"run", "demo", "validate", "step", "export dvc", "promote", "compare", "rollback", "gc", "predict"}
+WORKDIR_COMMANDS |= {"serve"}
 
 
 def test_every_command_that_uses_a_workdir_takes_workdir():

@@ -431,6 +431,38 @@ def predict(
 
 
 @app.command()
+def serve(
+    model: str = typer.Argument(..., help="NAME@ALIAS (followed as it moves) or NAME/VERSION (pinned)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 to listen on every interface)"),
+    port: int = typer.Option(8080, min=0, max=65535, help="port (0: any free port; the URL is printed)"),
+    poll_interval: float = typer.Option(5.0, min=0.1, help="seconds between registry polls for the alias"),
+    max_batch_size: int = typer.Option(32, min=1, help="most inputs in one forward pass"),
+    max_batch_wait_ms: float = typer.Option(5.0, min=0, help="longest a request waits for others to batch with"),
+    max_request_bytes: int = typer.Option(16 * 2**20, min=1, help="larger request bodies get 413"),
+    max_request_items: int = typer.Option(256, min=1, help="requests with more inputs get 413"),
+    access_log: bool = typer.Option(False, help="log every request"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    workdir: Path = WORKDIR,
+) -> None:
+    """Serve a registered model: Open Inference Protocol (V2) and MLflow's /invocations, on KServe's ModelServer."""
+    from tlops.serving.server import ServeOptions
+    from tlops.serving.server import serve as do_serve
+
+    _use_registry(tracking_uri, workdir)
+    opts = ServeOptions(
+        host=host,
+        port=port,
+        poll_s=poll_interval,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_batch_wait_ms,
+        max_request_bytes=max_request_bytes,
+        max_request_items=max_request_items,
+        access_log=access_log,
+    )
+    do_serve(model, opts, on_ready=lambda url, v: typer.echo(f"tlops serve: {model} (v{v}) on {url}", err=True))
+
+
+@app.command()
 def compare(
     model: str = typer.Argument(..., help="registered model name"),
     version_a: str = typer.Argument(..., help="first version"),
