@@ -8,6 +8,8 @@ step would trust. Readers trust a directory only if its manifest exists.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import json
 import os
 import platform
@@ -20,10 +22,26 @@ from typing import Any, Iterator
 
 from tlops import __version__
 from tlops.errors import ArtifactError
-from tlops.hashing import hash_dir
+from tlops.hashing import hash_file, hash_json, iter_files
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
+
+# Facts about one execution, not about what it made: wall-clock timings and the identity of the
+# run that made an artifact. They stay in the files and the manifest (a user reads them there) but
+# are left out of the content hash, wherever they occur in the metadata or in a JSON file, so two
+# runs that make the same thing give it the same hash and every later step can reuse the first's.
+RUN_FACTS = frozenset({"seconds", "train_seconds", "created_at", "run_id", "reused"})
+# Top-level metadata keys that say where an input came from, not what it is: the content they name
+# is hashed through another field (a dataset's files and data_hash, a model's source_digest), so a
+# no-op rename of a data path keeps every later step reusable.
+PROVENANCE_KEYS = frozenset({"source"})
+# Files of an artifact kind that no later step consumes and that carry timings: resumption state
+# (checkpoints hold the training history with its epoch seconds) and renderings of hashed JSON.
+UNHASHED_FILES: dict[str, tuple[str, ...]] = {
+    "trained-models": ("models/*/checkpoints/*",),
+    "evaluation": ("report.md",),
+}
 
 
 def library_versions() -> dict[str, str]:
@@ -112,7 +130,7 @@ class ArtifactWriter:
         self.manifest: dict[str, Any] = {}
 
     def _finish(self) -> None:
-        content_hash = self.content_hash or hash_dir(self.path, exclude=[MANIFEST])
+        content_hash = self.content_hash or content_hash_of(self.path, self.kind, self.metadata)
         self.manifest = {
             "kind": self.kind,
             "schema_version": SCHEMA_VERSION,
@@ -124,6 +142,40 @@ class ArtifactWriter:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         _write_manifest(self.path, self.manifest)
+
+
+def _without_run_facts(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_run_facts(v) for k, v in obj.items() if k not in RUN_FACTS}
+    if isinstance(obj, list):
+        return [_without_run_facts(v) for v in obj]
+    return obj
+
+
+def content_hash_of(path: Path, kind: str, metadata: dict[str, Any]) -> str:
+    """What a later step consumes from an artifact: every file's relative path and bytes (a JSON
+    file by its parsed value without :data:`RUN_FACTS`; :data:`UNHASHED_FILES` skipped) and the
+    metadata without run facts and :data:`PROVENANCE_KEYS`. Environment records (threads, ISA,
+    GPU) live outside ``metadata`` in the manifest and are not hashed either."""
+    skip = UNHASHED_FILES.get(kind, ())
+    h = hashlib.sha256()
+    for p in iter_files(path, exclude=[MANIFEST]):
+        rel = p.relative_to(path).as_posix()
+        if any(fnmatch.fnmatch(rel, pat) for pat in skip):
+            continue
+        h.update(rel.encode() + b"\0")
+        value = None
+        if p.suffix == ".json":
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                value = json.loads(p.read_text())
+        if value is None:
+            hash_file(p, h)
+        else:
+            h.update(b"json:" + hash_json(_without_run_facts(value)).encode())
+        h.update(b"\0")
+    meta = {k: v for k, v in metadata.items() if k not in PROVENANCE_KEYS}
+    h.update(b"metadata:" + hash_json(_without_run_facts(meta)).encode())
+    return h.hexdigest()
 
 
 def publish(tmp: Path, out: Path, *, replace: bool = True) -> None:
@@ -174,12 +226,15 @@ def copy_artifact(src: Path, out: Path) -> Artifact:
     return read_artifact(out)
 
 
-def set_step_key(art: Artifact, key: str) -> None:
-    """Record the step key ``art`` was made under in its manifest (a new file renamed over the
-    old one: the manifest may be a hard link shared with other copies of the artifact)."""
-    if art.manifest.get("step_key") == key:
+def set_step_key(art: Artifact, key: str, environment: dict[str, Any] | None = None) -> None:
+    """Record the step key ``art`` was made under in its manifest, and the numerical environment it
+    was made in (``tlops.runtime_env.record``; not part of the content hash). The manifest is a
+    new file renamed over the old one: it may be a hard link shared with other copies."""
+    if art.manifest.get("step_key") == key and (environment is None or art.manifest.get("environment") == environment):
         return
     art.manifest["step_key"] = key
+    if environment is not None:
+        art.manifest["environment"] = environment
     _write_manifest(art.path, art.manifest)
 
 
