@@ -144,7 +144,7 @@ def test_two_ranks_match_one_process(tmp_path, minilm_dir):
         assert torch.allclose(v, two["state"][k], atol=2e-4, rtol=1e-3), (
             f"{k}: max diff {(v - two['state'][k]).abs().max():.2e}"
         )
-    for a, b in zip(one["hist"], two["hist"]):
+    for a, b in zip(one["hist"], two["hist"], strict=True):
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1 / 64)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
         assert a["train_acc"] == pytest.approx(b["train_acc"], abs=1e-9)

@@ -98,13 +98,13 @@ def test_lora_adapter_and_merged_bundles(text_inputs):
     assert kept.meta["models"]["lora"]["digest"] != merged.meta["models"]["lora"]["digest"]
 
 
-def test_lora_on_a_cnn_is_a_clear_error(digits_cfg, tmp_path):
-    cfg = digits_cfg(train={"strategies": ["lora"], "epochs": 1})
-    ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
-    ins["features"] = extract_features.run(cfg, ins, tmp_path / "features")
+def test_lora_on_a_cnn_is_refused_by_validation(tmp_path):
+    from conftest import digits_config
+
     with pytest.raises(ConfigError) as e:
-        fine_tune.run(cfg, ins, tmp_path / "ft")
-    assert str(e.value) == (
-        "train.strategies: lora needs a transformer backbone (hf:...); for CNNs use fine-tune or partial-fine-tune"
+        validate_config(digits_config(tmp_path, train={"strategies": ["lora"], "epochs": 1}))
+    assert str(e.value).splitlines()[1].strip() == (
+        "train.strategies: lora needs a text model (hf:...), but source.model timm:resnet10t is an image model; "
+        "strategies for image models: linear-probe, fine-tune, partial-fine-tune, stacking, source-only, coral, mmd, "
+        "dann, cdan, adabn"
     )
-    assert not (tmp_path / "ft").exists()

@@ -91,12 +91,10 @@ def test_setfit_strategy_in_the_fine_tune_step(minilm_dir, shared_data, tmp_path
     assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
-def test_setfit_on_images_is_a_clear_error(digits_cfg, tmp_path):
-    from tlops.errors import ConfigError
-    from tlops.steps import extract_features, fine_tune, ingest, pull_model
+def test_setfit_on_images_is_refused_by_validation(tmp_path):
+    from conftest import digits_config
 
-    cfg = digits_cfg(train={"strategies": ["setfit"]})
-    ins = {"dataset": ingest.run(cfg, {}, tmp_path / "i"), "model": pull_model.run(cfg, {}, tmp_path / "p")}
-    ins["features"] = extract_features.run(cfg, ins, tmp_path / "f")
-    with pytest.raises(ConfigError, match=r"^train.strategies: setfit needs a sentence encoder"):
-        fine_tune.run(cfg, ins, tmp_path / "ft")
+    from tlops.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.strategies: setfit needs a text model \(hf:...\), but source.model "):
+        validate_config(digits_config(tmp_path, train={"strategies": ["setfit"]}))

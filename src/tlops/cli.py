@@ -298,6 +298,15 @@ def steps() -> None:
         typer.echo(f"{s.name:17} {s.resources:3}  in: {ins:60} {s.help}")
 
 
+@app.command()
+def strategies() -> None:
+    """List the training strategies (train.strategies): modalities, what each needs, what it does."""
+    from tlops.training.strategies import REGISTRY
+
+    for s in REGISTRY.values():
+        typer.echo(f"{s.name:17} {'/'.join(s.modalities):10}  needs: {', '.join(s.needs()) or '-':17}  {s.summary}")
+
+
 @export_app.command("compose")
 def export_compose(
     out: Path = typer.Option(Path("docker/compose.yaml"), "--out", "-o", help="where to write the compose file"),

@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tlops.errors import ConfigError
 from tlops.hashing import hash_json
+from tlops.training import strategies as strategy_registry  # torch-free
 
-ADAPT_STRATEGIES = ("source-only", "coral", "mmd", "dann", "cdan", "adabn")
-STRATEGIES = ("linear-probe", "fine-tune", "partial-fine-tune", "lora", "stacking", "setfit", *ADAPT_STRATEGIES)
+# The allowed strategies and what each needs come from the registry (one module per strategy).
+STRATEGIES = strategy_registry.names()
+ADAPT_STRATEGIES = tuple(s.name for s in strategy_registry.REGISTRY.values() if s.needs_adapt_from)
 
 
 class _Strict(BaseModel):
@@ -104,6 +106,16 @@ def check_model_spec(spec: str) -> str:
     return spec
 
 
+def spec_modality(spec: str) -> Optional[str]:
+    """The modality of a source-model spec when its syntax tells (timm: images, hf: text); None
+    for a bundle directory or an MLflow model (known once pull-model has resolved it)."""
+    if spec.startswith("timm:"):
+        return "image"
+    if spec.startswith("hf:"):
+        return "text"
+    return None
+
+
 class DvcRef(_Strict):
     repo: str = Field(..., min_length=1, description="git URL or local path of a DVC repo")
     rev: Optional[str] = Field(None, description="git tag, branch or commit (default: HEAD / the default branch)")
@@ -152,7 +164,9 @@ class DataConfig(_Strict):
     min_per_class: int = Field(3, ge=1, description="fail if a class has fewer samples than this")
     adapt_from: Optional[SourceDomainConfig] = Field(
         None,
-        description="labelled source-domain data for the domain-adaptation strategies (coral, mmd, dann, cdan, adabn)",
+        description="labelled source-domain data for the domain-adaptation strategies ("
+        + ", ".join(ADAPT_STRATEGIES)
+        + ")",
     )
 
     @field_validator("source")
@@ -246,29 +260,11 @@ class AdaptConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    strategies: list[
-        Literal[
-            "linear-probe",
-            "fine-tune",
-            "partial-fine-tune",
-            "lora",
-            "stacking",
-            "setfit",
-            "source-only",
-            "coral",
-            "mmd",
-            "dann",
-            "cdan",
-            "adabn",
-        ]
-    ] = Field(
+    strategies: list[Literal[STRATEGIES]] = Field(  # type: ignore[valid-type]  (from the registry)
         default_factory=lambda: ["linear-probe"],
         min_length=1,
-        description="linear-probe (head on cached features), fine-tune (all blocks but freeze_blocks), "
-        "partial-fine-tune (freeze_blocks, 'auto' when 0), lora (transformers: low-rank adapters, train.lora), "
-        "stacking (one head on the concatenated features of source.model + source.candidates), "
-        "setfit (few-shot text: contrastive pair tuning of the encoder, then a head; train.setfit); "
-        "domain adaptation from data.adapt_from: source-only, coral, mmd, dann, cdan, adabn (train.adapt)",
+        description="the strategies to train and compare (`tlops strategies` lists them with what each needs): "
+        + ", ".join(STRATEGIES),
     )
     epochs: int = Field(10, ge=1, description="fine-tune epochs")
     batch_size: int = Field(32, ge=1)
@@ -434,14 +430,21 @@ class PipelineConfig(_Strict):
     kubernetes: KubernetesConfig = KubernetesConfig()
 
     @model_validator(mode="after")
-    def _stacking_needs_candidates(self) -> "PipelineConfig":
-        if "stacking" in self.train.strategies and not self.source.candidates:
-            raise ValueError(
-                "train.strategies: stacking needs source.candidates (the models to stack with source.model)"
-            )
-        adapt = [s for s in self.train.strategies if s in ADAPT_STRATEGIES]
-        if adapt and self.data.adapt_from is None:
-            raise ValueError(f"train.strategies: {', '.join(adapt)} need data.adapt_from (labelled source-domain data)")
+    def _strategies_fit(self) -> "PipelineConfig":
+        """Each strategy's needs (registry): data.adapt_from, source.candidates, the source
+        model's modality when its spec tells (else the fine-tune step checks it after pull-model)."""
+        specs = [self.source.model, *(self.source.candidates or [])]
+        modalities = {spec_modality(m) for m in specs}
+        modality = modalities.pop() if len(modalities) == 1 else None
+        errors = strategy_registry.problems(
+            self.train.strategies,
+            modality=modality,
+            has_adapt_from=self.data.adapt_from is not None,
+            has_candidates=bool(self.source.candidates),
+            model=f"source.model {self.source.model}",
+        )
+        if errors:
+            raise ValueError("\n  ".join(errors))
         if self.train.select_on == "source_val" and self.data.adapt_from is None:
             raise ValueError("train.select_on: source_val needs data.adapt_from")
         return self

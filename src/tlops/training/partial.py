@@ -93,7 +93,7 @@ def choose_freeze_blocks(
     if cached is None:
         tr = block_features(clf, train.x, cfg.batch_size * 2)
         va = block_features(clf, val.x, cfg.batch_size * 2) if val is not None and len(val) else [None] * n_blocks
-        cached = list(zip(tr, va))
+        cached = list(zip(tr, va, strict=True))
     quick = cfg.model_copy(update={"probe_epochs": min(cfg.probe_epochs, 100)})
     scores: list[dict[str, Any]] = []
     for i, (ft, fv) in enumerate(cached):
