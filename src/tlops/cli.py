@@ -153,7 +153,7 @@ def _load(config: Path, overrides: Optional[List[str]], workdir: Optional[Path] 
 
 @app.command()
 def run(
-    config: Path = CONFIG,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML config (not with --reproduce)"),
     set_: Optional[List[str]] = SET,
     run_id: Optional[str] = typer.Option(None, help="run id (default: timestamp-name-random)"),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="rerun every step even if its inputs are unchanged"),
@@ -165,6 +165,13 @@ def run(
         "--fail-on-gates/--no-fail-on-gates",
         help="exit 3 when the run finished but its gates failed (a scheduler sees it); --no-fail-on-gates: exit 0",
     ),
+    reproduce: Optional[str] = typer.Option(
+        None,
+        "--reproduce",
+        metavar="RUN_ID",
+        help="rerun a past run (its recorded config, seed and threads; no reuse) up to fine-tune and compare "
+        "the model digests: exit 0 when they match (or differ on another ISA), 4 when they differ",
+    ),
 ) -> None:
     """Run the whole pipeline: ingest → pull-model → extract-features → fine-tune → evaluate → register.
 
@@ -173,6 +180,16 @@ def run(
     from tlops.preflight import preflight
     from tlops.report import print_run_summary
 
+    if reproduce is not None:
+        if config is not None or set_:
+            raise typer.BadParameter("uses the run's recorded config: drop --config/--set", param_hint="'--reproduce'")
+        from tlops.reproduce import reproduce as reproduce_run
+
+        rep = reproduce_run(reproduce, workdir or Path(".tlops"))
+        typer.echo("\n".join(rep.lines()))
+        raise typer.Exit(rep.exit_code)
+    if config is None:
+        raise typer.BadParameter("missing: pass --config FILE (or --reproduce RUN_ID)", param_hint="'--config'")
     cfg = _load(config, set_, workdir)
     if runner not in ("local", "kfp-local"):
         raise ConfigError(f"--runner: got {runner!r}; allowed: local, kfp-local")
@@ -535,7 +552,8 @@ add_kfp_commands(app, _compile_pipeline)
 
 def main() -> None:
     """Exit codes (docs/exit-codes.md): 0 success, 1 run failed, 2 usage, config or pre-flight
-    error, 3 gates failed, 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
+    error, 3 gates failed, 4 reproduction mismatch (run --reproduce), 130 interrupted (SIGINT), 143
+    terminated (SIGTERM)."""
     from tlops.interrupt import Interrupted, report, signals_raise
 
     verbose = os.environ.get("TLOPS_DEBUG") == "1"

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tlops import interrupt
+from tlops import interrupt, runtime_env
 from tlops.artifacts import Artifact, copy_artifact, is_finished, read_artifact, set_step_key
 from tlops.config import PipelineConfig, save_config
 from tlops.contract import step_key
@@ -159,10 +159,11 @@ def execute_step(
         ckpt = wd.checkpoint(fp) if fp else None
         log.info("%s: running (key %s)", spec.name, key[:16])
         interrupt.note(step=spec.name, checkpoints=ckpt)  # what a Ctrl-C / SIGTERM report names
+        runtime_env.apply(cfg, spec.name)  # threads: set here, before the step's first torch work
         with _env(CHECKPOINT_ENV, str(ckpt) if ckpt else None):
             artifact = get_step(spec.name).run(cfg, inputs, out)
         if not _secondary_rank():
-            set_step_key(artifact, key)
+            set_step_key(artifact, key, runtime_env.record(cfg.seed))
         if prev is not None and record:
             _record(prev, out)
         if ckpt is not None:
@@ -185,7 +186,7 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, reuse: bool 
 def _run(cfg: PipelineConfig, run_id: str, run_dir: Path, reuse: bool) -> PipelineResult:
     import mlflow
 
-    from tlops.tracking.setup import pipeline_run
+    from tlops.tracking.setup import log_environment, pipeline_run
     from tlops.tracking.steplog import log_step
 
     save_config(cfg, run_dir / "config.yaml")
@@ -200,6 +201,7 @@ def _run(cfg: PipelineConfig, run_id: str, run_dir: Path, reuse: bool) -> Pipeli
             res = execute_step(spec, cfg, inputs, run_dir / spec.name, reuse=reuse)
             result.steps[spec.name] = res
             log_step(spec.name, res.artifact, res.seconds, res.reused)
+        log_environment({name: s.artifact.manifest for name, s in result.steps.items()})
     log.info(
         "pipeline %s: done in %.1fs (%s reused)",
         cfg.name,

@@ -21,7 +21,7 @@ from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
 from tlops.evaluation.report import metrics_table
 from tlops.tracking import registry
-from tlops.tracking.setup import configure, git_commit, pipeline_run
+from tlops.tracking.setup import configure, git_commit, log_environment, pipeline_run
 from tlops.tracking.steplog import data_tags, log_step
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                 ("evaluate", evaluation),
             ):
                 log_step(step, art)
+            log_environment({"fine-tune": trained.manifest})
         if existing is not None:
             version, reused = str(existing.version), True
             log.info(
@@ -234,16 +235,16 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             ),
         )
         c.set_registered_model_alias(name, registry.CHALLENGER, version)
-        promoted = False
         if cfg.register.auto_promote and report["gates"]["passed"]:
             registry.promote(name, version, reason="auto_promote: gates passed")
-            promoted = True
         elif cfg.register.auto_promote:
             log.warning(
                 "register: not promoting %s v%s: gates failed: %s", name, version, "; ".join(report["gates"]["reasons"])
             )
         run_id = run.info.run_id
-    aliases = [registry.CHALLENGER] + ([registry.CHAMPION] if promoted else [])
+    # what the registry holds now for this version, not what this step meant to set
+    held = registry.client().get_registered_model(name).aliases
+    aliases = sorted(a for a, v in held.items() if str(v) == str(version))
     log.info("register: %s version %s -> aliases %s", name, version, ", ".join(aliases))
     with write_artifact(out, "registration", config=cfg.register.model_dump(mode="json"), inputs=inputs) as w:
         rec = {

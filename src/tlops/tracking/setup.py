@@ -236,3 +236,40 @@ def pipeline_run(cfg: PipelineConfig, run_name: str, config_file: Path | None = 
         except (KeyboardInterrupt, Interrupted):
             mlflow.end_run(status="KILLED")  # not FAILED: stopped by Ctrl-C / SIGTERM, resumable
             raise
+
+
+def environment_tags(env: dict[str, Any] | None) -> dict[str, str]:
+    """MLflow tags for the environment a model was made in (``tlops.runtime_env.record``)."""
+    if not env:
+        return {}
+    t = env.get("torch") or {}
+    tags = {"tlops.env.cpu": env.get("cpu"), "tlops.seed": env.get("seed")}
+    tags |= {f"tlops.env.{k}": v for k, v in (env.get("env") or {}).items() if v is not None}
+    if t:
+        cudnn, cuda = t.get("cudnn") or {}, t.get("cuda") or {}
+        tags |= {
+            "tlops.env.isa": t.get("cpu_capability"),
+            "tlops.env.torch": t.get("version"),
+            "tlops.env.torch_threads": t.get("intra_op_threads"),
+            "tlops.env.interop_threads": t.get("inter_op_threads"),
+            "tlops.env.deterministic_algorithms": t.get("deterministic_algorithms"),
+            "tlops.env.cudnn_deterministic": cudnn.get("deterministic"),
+            "tlops.env.cudnn_benchmark": cudnn.get("benchmark"),
+            "tlops.env.gpu": cuda.get("device", "none"),
+            "tlops.env.gpu_driver": cuda.get("driver", "none"),
+        }
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def log_environment(manifests: dict[str, dict[str, Any]]) -> None:
+    """Record in the active MLflow run what the steps recorded about their environment: every
+    step's record as ``environment.json``, and the model-making step's (fine-tune) as tags, so
+    runs can be compared by ISA, threads and GPU in the UI. Reads manifests only: no torch."""
+    import mlflow
+
+    envs = {step: m.get("environment") for step, m in manifests.items() if m.get("environment")}
+    if not envs:
+        return
+    mlflow.log_dict(envs, "environment.json")
+    model_env = envs.get("fine-tune") or next(reversed(envs.values()))
+    mlflow.set_tags(environment_tags(model_env))
