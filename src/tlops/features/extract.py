@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlops import progress
+
 log = logging.getLogger(__name__)
 
 # Counts backbone forward passes in this process (tests use it to prove cache hits skip the model).
@@ -31,20 +33,18 @@ def batches_for(backbone: nn.Module, x: Any, batch_size: int) -> list[np.ndarray
 
 @torch.inference_mode()
 def extract(backbone: nn.Module, x: Any, batch_size: int = 64, desc: str = "extract") -> np.ndarray:
-    from tqdm.auto import tqdm
-
     backbone.eval()
     n = len(x)
     out = np.zeros((n, backbone.feature_dim), dtype=np.float32)
     t0 = time.perf_counter()
-    with tqdm(total=n, desc=desc, unit="item", mininterval=1.0, leave=False, disable=None) as bar:
+    with progress.task(desc, total=n) as bar:
         for idx in batches_for(backbone, x, batch_size):
             xb = x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx]
             feats = backbone(**backbone.prepare(xb))
             out[idx] = feats.float().numpy()
             STATS["backbone_batches"] += 1
             STATS["backbone_items"] += len(idx)
-            bar.update(len(idx))
+            bar.advance(len(idx))
     dt = time.perf_counter() - t0
     log.info("%s: %d items in %.2fs (%.1f items/s)", desc, n, dt, n / dt if dt else float("inf"))
     return out
