@@ -41,6 +41,14 @@ def test_six_steps_through_the_cli(tmp_path):
         assert (a / step / "manifest.json").is_file()
     reg = json.loads((a / "register" / "registration.json").read_text())
     assert reg["model_name"] == "t-digits" and reg["version"] == "1" and reg["aliases"] == ["challenger"]
+    # and the registry itself says so
+    import mlflow
+
+    from tlops.tracking.setup import use_store
+
+    use_store(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    held = mlflow.MlflowClient().get_registered_model("t-digits").aliases
+    assert {k: str(v) for k, v in held.items()} == {"challenger": "1"}
 
     # same inputs again: reused, not recomputed
     r = tlops(

@@ -1,5 +1,9 @@
 """register: log the selected model as an MLflow pyfunc, register a version, set aliases.
 
+Every model is registered, with its ``validation_status`` tag (``passed`` or ``failed: <reasons>``),
+so a failed one is on record; the ``challenger`` alias moves only to a version that passed its
+gates (``champion`` moves by ``tlops promote``, or by ``register.auto_promote`` on a pass).
+
 Idempotent: a model whose digest is already registered under the same name is not
 registered again; the existing version is reused (and re-aliased). Two registrations racing
 (two processes) settle on the lowest version after the fact (``registry.settle_duplicate``).
@@ -234,8 +238,18 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
                 experiment_id=version_run.info.experiment_id if version_run else None,
             ),
         )
-        c.set_registered_model_alias(name, registry.CHALLENGER, version)
-        if cfg.register.auto_promote and report["gates"]["passed"]:
+        passed = bool(report["gates"]["passed"])
+        if passed:
+            c.set_registered_model_alias(name, registry.CHALLENGER, version)
+        else:  # registered for the record; the challenger alias only ever names a version that passed
+            held = registry.get_alias(name, registry.CHALLENGER)
+            log.warning(
+                "register: %s v%s registered for the record with validation_status: failed; challenger not moved (%s)",
+                name,
+                version,
+                f"stays at v{held.version}" if held is not None else "no version has passed yet",
+            )
+        if cfg.register.auto_promote and passed:
             registry.promote(name, version, reason="auto_promote: gates passed")
         elif cfg.register.auto_promote:
             log.warning(
@@ -245,7 +259,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     # what the registry holds now for this version, not what this step meant to set
     held = registry.client().get_registered_model(name).aliases
     aliases = sorted(a for a, v in held.items() if str(v) == str(version))
-    log.info("register: %s version %s -> aliases %s", name, version, ", ".join(aliases))
+    log.info("register: %s version %s -> aliases %s", name, version, ", ".join(aliases) or "none")
     with write_artifact(out, "registration", config=cfg.register.model_dump(mode="json"), inputs=inputs) as w:
         rec = {
             "model_name": name,
