@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -119,22 +118,20 @@ def _root(
         callback=_print_version,
         help="print the tlops version, git commit and key library versions, then exit",
     ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="warnings and errors only (and the final summary); no progress"
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="debug lines, third-party ones included (MLflow, KFP driver/launcher)"
+    ),
 ) -> None:
     """tlops: transfer-learning pipelines (ingest → register)."""
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose exclude each other")
+    if quiet or verbose:
+        from tlops import logs
 
-
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        logs.setup("quiet" if quiet else "verbose")
 
 
 def _with_workdir(overrides: Optional[List[str]], workdir: Optional[Path]) -> List[str]:
@@ -554,10 +551,10 @@ def main() -> None:
     """Exit codes (docs/exit-codes.md): 0 success, 1 run failed, 2 usage, config or pre-flight
     error, 3 gates failed, 4 reproduction mismatch (run --reproduce), 130 interrupted (SIGINT), 143
     terminated (SIGTERM)."""
+    from tlops import logs
     from tlops.interrupt import Interrupted, report, signals_raise
 
-    verbose = os.environ.get("TLOPS_DEBUG") == "1"
-    _setup_logging(verbose)
+    logs.setup()  # TLOPS_LOG_LEVEL / TLOPS_DEBUG=1; tlops --quiet / --verbose set it again
     try:
         # Standalone mode: typer itself prints usage errors (unknown option, missing value, bad
         # type) with the command's usage line and exits 2; they are instances of typer's bundled
