@@ -218,6 +218,11 @@ def configure(**kwargs: Any) -> Reporter:
     return _reporter
 
 
+def disabled() -> Reporter:
+    """A reporter that shows nothing: what a DDP rank other than 0 hands its loops."""
+    return Reporter(enabled=False)
+
+
 def task(desc: str, total: int | None = None, unit: str = "item") -> Task:
     """``with progress.task("extract train", total=n) as p: ... p.advance(len(batch))``."""
     return _reporter.task(desc, total, unit)

@@ -6,6 +6,7 @@ the same from a checkout and from an installed wheel.
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline function's annotations as types
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from tlops.config import KubernetesConfig, PipelineConfig
 from tlops.dag import DAG, StepSpec
 from tlops.errors import TlopsError
 from tlops.kfp.task import image_digest
+from tlops.logs import strip_ansi
 from tlops.runners.local import PipelineResult, StepResult
 
 log = logging.getLogger(__name__)
@@ -166,10 +168,19 @@ def compile_pipeline(cfg: PipelineConfig, out: Path) -> Path:
     return out
 
 
+TASK_LOG = "task.log"  # a kfp.local task's whole output, next to its executor_output.json
+
+
 def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     """Run the KFP DAG with ``kfp.local.SubprocessRunner(use_venv=False)`` (one subprocess per task).
 
     Kubernetes-only settings (GPU, node selector, secrets) are ignored by kfp.local.
+
+    What it prints is what ``tlops run`` prints in-process: each task's tlops log lines (step,
+    epoch and progress lines, warnings). The rest of a task's output (the KFP executor's input
+    dump, its driver/launcher lines) goes to ``<run>/<step>/task.log`` only, and kfp.local's own
+    banners, artifact listings and warnings about ignored Kubernetes settings are DEBUG lines:
+    ``tlops --verbose`` shows all of it. A failed task's error names its log.
     """
     from kfp import local
 
@@ -178,11 +189,16 @@ def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     before = set(root.iterdir())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(cfg)
+    log.info("pipeline %s: kfp.local run under %s (each task's full output: <run>/<step>/%s)", cfg.name, root, TASK_LOG)
+    tasks: list[tuple[Path, int]] = []  # (log file, exit code) per task subprocess, in order
     t0 = time.perf_counter()
     try:
-        pipeline()
+        with _kfp_local_output(tasks, root):
+            pipeline()
     except RuntimeError as e:
-        raise TlopsError(f"kfp-local run failed: {e}") from None
+        failed = [path for path, rc in tasks if rc != 0]
+        where = f"; its log: {failed[-1]}" + _last_line(failed[-1]) if failed else ""
+        raise TlopsError(f"kfp-local run failed: {strip_ansi(str(e))}{where}") from None
     wall = time.perf_counter() - t0
     new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     if not new:
@@ -192,4 +208,98 @@ def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     for spec in DAG:
         art = read_artifact(run_dir / spec.name / spec.output_name, spec.output)
         result.steps[spec.name] = StepResult(art, wall / len(DAG), False)
+    log.info("pipeline %s: done in %.1fs (kfp.local run %s)", cfg.name, wall, run_dir)
     return result
+
+
+def _last_line(path: Path) -> str:
+    """`` (<the log's last line>)``: for a Python failure, the exception and its message."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f" ({lines[-1].strip()})" if lines else ""
+
+
+def _task_log(full_command: list[str], root: Path) -> Path:
+    """``<run>/<step>/task.log``: the task dir is where the executor input puts its output file."""
+    try:
+        executor_input = json.loads(full_command[full_command.index("--executor_input") + 1])
+        return Path(executor_input["outputs"]["outputFile"]).parent / TASK_LOG
+    except (ValueError, IndexError, KeyError, TypeError):
+        return root / "logs" / f"task-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def _run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | None, *, tasks, root: Path) -> int:
+    """Replaces ``kfp.local.subprocess_task_handler.run_local_subprocess``: the task's output goes
+    to its log file; its tlops log lines (the lines in ``tlops.logs`` format) also go to stderr;
+    with ``--verbose`` every line does. The task logs as this process does (``--quiet``...)."""
+    import subprocess
+    import sys
+
+    from tlops import logs
+
+    path = _task_log(full_command, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **(env_vars or {}), **logs.subprocess_env()}
+    verbose = logs.verbosity() == "verbose"
+    with (
+        open(path, "w", encoding="utf-8") as out,
+        subprocess.Popen(
+            full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, ""):
+            out.write(line)
+            if verbose or logs.LINE_RE.match(line):
+                sys.stderr.write(line)
+        rc = proc.wait()
+    tasks.append((path, rc))
+    return rc
+
+
+@contextlib.contextmanager
+def _kfp_local_output(tasks: list[tuple[Path, int]], root: Path):
+    """While kfp.local runs: task output through ``_run_task_subprocess``; kfp.local's own lines
+    (it swaps the root logger's handler for one of its own on stdout, prints separators and
+    indents prints) through tlops's handler as DEBUG lines of logger ``kfp.local``; its warnings
+    that Kubernetes settings and the image are ignored locally, only with ``--verbose``."""
+    import functools
+    import logging
+    import warnings
+
+    from kfp.local import logging_utils, subprocess_task_handler
+
+    from tlops import logs
+
+    kfp_log = logging.getLogger("kfp.local")
+
+    @contextlib.contextmanager
+    def as_debug():  # root-logger INFO calls inside become DEBUG lines of ``kfp.local``
+        info = logging.info
+        logging.info = lambda msg, *a, **kw: kfp_log.debug(msg, *a, **kw)
+        try:
+            yield
+        finally:
+            logging.info = info
+
+    patches = {
+        (logging_utils, "local_logger_context"): as_debug,
+        (logging_utils, "indented_print"): lambda num_spaces=4: contextlib.nullcontext(),
+        (logging_utils, "print_horizontal_line"): lambda: None,
+        (subprocess_task_handler, "run_local_subprocess"): functools.partial(
+            _run_task_subprocess, tasks=tasks, root=root
+        ),
+    }
+    saved = {key: getattr(*key) for key in patches}
+    try:
+        for (module, name), value in patches.items():
+            setattr(module, name, value)
+        with warnings.catch_warnings():
+            if logs.verbosity() != "verbose":
+                warnings.filterwarnings("ignore", module=r"kfp\.local\.")
+            yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)

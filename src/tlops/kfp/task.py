@@ -6,9 +6,7 @@ The generated component functions (``tlops.kfp.components``) pass all their argu
 
 from __future__ import annotations
 
-import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +67,10 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
     input artifacts (named as in ``StepSpec.inputs``), its output artifact and any KFP-only extra
     outputs. An image pinned by digest is part of the step key: an artifact made by another image
     is not reused."""
+    from tlops import logs
     from tlops.runners.local import execute_step
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", stream=sys.stderr)
+    logs.setup()  # the task's log in tlops's format, at the verbosity of the tlops that started it
     spec = dag.get(step)
     cfg = config_from_params(args["config"], {k: args[k] for k in PARAM_FIELDS})
     arts = {name: read_artifact(args[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
