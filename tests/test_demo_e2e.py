@@ -134,7 +134,11 @@ def _readme_demo() -> tuple[str, list[tuple[str, str, str]]]:
     isa = re.search(r"CPU capability `(\w+)`", text)
     assert isa, "README must state the CPU capability (torch.backends.cpu.get_cpu_capability()) of its demo run"
     summary = text[text.index("demo summary") :]
-    rows = re.findall(r"^│ (\S+(?: \*)?) +│ +([\d.]+) │ +(\S+) │ +\S+ │$", summary, re.M)
+    rows = []
+    for line in summary[: summary.index("```")].splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")] if line.startswith("│") else []
+        if len(cells) == 4 and cells[0]:  # a row (a wrapped cell continues on a line with no strategy)
+            rows.append((cells[0], cells[1].split()[0], cells[2].split()[0]))
     assert rows, "README has no demo summary table"
     return isa.group(1), rows
 
