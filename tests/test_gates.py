@@ -73,7 +73,8 @@ def test_evaluation_numbers_match_the_models_predictions(tmp_path):
 
 @pytest.mark.slow  # a pipeline run or three: 30-60 s on 2 shared cores
 def test_failing_min_accuracy_and_min_gain_gates_block_promotion(tmp_path):
-    """Unreachable gates: the version is registered as failed, challenger only, auto_promote refused."""
+    """Unreachable gates: the version is registered as failed, with no alias (challenger moves only to a
+    version that passed), auto_promote refused."""
     result = _run(
         tmp_path,
         evaluate={"scratch_baseline": True, "gates": {"min_accuracy": 0.999, "min_gain_over_scratch": 0.99}},
@@ -89,14 +90,14 @@ def test_failing_min_accuracy_and_min_gain_gates_block_promotion(tmp_path):
     c = _client(tmp_path)
     (mv,) = c.search_model_versions(f"name = '{NAME}'")
     assert mv.tags["validation_status"].startswith("failed: accuracy ")
-    assert _aliases(tmp_path) == {"challenger": str(mv.version)}  # never champion
+    assert _aliases(tmp_path) == {}  # registered for the record: neither challenger nor champion
 
     from tlops.errors import TlopsError
     from tlops.tracking import registry
 
     with pytest.raises(TlopsError, match="validation_status is 'failed: "):
         registry.promote(NAME, str(mv.version))
-    assert _aliases(tmp_path) == {"challenger": str(mv.version)}
+    assert _aliases(tmp_path) == {}
 
 
 @pytest.mark.slow  # a pipeline run or three: 30-60 s on 2 shared cores
