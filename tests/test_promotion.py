@@ -88,8 +88,15 @@ def test_description_has_metrics_champion_comparison_and_links(reg, store):
     assert v2.tags["validation_status"] == f"failed: accuracy {acc:.4f} < 0.999"
     d = v2.description
     assert "| metric | this version (`linear-probe`) | champion v1 | change |" in d
-    assert f"| target accuracy | {acc:.4f} | {champ['accuracy']:.4f} | {acc - champ['accuracy']:+.4f} |" in d
-    assert f"| macro-F1 | {report['metrics']['macro_f1']:.4f} | {champ['macro_f1']:.4f} |" in d
+    m = report["metrics"]
+
+    def ci(name: str, x: dict, sign: str = "") -> str:  # value [low, high] as the description prints it
+        lo, hi = x[f"{name}_ci"]
+        return f"{x[name]:{sign}.4f} [{lo:{sign}.4f}, {hi:{sign}.4f}]"
+
+    assert champ["gain"] == pytest.approx(acc - champ["accuracy"])
+    assert f"| target accuracy | {ci('accuracy', m)} | {ci('accuracy', champ)} | {ci('gain', champ, '+')} |" in d
+    assert f"| macro-F1 | {ci('macro_f1', m)} | {ci('macro_f1', champ)} |" in d
     assert f"| ECE (lower is better) | {report['metrics']['ece']:.4f} | {champ['ece']:.4f} |" in d
     assert "| gain over from-scratch | not measured | | |" in d
     delta = acc - champ["accuracy"]

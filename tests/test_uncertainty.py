@@ -80,3 +80,98 @@ def test_large_test_split_is_bounded_in_memory_and_identical_across_blocks(monke
     whole = metric_intervals(y, pred, 5, resamples=300, seed=2)
     monkeypatch.setattr(u, "_BLOCK", 500 * 7)  # 7 resamples a block: 43 blocks, same random stream
     assert metric_intervals(y, pred, 5, resamples=300, seed=2) == whole
+
+
+# ---------------------------------------------------------------- gates and report on the intervals
+
+
+@pytest.mark.parametrize(
+    ("bound", "gain", "ci", "passed"),
+    [
+        ("point", 0.04, [-0.01, 0.09], True),  # the point estimate clears 0.02...
+        ("lower", 0.04, [-0.01, 0.09], False),  # ...but the gain may be noise
+        ("lower", 0.08, [0.03, 0.13], True),
+        ("lower", 0.08, None, False),  # asked for a bound that was not computed
+    ],
+)
+def test_min_gain_over_scratch_on_the_lower_bound(bound, gain, ci, passed):
+    from tlops.config import GatesConfig
+    from tlops.evaluation.gates import decide
+
+    d = decide(GatesConfig(min_gain_over_scratch=0.02, gain_bound=bound), 0.9, gain, None, gain_ci=ci)
+    assert d["passed"] is passed
+    if bound == "lower" and ci:
+        assert d["checks"][0]["reason"].startswith(f"lower 95% bound of the gain over scratch {ci[0]:+.4f}")
+
+
+@pytest.mark.parametrize(("ci", "passed"), [([-0.02, 0.05], False), ([0.001, 0.05], True), ([0.0, 0.05], False)])
+def test_must_beat_champion_on_the_lower_bound(ci, passed):
+    from tlops.config import GatesConfig
+    from tlops.evaluation.gates import decide
+
+    champion = {"version": "3", "comparable": True, "accuracy": 0.85, "gain": 0.015, "gain_ci": ci}
+    d = decide(GatesConfig(must_beat_champion=True, gain_bound="lower"), 0.865, None, champion)
+    assert d["passed"] is passed
+    assert "gain over champion v3" in d["checks"][0]["reason"]
+    # the point estimate alone beats the champion
+    assert decide(GatesConfig(must_beat_champion=True), 0.865, None, champion)["passed"] is True
+
+
+def test_report_and_summary_table_show_the_intervals():
+    from rich.console import Console
+
+    from tlops.evaluation.report import render_markdown
+    from tlops.report import rows_table
+
+    models = {
+        "linear-probe": {
+            "accuracy": 0.822,
+            "accuracy_ci": [0.777, 0.866],
+            "macro_f1": 0.81,
+            "macro_f1_ci": [0.76, 0.85],
+            "ece": 0.05,
+            "train_seconds": 0.1,
+            "gain_over_scratch": 0.216,
+            "gain_over_scratch_ci": [0.149, 0.283],
+            "per_class": {},
+        },
+        "scratch": {
+            "accuracy": 0.606,
+            "accuracy_ci": [0.55, 0.66],
+            "macro_f1": 0.6,
+            "macro_f1_ci": [0.54, 0.65],
+            "ece": 0.1,
+            "train_seconds": 10.0,
+            "per_class": {},
+        },
+    }
+    report = {
+        "pipeline": "p",
+        "selected": "linear-probe",
+        "test_size": 269,
+        "metrics": models["linear-probe"] | {"gain_over_majority": 0.6, "gain_over_scratch_ci": [0.149, 0.283]},
+        "models": models,
+        "baselines": {"majority": {"class": "5", "accuracy": 0.204}},
+        "scratch_baseline": "on",
+        "champion": {"version": "2", "comparable": True, "accuracy": 0.8, "macro_f1": 0.79, "ece": 0.06}
+        | {"gain": 0.022, "gain_ci": [-0.011, 0.056], "accuracy_ci": [0.75, 0.85], "macro_f1_ci": [0.74, 0.84]},
+        "gates": {"passed": True, "reasons": ["all gates passed"]},
+        "data_hash": "0" * 64,
+        "intervals": {"confidence": 0.95, "resamples": 2000, "seed": 0},
+    }
+    md = render_markdown(report)
+    assert "| linear-probe (selected) | 0.8220 [0.7770, 0.8660] | 0.8100 [0.7600, 0.8500] |" in md
+    assert "+0.2160 [+0.1490, +0.2830]" in md
+    assert "- gain over from-scratch: +0.2160 [+0.1490, +0.2830]" in md
+    assert "gain over it +0.0220 [-0.0110, +0.0560]" in md
+    assert "In brackets: 95% percentile bootstrap intervals over the 269 test samples (2000 resamples" in md
+    rows = [
+        {"strategy": "linear-probe *", "accuracy": 0.822, "accuracy_ci": [0.777, 0.866], "gain": 0.216}
+        | {"gain_ci": [0.149, 0.283], "seconds": 0.11},
+        {"strategy": "scratch", "accuracy": 0.606, "accuracy_ci": [0.55, 0.66], "gain": None, "seconds": 177.0},
+    ]
+    console = Console(width=80, record=True)
+    console.print(rows_table("t", rows, 0.95))
+    text = console.export_text()
+    assert "│ linear-probe * │ 0.822 [0.777, 0.866] │ +0.216 [+0.149, +0.283] │" in text
+    assert "in brackets: 95% bootstrap interval; gains paired" in text

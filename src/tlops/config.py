@@ -55,7 +55,10 @@ def _no_credentials(url: Optional[str], how: str, *, any_user: bool = False) -> 
     return url
 
 
-_S3_CREDS = "take S3 credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an AWS profile or a Kubernetes Secret via kubernetes.secrets)"
+_S3_CREDS = (
+    "take S3 credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an AWS profile or a "
+    "Kubernetes Secret via kubernetes.secrets)"
+)
 
 MODEL_SOURCES = (
     "hf:<hub-id-or-dir>",
@@ -89,7 +92,8 @@ def check_model_spec(spec: str) -> str:
         if scheme == "mlflow":
             if not _MLFLOW_MODEL_RE.match(rest):
                 raise ValueError(
-                    f"bad MLflow reference '{spec}'; use mlflow:models:/<name>@<alias> or mlflow:models:/<name>/<version>"
+                    f"bad MLflow reference '{spec}'; use mlflow:models:/<name>@<alias> or "
+                    "mlflow:models:/<name>/<version>"
                 )
             return spec
         raise ValueError(f"Unknown model source '{scheme}:' in '{spec}'; {allowed}")
@@ -158,7 +162,18 @@ class DataConfig(_Strict):
     encoding: str = "utf-8"
     classes: Optional[list[Any]] = Field(None, description="keep only these labels (in this order)")
     split: SplitConfig = SplitConfig()
-    labels_per_class: Optional[int] = Field(None, ge=1, description="few-shot label budget per class")
+    labels_per_class: Optional[int] = Field(
+        None,
+        ge=1,
+        description="few-shot label budget per class: the train split holds this many labels per class and the "
+        "validation split at most this many too (unless val_labels_per_class says otherwise)",
+    )
+    val_labels_per_class: Optional[int] = Field(
+        None,
+        ge=1,
+        description="labels per class in the validation split (model selection); default: at most "
+        "labels_per_class when that is set, else the whole split.val fraction",
+    )
     unlabelled: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the train pool kept unlabelled")
     image_size: Optional[int] = Field(None, ge=4, description="resize image-folder images to this square size")
     min_per_class: int = Field(3, ge=1, description="fail if a class has fewer samples than this")
@@ -322,11 +337,27 @@ class GatesConfig(_Strict):
     min_accuracy: Optional[float] = Field(None, ge=0, le=1)
     min_gain_over_scratch: Optional[float] = Field(None, ge=-1, le=1)
     must_beat_champion: bool = False
+    gain_bound: Literal["point", "lower"] = Field(
+        "point",
+        description="what min_gain_over_scratch and must_beat_champion compare: the point estimate of the gain, "
+        "or the lower end of its paired bootstrap interval (the gain must hold with evaluate.bootstrap.confidence)",
+    )
+
+
+class BootstrapConfig(_Strict):
+    resamples: int = Field(2000, ge=100, description="bootstrap resamples of the test split for the intervals")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="coverage of the reported intervals")
+    seed: int = Field(0, description="seed of the resampling (the intervals are reproducible)")
 
 
 class EvaluateConfig(_Strict):
     scratch_baseline: bool = Field(True, description="train the same architecture from random init as a baseline")
     ece_bins: int = Field(15, ge=2)
+    bootstrap: BootstrapConfig = Field(
+        BootstrapConfig(),
+        description="intervals for test accuracy and macro-F1; paired intervals for the gains over scratch and "
+        "over the champion",
+    )
     gates: GatesConfig = GatesConfig()
 
 

@@ -31,7 +31,11 @@ def run_demo(source_config: Path, target_config: Path, overrides: list[str]) -> 
     total = time.perf_counter() - t0
     console.rule("[bold]demo summary[/bold]")
     console.print(
-        rows_table(f"{tgt_cfg.name}: transfer from {tgt_cfg.source.model} (10 labels/class)", summary_rows(tgt))
+        rows_table(
+            f"{tgt_cfg.name}: transfer from {tgt_cfg.source.model} (10 labels/class)",
+            summary_rows(tgt),
+            tgt.artifact("evaluate").meta.get("confidence"),
+        )
     )
     maj = tgt.artifact("evaluate")
     console.print(f"demo wall time: {total:.1f}s")

@@ -26,15 +26,28 @@ def summary_rows(result: "PipelineResult") -> list[dict[str, Any]]:
             {
                 "strategy": name + (" *" if name == meta["selected"] else ""),
                 "accuracy": m["accuracy"],
+                "accuracy_ci": m.get("accuracy_ci"),
                 "gain": None if scratch is None or name == "scratch" else m["accuracy"] - scratch,
+                "gain_ci": m.get("gain_over_scratch_ci"),
                 "seconds": m["train_seconds"],
             }
         )
     return rows
 
 
-def rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+def _ci(ci: list[float] | None, fmt: str) -> str:
+    return f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else ""
+
+
+def rows_table(title: str, rows: list[dict[str, Any]], confidence: float | None = None) -> Table:
+    """Strategies with test accuracy and gain over scratch, each with its bootstrap interval in
+    brackets (the gain's is paired: both models scored on the same resampled test samples)."""
+    t = Table(
+        title=title,
+        title_justify="left",
+        caption=f"in brackets: {confidence:.0%} bootstrap interval; gains paired" if confidence else None,
+        caption_justify="left",
+    )
     t.add_column("strategy")
     t.add_column("test accuracy", justify="right")
     t.add_column("gain over scratch", justify="right")
@@ -42,8 +55,8 @@ def rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         t.add_row(
             r["strategy"],
-            f"{r['accuracy']:.3f}",
-            "-" if r["gain"] is None else f"{r['gain']:+.3f}",
+            f"{r['accuracy']:.3f}" + _ci(r.get("accuracy_ci"), ".3f"),
+            "-" if r["gain"] is None else f"{r['gain']:+.3f}" + _ci(r.get("gain_ci"), "+.3f"),
             f"{r['seconds']:.2f}s" if r["seconds"] < 10 else f"{r['seconds']:.0f}s",
         )
     return t
@@ -52,7 +65,9 @@ def rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
 def print_run_summary(cfg: "PipelineConfig", result: "PipelineResult") -> None:
     from tlops.tracking.setup import tracking_uri
 
-    console.print(rows_table(f"{cfg.name} ({result.run_id}), * = selected on validation", summary_rows(result)))
+    confidence = result.artifact("evaluate").meta.get("confidence")
+    title = f"{cfg.name} ({result.run_id}), * = selected on validation"
+    console.print(rows_table(title, summary_rows(result), confidence))
     reg = result.artifact("register").meta
     ev = result.artifact("evaluate").meta
     reused = [n for n, s in result.steps.items() if s.reused]

@@ -1,4 +1,12 @@
-"""Stratified, seeded train/val/test splits with an optional label budget and unlabelled split."""
+"""Stratified, seeded train/val/test splits with an optional label budget and unlabelled split.
+
+A few-shot budget (``data.labels_per_class: K``) caps the validation split at K labels per class
+too: a user with K labels per class does not have a larger labelled set to choose strategies and
+epochs on, and selecting on one makes few-shot numbers optimistic. ``data.val_labels_per_class``
+sets the validation budget explicitly (larger or smaller), with or without a training budget.
+Validation samples beyond the budget go back to the training pool (after the samples drawn
+first), so a capped validation split never changes which K samples a few-shot run trains on.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +31,22 @@ class SplitIndices:
         return [(s, getattr(self, s)) for s in SPLITS]
 
 
+def val_budget(cfg: DataConfig) -> tuple[int | None, str | None]:
+    """Labels per class the validation split may hold (None: the ``split.val`` fraction, uncapped)
+    and the rule that set it, for the dataset manifest and the evaluation report."""
+    if cfg.val_labels_per_class is not None:
+        return cfg.val_labels_per_class, f"validation capped by data.val_labels_per_class={cfg.val_labels_per_class}"
+    if cfg.labels_per_class is not None:
+        return cfg.labels_per_class, (
+            f"validation capped at labels_per_class={cfg.labels_per_class} (few-shot default; "
+            "data.val_labels_per_class sets another budget)"
+        )
+    return None, None
+
+
 def stratified_split(y: np.ndarray, cfg: DataConfig, seed: int, class_names: list[str]) -> SplitIndices:
     rng = np.random.default_rng(seed)
+    val_cap, _ = val_budget(cfg)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     problems = []
     for c, name in enumerate(class_names):
@@ -41,6 +63,8 @@ def stratified_split(y: np.ndarray, cfg: DataConfig, seed: int, class_names: lis
         test, val, pool = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
         n_unl = int(round(cfg.unlabelled * len(pool)))
         unl, pool = pool[:n_unl], pool[n_unl:]
+        if val_cap is not None:  # validation beyond its budget goes back to training (after the first K drawn)
+            val, pool = val[:val_cap], np.concatenate([pool, val[val_cap:]])
         if len(pool) == 0:
             problems.append(f"'{name}' has no labelled training sample left after the unlabelled split")
             continue

@@ -7,7 +7,21 @@ from typing import Any
 from tlops.config import GatesConfig
 
 
-def decide(gates: GatesConfig, accuracy: float, gain: float | None, champion: dict[str, Any] | None) -> dict[str, Any]:
+def decide(
+    gates: GatesConfig,
+    accuracy: float,
+    gain: float | None,
+    champion: dict[str, Any] | None,
+    *,
+    gain_ci: list[float] | None = None,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Each configured gate with its verdict and reason. With ``gates.gain_bound: lower`` the gain
+    gates compare the lower end of the paired bootstrap interval (``gain_ci`` for the gain over
+    scratch, ``champion['gain_ci']`` for the gain over the champion) instead of the point estimate:
+    a gain that may be noise does not pass."""
+    lower = gates.gain_bound == "lower"
+    bound = f"lower {confidence:.0%} bound of the "
     checks: list[dict[str, Any]] = []
     if gates.min_accuracy is not None:
         ok = accuracy >= gates.min_accuracy
@@ -27,13 +41,23 @@ def decide(gates: GatesConfig, accuracy: float, gain: float | None, champion: di
                     "reason": "scratch baseline is off (evaluate.scratch_baseline=false), gain unknown",
                 }
             )
+        elif lower and gain_ci is None:
+            checks.append(
+                {
+                    "gate": "min_gain_over_scratch",
+                    "passed": False,
+                    "reason": "gates.gain_bound=lower but the gain over scratch has no interval",
+                }
+            )
         else:
-            ok = gain >= gates.min_gain_over_scratch
+            value = gain_ci[0] if lower else gain
+            ok = value >= gates.min_gain_over_scratch
+            what = f"{bound}gain over scratch" if lower else "gain over scratch"
             checks.append(
                 {
                     "gate": "min_gain_over_scratch",
                     "passed": ok,
-                    "reason": f"gain over scratch {gain:+.4f} {'>=' if ok else '<'} {gates.min_gain_over_scratch:+}",
+                    "reason": f"{what} {value:+.4f} {'>=' if ok else '<'} {gates.min_gain_over_scratch:+}",
                 }
             )
     if gates.must_beat_champion:
@@ -53,6 +77,17 @@ def decide(gates: GatesConfig, accuracy: float, gain: float | None, champion: di
                     "gate": "must_beat_champion",
                     "passed": False,
                     "reason": f"champion v{champion['version']} not comparable: {champion.get('reason')}",
+                }
+            )
+        elif lower:
+            ci = champion.get("gain_ci")
+            ok = ci is not None and ci[0] > 0
+            checks.append(
+                {
+                    "gate": "must_beat_champion",
+                    "passed": ok,
+                    "reason": f"{bound}gain over champion v{champion['version']} "
+                    + (f"{ci[0]:+.4f} {'>' if ok else '<='} 0" if ci is not None else "unknown (no interval)"),
                 }
             )
         else:

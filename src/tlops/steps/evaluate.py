@@ -18,7 +18,8 @@ from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
 from tlops.evaluation.gates import decide
 from tlops.evaluation.metrics import classification_metrics, plot_confusion
-from tlops.evaluation.report import render_markdown
+from tlops.evaluation.report import label_budget, render_markdown
+from tlops.evaluation.uncertainty import describe, metric_intervals, paired_difference_interval
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,29 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     test = ds.load("test")
     selected = trained.meta["selected"]
     bins = cfg.evaluate.ece_bins
+    boot = cfg.evaluate.bootstrap
+    resample = boot.model_dump()  # resamples, confidence, seed
     models: dict[str, Any] = {}
+    correct: dict[str, np.ndarray] = {}
     with write_artifact(out, "evaluation", config=cfg.evaluate.model_dump(mode="json"), inputs=inputs) as w:
         for name in trained.meta["models"]:
             clf = load_classifier(trained.path / "models" / name)
-            m = classification_metrics(clf.predict_proba(test.x), test.y, ds.classes, bins)
+            probs = clf.predict_proba(test.x)
+            m = classification_metrics(probs, test.y, ds.classes, bins)
+            ci = metric_intervals(test.y, probs.argmax(1), len(ds.classes), **resample)
+            m |= {"accuracy_ci": ci["accuracy"], "macro_f1_ci": ci["macro_f1"]}
+            correct[name] = probs.argmax(1) == test.y
             m["train_seconds"] = trained.meta["models"][name]["seconds"]
             models[name] = m
             png = "confusion_matrix.png" if name == selected else f"confusion_{name}.png"
             plot_confusion(m["confusion_matrix"], ds.classes, w.path / png, f"{cfg.name}: {name}")
             log.info(
-                "evaluate: %-12s test accuracy %.4f  macro-F1 %.4f  ECE %.4f",
+                "evaluate: %-12s test accuracy %.4f [%.4f, %.4f]  macro-F1 %.4f [%.4f, %.4f]  ECE %.4f",
                 name,
                 m["accuracy"],
+                *m["accuracy_ci"],
                 m["macro_f1"],
+                *m["macro_f1_ci"],
                 m["ece"],
             )
         train_y = ds.load("train").y
@@ -66,17 +76,33 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         baselines = {"majority": {"class": ds.classes[majority], "accuracy": float((test.y == majority).mean())}}
         if "scratch" in models:
             baselines["scratch"] = {"accuracy": models["scratch"]["accuracy"]}
-        champion = _champion_metrics(cfg, ds, test, trained)
+            for name, m in models.items():  # paired: the same resampled test samples for both models
+                if name != "scratch":
+                    m["gain_over_scratch"] = m["accuracy"] - models["scratch"]["accuracy"]
+                    m["gain_over_scratch_ci"] = paired_difference_interval(
+                        correct[name], correct["scratch"], **resample
+                    )
+        champion, champion_correct = _champion_metrics(cfg, ds, test, trained)
         sel = models[selected]
+        if champion_correct is not None:
+            champion["gain"] = sel["accuracy"] - champion["accuracy"]
+            champion["gain_ci"] = paired_difference_interval(correct[selected], champion_correct, **resample)
         gain = sel["accuracy"] - baselines["scratch"]["accuracy"] if "scratch" in baselines else None
-        gates = decide(cfg.evaluate.gates, sel["accuracy"], gain, champion)
+        gain_ci = sel.get("gain_over_scratch_ci")
+        gates = decide(cfg.evaluate.gates, sel["accuracy"], gain, champion, gain_ci=gain_ci, confidence=boot.confidence)
         report = {
             "pipeline": cfg.name,
             "selected": selected,
             "classes": ds.classes,
             "test_size": int(len(test)),
             "metrics": sel
-            | {"gain_over_scratch": gain, "gain_over_majority": sel["accuracy"] - baselines["majority"]["accuracy"]},
+            | {
+                "gain_over_scratch": gain,
+                "gain_over_scratch_ci": gain_ci,
+                "gain_over_majority": sel["accuracy"] - baselines["majority"]["accuracy"],
+            },
+            "intervals": describe(**resample),
+            "label_budget": label_budget(ds.artifact.meta, trained.meta),
             "models": models,
             "baselines": baselines,
             "scratch_baseline": "on"
@@ -95,7 +121,13 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "ece": sel["ece"],
             "gain_over_scratch": gain,
             "gates_passed": gates["passed"],
-            "summary": {n: {"accuracy": m["accuracy"], "train_seconds": m["train_seconds"]} for n, m in models.items()},
+            "gain_over_scratch_ci": gain_ci,
+            "confidence": boot.confidence,
+            "summary": {
+                n: {"accuracy": m["accuracy"], "train_seconds": m["train_seconds"]}
+                | {k: m[k] for k in ("accuracy_ci", "gain_over_scratch_ci") if k in m}
+                for n, m in models.items()
+            },
         }
     log.info(
         "evaluate: gates %s%s",
@@ -117,9 +149,15 @@ def _is_this_model(mv: Any, trained: Artifact) -> bool:
     return bool(digest) and (getattr(mv, "tags", None) or {}).get(DIGEST_TAG) == digest
 
 
-def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test, trained: Artifact) -> dict[str, Any] | None:
+def _champion_metrics(
+    cfg: PipelineConfig, ds: Dataset, test, trained: Artifact
+) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """The current champion of the target model, scored on this run's test split (``same_model``
-    when the champion is the model under evaluation: the gates do not ask a model to beat itself)."""
+    when the champion is the model under evaluation: the gates do not ask a model to beat itself),
+    and which test samples it got right. The champion is re-scored here rather than read from its
+    own evaluation, so the paired interval of the gain over it uses the very same test samples
+    (its stored accuracy may come from another split); ``None`` for the latter when it is not
+    comparable."""
     from tlops.models.bundle import load_classifier, read_spec
     from tlops.tracking.registry import champion_bundle
     from tlops.tracking.setup import configure
@@ -127,21 +165,25 @@ def _champion_metrics(cfg: PipelineConfig, ds: Dataset, test, trained: Artifact)
     configure(cfg)
     with champion_bundle(cfg.register.model_name) as found:
         if found is None:
-            return None
+            return None, None
         mv, bundle = found
         spec = read_spec(bundle)
         if spec.get("classes") != ds.classes:
-            return {"version": str(mv.version), "comparable": False, "reason": f"classes differ: {spec.get('classes')}"}
-        m = classification_metrics(
-            load_classifier(bundle).predict_proba(test.x), test.y, ds.classes, cfg.evaluate.ece_bins
-        )
+            reason = f"classes differ: {spec.get('classes')}"
+            return {"version": str(mv.version), "comparable": False, "reason": reason}, None
+        probs = load_classifier(bundle).predict_proba(test.x)
+        m = classification_metrics(probs, test.y, ds.classes, cfg.evaluate.ece_bins)
+        boot = cfg.evaluate.bootstrap.model_dump()
+        ci = metric_intervals(test.y, probs.argmax(1), len(ds.classes), **boot)
         out = {
             "version": str(mv.version),
             "comparable": True,
             "accuracy": m["accuracy"],
             "macro_f1": m["macro_f1"],
             "ece": m["ece"],
+            "accuracy_ci": ci["accuracy"],
+            "macro_f1_ci": ci["macro_f1"],
         }
         if _is_this_model(mv, trained):
             out["same_model"] = True
-        return out
+        return out, probs.argmax(1) == test.y

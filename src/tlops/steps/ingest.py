@@ -12,7 +12,7 @@ from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data import loaders
 from tlops.data.dataset import write_split
-from tlops.data.splits import stratified_split
+from tlops.data.splits import stratified_split, val_budget
 from tlops.errors import DataError
 from tlops.hashing import hash_arrays, hash_json, stat_fingerprint
 
@@ -91,6 +91,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         data_hash = hash_json([data_hash, domain["hash"]])
         counts |= {name: int(len(sy)) for name, (_, sy) in domain["splits"].items()}
     log.info("ingest: %d samples, %d classes, splits %s", len(y), len(classes), counts)
+    val_cap, val_rule = val_budget(cfg.data)
+    if val_rule:
+        log.info("ingest: %s", val_rule)
     with write_artifact(out, "dataset", config=cfg.data.model_dump(mode="json"), inputs=inputs) as w:
         for split, ix in parts.items():
             xs = x[ix] if raw.kind == "image" else [x[i] for i in ix]
@@ -114,6 +117,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             },
             "shape": list(x.shape[1:]) if raw.kind == "image" else None,
             "seed": cfg.seed,
+            "label_budget": {
+                "labels_per_class": cfg.data.labels_per_class,
+                "val_labels_per_class": val_cap,
+                "rule": val_rule,
+            },
             **(
                 {"adapt_from": {"source": cfg.data.adapt_from.source, "hash": domain["hash"], **domain["info"]}}
                 if domain

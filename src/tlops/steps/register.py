@@ -23,7 +23,7 @@ from typing import Any
 from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
-from tlops.evaluation.report import metrics_table
+from tlops.evaluation.report import metrics_table, with_ci
 from tlops.tracking import registry
 from tlops.tracking.setup import configure, git_commit, log_environment, pipeline_run
 from tlops.tracking.steplog import data_tags, log_step
@@ -45,12 +45,6 @@ def _source_used(source: Artifact, trained: Artifact) -> tuple[str, str]:
     return trained.meta.get("source", source.meta["source"]), trained.meta.get(
         "source_digest", source.meta["model_digest"]
     )
-
-
-def _fmt(x: float | None, signed: bool = False) -> str:
-    if x is None:
-        return ""
-    return f"{x:+.4f}" if signed else f"{x:.4f}"
 
 
 def _champion_summary(report: dict[str, Any], version: str | None) -> tuple[list[str], str]:
@@ -78,10 +72,18 @@ def _champion_summary(report: dict[str, Any], version: str | None) -> tuple[list
     ]
     rows = [("target accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("ECE (lower is better)", "ece")]
     body = [
-        f"| {label} | {m[k]:.4f} | {ch[k]:.4f} | {m[k] - ch[k]:+.4f} |" if comparable else f"| {label} | {m[k]:.4f} |"
+        f"| {label} | {with_ci(m[k], m.get(k + '_ci'))} | {with_ci(ch[k], ch.get(k + '_ci'))} | "
+        + (
+            with_ci(ch["gain"], ch.get("gain_ci"), signed=True)
+            if k == "accuracy" and "gain" in ch
+            else f"{m[k] - ch[k]:+.4f}"
+        )
+        + " |"
+        if comparable
+        else f"| {label} | {with_ci(m[k], m.get(k + '_ci'))} |"
         for label, k in rows
     ]
-    gain = _fmt(m["gain_over_scratch"], signed=True) or "not measured"
+    gain = with_ci(m["gain_over_scratch"], m.get("gain_over_scratch_ci"), signed=True) or "not measured"
     body.append(f"| gain over from-scratch | {gain} | | |" if comparable else f"| gain over from-scratch | {gain} |")
     return head + body, note
 
@@ -143,7 +145,10 @@ def _description(
             "",
             metrics_table(report),
             "",
-            f"Gain over from-scratch: {report['metrics']['gain_over_scratch']:+.4f}"
+            "Gain over from-scratch: "
+            + with_ci(
+                report["metrics"]["gain_over_scratch"], report["metrics"].get("gain_over_scratch_ci"), signed=True
+            )
             if report["metrics"]["gain_over_scratch"] is not None
             else f"Gain over from-scratch: not measured ({report['scratch_baseline']})",
             "",
