@@ -319,6 +319,13 @@ def fmt_ms(vals: list[float], pct: bool = True) -> str:
     return f"{m:.1f} ± {s:.1f}" if pct else f"{m:.0f} ± {s:.0f}"
 
 
+def below(mean: float, base: float) -> bool:
+    """``mean`` < ``base`` as the reports print them (percent, one decimal): the negative-transfer
+    flag. A difference the table cannot show (``81.7 < 81.7``, float noise from averaging seeds in
+    another order included) is a tie, not negative transfer."""
+    return round(mean * 100, 1) < round(base * 100, 1)
+
+
 def summarise(tasks: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per task and method (methods without results left out): accuracy mean/std/values, mean seconds."""
     out: dict[str, dict[str, dict[str, Any]]] = {}

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from common import (
     RESULTS,
     SHARED_DATA,
+    below,
     epoch_printer,
     fmt_ms,
     merged_command,
@@ -419,7 +420,7 @@ def markdown(
             acc = fmt_ms(accs) + (f" (n={len(accs)})" if len(accs) != len(args.seeds) else "")
             flag = ""
             base = summary[pair].get("source-only")
-            if method not in ("source-only", "target-only") and base and sm["acc_mean"] < base["acc_mean"]:
+            if method not in ("source-only", "target-only") and base and below(sm["acc_mean"], base["acc_mean"]):
                 flag = " ⚠ negative transfer"
             best = max((summary[pair][m]["acc_mean"], m) for m in methods if m != "target-only" and m in summary[pair])
             if best[1] == method:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from common import fmt_ms, per_seed_accs, run_machine
+from common import below, fmt_ms, per_seed_accs, run_machine
 from transfer_text_digits import CANDIDATES
 from transfer_text_setup import ARROW, REFERENCE, TARGETS
 
@@ -37,7 +37,7 @@ def _table(
             best = max(summary[t].values(), key=lambda v: v["acc_mean"])
             if best is sm:
                 acc = f"**{acc}**"
-            if base and m != base and base in summary[t] and sm["acc_mean"] < summary[t][base]["acc_mean"]:
+            if base and m != base and base in summary[t] and below(sm["acc_mean"], summary[t][base]["acc_mean"]):
                 acc += f" ⚠ {flag_text}"
                 flags.append(
                     f"{labels.get(t, t)}: {m} {sm['acc_mean'] * 100:.1f} < {base} "
