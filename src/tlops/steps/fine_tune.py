@@ -97,7 +97,17 @@ def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifac
             "source": feat_meta.get("source", inputs["model"].meta["source"]),
             "source_digest": feat_meta.get("model_digest", inputs["model"].meta["model_digest"]),
         }
-    log.info("fine-tune: selected %s (val acc %.4f)", selected, results[selected]["val_acc"])
+    best = candidates[selected][key] or 0.0  # the split and score the choice was made on
+    tied = [s for s in candidates if s != selected and (candidates[s][key] or 0.0) == best]
+    log.info(
+        "fine-tune: selected %s (%s accuracy %.4f)%s",
+        selected,
+        on,
+        best,
+        f"; a tie with {', '.join(tied)} (equal {on} accuracy): the earlier strategy in train.strategies is kept"
+        if tied
+        else "",
+    )
     return Artifact(Path(out), w.manifest)
 
 
