@@ -454,6 +454,53 @@ def predict(
 
 
 @app.command()
+def monitor(
+    model: str = typer.Argument(..., help="NAME@ALIAS (e.g. digits-target@champion) or NAME/VERSION"),
+    data: str = typer.Option(..., "--data", help="new inputs, any source ingest reads (labels, if any, are ignored)"),
+    out: Path = typer.Option(Path("monitor"), "--out", help="directory for monitor.json, report.md, monitor.png"),
+    data_format: str = typer.Option("auto", "--format", help="data format, as data.format"),
+    alpha: float = typer.Option(0.05, min=1e-6, max=0.5, help="false-alarm rate of the three shift tests together"),
+    severe_drop: float = typer.Option(0.10, min=0.0, help="estimated accuracy drop that makes a shift 'severe'"),
+    permutations: int = typer.Option(500, min=20, help="MMD permutation-test permutations"),
+    seed: int = typer.Option(0, help="seed of subsampling, permutations and bootstraps"),
+    no_log: bool = typer.Option(False, "--no-log", help="do not log the report to the model version's MLflow run"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    workdir: Path = WORKDIR,
+) -> None:
+    """Shift monitor: new inputs vs the model's training reference, label-free accuracy estimate, verdict."""
+    from tlops.errors import DataError
+    from tlops.monitoring.monitor import Thresholds
+    from tlops.monitoring.monitor import monitor as do_monitor
+    from tlops.workdir import Workdir
+
+    _use_registry(tracking_uri, workdir)
+    opts = {} if data_format == "auto" else {"format": data_format}
+    th = Thresholds(alpha=alpha, severe_drop=severe_drop, permutations=permutations, seed=seed)
+    try:
+        res = do_monitor(
+            model,
+            data,
+            out,
+            cache_dir=Workdir.at(workdir).feature_cache,
+            data_options=opts,
+            thresholds=th,
+            log_to_mlflow=not no_log,
+        )
+    except DataError as e:  # a usage error: the --data argument
+        typer.echo(f"error: --data: {e}", err=True)
+        raise typer.Exit(2) from None
+    acc = res["accuracy"]
+    typer.echo(
+        f"{res['model_name']} v{res['model_version']}: {res['verdict']} on {res['n']} inputs; "
+        f"MMD p={res['covariate_shift']['mmd']['p_value']:.3g}, "
+        f"domain AUC {res['covariate_shift']['c2st']['auc']:.3f} (p={res['covariate_shift']['c2st']['p_value']:.3g}), "
+        f"label p={res['label_shift']['test']['p_value']:.3g}; "
+        f"estimated accuracy {acc['estimate']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] "
+        f"(validation {acc['validation_accuracy']:.3f}) -> {out}"
+    )
+
+
+@app.command()
 def serve(
     model: str = typer.Argument(..., help="NAME@ALIAS (followed as it moves) or NAME/VERSION (pinned)"),
     host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 to listen on every interface)"),

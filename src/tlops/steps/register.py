@@ -212,6 +212,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             raw = test.x[:2] if ds.kind == "image" else list(test.x[:2])
             example = raw if ds.kind == "image" else pd.DataFrame({"text": raw})
             mlflow.log_artifacts(str(evaluation.path), artifact_path="evaluation")
+            from tlops.monitoring.reference import log_reference
+
+            log_reference(cfg, ds, bundle, clf)  # what `tlops monitor` compares new inputs against
             # slim and pickle-free: inference files + contract + tlops wheel (checkpoints stay in the workdir)
             info = package.log_model(
                 bundle=bundle,

@@ -1,0 +1,1 @@
+"""Shift monitoring: a reference stored with each registered model and ``tlops monitor``."""

@@ -1,0 +1,164 @@
+"""The monitoring reference stored with every registered model (``monitoring/reference/`` in the
+version's MLflow run): what ``tlops monitor`` compares new inputs against.
+
+It holds no raw training data, only:
+
+- ``features``: a seeded subsample of at most 2,000 embeddings (float16) in the feature space of
+  the registered model's backbone. When the backbone is the source model's (frozen: linear probe,
+  head-only strategies) this *is* the source feature space and the rows come from the train
+  features the extract-features step cached (same cache key, no backbone pass). When fine-tuning
+  changed the backbone, train embeddings are fit to the train split and any held-out data would
+  look shifted against them, so the rows are held-out validation + test inputs embedded with the
+  tuned backbone (the space the served model sees).
+- ``val_conf`` / ``val_pred`` / ``val_correct``: the selected model's validation confidences,
+  predictions and hits (ATC's threshold, the label-shift test), and ``confusion``: its validation
+  confusion matrix (BBSE).
+- ``reference.json``: where the features come from, the backbone digest and preprocessing (the
+  monitor's feature cache key), the classes, how the training data was read, and the sizes.
+
+Size: 2,000 x feature dim x 2 bytes (512-d resnet: 2.0 MB; 384-d MiniLM: 1.5 MB) plus a few bytes
+per validation sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAX_REFERENCE = 2000
+ARTIFACT_PATH = "monitoring/reference"
+#: the DataConfig fields that say how a file is read (the monitor reads new files the same way)
+READ_OPTIONS = ("format", "text_column", "label_column", "columns", "quoting", "encoding", "image_size")
+
+
+def backbone_digest(bundle: Path) -> str:
+    """The digest of the bundle's backbone alone (its head excluded): the source model's digest
+    when fine-tuning left the backbone as it was."""
+    from tlops.models.bundle import weights_digest
+    from tlops.models.bundle_files import read_spec
+
+    spec = {k: v for k, v in read_spec(bundle).items() if k not in ("head", "classes")}
+    return weights_digest(bundle, spec)
+
+
+def head_probs(clf: Any, features: np.ndarray) -> np.ndarray:
+    """Class probabilities from backbone features through the classifier's linear head."""
+    import torch
+
+    with torch.inference_mode():
+        logits = clf.head(torch.from_numpy(np.asarray(features, np.float32)))
+        return torch.softmax(logits.float(), -1).numpy()
+
+
+def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The reference arrays and their description for the model in ``bundle`` trained on ``ds``."""
+    from tlops.features.cache import FeatureCache, cache_key
+    from tlops.features.extract import extract
+    from tlops.models.bundle_files import read_spec
+    from tlops.steps.extract_features import cache_root
+
+    seed = cfg.seed if seed is None else seed
+    spec = read_spec(bundle)
+    digest = backbone_digest(bundle)
+    cache = FeatureCache(cache_root(cfg))
+    key = cache_key(digest, spec["preprocessing"], ds.content_hash)
+    splits = ds.splits()
+    rng = np.random.default_rng(seed)
+    if cfg.features.cache and cache.get(key) is not None:
+        cached = cache.load(key)  # extract-features wrote it with this very backbone: it is frozen
+        space, pool, val_f = "source (frozen backbone; train features from the feature cache)", cached["train"], None
+        val_f = cached.get("val")
+    else:
+        space = "registered model backbone (not in the cache under the source key: fine-tuned; held-out inputs)"
+        pool, val_f = None, None
+    if "val" not in splits:
+        raise ValueError(f"the dataset has no validation split (splits: {splits}); the reference needs one")
+    val = ds.load("val")
+    if val_f is None:
+        val_f = extract(clf.backbone, val.x, cfg.features.batch_size, desc="reference val")
+    if pool is None:
+        held = [val_f]
+        if "test" in splits:
+            test = ds.load("test")
+            take = min(len(test), max(0, MAX_REFERENCE - len(val_f)))
+            idx = np.sort(rng.choice(len(test), take, replace=False))
+            xs = test.x[idx] if isinstance(test.x, np.ndarray) else [test.x[i] for i in idx]
+            held.append(extract(clf.backbone, xs, cfg.features.batch_size, desc="reference test"))
+        pool = np.concatenate(held)
+    idx = np.sort(rng.choice(len(pool), min(len(pool), MAX_REFERENCE), replace=False))
+    feats = pool[idx].astype(np.float16)
+    probs = head_probs(clf, val_f)
+    pred = probs.argmax(1)
+    y = np.asarray(val.y, dtype=np.int64)
+    from tlops.monitoring.stats import confusion
+
+    k = len(spec["classes"])
+    arrays = {
+        "features": feats,
+        "val_conf": probs.max(1).astype(np.float32),
+        "val_pred": pred.astype(np.int16),
+        "val_correct": (pred == y),
+        "confusion": confusion(pred, y, k),
+    }
+    meta = {
+        "feature_space": space,
+        "backbone_digest": digest,
+        "preprocessing": spec["preprocessing"],
+        "classes": spec["classes"],
+        "modality": ds.kind,
+        "reference_rows": int(len(feats)),
+        "feature_dim": int(feats.shape[1]),
+        "pool_rows": int(len(pool)),
+        "val_rows": int(len(y)),
+        "val_accuracy": float(np.mean(pred == y)),
+        "seed": int(seed),
+        "read_options": {f: getattr(cfg.data, f) for f in READ_OPTIONS if getattr(cfg.data, f, None) is not None},
+    }
+    return arrays, meta
+
+
+def log_reference(cfg: Any, ds: Any, bundle: Path, clf: Any) -> dict:
+    """Build the reference and log it to the active MLflow run under ``monitoring/reference``."""
+    import mlflow
+
+    arrays, meta = build(cfg, ds, bundle, clf)
+    with tempfile.TemporaryDirectory(prefix="tlops-reference-") as tmp:
+        np.savez_compressed(Path(tmp) / "reference.npz", **arrays)
+        meta["bytes"] = (Path(tmp) / "reference.npz").stat().st_size
+        (Path(tmp) / "reference.json").write_text(json.dumps(meta, indent=2))
+        mlflow.log_artifacts(tmp, artifact_path=ARTIFACT_PATH)
+    log.info(
+        "register: monitoring reference: %d x %d features (%s), %d validation samples, %.1f KB",
+        meta["reference_rows"],
+        meta["feature_dim"],
+        meta["feature_space"].split(" (")[0],
+        meta["val_rows"],
+        meta["bytes"] / 1024,
+    )
+    return meta
+
+
+def load(run_id: str, dst: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The reference logged with the run ``run_id``."""
+    import mlflow
+
+    from tlops.errors import ModelError
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_PATH, dst_path=str(dst)))
+    except Exception as e:  # noqa: BLE001 - MLflow raises several types for a missing path
+        raise ModelError(
+            f"run {run_id} holds no monitoring reference ({ARTIFACT_PATH}): the model was registered before "
+            f"tlops stored one; register it again to monitor it ({type(e).__name__})"
+        ) from None
+    meta = json.loads((local / "reference.json").read_text())
+    with np.load(local / "reference.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, meta

@@ -1,0 +1,162 @@
+"""The statistics behind ``tlops monitor``: two-sample tests on embeddings, label-shift and
+label-free accuracy estimates. numpy/scipy/scikit-learn only, seeded, vectorised.
+
+- :func:`mmd_test`: kernel two-sample test (Gretton et al. 2012), Gaussian kernel with the
+  median-heuristic bandwidth, biased MMD², p-value from a permutation test.
+- :func:`c2st`: classifier two-sample test (Lopez-Paz & Oquab 2017): a logistic-regression domain
+  classifier, cross-validated on equal-size samples; p-value = binomial tail of its out-of-fold
+  accuracy (chance = 0.5), AUC reported alongside.
+- :func:`label_shift_test`: predicted-class frequencies on new data against validation (chi-squared),
+  the black-box shift detection of Rabanser et al. 2019.
+- :func:`bbse`: black-box shift estimation of the new class priors (Lipton et al. 2018) from the
+  validation confusion matrix.
+- :func:`atc`: Average Thresholded Confidence (Garg et al. 2022) with a bootstrap interval.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0)
+
+
+def mmd_test(
+    x: np.ndarray, y: np.ndarray, *, permutations: int = 500, seed: int = 0, max_n: int = 2000
+) -> dict[str, Any]:
+    """MMD² of ``x`` vs ``y`` and its permutation p-value. Each sample is capped at ``max_n`` rows
+    (seeded subsample) so the kernel matrix stays small (4,000² floats at most)."""
+    rng = np.random.default_rng(seed)
+    x = _cap(np.asarray(x, np.float32), max_n, rng)
+    y = _cap(np.asarray(y, np.float32), max_n, rng)
+    z = np.concatenate([x, y]).astype(np.float64)
+    m, n = len(x), len(y)
+    d = _sqdist(z, z)
+    off = d[np.triu_indices(len(z), 1)]
+    if len(off) > 200_000:
+        off = rng.choice(off, 200_000, replace=False)
+    med = float(np.median(off[off > 0])) if np.any(off > 0) else 1.0
+    k = np.exp(-d / med).astype(np.float32)  # bandwidth: 2 sigma^2 = median squared distance
+    labels = np.zeros((permutations + 1, m + n), dtype=bool)
+    labels[:, :m] = True
+    for i in range(1, permutations + 1):
+        labels[i] = labels[i, rng.permutation(m + n)]
+    a = np.where(labels, 1.0 / m, -1.0 / n).astype(np.float32)
+    stats = np.empty(permutations + 1)
+    for lo in range(0, permutations + 1, 128):  # a (block, N) @ (N, N): memory-bounded
+        blk = a[lo : lo + 128]
+        stats[lo : lo + 128] = ((blk @ k) * blk).sum(1)
+    obs = float(stats[0])
+    p = float((1 + np.sum(stats[1:] >= obs)) / (1 + permutations))
+    return {"mmd2": obs, "p_value": p, "bandwidth_sq": med, "permutations": permutations, "n_ref": m, "n_new": n}
+
+
+def c2st(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0, max_n: int = 2000) -> dict[str, Any]:
+    """Domain-classifier two-sample test on equal-size samples (the larger one subsampled)."""
+    from scipy.stats import binomtest
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    n = min(len(x), len(y), max_n)
+    xs, ys = _cap(np.asarray(x, np.float32), n, rng), _cap(np.asarray(y, np.float32), n, rng)
+    z = np.concatenate([xs, ys])
+    t = np.r_[np.zeros(n, int), np.ones(n, int)]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+    cv = StratifiedKFold(n_splits=min(folds, n), shuffle=True, random_state=seed)
+    prob = cross_val_predict(clf, z, t, cv=cv, method="predict_proba")[:, 1]
+    correct = int(np.sum((prob > 0.5) == (t == 1)))
+    p = float(binomtest(correct, 2 * n, 0.5, alternative="greater").pvalue)
+    return {"auc": float(roc_auc_score(t, prob)), "accuracy": correct / (2 * n), "p_value": p, "n_each": n}
+
+
+def label_shift_test(val_pred: np.ndarray, new_pred: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Chi-squared test of predicted-class frequencies, new inputs vs validation."""
+    from scipy.stats import chi2_contingency
+
+    table = np.stack([np.bincount(val_pred, minlength=num_classes), np.bincount(new_pred, minlength=num_classes)])
+    table = table[:, table.sum(0) > 0]
+    if table.shape[1] < 2:
+        return {"p_value": 1.0, "chi2": 0.0}
+    chi2, p, _, _ = chi2_contingency(table)
+    return {"chi2": float(chi2), "p_value": float(p)}
+
+
+def confusion(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[i, j] = #(predicted i, true j)."""
+    c = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(c, (pred, y), 1)
+    return c
+
+
+def bbse_priors(conf_counts: np.ndarray, new_pred: np.ndarray) -> np.ndarray:
+    """New class priors q from the joint C[i,j] = P(pred i, true j) on validation and the
+    prediction frequencies mu on the new data: solve C w = mu (least squares), clip w >= 0,
+    q = w * p_val, normalised."""
+    k = conf_counts.shape[0]
+    c = conf_counts / max(conf_counts.sum(), 1)
+    mu = np.bincount(new_pred, minlength=k) / max(len(new_pred), 1)
+    w = np.clip(np.linalg.lstsq(c, mu, rcond=None)[0], 0.0, None)
+    q = w * c.sum(0)
+    return q / q.sum() if q.sum() > 0 else c.sum(0)
+
+
+def bbse(
+    conf_counts: np.ndarray, new_pred: np.ndarray, *, boots: int = 500, confidence: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
+    """:func:`bbse_priors` with a percentile bootstrap over the validation pairs (the confusion
+    matrix redrawn from its cell frequencies) and the new inputs."""
+    rng = np.random.default_rng(seed)
+    q = bbse_priors(conf_counts, new_pred)
+    n, nv = len(new_pred), int(conf_counts.sum())
+    cells = conf_counts.ravel() / max(nv, 1)
+    bs = np.stack(
+        [
+            bbse_priors(rng.multinomial(nv, cells).reshape(conf_counts.shape), new_pred[rng.integers(0, n, n)])
+            for _ in range(boots)
+        ]
+    )
+    lo, hi = np.quantile(bs, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
+    train = conf_counts.sum(0) / max(conf_counts.sum(), 1)
+    return {"priors": q.tolist(), "low": lo.tolist(), "high": hi.tolist(), "validation_priors": train.tolist()}
+
+
+def atc_threshold(val_conf: np.ndarray, val_correct: np.ndarray) -> float:
+    """t such that the fraction of validation confidences above t equals validation accuracy."""
+    acc = float(np.mean(val_correct))
+    return float(np.quantile(val_conf, 1.0 - acc, method="lower")) if 0 < acc < 1 else (0.0 if acc else 1.0)
+
+
+def atc(
+    val_conf: np.ndarray,
+    val_correct: np.ndarray,
+    new_conf: np.ndarray,
+    *,
+    boots: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """ATC accuracy estimate on the new inputs; the interval resamples validation (threshold) and
+    new inputs together."""
+    rng = np.random.default_rng(seed)
+    t = atc_threshold(val_conf, val_correct)
+    est = float(np.mean(new_conf > t))
+    nv, nn = len(val_conf), len(new_conf)
+    samples = np.empty(boots)
+    for b in range(boots):
+        iv = rng.integers(0, nv, nv)
+        tb = atc_threshold(val_conf[iv], val_correct[iv])
+        samples[b] = np.mean(new_conf[rng.integers(0, nn, nn)] > tb)
+    lo, hi = np.quantile(samples, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"estimate": est, "low": float(lo), "high": float(hi), "threshold": t, "confidence": confidence}
+
+
+def _cap(a: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    return a if len(a) <= n else a[np.sort(rng.choice(len(a), n, replace=False))]

@@ -1,0 +1,201 @@
+"""Shift monitoring: the statistics on synthetic data with known answers, and ``tlops monitor``
+end to end on a tiny registered digits model (reference stored by register, JSON + markdown +
+plot written and logged to the version's run, ok in distribution, shift on shifted inputs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tests.conftest import digits_config
+from tlops.monitoring import stats
+
+
+def test_mmd_permutation_p_value_uniformish_under_h0_and_tiny_on_shift():
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(4000, 16)).astype(np.float32)
+    ps = []
+    for s in range(20):  # resplits of one distribution: p-values spread over (0, 1]
+        idx = np.random.default_rng(s).permutation(len(pool))
+        ps.append(stats.mmd_test(pool[idx[:1000]], pool[idx[1000:1100]], permutations=200, seed=s)["p_value"])
+    assert sum(p < 0.05 for p in ps) <= 3 and np.median(ps) > 0.2
+    shifted = rng.normal(size=(100, 16)).astype(np.float32) + 0.5
+    r = stats.mmd_test(pool[:1000], shifted, permutations=200)
+    assert r["p_value"] <= 1 / 201 + 1e-12 and r["mmd2"] > 0
+
+
+def test_c2st_chance_in_distribution_and_separates_a_shift():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(500, 8)), rng.normal(size=(200, 8))
+    r = stats.c2st(a, b)
+    assert r["p_value"] > 0.01 and 0.35 < r["auc"] < 0.65 and r["n_each"] == 200
+    s = stats.c2st(a, b + 1.0)
+    assert s["p_value"] < 1e-6 and s["auc"] > 0.9
+
+
+def test_bbse_recovers_a_known_prior_shift():
+    rng = np.random.default_rng(2)
+    k = 3
+    # a classifier with class-dependent errors: P(pred | true) = confusion columns
+    p_pred_given_y = np.array([[0.8, 0.1, 0.1], [0.15, 0.7, 0.2], [0.05, 0.2, 0.7]])
+    yv = rng.integers(0, k, 3000)  # validation: uniform priors
+    pv = np.array([rng.choice(k, p=p_pred_given_y[:, y]) for y in yv])
+    conf = stats.confusion(pv, yv, k)
+    target = np.array([0.6, 0.3, 0.1])
+    yn = rng.choice(k, 4000, p=target)
+    pn = np.array([rng.choice(k, p=p_pred_given_y[:, y]) for y in yn])
+    r = stats.bbse(conf, pn, boots=100)
+    assert np.allclose(r["priors"], target, atol=0.04)
+    assert all(lo <= t <= hi for lo, t, hi in zip(r["low"], target, r["high"], strict=True))
+    naive = np.bincount(pn, minlength=k) / len(pn)  # prediction frequencies are biased toward the errors
+    assert np.abs(naive - target).max() > np.abs(np.array(r["priors"]) - target).max()
+    assert stats.label_shift_test(pv, pn, k)["p_value"] < 1e-6
+    assert stats.label_shift_test(pv[:1500], pv[1500:], k)["p_value"] > 0.01
+
+
+def test_atc_estimates_accuracy_from_confidences():
+    rng = np.random.default_rng(3)
+
+    def scored(n, shift):  # ATC's premise: correctness is (nearly) decided by the confidence
+        c = np.clip(rng.beta(5 - shift, 1.5 + shift, n), 0.34, 1.0)
+        return c, rng.random(n) < 1 / (1 + np.exp(-(c - 0.6) * 40))
+
+    vc, vk = scored(2000, 0.0)
+    t = stats.atc_threshold(vc, vk)
+    assert abs(np.mean(vc > t) - np.mean(vk)) < 0.01
+    nc, nk = scored(1000, 2.0)  # harder inputs: lower confidences and accuracy
+    r = stats.atc(vc, vk, nc, boots=300)
+    assert abs(r["estimate"] - np.mean(nk)) < 0.04
+    assert abs(np.mean(nc) - np.mean(nk)) > 0.1  # the average confidence would be far off
+    assert r["low"] <= r["estimate"] <= r["high"] and r["high"] - r["low"] < 0.1
+    assert np.mean(nk) < np.mean(vk) - 0.1
+
+
+# -- end to end -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory):
+    from tlops.config import validate_config
+    from tlops.runners.local import run_pipeline
+    from tlops.tracking.setup import embedded_uri
+
+    root = tmp_path_factory.mktemp("monitor")
+    work = root / "work"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        cfg = digits_config(work, train={"strategies": ["linear-probe"], "epochs": 3, "batch_size": 16})
+        cfg["data"]["labels_per_class"] = None
+        cfg["data"]["split"] = {"val": 0.3, "test": 0.2}
+        run_pipeline(validate_config(cfg))
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.isin(d.target, [0, 1, 2])
+    x = np.round(d.images[keep] * (255.0 / 16.0)).astype(np.uint8)
+    y = d.target[keep]
+    same = root / "same.npz"
+    np.savez(same, x=x[::2], y=y[::2])
+    shifted = root / "shifted.npz"
+    np.savez(shifted, x=np.ascontiguousarray(np.rot90(x[1::2], axes=(1, 2))), y=y[1::2])  # rotated digits
+    return SimpleNamespace(work=work, uri=embedded_uri(work), same=same, shifted=shifted)
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from tlops.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_register_stores_a_compact_reference_from_the_cached_train_features(reg, tmp_path):
+    from tlops.monitoring import reference
+    from tlops.tracking import registry
+    from tlops.tracking.setup import use_store
+
+    use_store(reg.uri)
+    mv = registry.get_alias("t-digits", "challenger")
+    arrays, meta = reference.load(mv.run_id, tmp_path)
+    assert meta["feature_space"].startswith("source")  # linear probe: the extract-features cache entry
+    assert arrays["features"].dtype == np.float16 and len(arrays["features"]) == meta["reference_rows"] <= 2000
+    assert meta["reference_rows"] == meta["pool_rows"]  # < 2,000 train rows: all of them
+    assert arrays["confusion"].sum() == meta["val_rows"] == len(arrays["val_conf"])
+    assert abs(arrays["val_correct"].mean() - meta["val_accuracy"]) < 1e-9
+    assert 0 < meta["bytes"] < 2_000_000 and set(arrays) == {
+        "features",
+        "val_conf",
+        "val_pred",
+        "val_correct",
+        "confusion",
+    }
+
+
+def test_monitor_ok_in_distribution_and_shift_on_rotated_digits(reg, tmp_path):
+    import mlflow
+
+    from tlops.tracking.setup import use_store
+
+    r = _cli(
+        "monitor",
+        "t-digits@challenger",
+        "--data",
+        str(reg.same),
+        "--out",
+        str(tmp_path / "same"),
+        "--workdir",
+        str(reg.work),
+        "--permutations",
+        "200",
+    )
+    assert r.exit_code == 0, r.output
+    same = json.loads((tmp_path / "same" / "monitor.json").read_text())
+    assert same["verdict"] == "ok" and same["n"] == 269 and "v1: ok on 269 inputs" in r.output
+    assert (tmp_path / "same" / "monitor.png").stat().st_size > 10_000
+    md = (tmp_path / "same" / "report.md").read_text()
+    assert "**Verdict: ok**" in md and "ATC" in md and "BBSE" in md
+
+    r = _cli(
+        "monitor",
+        "t-digits@challenger",
+        "--data",
+        str(reg.shifted),
+        "--out",
+        str(tmp_path / "rot"),
+        "--workdir",
+        str(reg.work),
+        "--permutations",
+        "200",
+    )
+    assert r.exit_code == 0, r.output
+    rot = json.loads((tmp_path / "rot" / "monitor.json").read_text())
+    assert rot["verdict"] in ("shift", "severe") and "mmd" in rot["flagged_by"]
+    assert rot["covariate_shift"]["mmd"]["p_value"] < 0.01 and rot["covariate_shift"]["c2st"]["auc"] > 0.8
+    assert rot["accuracy"]["estimate"] < same["accuracy"]["estimate"]
+
+    use_store(reg.uri)
+    logged = mlflow.artifacts.list_artifacts(artifact_uri=rot["mlflow_artifacts"])
+    assert {Path(a.path).name for a in logged} == {"monitor.json", "report.md", "monitor.png"}
+
+
+def test_monitor_reuses_cached_embeddings(reg, tmp_path):
+    from tlops.features.extract import STATS
+
+    args = ["monitor", "t-digits@challenger", "--data", str(reg.same), "--workdir", str(reg.work), "--no-log"]
+    assert _cli(*args, "--out", str(tmp_path / "a")).exit_code == 0
+    before = STATS["backbone_items"]
+    assert _cli(*args, "--out", str(tmp_path / "b")).exit_code == 0
+    assert STATS["backbone_items"] == before  # second run: embeddings from the feature cache
+    a, b = (json.loads((tmp_path / p / "monitor.json").read_text()) for p in ("a", "b"))
+    assert a["covariate_shift"] == b["covariate_shift"] and a["accuracy"] == b["accuracy"]
+
+
+def test_monitor_bad_data_path_is_a_usage_error(reg, tmp_path):
+    missing = tmp_path / "nope.npz"
+    r = _cli("monitor", "t-digits@challenger", "--data", str(missing), "--workdir", str(reg.work))
+    assert r.exit_code == 2
+    assert f"error: --data: data.source: path not found: {missing}" in r.output
+    assert not Path("monitor").exists() or not (Path("monitor") / "monitor.json").exists()
