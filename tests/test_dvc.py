@@ -23,7 +23,8 @@ def _edges_from_dag() -> set[tuple[str, str]]:
 
 
 def test_committed_dvc_files_are_fresh(tmp_path):
-    export(load_config(REPO / "configs" / "digits_source.yaml"), tmp_path)
+    # what `make dvc-export` writes in the checkout: stages run the checkout's .venv interpreter
+    export(load_config(REPO / "configs" / "digits_source.yaml"), tmp_path, python=".venv/bin/python")
     for name in ("dvc.yaml", "params.yaml"):
         assert (REPO / name).read_text() == (tmp_path / name).read_text(), (
             f"{name} is stale: run tlops export dvc --config configs/digits_source.yaml"
@@ -35,11 +36,31 @@ def test_dvc_stages_follow_the_dag():
     assert list(stages) == list(STEP_NAMES)
     for s in DAG:
         st = stages[s.name]
-        assert st["cmd"].startswith(f"tlops step {s.name} --config params.yaml")
+        assert st["cmd"].startswith(f".venv/bin/python -m tlops step {s.name} --config params.yaml")
         assert set(st.get("deps", [])) >= {f"dvc-artifacts/{p}" for p in s.inputs.values()}
         # the fields the step reads; a step that reads the whole config tracks the whole file (null)
         assert st["params"] == [{"params.yaml": None if WHOLE_CONFIG in s.params else list(s.params)}]
         assert list(st["outs"][0]) == [f"dvc-artifacts/{s.name}"]
+
+
+def test_stages_call_the_interpreter_that_generated_them(tmp_path, monkeypatch):
+    from tlops.runners.dvc import python_cmd
+
+    monkeypatch.delenv("TLOPS_DVC_PYTHON", raising=False)
+    assert python_cmd(tmp_path) == os.path.abspath(sys.executable)  # outside: absolute
+    assert python_cmd(tmp_path, str(tmp_path / ".venv" / "bin" / "python")) == ".venv/bin/python"  # inside: relative
+    monkeypatch.setenv("TLOPS_DVC_PYTHON", "python3")
+    assert python_cmd(tmp_path) == "python3"
+
+
+def test_metrics_and_plots_point_into_the_outs():
+    d = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    outs = [next(iter(o)) for st in d["stages"].values() for o in st["outs"]]
+    files = [*d["metrics"], *(p if isinstance(p, str) else next(iter(p)) for p in d["plots"])]
+    assert "dvc-artifacts/evaluate/metrics.json" in d["metrics"]
+    assert "dvc-artifacts/evaluate/confusion_matrix.png" in files
+    assert "dvc-artifacts/fine-tune/models/fine-tune/history.json" in files
+    assert all(any(f.startswith(o + "/") for o in outs) for f in files), files
 
 
 def _run(cmd, cwd):

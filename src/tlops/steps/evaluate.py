@@ -2,6 +2,8 @@
 
 Writes ``report.json``, ``report.md`` and ``confusion_matrix.png`` (selected model), plus
 ``confusion_<model>.png`` for the others. The gate decision lives in ``report.json``.
+``metrics.json`` holds the headline numbers only (flat, numeric: what ``dvc metrics`` and
+``dvc exp show`` read).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         }
         (w.path / "report.json").write_text(json.dumps(report, indent=2))
         (w.path / "report.md").write_text(render_markdown(report))
+        (w.path / METRICS_FILE).write_text(json.dumps(headline_metrics(report), indent=2))
         w.metadata = {
             "selected": selected,
             "accuracy": sel["accuracy"],
@@ -135,6 +138,21 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         "" if gates["passed"] else ": " + "; ".join(gates["reasons"]),
     )
     return Artifact(Path(out), w.manifest)
+
+
+METRICS_FILE = "metrics.json"
+
+
+def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The selected model's test metrics, each model's test accuracy and the gate decision, as the
+    flat numbers DVC compares across experiments (no lists, no strings)."""
+    m = report["metrics"]
+    out: dict[str, Any] = {k: m[k] for k in ("accuracy", "macro_f1", "ece", "gain_over_majority")}
+    if m.get("gain_over_scratch") is not None:
+        out["gain_over_scratch"] = m["gain_over_scratch"]
+    out["gates_passed"] = bool(report["gates"]["passed"])
+    out["models"] = {name: {"accuracy": mm["accuracy"]} for name, mm in report["models"].items()}
+    return out
 
 
 def _selected_digest(trained: Artifact) -> str | None:
