@@ -215,7 +215,8 @@ def test_compare_prints_table_and_writes_html(reg, store, cli, tmp_path, monkeyp
     assert rows["source model"] == ["timm:resnet10t", "timm:resnet10t", "same"]
     assert rows["data hash"][2] == "same" and len(rows["data hash"][0]) == 16
     assert rows["validation status"] == ["passed", v2.tags["validation_status"], "differs"]
-    assert rows["aliases"][0] == "champion" and rows["aliases"][1] == "challenger"
+    # v2 failed its gates: registered for the record, challenger stays on v1 (also champion)
+    assert rows["aliases"][:2] == ["challenger, champion", "-"]
     assert lines[-2] == "same data: metrics are on the same test split"
     assert lines[-1] == "wrote compare-t-digits-1-2.html"
     page = (tmp_path / "compare-t-digits-1-2.html").read_text()
