@@ -179,6 +179,17 @@ def test_kfp_task_output_goes_to_its_log_and_only_log_lines_to_stderr(tmp_path, 
         else:
             assert err == full  # --verbose: the whole task output
     assert tasks == [(task_dir / TASK_LOG, 0), (task_dir / TASK_LOG, 3)]
+
+    # kfp.local's own root-logger lines: DEBUG (banners) or ERROR (a failed task), logger kfp.local
+    from kfp.local import logging_utils
+
+    logs.setup("normal")
+    with _kfp_local_output(tasks, tmp_path), logging_utils.local_logger_context():
+        logging.info("Executing task \x1b[96m'ingest'\x1b[0m")
+        logging.error("Task \x1b[96m'pull-model'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m")
+        logging_utils.print_horizontal_line()
+    out = capsys.readouterr()
+    assert out.out == "" and out.err[9:] == "ERROR   kfp.local: Task 'pull-model' finished with status FAILURE\n"
     assert subprocess_task_handler.run_local_subprocess.__name__ == "run_local_subprocess"  # restored
 
 

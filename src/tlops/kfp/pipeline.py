@@ -263,7 +263,8 @@ def _run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | Non
 def _kfp_local_output(tasks: list[tuple[Path, int]], root: Path):
     """While kfp.local runs: task output through ``_run_task_subprocess``; kfp.local's own lines
     (it swaps the root logger's handler for one of its own on stdout, prints separators and
-    indents prints) through tlops's handler as DEBUG lines of logger ``kfp.local``; its warnings
+    indents prints) through tlops's handler as lines of logger ``kfp.local``, DEBUG except a failed
+    task's ERROR line (one per attempt when KFP retries a task); its warnings
     that Kubernetes settings and the image are ignored locally, only with ``--verbose``."""
     import functools
     import logging
@@ -276,13 +277,13 @@ def _kfp_local_output(tasks: list[tuple[Path, int]], root: Path):
     kfp_log = logging.getLogger("kfp.local")
 
     @contextlib.contextmanager
-    def as_debug():  # root-logger INFO calls inside become DEBUG lines of ``kfp.local``
-        info = logging.info
-        logging.info = lambda msg, *a, **kw: kfp_log.debug(msg, *a, **kw)
+    def as_debug():  # kfp.local's root-logger calls: INFO becomes DEBUG, all of them logger ``kfp.local``
+        saved = logging.info, logging.warning, logging.error
+        logging.info, logging.warning, logging.error = kfp_log.debug, kfp_log.warning, kfp_log.error
         try:
             yield
         finally:
-            logging.info = info
+            logging.info, logging.warning, logging.error = saved
 
     patches = {
         (logging_utils, "local_logger_context"): as_debug,
