@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import re
 from pathlib import Path
@@ -127,40 +128,69 @@ def test_rerun_reuses_steps_and_registration(demo, caplog):
     assert again.seconds < 0.5 * demo["target"].seconds
 
 
-def _readme_demo() -> tuple[str, list[tuple[str, str, str]]]:
-    """The CPU capability stated next to README's demo table, and the table's rows as
-    (strategy, test accuracy, gain over scratch), as printed."""
+def _table_rows(text: str) -> list[tuple[str, str, str]]:
+    """The rows of a printed summary table as (strategy, test accuracy cell, gain cell): each
+    cell whole, interval brackets included."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")] if line.startswith("│") else []
+        if len(cells) == 4 and cells[0]:  # a row (a wrapped cell continues on a line with no strategy)
+            rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+def _readme_demo() -> tuple[str, list[tuple[str, str, str]], str]:
+    """The CPU capability stated next to README's demo table, the table's rows as (strategy, test
+    accuracy, gain over scratch) as printed, and the rest of the demo output block."""
     text = (REPO / "README.md").read_text()
     isa = re.search(r"CPU capability `(\w+)`", text)
     assert isa, "README must state the CPU capability (torch.backends.cpu.get_cpu_capability()) of its demo run"
     summary = text[text.index("demo summary") :]
-    rows = []
-    for line in summary[: summary.index("```")].splitlines():
-        cells = [c.strip() for c in line.strip().strip("│").split("│")] if line.startswith("│") else []
-        if len(cells) == 4 and cells[0]:  # a row (a wrapped cell continues on a line with no strategy)
-            rows.append((cells[0], cells[1].split()[0], cells[2].split()[0]))
+    block = summary[: summary.index("```")]
+    rows = _table_rows(block)
     assert rows, "README has no demo summary table"
-    return isa.group(1), rows
+    return isa.group(1), rows, block
 
 
 def test_readme_demo_table_is_what_the_demo_prints(demo):
     """README's demo table equals what this run printed (strategy order, selection mark, test
-    accuracy, gain; train times are not compared). The numbers depend on the CPU kernels torch
-    picks: on a machine whose CPU capability differs from the one README states (AVX2 vs AVX512)
-    the comparison is skipped, not weakened."""
+    accuracy and gain over scratch, each with its bootstrap interval; train times are not
+    compared). The numbers depend on the CPU kernels torch picks: on a machine whose CPU
+    capability differs from the one README states (AVX2 vs AVX512) the comparison is skipped, not
+    weakened."""
     import torch
+    from rich.console import Console
 
-    from tlops.report import summary_rows
+    from tlops.report import rows_table, summary_rows
 
-    isa, readme_rows = _readme_demo()
+    isa, readme_rows, block = _readme_demo()
     here = torch.backends.cpu.get_cpu_capability()
     if here != isa:
         pytest.skip(f"README's demo numbers were measured with CPU capability {isa}; this machine has {here}")
-    printed = [
-        (r["strategy"], f"{r['accuracy']:.3f}", "-" if r["gain"] is None else f"{r['gain']:+.3f}")
-        for r in summary_rows(demo["target"])
-    ]
+    rows = summary_rows(demo["target"])
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(rows_table("t", rows, demo["evaluation"]["confidence"]))
+    printed = _table_rows(console.export_text())
+    assert all("[" in acc for _, acc, _ in printed), f"the summary table prints no intervals: {printed}"
     assert printed == readme_rows, f"README's demo table is stale: the demo printed {printed}"
+    assert "in brackets: 95% bootstrap interval; gains paired" in block
+
+
+def test_readme_states_the_transfer_claim_with_its_interval(demo):
+    """The README's sentence that transfer beats scratch carries the selected model's gain and its
+    paired bootstrap interval, as evaluate computed them (and the interval excludes zero)."""
+    import torch
+
+    isa, _, _ = _readme_demo()
+    if torch.backends.cpu.get_cpu_capability() != isa:
+        pytest.skip(f"README's demo numbers were measured with CPU capability {isa}")
+    ev = json.loads((demo["target"].artifact("evaluate").path / "report.json").read_text())
+    gain, (lo, hi) = ev["metrics"]["gain_over_scratch"], ev["metrics"]["gain_over_scratch_ci"]
+    assert lo > 0
+    claim = (
+        f"{gain:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f}, paired bootstrap over the {ev['test_size']} test images)"
+    )
+    assert claim in " ".join((REPO / "README.md").read_text().split()), claim
 
 
 def test_make_pipeline_local_runs_this_demo():

@@ -58,7 +58,7 @@ def _budget_line(b: dict[str, Any]) -> str:
     return (
         f"- label budget: training {one(b['training'])}; selection {one(sel)}"
         + (f": {sel['criterion']}" if sel.get("criterion") else "")
-        + (f" ({b['config']['rule']})" if (b.get("config") or {}).get("rule") else "")
+        + (f"; {b['config']['rule']}" if (b.get("config") or {}).get("rule") else "")
     )
 
 
