@@ -137,7 +137,7 @@ def test_builder_installs_tlops_from_the_lock_non_editable(parsed):
     _, stages = parsed
     runs = " ".join(v for stage in stages[:-1] for k, v in stage if k == "RUN")
     installs = re.findall(r"pip install [^&;]*", runs)
-    assert any("-c requirements.lock" in i and ".[text-demo,server]" in i for i in installs), installs
+    assert any("-c requirements.lock" in i and ".[text-demo,server,serve]" in i for i in installs), installs
     assert any(re.search(r"-c requirements.lock\s+\.(\s|$)", i) for i in installs), "tlops itself from the lock"
     for i in installs:
         assert not re.search(r"\s(-e|--editable)\s", i), f"editable install: {i}"

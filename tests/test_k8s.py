@@ -20,7 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 VALIDATE = K8S / "validate.sh"
-OVERLAYS = ("dev", "gpu")
+OVERLAYS = ("dev", "gpu", "serving")
 NAMESPACE = "tlops"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob")
 LONG_RUNNING_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")

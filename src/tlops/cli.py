@@ -532,6 +532,61 @@ def serve(
     do_serve(model, opts, on_ready=lambda url, v: typer.echo(f"tlops serve: {model} (v{v}) on {url}", err=True))
 
 
+deploy_app = _Typer(no_args_is_help=True, help="Generate deployment manifests for a registered model.")
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("kserve")
+def deploy_kserve(
+    model: str = typer.Argument(..., help="NAME@ALIAS (followed by the running server) or NAME/VERSION"),
+    out: Path = typer.Option(..., "--out", "-o", help="where to write the InferenceService YAML"),
+    image: str = typer.Option("tlops:0.1.0", help="the tlops image (with the serve extra)"),
+    name: Optional[str] = typer.Option(None, help="InferenceService name (default: the model name)"),
+    namespace: Optional[str] = typer.Option(None, help="namespace (default: none, e.g. set by a kustomize overlay)"),
+    deployment_mode: str = typer.Option("Standard", help="KServe deployment mode: Standard or Knative"),
+    min_replicas: int = typer.Option(1, min=0),
+    max_replicas: int = typer.Option(1, min=1),
+    cpu_request: str = typer.Option("1"),
+    memory_request: str = typer.Option("2Gi"),
+    cpu_limit: str = typer.Option("2"),
+    memory_limit: str = typer.Option("4Gi"),
+    gpus: int = typer.Option(0, min=0, help="GPUs per replica (nodeSelector/tolerations of kubernetes.gpu)"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, help="MLflow tracking URI in the cluster (default: MLFLOW_TRACKING_URI of ConfigMap tlops-settings)"
+    ),
+    mlflow_secret: Optional[str] = typer.Option(
+        None, help="Secret with keys username/password: the MLflow identity that reads the registry"
+    ),
+    poll_interval: float = typer.Option(30.0, min=0.1, help="seconds between registry polls for the alias"),
+) -> None:
+    """Write a KServe InferenceService whose predictor runs `tlops serve MODEL` (restricted pod security)."""
+    from tlops.serving.deploy import gpu_defaults, inference_service, write
+
+    resource, selector, tolerations = gpu_defaults()
+    manifest = inference_service(
+        model,
+        image=image,
+        name=name,
+        namespace=namespace,
+        deployment_mode=deployment_mode,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        cpu_request=cpu_request,
+        memory_request=memory_request,
+        cpu_limit=cpu_limit,
+        memory_limit=memory_limit,
+        gpus=gpus,
+        gpu_resource=resource,
+        gpu_node_selector=selector,
+        gpu_tolerations=tolerations,
+        tracking_uri=tracking_uri,
+        mlflow_secret=mlflow_secret,
+        poll_interval=poll_interval,
+    )
+    write(manifest, out)
+    typer.echo(f"wrote {out}: InferenceService/{manifest['metadata']['name']} serving {model}")
+
+
 @app.command()
 def compare(
     model: str = typer.Argument(..., help="registered model name"),
