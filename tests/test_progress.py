@@ -146,11 +146,14 @@ def test_extraction_reports_progress(monkeypatch):
 @pytest.mark.parametrize("verbosity,enabled", [("quiet", False), ("normal", True), ("verbose", True)])
 def test_quiet_turns_progress_off(verbosity, enabled, monkeypatch):
     import logging
+    import warnings
 
     from tlops import logs
 
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setattr(logging, "_warnings_showwarning", getattr(logging, "_warnings_showwarning", None))
     monkeypatch.setattr(progress, "_reporter", progress.reporter())
     for name in ("", "tlops"):
         monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)

@@ -147,6 +147,9 @@ def setup(verbosity: str | None = None) -> str:
         for name in _NEVER_DEBUG:
             logging.getLogger(name).setLevel(logging.NOTSET)
 
+    # re-captured each time: something (pytest's warning recorder, catch_warnings) may have put its
+    # own showwarning in place since the last setup, which captureWarnings(True) alone would keep
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     _route_mlflow_prints()
     progress.configure(enabled=verbosity != "quiet")
