@@ -123,11 +123,11 @@ def test_register_stores_a_compact_reference_from_the_cached_train_features(reg,
     assert meta["feature_space"].startswith("source")  # linear probe: the extract-features cache entry
     assert arrays["features"].dtype == np.float16 and len(arrays["features"]) == meta["reference_rows"] <= 2000
     assert meta["reference_rows"] == meta["pool_rows"]  # < 2,000 train rows: all of them
-    assert arrays["confusion"].sum() == meta["val_rows"] == len(arrays["val_conf"])
+    assert arrays["confusion"].sum() == meta["val_rows"] == len(arrays["val_score"])
     assert abs(arrays["val_correct"].mean() - meta["val_accuracy"]) < 1e-9
     assert 0 < meta["bytes"] < 2_000_000 and set(arrays) == {
         "features",
-        "val_conf",
+        "val_score",
         "val_pred",
         "val_correct",
         "confusion",

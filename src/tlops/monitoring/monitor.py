@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from tlops.monitoring import stats
-from tlops.monitoring.reference import head_probs
+from tlops.monitoring.reference import head_logits, top_score
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +74,17 @@ def embed(clf: Any, kind: str, items: list[Any], batch_size: int = 64) -> np.nda
 
 
 def analyse(
-    ref: dict[str, np.ndarray], meta: dict, feats: np.ndarray, probs: np.ndarray, th: Thresholds = Thresholds()
+    ref: dict[str, np.ndarray], meta: dict, feats: np.ndarray, logits: np.ndarray, th: Thresholds = Thresholds()
 ) -> dict[str, Any]:
-    """Every statistic and the verdict, from the reference and the new inputs' embeddings/probabilities."""
+    """Every statistic and the verdict, from the reference and the new inputs' embeddings and logits."""
     k = len(meta["classes"])
     ref_f = ref["features"].astype(np.float32)
-    pred, conf = probs.argmax(1), probs.max(1)
+    pred, score = top_score(logits)
     mmd = stats.mmd_test(ref_f, feats, permutations=th.permutations, seed=th.seed)
     c2 = stats.c2st(ref_f, feats, seed=th.seed)
     lab = stats.label_shift_test(ref["val_pred"].astype(np.int64), pred, k)
     priors = stats.bbse(ref["confusion"], pred, seed=th.seed)
-    acc = stats.atc(ref["val_conf"], ref["val_correct"].astype(bool), conf, seed=th.seed)
+    acc = stats.atc(ref["val_score"], ref["val_correct"].astype(bool), score, seed=th.seed)
     level = th.alpha / len(TESTS)
     flagged = [t for t, r in zip(TESTS, (mmd, c2, lab), strict=True) if r["p_value"] < level]
     drop = meta["val_accuracy"] - acc["estimate"]
@@ -95,7 +95,11 @@ def analyse(
         "n": int(len(feats)),
         "covariate_shift": {"mmd": mmd, "c2st": c2},
         "label_shift": {"test": lab, "bbse": {**priors, "classes": meta["classes"]}},
-        "accuracy": {**acc, "method": "ATC (max confidence)", "validation_accuracy": meta["val_accuracy"]},
+        "accuracy": {
+            **acc,
+            "method": "ATC (log-probability of the predicted class)",
+            "validation_accuracy": meta["val_accuracy"],
+        },
         "estimated_drop": float(drop),
         "thresholds": {**asdict(th), "per_test_level": level},
     }
@@ -144,8 +148,8 @@ def monitor(
         )["x"]
     else:
         feats = embed(impl.clf, raw.kind, items)
-    probs = head_probs(impl.clf, feats)
-    res = analyse(ref_arrays, meta, feats, probs, thresholds)
+    logits = head_logits(impl.clf, feats)
+    res = analyse(ref_arrays, meta, feats, logits, thresholds)
     res = {
         **ref.identity,
         "data": data,
@@ -162,7 +166,7 @@ def monitor(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "monitor.json").write_text(json.dumps(res, indent=2))
-    plot(ref_arrays, feats, probs.max(1), res, out / "monitor.png")
+    plot(ref_arrays, feats, top_score(logits)[1], res, out / "monitor.png")
     (out / "report.md").write_text(render(res))
     if logged:
         c = registry.client()
@@ -171,8 +175,9 @@ def monitor(
     return res
 
 
-def plot(ref: dict[str, np.ndarray], feats: np.ndarray, conf: np.ndarray, res: dict, path: Path) -> None:
-    """2-D PCA of reference vs new embeddings; validation vs new confidence histograms."""
+def plot(ref: dict[str, np.ndarray], feats: np.ndarray, score: np.ndarray, res: dict, path: Path) -> None:
+    """2-D PCA of reference vs new embeddings; validation vs new confidence histograms (-log10 of
+    1 - confidence, so saturated confidences spread out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,11 +192,16 @@ def plot(ref: dict[str, np.ndarray], feats: np.ndarray, conf: np.ndarray, res: d
     ax[0].scatter(b[:, 0], b[:, 1], s=4, alpha=0.6, label=f"new ({len(b)})")
     ax[0].set_title(f"embeddings, PCA (MMD p={res['covariate_shift']['mmd']['p_value']:.3g})")
     ax[0].legend(markerscale=3)
-    bins = np.linspace(0, 1, 21)
-    ax[1].hist(ref["val_conf"], bins=bins, alpha=0.5, density=True, label="validation")
-    ax[1].hist(conf, bins=bins, alpha=0.5, density=True, label="new")
-    ax[1].axvline(res["accuracy"]["threshold"], color="k", ls="--", label="ATC threshold")
-    ax[1].set_title("max confidence")
+
+    def nines(s: np.ndarray) -> np.ndarray:  # -log10(1 - p_top): 2 = 0.99, 3 = 0.999
+        return np.minimum(-np.log10(np.maximum(-np.expm1(np.asarray(s, np.float64)), 1e-300)), 16.0)
+
+    v, w = nines(ref["val_score"]), nines(score)
+    bins = np.linspace(0, max(v.max(), w.max(), 1.0), 25)
+    ax[1].hist(v, bins=bins, alpha=0.5, density=True, label="validation")
+    ax[1].hist(w, bins=bins, alpha=0.5, density=True, label="new")
+    ax[1].axvline(float(nines(np.array([res["accuracy"]["threshold"]]))[0]), color="k", ls="--", label="ATC threshold")
+    ax[1].set_title("confidence: -log10(1 - p_top)")
     ax[1].legend()
     fig.suptitle(f"{res['model_name']} v{res['model_version']}: {res['verdict']}")
     fig.tight_layout()

@@ -10,9 +10,9 @@ It holds no raw training data, only:
   changed the backbone, train embeddings are fit to the train split and any held-out data would
   look shifted against them, so the rows are held-out validation + test inputs embedded with the
   tuned backbone (the space the served model sees).
-- ``val_conf`` / ``val_pred`` / ``val_correct``: the selected model's validation confidences,
-  predictions and hits (ATC's threshold, the label-shift test), and ``confusion``: its validation
-  confusion matrix (BBSE).
+- ``val_score`` / ``val_pred`` / ``val_correct``: the selected model's validation confidences
+  (log-probability of the predicted class), predictions and hits (ATC's threshold, the label-shift
+  test), and ``confusion``: its validation confusion matrix (BBSE).
 - ``reference.json``: where the features come from, the backbone digest and preprocessing (the
   monitor's feature cache key), the classes, how the training data was read, and the sizes.
 
@@ -48,13 +48,21 @@ def backbone_digest(bundle: Path) -> str:
     return weights_digest(bundle, spec)
 
 
-def head_probs(clf: Any, features: np.ndarray) -> np.ndarray:
-    """Class probabilities from backbone features through the classifier's linear head."""
+def head_logits(clf: Any, features: np.ndarray) -> np.ndarray:
+    """Class logits (float64) from backbone features through the classifier's linear head."""
     import torch
 
     with torch.inference_mode():
-        logits = clf.head(torch.from_numpy(np.asarray(features, np.float32)))
-        return torch.softmax(logits.float(), -1).numpy()
+        return clf.head(torch.from_numpy(np.asarray(features, np.float32))).double().numpy()
+
+
+def top_score(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class and its log-probability, from logits in float64: a confident model's
+    softmax saturates at 1.0 in float32 (every confidence ties and ATC's threshold degenerates);
+    log p_top = -log(1 + sum_j exp(l_j - l_top)) keeps the order down to ~1e-300."""
+    pred = logits.argmax(1)
+    gap = logits - logits[np.arange(len(logits)), pred][:, None]
+    return pred, -np.log1p(np.exp(gap).sum(1) - 1.0)
 
 
 def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
@@ -94,15 +102,14 @@ def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None)
         pool = np.concatenate(held)
     idx = np.sort(rng.choice(len(pool), min(len(pool), MAX_REFERENCE), replace=False))
     feats = pool[idx].astype(np.float16)
-    probs = head_probs(clf, val_f)
-    pred = probs.argmax(1)
+    pred, score = top_score(head_logits(clf, val_f))
     y = np.asarray(val.y, dtype=np.int64)
     from tlops.monitoring.stats import confusion
 
     k = len(spec["classes"])
     arrays = {
         "features": feats,
-        "val_conf": probs.max(1).astype(np.float32),
+        "val_score": score,
         "val_pred": pred.astype(np.int16),
         "val_correct": (pred == y),
         "confusion": confusion(pred, y, k),

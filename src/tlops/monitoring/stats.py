@@ -131,7 +131,11 @@ def bbse(
 def atc_threshold(val_conf: np.ndarray, val_correct: np.ndarray) -> float:
     """t such that the fraction of validation confidences above t equals validation accuracy."""
     acc = float(np.mean(val_correct))
-    return float(np.quantile(val_conf, 1.0 - acc, method="lower")) if 0 < acc < 1 else (0.0 if acc else 1.0)
+    if acc >= 1.0:  # every validation input counts as right: a threshold below them all
+        return float(np.min(val_conf)) - 1.0
+    if acc <= 0.0:
+        return float(np.max(val_conf)) + 1.0
+    return float(np.quantile(val_conf, 1.0 - acc, method="lower"))
 
 
 def atc(
