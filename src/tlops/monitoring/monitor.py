@@ -188,13 +188,13 @@ def plot(ref: dict[str, np.ndarray], feats: np.ndarray, score: np.ndarray, res: 
     pca = PCA(2, random_state=0).fit(np.concatenate([r, feats]))
     a, b = pca.transform(r), pca.transform(feats)
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].scatter(a[:, 0], a[:, 1], s=4, alpha=0.4, label=f"reference ({len(a)})")
-    ax[0].scatter(b[:, 0], b[:, 1], s=4, alpha=0.6, label=f"new ({len(b)})")
+    ax[0].scatter(b[:, 0], b[:, 1], s=4, alpha=0.4, color="tab:orange", label=f"new ({len(b)})")
+    ax[0].scatter(a[:, 0], a[:, 1], s=4, alpha=0.6, color="tab:blue", label=f"reference ({len(a)})")
     ax[0].set_title(f"embeddings, PCA (MMD p={res['covariate_shift']['mmd']['p_value']:.3g})")
     ax[0].legend(markerscale=3)
 
     def nines(s: np.ndarray) -> np.ndarray:  # -log10(1 - p_top): 2 = 0.99, 3 = 0.999
-        return np.minimum(-np.log10(np.maximum(-np.expm1(np.asarray(s, np.float64)), 1e-300)), 16.0)
+        return -np.log10(np.clip(-np.expm1(np.asarray(s, np.float64)), 1e-300, 1.0))
 
     v, w = nines(ref["val_score"]), nines(score)
     bins = np.linspace(0, max(v.max(), w.max(), 1.0), 25)

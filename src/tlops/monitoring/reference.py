@@ -61,8 +61,9 @@ def top_score(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     softmax saturates at 1.0 in float32 (every confidence ties and ATC's threshold degenerates);
     log p_top = -log(1 + sum_j exp(l_j - l_top)) keeps the order down to ~1e-300."""
     pred = logits.argmax(1)
-    gap = logits - logits[np.arange(len(logits)), pred][:, None]
-    return pred, -np.log1p(np.exp(gap).sum(1) - 1.0)
+    rest = np.exp(logits - logits[np.arange(len(logits)), pred][:, None])
+    rest[np.arange(len(logits)), pred] = 0.0  # sum over the other classes only: no 1 + tiny - 1
+    return pred, -np.log1p(rest.sum(1))
 
 
 def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
