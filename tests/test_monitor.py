@@ -199,3 +199,15 @@ def test_monitor_bad_data_path_is_a_usage_error(reg, tmp_path):
     assert r.exit_code == 2
     assert f"error: --data: data.source: path not found: {missing}" in r.output
     assert not Path("monitor").exists() or not (Path("monitor") / "monitor.json").exists()
+
+
+def test_confidence_score_keeps_order_where_float32_softmax_saturates():
+    from tlops.monitoring.reference import top_score
+
+    logits = np.array([[40.0, 0.0], [60.0, 0.0], [0.0, 1.0]])
+    pred, score = top_score(logits)
+    assert pred.tolist() == [0, 0, 1]
+    assert score[1] > score[0] > score[2] and score[0] < 0  # softmax in float32: 1.0 and 1.0
+    assert np.isclose(score[2], np.log(1 / (1 + np.exp(-1.0))))
+    t = stats.atc_threshold(score[:2], np.array([True, True]))
+    assert t < score.min() + 1 and np.mean(score[:2] > t) == 1.0
