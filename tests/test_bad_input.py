@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from tlops.artifacts import MANIFEST, read_artifact
 from tlops.config import STRATEGIES
 
 # ---------------------------------------------------------------- helpers
+
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO) ")
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -69,6 +72,8 @@ def step_fails(monkeypatch, capsys, tmp_path: Path, cfg: Path, step: str = "inge
     rc, stdout, err = run_cli(monkeypatch, capsys, "step", step, "--config", str(cfg), "--out", str(out))
     assert rc == code, (rc, stdout, err)
     assert "Traceback" not in err
+    # the step's own progress lines (tlops' log format) may come first; the rest is the one error
+    err = "".join(ln for ln in err.splitlines(keepends=True) if not LOG_LINE.match(ln))
     assert err.startswith("error: "), err
     assert_nothing_written(out)
     assert not (cfg.parent / "work" / "index").exists() or not any((cfg.parent / "work" / "index").rglob("*"))
