@@ -177,6 +177,7 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
         "atc_abs_error_max": float(np.max(err)),
         "interval_covers": float(np.mean([t["atc_low"] <= t["true_accuracy"] <= t["atc_high"] for t in trials])),
         "median_p": {k: float(np.median([t["p"][k] for t in trials])) for k in ("mmd", "c2st", "label")},
+        "flagged_by": {k: sum(k in t["flagged_by"] for t in trials) for k in ("mmd", "c2st", "label")},
     }
 
 
@@ -258,15 +259,16 @@ def render(res: dict[str, Any], info: dict[str, Any]) -> str:
         "ATC error = |ATC estimate - true accuracy| on the same inputs (labels used only for that).",
         "",
         "| source model / new inputs | trials | flagged | true acc | ATC | ATC error mean / max | "
-        "interval covers | median p (MMD / C2ST / label) |",
-        "|---|---|---|---|---|---|---|---|",
+        "interval covers | median p (MMD / C2ST / label) | flagged by (MMD / C2ST / label) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in cal["rows"].items():
         p = r["median_p"]
         lines.append(
             f"| {name} | {r['trials']} | {r['flagged']:.0%} | {r['true_accuracy']:.3f} | {r['atc']:.3f} | "
             f"{r['atc_abs_error_mean']:.3f} / {r['atc_abs_error_max']:.3f} | {r['interval_covers']:.0%} | "
-            f"{p['mmd']:.3g} / {p['c2st']:.3g} / {p['label']:.3g} |"
+            f"{p['mmd']:.3g} / {p['c2st']:.3g} / {p['label']:.3g} | "
+            f"{r['flagged_by']['mmd']} / {r['flagged_by']['c2st']} / {r['flagged_by']['label']} |"
         )
     h0 = [r for r in cal["rows"].values() if r["kind"] == "h0"]
     lines += [

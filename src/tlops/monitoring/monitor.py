@@ -79,6 +79,9 @@ def analyse(
     """Every statistic and the verdict, from the reference and the new inputs' embeddings and logits."""
     k = len(meta["classes"])
     ref_f = ref["features"].astype(np.float32)
+    # the reference is stored in float16: round the new embeddings the same way, or the domain
+    # classifier tells the two samples apart by their precision alone (AUC 0.99 on resplits)
+    feats = np.asarray(feats, np.float16).astype(np.float32)
     pred, score = top_score(logits)
     mmd = stats.mmd_test(ref_f, feats, permutations=th.permutations, seed=th.seed)
     c2 = stats.c2st(ref_f, feats, seed=th.seed)
