@@ -16,8 +16,9 @@ monitor`` runs) then compare, at the default thresholds:
   estimate and nothing else).
 
 The reference mirrors what ``register`` stores (:mod:`tlops.monitoring.reference`): train features
-for a frozen backbone (the linear probes), held-out validation + half of the test split for a
-fine-tuned one, the other half of the test split being the in-distribution pool. Features are
+for a frozen backbone (the linear probes); half of the test split for a fine-tuned one (the digits
+models train with ``data.labels_per_class``, so their validation split is class-balanced), the
+other half of the test split being the in-distribution pool. Features are
 computed once per dataset. Only accuracies, rates and p-values are reported: the machine is shared,
 so timings here mean nothing, except ``--only cost`` run on an idle machine.
 """
@@ -112,12 +113,14 @@ def build_reference(src: dict[str, Any], seed: int = 0) -> tuple[dict[str, np.nd
         pool, in_dist = src["feats"]["train"], perm
     else:
         half = perm[: n_test // 2]
-        pool, in_dist = np.concatenate([src["feats"]["val"], src["feats"]["test"][half]]), perm[n_test // 2 :]
+        # labels_per_class: val is class-balanced; register then takes test rows only
+        pool, in_dist = src["feats"]["test"][half], perm[n_test // 2 :]
     pick = np.sort(rng.choice(len(pool), min(len(pool), MAX_REFERENCE), replace=False))
     pred, score = top_score(head_logits(src["clf"], src["feats"]["val"]))
     y = src["y"]["val"]
     ref = {
         "features": pool[pick].astype(np.float16),
+        "ref_pred": top_score(head_logits(src["clf"], pool[pick].astype(np.float16).astype(np.float32)))[0],
         "val_score": score,
         "val_pred": pred,
         "val_correct": pred == y,

@@ -127,6 +127,7 @@ def test_register_stores_a_compact_reference_from_the_cached_train_features(reg,
     assert abs(arrays["val_correct"].mean() - meta["val_accuracy"]) < 1e-9
     assert 0 < meta["bytes"] < 2_000_000 and set(arrays) == {
         "features",
+        "ref_pred",
         "val_score",
         "val_pred",
         "val_correct",

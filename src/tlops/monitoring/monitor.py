@@ -8,7 +8,7 @@ extract-features keys its entries), classified through the model's head from tho
 embeddings, and compared with the reference stored at registration (:mod:`.reference`):
 
 - covariate shift: MMD permutation test and classifier two-sample test on the embeddings;
-- label shift: predicted-class frequencies vs validation (chi-squared) and BBSE's new priors;
+- label shift: predicted-class frequencies vs the reference rows' (chi-squared) and BBSE's new priors;
 - accuracy without labels: ATC, with a bootstrap interval.
 
 Verdict: ``shift`` when any of the three tests has p < alpha / 3 (Bonferroni: at most ``alpha``
@@ -85,7 +85,7 @@ def analyse(
     pred, score = top_score(logits)
     mmd = stats.mmd_test(ref_f, feats, permutations=th.permutations, seed=th.seed)
     c2 = stats.c2st(ref_f, feats, seed=th.seed)
-    lab = stats.label_shift_test(ref["val_pred"].astype(np.int64), pred, k)
+    lab = stats.label_shift_test(ref["ref_pred"].astype(np.int64), pred, k)
     priors = stats.bbse(ref["confusion"], pred, seed=th.seed)
     acc = stats.atc(ref["val_score"], ref["val_correct"].astype(bool), score, seed=th.seed)
     level = th.alpha / len(TESTS)
@@ -236,7 +236,7 @@ def render(res: dict[str, Any]) -> str:
             f"{cs['mmd']['p_value']:.4g} |",
             f"| domain classifier (5-fold logistic regression) | AUC {cs['c2st']['auc']:.3f} | "
             f"{cs['c2st']['p_value']:.4g} |",
-            f"| predicted-class frequencies vs validation | chi² {ls['test']['chi2']:.3f} | "
+            f"| predicted-class frequencies vs reference | chi² {ls['test']['chi2']:.3f} | "
             f"{ls['test']['p_value']:.4g} |",
             "",
             f"Estimated accuracy (ATC): **{acc['estimate']:.3f}** [{acc['low']:.3f}, {acc['high']:.3f}] "

@@ -9,7 +9,10 @@ It holds no raw training data, only:
   features the extract-features step cached (same cache key, no backbone pass). When fine-tuning
   changed the backbone, train embeddings are fit to the train split and any held-out data would
   look shifted against them, so the rows are held-out validation + test inputs embedded with the
-  tuned backbone (the space the served model sees).
+  tuned backbone (the space the served model sees). With ``data.labels_per_class`` the train and
+  validation splits are class-balanced, so the rows come from the test split alone.
+- ``ref_pred``: the model's predictions on those rows (the label-shift test's reference: with
+  ``data.labels_per_class`` the validation split is class-balanced, the data are not).
 - ``val_score`` / ``val_pred`` / ``val_correct``: the selected model's validation confidences
   (log-probability of the predicted class), predictions and hits (ATC's threshold, the label-shift
   test), and ``confusion``: its validation confusion matrix (BBSE).
@@ -80,23 +83,27 @@ def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None)
     key = cache_key(digest, spec["preprocessing"], ds.content_hash)
     splits = ds.splits()
     rng = np.random.default_rng(seed)
-    if cfg.features.cache and cache.get(key) is not None:
-        cached = cache.load(key)  # extract-features wrote it with this very backbone: it is frozen
-        space, pool, val_f = "source (frozen backbone; train features from the feature cache)", cached["train"], None
-        val_f = cached.get("val")
-    else:
-        space = "registered model backbone (not in the cache under the source key: fine-tuned; held-out inputs)"
-        pool, val_f = None, None
     if "val" not in splits:
         raise ValueError(f"the dataset has no validation split (splits: {splits}); the reference needs one")
+    # with data.labels_per_class the train and val splits are class-balanced, not what the data
+    # (and the inputs the model will get) look like: the reference then comes from the test split
+    balanced = cfg.data.labels_per_class is not None and "test" in splits
     val = ds.load("val")
-    if val_f is None:
+    if cfg.features.cache and cache.get(key) is not None:
+        cached = cache.load(key)  # extract-features wrote it with this very backbone: it is frozen
+        part = "test" if balanced else "train"
+        space, pool, val_f = (
+            f"source (frozen backbone; {part} features from the feature cache)",
+            cached[part],
+            cached["val"],
+        )
+    else:
+        space = "registered model backbone (fine-tuned: not in the cache under the source key; held-out inputs)"
         val_f = extract(clf.backbone, val.x, cfg.features.batch_size, desc="reference val")
-    if pool is None:
-        held = [val_f]
+        held = [] if balanced else [val_f]
         if "test" in splits:
             test = ds.load("test")
-            take = min(len(test), max(0, MAX_REFERENCE - len(val_f)))
+            take = min(len(test), max(0, MAX_REFERENCE - sum(len(h) for h in held)))
             idx = np.sort(rng.choice(len(test), take, replace=False))
             xs = test.x[idx] if isinstance(test.x, np.ndarray) else [test.x[i] for i in idx]
             held.append(extract(clf.backbone, xs, cfg.features.batch_size, desc="reference test"))
@@ -110,6 +117,7 @@ def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None)
     k = len(spec["classes"])
     arrays = {
         "features": feats,
+        "ref_pred": top_score(head_logits(clf, feats.astype(np.float32)))[0].astype(np.int16),
         "val_score": score,
         "val_pred": pred.astype(np.int16),
         "val_correct": (pred == y),
