@@ -144,7 +144,11 @@ def log_reference(cfg: Any, ds: Any, bundle: Path, clf: Any) -> dict:
     """Build the reference and log it to the active MLflow run under ``monitoring/reference``."""
     import mlflow
 
-    arrays, meta = build(cfg, ds, bundle, clf)
+    try:
+        arrays, meta = build(cfg, ds, bundle, clf)
+    except ValueError as e:  # no validation split: register the model, without a reference
+        log.warning("register: no monitoring reference stored (%s); tlops monitor will refuse this version", e)
+        return {}
     with tempfile.TemporaryDirectory(prefix="tlops-reference-") as tmp:
         np.savez_compressed(Path(tmp) / "reference.npz", **arrays)
         meta["bytes"] = (Path(tmp) / "reference.npz").stat().st_size
