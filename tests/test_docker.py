@@ -408,6 +408,8 @@ def test_make_mlflow_ui_binds_loopback_unless_asked():
         assert f"--host {host} " in line, line
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(5400)
 def test_compose_e2e():
     """docker/compose-e2e.sh: image build, source + target pipelines under docker compose, the
     registered models on the compose MLflow server."""
