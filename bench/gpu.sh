@@ -23,7 +23,8 @@ fi
 BUDGET=${GPU_BENCH_BUDGET:-450}   # seconds for all three runs (< 8 min incl. start-up)
 START=$(date +%s)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-export TLOPS_DEVICE=cuda
+# perf.py turns --device/--amp/--channels-last/--compile into train.device/precision/channels_last/compile
+# (the same fields `tlops run --set train.device=cuda --set train.precision=bf16 ...` sets); no environment knobs
 
 run() {  # run <name> <share of the budget in %> <perf.py flags...>
   local name=$1 share=$2; shift 2

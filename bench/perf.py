@@ -129,14 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/perf.py: --device cuda but no CUDA device is visible; nothing to do")
         return 0
-    # the library's fine-tuning loop reads these (tlops.training.distributed)
-    os.environ["TLOPS_DEVICE"] = args.device
-    if args.amp:
-        os.environ["TLOPS_AMP"] = args.amp
-    if args.channels_last:
-        os.environ["TLOPS_CHANNELS_LAST"] = "1"
-    if args.compile:
-        os.environ["TLOPS_COMPILE"] = "1"
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

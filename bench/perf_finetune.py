@@ -24,6 +24,7 @@ from perf_setup import (
     interleave_sides,
     med,
     sync_all,
+    train_runtime,
     uci,
 )
 
@@ -100,7 +101,13 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     tok = tb.tokenizer
     epochs = sz["ft_epochs"]
     tcfg = TrainConfig(
-        strategies=["fine-tune"], epochs=epochs, batch_size=FT_BS, lr=FT_LR, head_lr=FT_LR, weight_decay=0.0
+        strategies=["fine-tune"],
+        epochs=epochs,
+        batch_size=FT_BS,
+        lr=FT_LR,
+        head_lr=FT_LR,
+        weight_decay=0.0,
+        **train_runtime(args),
     )
 
     def trainer_ft(pad: str, sampling: str = "random"):
@@ -234,7 +241,13 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     cclf0 = Classifier(ib, 10)
     epochs = sz["cnn_epochs"]
     ccfg = TrainConfig(
-        strategies=["fine-tune"], epochs=epochs, batch_size=CNN_BS, lr=CNN_LR, head_lr=CNN_LR, weight_decay=0.0
+        strategies=["fine-tune"],
+        epochs=epochs,
+        batch_size=CNN_BS,
+        lr=CNN_LR,
+        head_lr=CNN_LR,
+        weight_decay=0.0,
+        **train_runtime(args),
     )
     dev = torch.device(args.device)
 

@@ -27,6 +27,7 @@ from perf_setup import (
     images,
     med,
     reset_threads,
+    train_runtime,
     uci,
 )
 
@@ -168,7 +169,8 @@ def bench_scaling(args, sz) -> dict[str, Any]:
 
     def ft(clf0, split, bs, lr):
         clf = copy.deepcopy(clf0)
-        cfg = TrainConfig(strategies=["fine-tune"], epochs=1, batch_size=bs, lr=lr, head_lr=lr, weight_decay=0.0)
+        rt = train_runtime(args)
+        cfg = TrainConfig(strategies=["fine-tune"], epochs=1, batch_size=bs, lr=lr, head_lr=lr, weight_decay=0.0, **rt)
         with tempfile.TemporaryDirectory(prefix="tlops-perf-scale-") as tmp:
             fine_tune(clf, split, None, cfg, 0, Path(tmp), frozen_k=0, name="scale")
 

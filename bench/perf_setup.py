@@ -93,6 +93,16 @@ PASSES = PassLog()  # every timed pass: series, seconds, CPU seconds, other-proc
 _DEFAULT_THREADS = [0]  # torch.get_num_threads() at start (remember_default_threads)
 
 
+def train_runtime(args) -> dict[str, Any]:
+    """train.* runtime fields for --device/--amp/--channels-last/--compile (tlops' loops read them from the config)."""
+    return {
+        "device": args.device,
+        "precision": args.amp or "fp32",
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+    }
+
+
 def remember_default_threads() -> None:
     import torch
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tlops.training.distributed import epoch_batches, launch_command
+from tlops.runners.torchrun import launch_command
+from tlops.training.distributed import epoch_batches
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -62,7 +63,11 @@ def test_text_batches_are_length_grouped_and_shuffled():
 def test_launch_command_uses_torchrun_standalone(tmp_path):
     cmd = launch_command(tmp_path / "c.yaml", {"dataset": tmp_path / "d"}, tmp_path / "out", 2)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in cmd
+    assert cmd[cmd.index("-m", 2) + 1] == "tlops.runners.torchrun"
     assert cmd[cmd.index("--in") + 1] == f"dataset={tmp_path / 'd'}"
+    assert "--checkpoint-dir" not in cmd  # the checkpoint dir is an argument, not an environment variable
+    cmd = launch_command(tmp_path / "c.yaml", {}, tmp_path / "out", 2, checkpoint_dir=tmp_path / "ck")
+    assert cmd[cmd.index("--checkpoint-dir") + 1] == str(tmp_path / "ck")
 
 
 def test_config_field_validates():
@@ -111,21 +116,27 @@ def _tiny_setup(minilm: Path):
         )
     )
     clf = Classifier(TextBackbone(bert, tok, {"modality": "text", "max_length": 32, "pooling": "mean"}), 2)
-    cfg = TrainConfig(strategies=["fine-tune"], epochs=2, batch_size=16, lr=2e-3, weight_decay=0.0)
+    cfg = TrainConfig(strategies=["fine-tune"], epochs=2, batch_size=16, lr=2e-3, weight_decay=0.0, device="cpu")
     return clf, Split(x[:64], y[:64]), Split(x[500:564], y[500:564]), cfg
 
 
-def _train(minilm: Path, out: Path) -> dict:
+def _train(minilm: Path, out: Path, ranks=None) -> dict:
+    """One process, or (``ranks``: this torchrun rank) one rank of a DDP job; returns the runtime too."""
     from tlops.training.finetune import fine_tune
+    from tlops.training.runtime import Runtime
 
     clf, train, val, cfg = _tiny_setup(minilm)
-    hist = fine_tune(clf, train, val, cfg, 0, out, frozen_k=0, name="ddp-test")
-    return {"hist": hist, "state": {k: v.clone() for k, v in clf.state_dict().items()}}
+    rt = Runtime.from_config(cfg, **(ranks._asdict() if ranks is not None else {}))
+    if ranks is not None:
+        rt.init_process_group()
+    hist = fine_tune(clf, train, val, cfg, 0, out, frozen_k=0, name="ddp-test", runtime=rt)
+    return {"hist": hist, "state": {k: v.clone() for k, v in clf.state_dict().items()}, "runtime": rt}
 
 
 def test_two_ranks_match_one_process(tmp_path, minilm_dir):
     one = _train(minilm_dir, tmp_path / "one")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), TLOPS_DEVICE="cpu")
+    one.pop("runtime")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     cmd = [
         sys.executable,
         "-m",
@@ -153,34 +164,35 @@ def test_two_ranks_match_one_process(tmp_path, minilm_dir):
 
 def _ddp_worker(minilm: str, out: str) -> None:
     """Run under torchrun: both ranks train; rank 0 saves the result."""
-    from types import SimpleNamespace
+    from tlops.runners.torchrun import rank_info
 
-    from tlops.training import distributed
-
-    ctx = distributed.init(SimpleNamespace(threads=None))
+    ranks = rank_info()
+    assert ranks is not None and ranks.world == 2
     try:
-        out_dir = Path(out) if ctx.is_main else Path(out) / f"rank{ctx.rank}"
-        res = _train(Path(minilm), out_dir)
-        if not ctx.is_main and (out_dir / "checkpoints").exists() and any((out_dir / "checkpoints").iterdir()):
+        out_dir = Path(out) if ranks.rank == 0 else Path(out) / f"rank{ranks.rank}"
+        res = _train(Path(minilm), out_dir, ranks)
+        rt = res.pop("runtime")
+        if not rt.is_main and (out_dir / "checkpoints").exists() and any((out_dir / "checkpoints").iterdir()):
             (Path(out) / "rank1-wrote-checkpoints").touch()
-        if ctx.is_main:
-            torch.save(res | {"world": ctx.world}, Path(out) / "result.pt")
-        ctx.barrier()
+        if rt.is_main:
+            torch.save(res | {"world": rt.world}, Path(out) / "result.pt")
+        rt.barrier()
     finally:
-        distributed.shutdown()
+        from tlops.training.runtime import Runtime
+
+        Runtime.shutdown()
 
 
 # ------------------------------------------------------------------ the fine-tune step relaunches itself
 
 
 @pytest.mark.slow
-def test_fine_tune_step_relaunches_under_torchrun(digits_cfg, tmp_path, monkeypatch):
+def test_fine_tune_step_relaunches_under_torchrun(digits_cfg, tmp_path):
     """The real step with train.distributed=ddp: torchrun with 2 gloo ranks, rank 0 writes the artifact;
     accuracy matches the single-process step to a tolerance (BatchNorm statistics are per rank)."""
     from tlops.steps import extract_features, fine_tune, ingest, pull_model
 
-    monkeypatch.setenv("TLOPS_DEVICE", "cpu")
-    train = {"strategies": ["fine-tune"], "epochs": 3, "batch_size": 16, "lr": 0.002}
+    train = {"strategies": ["fine-tune"], "epochs": 3, "batch_size": 16, "lr": 0.002, "device": "cpu"}
     cfg1 = digits_cfg(train=train)
     ins = {"dataset": ingest.run(cfg1, {}, tmp_path / "ingest"), "model": pull_model.run(cfg1, {}, tmp_path / "pull")}
     ins["features"] = extract_features.run(cfg1, ins, tmp_path / "features")

@@ -69,7 +69,6 @@ def test_fine_tune_dies_after_an_epoch_and_resumes_exactly(digits_cfg, tmp_path,
     """In-process and small: the step dies after epoch 2 of 3 (gradual unfreezing on, so the
     resumed run must replay the unfreezing too); the newest checkpoint is then truncated, so the
     rerun falls back to epoch 1. The result equals an uninterrupted run, bit for bit."""
-    import tlops.training.finetune as ft
     from tlops import dag
     from tlops.config import validate_config
     from tlops.runners.local import execute_step
@@ -92,17 +91,19 @@ def test_fine_tune_dies_after_an_epoch_and_resumes_exactly(digits_cfg, tmp_path,
     ).artifact
 
     cfg = validate_config(digits_config(tmp_path / "work", train=train))
-    real = ft._checkpoint
+    from tlops.training.checkpoints import Checkpoints
 
-    def dies_after_epoch_2(d, epoch, *a, **k):
-        real(d, epoch, *a, **k)
+    real = Checkpoints.save
+
+    def dies_after_epoch_2(self, epoch, state):
+        real(self, epoch, state)
         if epoch == 2:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(ft, "_checkpoint", dies_after_epoch_2)
+    monkeypatch.setattr(Checkpoints, "save", dies_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         execute_step(spec, cfg, ins, tmp_path / "ft")
-    monkeypatch.setattr(ft, "_checkpoint", real)
+    monkeypatch.setattr(Checkpoints, "save", real)
     assert not (tmp_path / "ft").exists()
     (ck,) = (tmp_path / "work" / "checkpoints").glob("*/fine-tune")
     assert sorted(p.name for p in ck.iterdir()) == ["epoch_001.pt", "epoch_002.pt"]
@@ -110,6 +111,7 @@ def test_fine_tune_dies_after_an_epoch_and_resumes_exactly(digits_cfg, tmp_path,
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # e.g. a disk that filled up
 
     caplog.set_level("INFO")
+    caplog.clear()  # only the rerun's lines (an earlier test may have left tlops logging at INFO)
     art = execute_step(spec, cfg, ins, tmp_path / "ft").artifact
     assert "epoch_002.pt is unreadable" in caplog.text
     assert "fine-tune: resuming from epoch 1 of 3" in caplog.text

@@ -311,14 +311,18 @@ class TrainConfig(_Strict):
         ge=1,
         description="torch CPU threads (default: the usable CPUs; pin 1 on cores shared with other busy processes)",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where every training loop runs: auto = CUDA when available, else CPU"
+    )
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast in the training loops")
+    channels_last: bool = Field(False, description="image models: channels_last memory format")
+    compile: bool = Field(False, description="torch.compile the fine-tuned model")
     distributed: Literal["none", "ddp"] = Field(
         "none",
         description="ddp = data-parallel fine-tuning under torchrun (NCCL on GPU, gloo on CPU); "
-        "train.batch_size stays the global batch (see tlops.training.distributed)",
+        "train.batch_size stays the global batch (see tlops.runners.torchrun)",
     )
-    nproc: Optional[int] = Field(
-        None, ge=1, description="DDP processes (default: env TLOPS_NPROC, else the number of GPUs, else 2 on CPU)"
-    )
+    nproc: Optional[int] = Field(None, ge=1, description="DDP processes (default: the number of GPUs, else 2 on CPU)")
 
     @field_validator("strategies", mode="before")
     @classmethod

@@ -34,14 +34,17 @@ def batches_for(backbone: nn.Module, x: Any, batch_size: int) -> list[np.ndarray
 @torch.inference_mode()
 def extract(backbone: nn.Module, x: Any, batch_size: int = 64, desc: str = "extract") -> np.ndarray:
     backbone.eval()
+    dev = next(backbone.parameters()).device  # the batches follow the backbone (a GPU after training there)
     n = len(x)
     out = np.zeros((n, backbone.feature_dim), dtype=np.float32)
     t0 = time.perf_counter()
     with progress.task(desc, total=n) as bar:
         for idx in batches_for(backbone, x, batch_size):
             xb = x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx]
-            feats = backbone(**backbone.prepare(xb))
-            out[idx] = feats.float().numpy()
+            tensors = backbone.prepare(xb)
+            if dev.type != "cpu":
+                tensors = {k: v.to(dev, non_blocking=True) for k, v in tensors.items()}
+            out[idx] = backbone(**tensors).float().cpu().numpy()
             STATS["backbone_batches"] += 1
             STATS["backbone_items"] += len(idx)
             bar.advance(len(idx))

@@ -182,8 +182,5 @@ class TextBackbone(nn.Module):
         return cls(model, tok, spec["preprocessing"])
 
 
+# single-model bundle kinds (a stack of them is tlops.models.stack; tlops.models.bundle knows all kinds)
 BACKBONES = {"timm": ImageBackbone, "hf": TextBackbone}
-
-from tlops.models.stack import StackBackbone  # noqa: E402  (a stack is made of the backbones above)
-
-BACKBONES["stack"] = StackBackbone

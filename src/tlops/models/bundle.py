@@ -16,8 +16,11 @@ from torch import nn
 
 from tlops.errors import ModelError
 from tlops.hashing import hash_dir, hash_file, hash_json
-from tlops.models.backbone import BACKBONES
+from tlops.models.backbone import BACKBONES as SINGLE_KINDS
 from tlops.models.bundle_files import BUNDLE_FILE, read_spec
+from tlops.models.stack import StackBackbone
+
+BACKBONES = {**SINGLE_KINDS, "stack": StackBackbone}  # bundle kind -> backbone class
 
 
 def weights_digest(d: Path, spec: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tlops.errors import ConfigError
+from tlops.models.backbone import BACKBONES as MEMBER_KINDS
 
 
 class StackBackbone(nn.Module):
@@ -59,11 +60,9 @@ class StackBackbone(nn.Module):
 
     @classmethod
     def load(cls, d: Path, spec: dict[str, Any], random_init: bool = False) -> "StackBackbone":
-        from tlops.models.backbone import BACKBONES
-
         return cls(
             [
-                BACKBONES[s["kind"]].load(d / "members" / str(i), s, random_init=random_init)
+                MEMBER_KINDS[s["kind"]].load(d / "members" / str(i), s, random_init=random_init)
                 for i, s in enumerate(spec["members"])
             ]
         )

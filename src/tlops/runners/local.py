@@ -15,24 +15,23 @@ Concurrency and crashes:
   fails half-way (e.g. ``tlops gc`` removed the source meanwhile) is never trusted; the step
   then simply runs, and so does one whose manifest names another key. The reuse index is
   pointed at the newest copy, so pruning old runs keeps reuse working.
-- ``TLOPS_CHECKPOINT_DIR`` is set to ``<workdir>/checkpoints/<fingerprint>`` while a step runs:
-  the fine-tune step keeps resumable checkpoints there (the step's own output dir is a temp
-  dir that vanishes with a crash). A rerun with the same fingerprint resumes from them; they
-  are removed once the step has succeeded.
+- A step that keeps resumable checkpoints (its ``run`` takes ``checkpoint_dir``: fine-tune) gets
+  ``<workdir>/checkpoints/<key>`` (the step's own output dir is a temp dir that vanishes with a
+  crash). A rerun with the same key resumes from them; they are removed once the step has
+  succeeded.
 - The run dir holds ``.lock`` while the pipeline runs (``tlops gc`` never prunes a locked run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-import os
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from tlops import interrupt, runtime_env
 from tlops.artifacts import Artifact, copy_artifact, is_finished, read_artifact, set_step_key
@@ -40,6 +39,7 @@ from tlops.config import PipelineConfig, save_config
 from tlops.contract import step_key
 from tlops.dag import DAG, StepSpec
 from tlops.errors import TlopsError
+from tlops.runners import torchrun
 from tlops.steps import get_step
 from tlops.storage import file_lock
 from tlops.workdir import RUN_LOCK, Workdir
@@ -69,31 +69,10 @@ class PipelineResult:
         return self.steps[step].artifact
 
 
-CHECKPOINT_ENV = "TLOPS_CHECKPOINT_DIR"  # read by tlops.training.finetune.checkpoint_dir
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    saved = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
 def _secondary_rank() -> bool:
     """A non-zero rank of a multi-process torchrun job running one step together: rank 0 holds
     the step lock for the job (a rank waiting on it would deadlock the job's collectives)."""
-    return (
-        "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
-    )
+    return torchrun.secondary_rank()
 
 
 def _record(prev: Path, out: Path) -> None:
@@ -160,8 +139,9 @@ def execute_step(
         log.info("%s: running (key %s)", spec.name, key[:16])
         interrupt.note(step=spec.name, checkpoints=ckpt)  # what a Ctrl-C / SIGTERM report names
         runtime_env.apply(cfg, spec.name)  # threads: set here, before the step's first torch work
-        with _env(CHECKPOINT_ENV, str(ckpt) if ckpt else None):
-            artifact = get_step(spec.name).run(cfg, inputs, out)
+        run = get_step(spec.name).run
+        resumable = ckpt is not None and "checkpoint_dir" in inspect.signature(run).parameters
+        artifact = run(cfg, inputs, out, **({"checkpoint_dir": ckpt} if resumable else {}))
         if not _secondary_rank():
             set_step_key(artifact, key, runtime_env.record(cfg.seed))
         if prev is not None and record:

@@ -25,38 +25,38 @@ from tlops.errors import ConfigError
 if TYPE_CHECKING:  # torch-heavy: imported by the functions that train (a reused step imports no torch)
     from tlops.models.bundle import Classifier
     from tlops.training import strategies
+    from tlops.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
-    """``train.distributed: ddp``: relaunched under torchrun (rank 0 writes ``out``); else in-process."""
-    from tlops.training import distributed
+def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, *, checkpoint_dir: Path | None = None) -> Artifact:
+    """Train the strategies into ``out``. ``checkpoint_dir``: where resumable checkpoints go (the
+    runner's stable dir under the workdir; None: inside ``out``, gone with a killed step).
+    ``train.distributed: ddp``: relaunched under torchrun (rank 0 writes ``out``); else in-process."""
+    from tlops.runners import torchrun
 
-    return distributed.run_step(cfg, inputs, out, _run)
+    return torchrun.run_step(cfg, inputs, out, _run, checkpoint_dir=checkpoint_dir)
 
 
-def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, runtime: Runtime) -> Artifact:
     from tlops.models.bundle import Classifier, load_backbone
     from tlops.training import strategies
     from tlops.training.common import seed_everything
     from tlops.training.finetune import evaluate_split, fine_tune
 
-    ds = Dataset(inputs["dataset"])
     feat_meta = inputs["features"].meta
-    src = inputs["model"].path / feat_meta.get("source_bundle", "model")  # the selected source candidate
     chosen = [strategies.get(s) for s in cfg.train.strategies]
-    _check_fit(cfg, src, feat_meta.get("source", inputs["model"].meta["source"]))  # before any training
-    with np.load(inputs["features"].path / "features.npz", allow_pickle=False) as z:
-        feats = {k: z[k] for k in z.files}
-    train, val = ds.load("train"), ds.load("val") if "val" in ds.splits() else None
+    job = load_job(cfg, inputs, runtime)
+    _check_fit(cfg, job.source, feat_meta.get("source", inputs["model"].meta["source"]))  # before any training
+    ds, train, val = job.dataset, job.train, job.val
+    src = job.source
     domain_val = ds.load("source_val") if "source_val" in ds.splits() else None
-    job = strategies.Job(cfg, ds, train, val, feats, inputs["model"], src)
     tcfg = cfg.train
     results: dict[str, Any] = {}
     with write_artifact(out, "trained-models", config=cfg.train.model_dump(mode="json"), inputs=inputs) as w:
         if any(s.uses_probe for s in chosen):
-            job.probe = _probe(job)
+            job.probe = probe(job)
         for strategy in chosen:
             d = w.path / "models" / strategy.name
             t0 = time.perf_counter()
@@ -73,10 +73,10 @@ def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifac
         if cfg.evaluate.scratch_baseline:
             d = w.path / "models" / "scratch"
             t0 = time.perf_counter()
-            seed_everything(cfg.seed, tcfg.threads)
+            seed_everything(cfg.seed)
             clf = Classifier(load_backbone(src, random_init=True), len(ds.classes), ds.classes)
             plain = tcfg.model_copy(update={"l2sp": 0.0, "layer_decay": None, "gradual_unfreeze": False})
-            hist = fine_tune(clf, train, val, plain, cfg.seed, d, frozen_k=0, name="scratch")
+            hist = fine_tune(clf, train, val, plain, cfg.seed, d, frozen_k=0, name="scratch", runtime=runtime)
             results["scratch"] = _save(d, clf, hist, "scratch", time.perf_counter() - t0, ds.classes)
         candidates = {s: results[s] for s in tcfg.strategies}
         on = tcfg.select_on or ("source_val" if domain_val is not None else "val")
@@ -129,14 +129,26 @@ def _check_fit(cfg: PipelineConfig, src: Path, source: str) -> None:
         raise ConfigError("\n".join(errors))
 
 
-def _probe(job: strategies.Job) -> strategies.Probe:
+def load_job(cfg: PipelineConfig, inputs: dict[str, Artifact], runtime: Runtime) -> strategies.Job:
+    """What every strategy trains from: the splits, the cached features, the selected source model."""
+    from tlops.training import strategies
+
+    ds = Dataset(inputs["dataset"])
+    src = inputs["model"].path / inputs["features"].meta.get("source_bundle", "model")  # the selected candidate
+    with np.load(inputs["features"].path / "features.npz", allow_pickle=False) as z:
+        feats = {k: z[k] for k in z.files}
+    train, val = ds.load("train"), ds.load("val") if "val" in ds.splits() else None
+    return strategies.Job(cfg, ds, train, val, feats, inputs["model"], src, runtime)
+
+
+def probe(job: strategies.Job) -> strategies.Probe:
     """The linear probe on the cached features, shared by the strategies that start from it."""
     from tlops.training import strategies
     from tlops.training.common import seed_everything
     from tlops.training.probe import train_probe
 
     cfg, val = job.cfg, job.val
-    seed_everything(cfg.seed, cfg.train.threads)
+    seed_everything(cfg.seed)
     t0 = time.perf_counter()
     head, hist = train_probe(
         job.features["train"],
@@ -146,6 +158,7 @@ def _probe(job: strategies.Job) -> strategies.Probe:
         len(job.classes),
         cfg.train,
         cfg.seed,
+        runtime=job.runtime,
     )
     return strategies.Probe(head, hist, time.perf_counter() - t0)
 

@@ -20,6 +20,7 @@ from torch import nn
 from tlops.config import TrainConfig
 from tlops.data.dataset import Split
 from tlops.models.bundle import Classifier
+from tlops.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,14 @@ def _pool(out: Any, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def block_features(clf: Classifier, x: Any, batch_size: int = 64) -> list[np.ndarray]:
-    """Pooled output of every backbone block for the inputs ``x``: one (N, D_k) array per block."""
+def block_features(
+    clf: Classifier, x: Any, batch_size: int = 64, *, runtime: Runtime | None = None
+) -> list[np.ndarray]:
+    """Pooled output of every backbone block for the inputs ``x``: one (N, D_k) array per block,
+    computed on the runtime's device (default: CPU), where the classifier is left."""
     from tlops.features.extract import batches_for
+
+    rt = runtime or Runtime()
 
     blocks = clf.backbone.blocks()
     n = len(x)
@@ -51,7 +57,7 @@ def block_features(clf: Classifier, x: Any, batch_size: int = 64) -> list[np.nda
 
     def hook(i: int):
         def fn(_m: nn.Module, _inp: Any, out: Any) -> None:
-            v = _pool(out, cur.get("mask")).float().numpy()
+            v = _pool(out, cur.get("mask")).float().cpu().numpy()
             if outs[i] is None:
                 outs[i] = np.zeros((n, v.shape[1]), dtype=np.float32)
             outs[i][cur["idx"]] = v
@@ -61,12 +67,14 @@ def block_features(clf: Classifier, x: Any, batch_size: int = 64) -> list[np.nda
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
     was = clf.training
     clf.eval()
+    rt.prepare(clf)
     try:
         for idx in batches_for(clf.backbone, x, batch_size):
             xb = x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx]
-            tensors = clf.backbone.prepare(xb)
+            tensors = rt.to_device(clf.backbone.prepare(xb))
             cur.update(idx=idx, mask=tensors.get("attention_mask"))
-            clf.backbone(**tensors)
+            with rt.autocast():
+                clf.backbone(**tensors)
     finally:
         for h in handles:
             h.remove()
@@ -81,6 +89,8 @@ def choose_freeze_blocks(
     cfg: TrainConfig,
     seed: int,
     cached: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    *,
+    runtime: Runtime | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """``freeze_blocks: auto``: probe each block on validation; freeze up to the best one.
 
@@ -91,8 +101,9 @@ def choose_freeze_blocks(
 
     n_blocks = len(clf.backbone.blocks())
     if cached is None:
-        tr = block_features(clf, train.x, cfg.batch_size * 2)
-        va = block_features(clf, val.x, cfg.batch_size * 2) if val is not None and len(val) else [None] * n_blocks
+        bs = cfg.batch_size * 2
+        tr = block_features(clf, train.x, bs, runtime=runtime)
+        va = block_features(clf, val.x, bs, runtime=runtime) if val is not None and len(val) else [None] * n_blocks
         cached = list(zip(tr, va, strict=True))
     quick = cfg.model_copy(update={"probe_epochs": min(cfg.probe_epochs, 100)})
     scores: list[dict[str, Any]] = []
@@ -100,7 +111,9 @@ def choose_freeze_blocks(
         if ft.shape[1] == 0:
             scores.append({"block": i, "score": None})
             continue
-        _, hist = train_probe(ft, train.y, fv, val.y if fv is not None else None, int(train.y.max()) + 1, quick, seed)
+        n_cls = int(train.y.max()) + 1
+        yv = val.y if fv is not None else None
+        _, hist = train_probe(ft, train.y, fv, yv, n_cls, quick, seed, runtime=runtime, name=f"block-probe {i}")
         key = "val_acc" if fv is not None else "train_acc"
         best = max(h[key] for h in hist)
         scores.append({"block": i, "score": round(float(best), 4), "on": key.removesuffix("_acc")})

@@ -12,15 +12,17 @@ from tlops.training.strategies.base import Job, Strategy, Trained
 log = logging.getLogger("tlops.steps.fine_tune")
 
 
-def train(job: Job, name: str, method: str) -> tuple[Trained, object]:
-    """Adapt a classifier on the source model with ``method``; returns it and the target split."""
+def train(job: Job, out: Path, name: str, method: str) -> tuple[Trained, object]:
+    """Adapt a classifier on the source model with ``method``; returns it (on the runtime's device)
+    and the target split. Checkpoints (resumable) only when the runtime has a checkpoint dir."""
     from tlops.models.bundle import Classifier, load_backbone
     from tlops.training.adaptation import adapt, random_shift
+    from tlops.training.checkpoints import Checkpoints
     from tlops.training.common import seed_everything
 
-    cfg, ds = job.cfg, job.dataset
+    cfg, ds, rt = job.cfg, job.dataset, job.runtime
     a = cfg.train.adapt
-    seed_everything(cfg.seed, cfg.train.threads)
+    seed_everything(cfg.seed)
     clf = Classifier(load_backbone(job.source), len(ds.classes), ds.classes)
     st, sv = ds.load("source_train"), ds.load("source_val")
     target = ds.load("unlabelled") if "unlabelled" in ds.splits() else ds.load("train")
@@ -43,6 +45,8 @@ def train(job: Job, name: str, method: str) -> tuple[Trained, object]:
         log=lambda r: log.info(
             "%s epoch %d: %s", name, r["epoch"], {k: v for k, v in r.items() if k.endswith(("acc", "loss"))}
         ),
+        runtime=rt,
+        checkpoints=Checkpoints(rt, out, name, a.epochs) if rt.checkpoint_dir is not None else None,
     )
     extra = {
         "adaptation": {
@@ -69,6 +73,8 @@ def strategy(name: str, summary: str, order: int) -> Strategy:
     """A strategy that trains with the adaptation method of the same name."""
 
     def run(job: Job, out: Path) -> Trained:
-        return train(job, name, name)[0]
+        trained = train(job, out, name, name)[0]
+        trained.classifier.to("cpu")
+        return trained
 
     return Strategy(name, summary, run, order=order, needs_adapt_from=True)

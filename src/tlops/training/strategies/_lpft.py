@@ -17,7 +17,7 @@ def from_probe(job: Job) -> Classifier:
     from tlops.training.common import seed_everything
 
     assert job.probe is not None, "a strategy with uses_probe=True gets the probe"
-    seed_everything(job.cfg.seed, job.cfg.train.threads)
+    seed_everything(job.cfg.seed)
     clf = Classifier(load_backbone(job.source), len(job.classes), job.classes)
     clf.head.load_state_dict(job.probe.head.state_dict())
     return clf
@@ -30,7 +30,7 @@ def freeze_for(job: Job, clf: Classifier, *, auto_when_zero: bool) -> tuple[int,
     if k == "auto" or (auto_when_zero and k == 0):
         from tlops.training.partial import choose_freeze_blocks
 
-        k, scores = choose_freeze_blocks(clf, job.train, job.val, job.cfg.train, job.cfg.seed)
+        k, scores = choose_freeze_blocks(clf, job.train, job.val, job.cfg.train, job.cfg.seed, runtime=job.runtime)
         return k, {"freeze_blocks": k, "freeze_choice": "auto", "block_probe": scores}
     return int(k), {"freeze_blocks": int(k)}
 
@@ -40,5 +40,7 @@ def fine_tune_from_probe(job: Job, out: Path, name: str, *, auto_when_zero: bool
 
     clf = from_probe(job)
     k, extra = freeze_for(job, clf, auto_when_zero=auto_when_zero)
-    hist = fine_tune(clf, job.train, job.val, job.cfg.train, job.cfg.seed, out, frozen_k=k, name=name)
+    hist = fine_tune(
+        clf, job.train, job.val, job.cfg.train, job.cfg.seed, out, frozen_k=k, name=name, runtime=job.runtime
+    )
     return Trained(clf, hist, extra)

@@ -15,12 +15,13 @@ def train(job: Job, out: Path) -> Trained:
     from tlops.features.extract import batches_for
     from tlops.training.adaptation import adabn
 
-    trained, target = _adapt.train(job, "adabn", "source-only")
+    trained, target = _adapt.train(job, out, "adabn", "source-only")
     clf, x = trained.classifier, target.x
     batches = (
         x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx] for idx in batches_for(clf.backbone, x, 128)
     )
     trained.extra["adaptation"]["adabn_samples"] = adabn(clf, batches, prepare=clf.backbone.prepare)
+    clf.to("cpu")
     return trained
 
 

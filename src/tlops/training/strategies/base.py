@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # heavy: imported by the training functions, not by config va
     from tlops.artifacts import Artifact
     from tlops.data.dataset import Dataset, Split
     from tlops.models.bundle import Classifier
+    from tlops.training.runtime import Runtime
 
 MODALITIES = ("image", "text")
 # how a user gets a model of each modality (for messages)
@@ -43,6 +44,7 @@ class Job:
     features: dict[str, np.ndarray]  # cached features per split (``stack_<split>`` for stacking)
     model: Artifact  # pull-model's artifact: source.model (+ source.candidates)
     source: Path  # the selected source bundle inside ``model`` (LogME ranking)
+    runtime: Runtime  # device, precision, threads, DDP rank/world, checkpoint dir: every loop gets it
     probe: Probe | None = None  # set when a strategy with ``uses_probe`` is configured
 
     @property

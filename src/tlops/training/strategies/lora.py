@@ -17,7 +17,7 @@ def train(job: Job, out: Path) -> Trained:
     clf = from_probe(job)
     extra = apply_lora(clf, tcfg.lora)
     lora_cfg = tcfg.model_copy(update={"lr": tcfg.lora.lr, "l2sp": 0.0, "gradual_unfreeze": False})
-    hist = fine_tune(clf, job.train, job.val, lora_cfg, job.cfg.seed, out, frozen_k=0, name="lora")
+    hist = fine_tune(clf, job.train, job.val, lora_cfg, job.cfg.seed, out, frozen_k=0, name="lora", runtime=job.runtime)
     if tcfg.lora.merge:
         merge_lora(clf)
     return Trained(clf, hist, extra)

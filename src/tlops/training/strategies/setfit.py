@@ -11,14 +11,17 @@ from tlops.training.strategies.base import Job, Strategy, Trained, register
 def train(job: Job, out: Path) -> Trained:
     from tlops.features.extract import extract
     from tlops.models.bundle import Classifier, load_backbone
+    from tlops.training.checkpoints import Checkpoints
     from tlops.training.common import seed_everything
     from tlops.training.probe import train_probe
     from tlops.training.setfit import contrastive_tune
 
-    cfg, train, val = job.cfg, job.train, job.val
-    seed_everything(cfg.seed, cfg.train.threads)
+    cfg, train, val, rt = job.cfg, job.train, job.val, job.runtime
+    seed_everything(cfg.seed)
     clf = Classifier(load_backbone(job.source), len(job.classes), job.classes)
-    pair_hist = contrastive_tune(clf, train, cfg.train.setfit, cfg.seed)
+    ckpts = Checkpoints(rt, out, "setfit", cfg.train.setfit.epochs) if rt.checkpoint_dir is not None else None
+    pair_hist = contrastive_tune(clf, train, cfg.train.setfit, cfg.seed, runtime=rt, checkpoints=ckpts)
+    # the tuned encoder's embeddings, on the runtime's device where it trained
     bs = cfg.features.batch_size
     f_val = extract(clf.backbone, val.x, bs, desc="setfit val") if val is not None and len(val) else None
     head, hist = train_probe(
@@ -29,7 +32,10 @@ def train(job: Job, out: Path) -> Trained:
         len(job.classes),
         cfg.train,
         cfg.seed,
+        runtime=rt,
+        name="setfit",
     )
+    clf.to("cpu")
     clf.head.load_state_dict(head.state_dict())
     return Trained(
         clf, hist, {"setfit": {"pairs": pair_hist[-1]["pairs"], "pair_loss": [h["pair_loss"] for h in pair_hist]}}

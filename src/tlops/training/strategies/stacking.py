@@ -22,6 +22,8 @@ def train(job: Job, out: Path) -> Trained:
         len(job.classes),
         job.cfg.train,
         job.cfg.seed,
+        runtime=job.runtime,
+        name="stacking",
     )
     candidates = job.model.meta["candidates"]
     clf = Classifier(
