@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,26 @@ def s3(monkeypatch):
     S3Storage().client.create_bucket(Bucket=BUCKET)
     yield server
     server.stop()
+
+
+# tlops' own INFO/DEBUG progress lines (its one log format: tlops.logs); warnings and errors stay
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO) ")
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``tlops <args>`` through the real entry point; returns (exit code, stdout, stderr)."""
+    from tlops.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tlops", *args])
+    code: Any = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return int(code or 0), cap.out, cap.err
+
+
+def error_text(err: str) -> str:
+    """stderr without the step's progress lines: what is left must be exactly the error message."""
+    return "".join(ln for ln in err.splitlines(keepends=True) if not LOG_LINE.match(ln))

@@ -18,36 +18,18 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
-from conftest import digits_config
+from conftest import digits_config, error_text, run_cli
 
 from tlops.artifacts import MANIFEST, read_artifact
 from tlops.config import STRATEGIES
 
 # ---------------------------------------------------------------- helpers
-
-LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO) ")
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``tlops <args>`` through the real entry point; returns (exit code, stdout, stderr)."""
-    from tlops.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tlops", *args])
-    code: Any = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return int(code or 0), cap.out, cap.err
 
 
 def write_config(tmp_path: Path, data: dict | None = None, **sections: Any) -> Path:
@@ -72,8 +54,7 @@ def step_fails(monkeypatch, capsys, tmp_path: Path, cfg: Path, step: str = "inge
     rc, stdout, err = run_cli(monkeypatch, capsys, "step", step, "--config", str(cfg), "--out", str(out))
     assert rc == code, (rc, stdout, err)
     assert "Traceback" not in err
-    # the step's own progress lines (tlops' log format) may come first; the rest is the one error
-    err = "".join(ln for ln in err.splitlines(keepends=True) if not LOG_LINE.match(ln))
+    err = error_text(err)
     assert err.startswith("error: "), err
     assert_nothing_written(out)
     assert not (cfg.parent / "work" / "index").exists() or not any((cfg.parent / "work" / "index").rglob("*"))

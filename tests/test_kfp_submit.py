@@ -88,6 +88,15 @@ cli.main()
 """
 
 
+def sent_pipeline_spec(sent: dict) -> dict:
+    """KFP's client sends the pipeline spec alone, or ``{pipeline_spec, platform_spec}`` when the
+    package carries a platform spec (Kubernetes settings: tlops' pod security context and label)."""
+    if "platform_spec" in sent:
+        assert sent["platform_spec"]["platforms"]["kubernetes"], sent["platform_spec"]
+        return sent["pipeline_spec"]
+    return sent
+
+
 class Launcher:
     name = ""
 
@@ -232,8 +241,9 @@ def test_submit_uploads_spec_and_params_and_creates_experiment(cli, server, conf
     body = run_req["body"]
     assert body["display_name"] == "nightly"
     assert body["experiment_id"] == exp_id
-    assert body["pipeline_spec"]["pipelineInfo"]["name"] == spec["pipelineInfo"]["name"]
-    assert body["pipeline_spec"]["root"]["dag"]["tasks"].keys() == spec["root"]["dag"]["tasks"].keys()
+    sent = sent_pipeline_spec(body["pipeline_spec"])
+    assert sent["pipelineInfo"]["name"] == spec["pipelineInfo"]["name"]
+    assert sent["root"]["dag"]["tasks"].keys() == spec["root"]["dag"]["tasks"].keys()
     assert body["runtime_config"].get("parameters", {}) == expected_params
     if cli.name != "console-script":
         assert spec["pipelineInfo"]["name"] == TINY_PIPELINE_NAME and expected_params
@@ -293,7 +303,7 @@ def test_schedule_sends_cron_concurrency_and_no_catchup(cli, server, config_file
     assert body["mode"] == "ENABLE"
     assert body["display_name"] == "t-digits"  # default job name: the config name
     assert body["experiment_id"] == next(iter(server.experiments.values()))["experiment_id"]
-    assert body["pipeline_spec"]["pipelineInfo"]["name"] == spec["pipelineInfo"]["name"]
+    assert sent_pipeline_spec(body["pipeline_spec"])["pipelineInfo"]["name"] == spec["pipelineInfo"]["name"]
     assert body["runtime_config"].get("parameters", {}) == expected_params
 
     rr_id = next(iter(server.recurring_runs))

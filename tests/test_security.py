@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import stat
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, digits_config
+from conftest import REPO, digits_config, error_text, run_cli
 
 from tlops.config import validate_config
 from tlops.errors import ConfigError
@@ -46,19 +45,6 @@ SECRETS = {
 }
 # what a leak would look like (the user name alone is not a secret, but it must not appear either)
 NEEDLES = list(SECRETS.values())
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from tlops.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tlops", *args])
-    code: Any = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return int(code or 0), cap.out, cap.err
 
 
 def write_config(tmp_path: Path, **sections: Any) -> Path:
@@ -393,7 +379,7 @@ def test_cli_malicious_archive_exits_1_without_artifact(monkeypatch, capsys, tmp
     out = tmp_path / "arts" / "ingest"
     rc, stdout, err = run_cli(monkeypatch, capsys, "step", "ingest", "--config", str(cfg), "--out", str(out))
     assert rc == 1 and "Traceback" not in err
-    assert err == (
+    assert error_text(err) == (
         f"error: data.source: refusing to extract {z}: member '../../x.png' escapes the target directory "
         "(path traversal with '..')" + REFUSAL_TAIL + "\n"
     )
@@ -459,7 +445,7 @@ def test_malicious_hf_pytorch_model_bin_is_refused_not_executed(monkeypatch, cap
     out = tmp_path / "arts" / "pull-model"
     rc, stdout, err = run_cli(monkeypatch, capsys, "step", "pull-model", "--config", str(cfg), "--out", str(out))
     assert rc == 1 and "Traceback" not in err
-    assert err.startswith(f"error: source.model: refused to load hf:{d}: it holds pickled Python objects")
+    assert error_text(err).startswith(f"error: source.model: refused to load hf:{d}: it holds pickled Python objects")
     assert not marker.exists(), "the pickle was executed"
     assert not out.exists()
 
