@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlops.training.checkpoints import Checkpoints
-from tlops.training.runtime import Runtime, to_device
+from tlops.training.runtime import Runtime, put
 from tlops.training.transfer_losses import (
     CDAN,
     CORAL,
@@ -118,13 +118,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _on(inputs: Inputs, device: torch.device) -> Inputs:
-    """A prepared batch (tensor or dict of tensors) on ``device``."""
-    if isinstance(inputs, dict):
-        return to_device(inputs, device)
-    return to_device({"x": inputs}, device)["x"]
-
-
 def _batch_len(inputs: Inputs) -> int:
     return len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
 
@@ -181,7 +174,7 @@ def predict(model: nn.Module, x: Any, *, prepare: Prepare | None = None, batch_s
     dev = _device_of(model)
     out = []
     for i in range(0, len(x), batch_size):
-        inputs = _on(_prepared(x[i : i + batch_size], prepare), dev)
+        inputs = put(_prepared(x[i : i + batch_size], prepare), dev)
         out.append(model.head(_features(model, inputs)).float().cpu())
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0)
@@ -241,7 +234,7 @@ def adabn(
             m.train()
         dev = _device_of(model)
         for raw in target_batches:
-            inputs = _on(_prepared(raw, prepare), dev)
+            inputs = put(_prepared(raw, prepare), dev)
             model.head(_features(model, inputs))
             seen += _batch_len(inputs)
     finally:

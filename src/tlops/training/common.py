@@ -11,12 +11,11 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch (threads are the runtime's business: ``Runtime.apply_threads``)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
     g = torch.Generator()
     g.manual_seed(seed)
     return g

@@ -86,6 +86,13 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[st
     return {k: v.to(device) for k, v in tensors.items()}
 
 
+def put(x: Any, device: torch.device) -> Any:
+    """A tensor or a dict of tensors (a prepared batch) on ``device``."""
+    if isinstance(x, dict):
+        return to_device(x, device)
+    return to_device({"x": x}, device)["x"]
+
+
 @dataclass
 class Runtime:
     """Where and how a training loop runs (see the module docstring)."""
@@ -174,9 +181,7 @@ class Runtime:
 
     def put(self, x: Any) -> Any:
         """A tensor or a dict of tensors (a prepared batch) on the device."""
-        if isinstance(x, dict):
-            return self.to_device(x)
-        return self.to_device({"x": x})["x"]
+        return put(x, self.device)
 
     def adamw_kwargs(self) -> dict[str, Any]:
         """The fused AdamW kernel (one pass over all parameters) on CPU and CUDA; the
