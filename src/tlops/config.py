@@ -471,13 +471,7 @@ class PipelineConfig(_Strict):
         specs = [self.source.model, *(self.source.candidates or [])]
         modalities = {spec_modality(m) for m in specs}
         modality = modalities.pop() if len(modalities) == 1 else None
-        errors = strategy_registry.problems(
-            self.train.strategies,
-            modality=modality,
-            has_adapt_from=self.data.adapt_from is not None,
-            has_candidates=bool(self.source.candidates),
-            model=f"source.model {self.source.model}",
-        )
+        errors = strategy_registry.problems(self, modality=modality, model=f"source.model {self.source.model}")
         if errors:
             raise ValueError("\n  ".join(errors))
         if self.train.select_on == "source_val" and self.data.adapt_from is None:

@@ -118,13 +118,7 @@ def _check_fit(cfg: PipelineConfig, src: Path, source: str) -> None:
     from tlops.training import strategies
 
     modality = read_spec(src).get("preprocessing", {}).get("modality")
-    errors = strategies.problems(
-        cfg.train.strategies,
-        modality=modality,
-        has_adapt_from=cfg.data.adapt_from is not None,
-        has_candidates=bool(cfg.source.candidates),
-        model=f"the source model {source}",
-    )
+    errors = strategies.problems(cfg, modality=modality, model=f"the source model {source}")
     if errors:
         raise ConfigError("\n".join(errors))
 

@@ -325,6 +325,94 @@ class _Sampler:
         self.perm, self.pos = state["perm"], int(state["pos"])
 
 
+class _Stepper:
+    """The adaptation loop's optimisation step: a source batch (and a target batch of the same
+    size), ``cross_entropy(source) + trade_off * transfer`` (+ target entropy), one optimizer step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: TransferLoss,
+        source: tuple[Any, Any],
+        target: Any,
+        s: AdaptSettings,
+        *,
+        prepare: Prepare | None,
+        augment: Callable[[Inputs, torch.Generator], Inputs] | None,
+        runtime: Runtime,
+        g: torch.Generator,
+    ):
+        xs, ys = source
+        self.xs, self.ys = (
+            xs,
+            torch.as_tensor(np.asarray(ys) if not isinstance(ys, torch.Tensor) else ys, dtype=torch.long),
+        )
+        self.n_s, self.n_t = len(xs), len(target)
+        if self.n_s == 0 or (loss.uses_target and self.n_t == 0):
+            raise ValueError(f"adapt: empty source ({self.n_s}) or target ({self.n_t}) data")
+        self.model, self.loss, self.target, self.s = model, loss, target, s
+        self.prepare, self.augment, self.rt, self.g = prepare, augment, runtime, g
+        self.ew = s.entropy_weight if loss.uses_target else 0.0
+        runtime.apply_threads()
+        runtime.prepare(model)
+        runtime.prepare(loss)
+        params = [p for p in model.parameters() if p.requires_grad] + list(loss.parameters())
+        self.opt = _optimizer(s.optimizer, params, s)
+        self.src, self.tgt = _Sampler(self.n_s, g), _Sampler(self.n_t, g)
+
+    def __call__(self, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """One step at training progress ``p``: (cls loss, transfer loss, source logits, labels, stats)."""
+        s, rt, model, loss = self.s, self.rt, self.model, self.loss
+        for group in self.opt.param_groups:
+            group["lr"] = s.lr * _lr_factor(s.lr_schedule, p)
+        idx_s = self.src.take(min(s.batch_size, self.n_s))
+        xs = _prepared(_take(self.xs, idx_s), self.prepare)
+        if self.augment is not None:
+            xs = self.augment(xs, self.g)  # on the host, from the seeded generator
+        xs, ys = rt.put(xs), rt.put(self.ys[idx_s])
+        with rt.autocast():
+            if not loss.uses_target:
+                logits_s = model.head(_features(model, xs))
+                transfer, stats, logits_t = torch.zeros((), device=rt.device), {}, None
+            else:
+                xt = _prepared(_take(self.target, self.tgt.take(len(idx_s))), self.prepare)
+                if self.augment is not None and s.augment_target:
+                    xt = self.augment(xt, self.g)
+                fs, ft = _joint_features(model, xs, rt.put(xt))
+                logits_s = model.head(fs)
+                logits_t = model.head(ft) if (self.ew or loss.needs_target_logits) else None
+                transfer, stats = loss(fs, ft, logits_s, logits_t, p)
+            cls = F.cross_entropy(logits_s, ys)
+            total_loss = cls + s.trade_off * transfer if loss.uses_target else cls
+            if self.ew:
+                assert logits_t is not None
+                ent = entropy(logits_t).mean()
+                total_loss = total_loss + self.ew * ent
+                stats = {**stats, "target_entropy": float(ent.detach())}
+        self.opt.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.opt.step()
+        return cls, transfer, logits_s, ys, stats
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "generator": self.g.get_state(),
+            "source_order": self.src.state(),
+            "target_order": self.tgt.state(),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.g.set_state(state["generator"])
+        self.src.load(state["source_order"])
+        self.tgt.load(state["target_order"])
+
+
 def adapt_loop(
     model: nn.Module,
     loss: TransferLoss,
@@ -346,7 +434,6 @@ def adapt_loop(
     entropy), whatever the method; see :func:`adapt`. ``g``: the generator for data order and
     augmentation (default: seeded with ``settings.seed``)."""
     s = settings
-    rt = runtime or Runtime()
     select = s.select
     if select == "auto":
         select = "source_val" if source_val is not None else "last"
@@ -354,31 +441,22 @@ def adapt_loop(
         raise ValueError(f"unknown select {select!r} (allowed: auto, source_val, last)")
     if select == "source_val" and source_val is None:
         raise ValueError("select='source_val' needs source_val=(x, y)")
-    xs_all, ys_all = source
-    ys_all = torch.as_tensor(np.asarray(ys_all) if not isinstance(ys_all, torch.Tensor) else ys_all, dtype=torch.long)
-    n_s, n_t = len(xs_all), len(target_unlabelled)
-    if n_s == 0 or (loss.uses_target and n_t == 0):
-        raise ValueError(f"adapt: empty source ({n_s}) or target ({n_t}) data")
     g = g if g is not None else torch.Generator().manual_seed(s.seed)
-    ew = s.entropy_weight if loss.uses_target else 0.0
-    rt.apply_threads()
-    rt.prepare(model)
-    rt.prepare(loss)
-    opt = _optimizer(s.optimizer, [p for p in model.parameters() if p.requires_grad] + list(loss.parameters()), s)
-    steps = s.iters_per_epoch or max(1, n_s // s.batch_size)
-    total = s.epochs * steps
+    rt = runtime or Runtime()
+    step_once = _Stepper(model, loss, source, target_unlabelled, s, prepare=prepare, augment=augment, runtime=rt, g=g)
+    steps = s.iters_per_epoch or max(1, step_once.n_s // s.batch_size)
     history = AdaptHistory(
         meta={
             "method": loss.name,
             "epochs": s.epochs,
             "iters_per_epoch": steps,
             **{k: getattr(s, k) for k in _RECORDED},
-            "n_source": n_s,
-            "n_target": n_t,
+            "n_source": step_once.n_s,
+            "n_target": step_once.n_t,
             "n_source_val": len(source_val[0]) if source_val is not None else 0,
             "augment": augment is not None,
             "augment_target": bool(augment and s.augment_target),
-            "entropy_weight": ew,
+            "entropy_weight": step_once.ew,
             **loss.describe(),
             "bn_batches": "source+target concatenated" if loss.uses_target else "source only",
         }
@@ -386,54 +464,12 @@ def adapt_loop(
     best_score: tuple[float, ...] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch, start, step = 0, 0, 0
-    src, tgt = _Sampler(n_s, g), _Sampler(n_t, g)
-    ckpt = checkpoints.load() if checkpoints is not None else None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        loss.load_state_dict(ckpt["loss"])
-        opt.load_state_dict(ckpt["optimizer"])
-        g.set_state(ckpt["generator"])
-        src.load(ckpt["source_order"])
-        tgt.load(ckpt["target_order"])
+    if checkpoints is not None and (ckpt := checkpoints.load()) is not None:
+        step_once.load(ckpt)
         start, step, best_epoch = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["best_epoch"])
         history.extend(ckpt["history"])
         best_score = tuple(ckpt["best_score"]) if ckpt.get("best_score") is not None else None
         best_state = ckpt.get("best_state")
-
-    def train_step(p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-        """One optimisation step at progress ``p``: (cls loss, transfer loss, source logits, labels, stats)."""
-        for group in opt.param_groups:
-            group["lr"] = s.lr * _lr_factor(s.lr_schedule, p)
-        idx_s = src.take(min(s.batch_size, n_s))
-        xs = _prepared(_take(xs_all, idx_s), prepare)
-        if augment is not None:
-            xs = augment(xs, g)  # on the host, from the seeded generator
-        xs, ys = rt.put(xs), rt.put(ys_all[idx_s])
-        with rt.autocast():
-            if not loss.uses_target:
-                logits_s = model.head(_features(model, xs))
-                transfer, stats, logits_t = torch.zeros((), device=rt.device), {}, None
-            else:
-                idx_t = tgt.take(len(idx_s))
-                xt = _prepared(_take(target_unlabelled, idx_t), prepare)
-                if augment is not None and s.augment_target:
-                    xt = augment(xt, g)
-                fs, ft = _joint_features(model, xs, rt.put(xt))
-                logits_s = model.head(fs)
-                logits_t = model.head(ft) if (ew or loss.needs_target_logits) else None
-                transfer, stats = loss(fs, ft, logits_s, logits_t, p)
-            cls = F.cross_entropy(logits_s, ys)
-            total_loss = cls + s.trade_off * transfer if loss.uses_target else cls
-            if ew:
-                assert logits_t is not None
-                ent = entropy(logits_t).mean()
-                total_loss = total_loss + ew * ent
-                stats = {**stats, "target_entropy": float(ent.detach())}
-        opt.zero_grad(set_to_none=True)
-        total_loss.backward()
-        opt.step()
-        return cls, transfer, logits_s, ys, stats
-
     for epoch in range(start + 1, s.epochs + 1):
         t0 = time.perf_counter()
         (set_train_mode or (lambda m: m.train()))(model)
@@ -442,7 +478,7 @@ def adapt_loop(
         seen = 0
         with rt.task(f"{loss.name} epoch {epoch}/{s.epochs}", total=steps) as bar:
             for _ in range(steps):
-                cls, transfer, logits_s, ys, stats = train_step(step / total)
+                cls, transfer, logits_s, ys, stats = step_once(step / (s.epochs * steps))
                 step += 1
                 seen += len(ys)
                 sums["cls_loss"] += float(cls.detach()) * len(ys)
@@ -453,7 +489,7 @@ def adapt_loop(
                 bar.advance()
         rec: dict[str, Any] = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}}
         rec |= loss.epoch_stats()
-        rec["lr"] = opt.param_groups[0]["lr"]
+        rec["lr"] = step_once.opt.param_groups[0]["lr"]
         if source_val is not None:
             ev = evaluate(model, source_val[0], source_val[1], prepare=prepare, batch_size=s.eval_batch_size)
             rec["source_val_acc"], rec["source_val_loss"] = ev["acc"], ev["loss"]
@@ -471,13 +507,8 @@ def adapt_loop(
         if checkpoints is not None:
             checkpoints.save(
                 epoch,
-                {
-                    "model": model.state_dict(),
-                    "loss": loss.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": g.get_state(),
-                    "source_order": src.state(),
-                    "target_order": tgt.state(),
+                step_once.state()
+                | {
                     "step": step,
                     "history": list(history),
                     "best_score": list(best_score) if best_score is not None else None,

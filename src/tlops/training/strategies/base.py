@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from tlops.errors import ConfigError
 
@@ -111,13 +111,13 @@ def for_modality(modality: str) -> list[str]:
     return [s.name for s in REGISTRY.values() if modality in s.modalities]
 
 
-def problems(
-    strategies: Sequence[str], *, modality: str | None, has_adapt_from: bool, has_candidates: bool, model: str
-) -> list[str]:
-    """Why the configured strategies cannot run, one message each (empty: they all fit).
-
-    ``modality``: the source model's, or None when it is not known yet (a bundle directory or
-    an MLflow model before pull-model); ``model`` names it in messages (e.g. "source.model timm:resnet18")."""
+def problems(cfg: Any, *, modality: str | None, model: str) -> list[str]:
+    """Why the strategies of ``cfg`` (a PipelineConfig) cannot run, one message each (empty: they
+    all fit): ``data.adapt_from`` and ``source.candidates`` when a strategy needs them, and the
+    source model's ``modality`` (None when it is not known yet: a bundle directory or an MLflow
+    model before pull-model); ``model`` names it in messages (e.g. "source.model timm:resnet18")."""
+    strategies = cfg.train.strategies
+    has_adapt_from, has_candidates = cfg.data.adapt_from is not None, bool(cfg.source.candidates)
     chosen = [get(s) for s in strategies]
     out = []
     adapt = [s.name for s in chosen if s.needs_adapt_from and not has_adapt_from]
