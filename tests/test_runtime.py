@@ -243,17 +243,12 @@ def test_every_strategy_trains_on_cuda(name, modality, request, tmp_path):
 # ------------------------------------------------------------------ every strategy resumes from the runtime's dir
 
 
-# one strategy per loop in the default suite: the fine-tuning loop, SetFit's, adaptation (with a
-# discriminator); the others run the same loops (slow)
-RESUME_BY_DEFAULT = {"fine-tune", "setfit", "dann"}
-
-
 def _resumable():
     for s in registry.REGISTRY.values():
         if s.name in ("linear-probe", "stacking"):
             continue  # no epoch loop to resume: the probe is recomputed (seconds)
         modality = "image" if "image" in s.modalities else "text"
-        marks = [] if s.name in RESUME_BY_DEFAULT else [pytest.mark.slow]
+        marks = [pytest.mark.slow] if s.name == "lora" else []  # lora resumes through fine-tune's loop
         yield pytest.param(s.name, modality, id=s.name, marks=marks)
 
 
