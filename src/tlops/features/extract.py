@@ -34,7 +34,10 @@ def batches_for(backbone: nn.Module, x: Any, batch_size: int) -> list[np.ndarray
 @torch.inference_mode()
 def extract(backbone: nn.Module, x: Any, batch_size: int = 64, desc: str = "extract") -> np.ndarray:
     backbone.eval()
-    dev = next(backbone.parameters()).device  # the batches follow the backbone (a GPU after training there)
+    # the batches follow the backbone (a GPU after training there); a backbone without
+    # parameters (a fixed transform) runs where its inputs are made: the CPU
+    first = next(backbone.parameters(), None)
+    dev = first.device if first is not None else torch.device("cpu")
     n = len(x)
     out = np.zeros((n, backbone.feature_dim), dtype=np.float32)
     t0 = time.perf_counter()
