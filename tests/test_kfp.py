@@ -222,7 +222,6 @@ def test_committed_compiled_pipeline_is_fresh(tmp_path, monkeypatch):
     assert committed.read_text() == fresh, "run: make compile (pipelines/transfer_learning/digits-target.yaml is stale)"
 
 
-@pytest.mark.slow  # 190-260 s: the whole target pipeline twice; tests/test_runner_keys.py (slow) checks the keys too
 def test_kfp_local_matches_in_process_runner(tmp_path):
     """Digits demo: source in-process, target through kfp.local, target again in-process: same model."""
     from tlops.kfp.pipeline import run_kfp_local
