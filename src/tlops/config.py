@@ -213,7 +213,14 @@ class SourceConfig(_Strict):
     candidates: Optional[list[str]] = Field(
         None,
         min_length=1,
-        description="more source models to rank against `model` by LogME on the train features; the best is used",
+        description="more source models to rank against `model` by `selection_score` on the train features; the best "
+        "is used",
+    )
+    selection_score: Literal["logme", "hscore", "transrate"] = Field(
+        "logme",
+        description="transferability score that ranks `model` and `candidates` on the train features (higher is "
+        "better; all three are recorded): logme (LogME), hscore (H-Score, Ledoit-Wolf shrinkage), transrate "
+        "(TransRate)",
     )
     pretrained: bool = Field(True, description="timm: load pretrained weights (False = random init)")
     weights: Optional[str] = Field(None, description="timm: local weights file (.safetensors/.pth)")

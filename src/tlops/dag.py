@@ -44,7 +44,8 @@ DAG: tuple[StepSpec, ...] = (
         "features",
         "features",
         {"dataset": "ingest", "model": "pull-model"},
-        params=("features", "train.strategies"),  # train.strategies: stacking adds the candidates' features
+        # train.strategies: stacking adds the candidates' features; source.selection_score ranks the candidates
+        params=("features", "train.strategies", "source.selection_score"),
         help="backbone features per split (content-addressed cache)",
     ),
     StepSpec(

@@ -79,7 +79,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "source": chosen["source"],
             "source_bundle": chosen["path"],  # fine-tune trains this bundle of the pull-model artifact
             "dataset_hash": ds.content_hash,
-            **({"source_ranking": ranking} if ranking else {}),
+            **({"source_ranking": ranking, "selection_score": cfg.source.selection_score} if ranking else {}),
             "shapes": shapes,
             "seconds": round(time.perf_counter() - t0, 3),
             "cache_keys": sorted(set(used)) if cfg.features.cache else [],
@@ -119,13 +119,15 @@ def _add_stack(path: Path, ds: Dataset, model: Artifact, cache: FeatureCache, cf
 
 
 def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: FeatureCache) -> list[dict]:
-    """Score every pulled candidate by LogME on its train-split features (each cached under its
-    own key), best first."""
+    """Score every pulled candidate on its train-split features (each cached under its own key)
+    with every feature-based transferability score, best first by ``source.selection_score``.
+    (LEEP / NCE need a source head, and pull-model keeps backbones only.)"""
     from tlops.features.extract import extract
-    from tlops.features.selection import logme, rank_sources
+    from tlops.features.selection import all_scores, rank_sources
     from tlops.models.bundle import load_backbone
 
     train = ds.load("train")
+    name = cfg.source.selection_score
     scored = []
     for c in model.meta["candidates"]:
         key = cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train")
@@ -139,8 +141,9 @@ def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: F
             {"model_digest": c["model_digest"], "dataset_hash": ds.content_hash, "split": "train"},
             enabled=cfg.features.cache,
         )["train"]
-        scored.append({**c, "score": round(logme(f, train.y), 6)})
-    return rank_sources(scored)
+        scores = {k: round(v, 6) for k, v in all_scores(f, train.y).items() if v is not None}
+        scored.append({**c, "score": scores[name], "scores": scores})
+    return rank_sources(scored, name)
 
 
 def _compute(ds: Dataset, bundle_dir: Path, batch_size: int) -> dict[str, np.ndarray]:

@@ -36,8 +36,9 @@ def log_step(step: str, artifact: Artifact, seconds: float | None = None, reused
         mlflow.set_tags({"tlops.source_model": meta["source"], "tlops.source_digest": meta["model_digest"]})
     elif step == "extract-features":
         mlflow.set_tags({"tlops.feature_cache_key": meta["cache_key"], "tlops.feature_cache": meta["cache"]})
-        for c in meta.get("source_ranking") or []:
-            mlflow.log_metric(f"logme.candidate{c['index']}", c["score"])
+        for c in meta.get("source_ranking") or []:  # every score (artifacts from before selection_score: LogME)
+            for name, value in c.get("scores", {"logme": c["score"]}).items():
+                mlflow.log_metric(f"{name}.candidate{c['index']}", value)
         if meta.get("source_ranking"):
             mlflow.set_tag("tlops.selected_source", meta["source"])
     elif step == "fine-tune":
