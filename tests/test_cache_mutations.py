@@ -66,7 +66,7 @@ class Chain:
         raw = digits_config(
             self.root / "work",
             data={"source": str(self.data), "classes": None, "labels_per_class": 10},
-            train={"strategies": ["linear-probe"], "epochs": 1, "probe_epochs": 20},
+            train={"strategies": ["linear-probe"], "epochs": 1, "probe_c": [0.1, 1.0]},
         )
         for dotted, value in over.items():
             *head, last = dotted.split(".")
@@ -114,7 +114,7 @@ def test_mutations_rerun_exactly_what_can_change(chain, monkeypatch):
     case("tracking.experiment (evaluate only)", set(), c.cfg(**{"tracking.experiment": "other"}))
     case("name (evaluate only)", set(), c.cfg(name="renamed"))
     case("train.epochs (fine-tune)", {"fine-tune"}, c.cfg(**{"train.epochs": 2}))
-    case("train.probe_lr (fine-tune)", {"fine-tune"}, c.cfg(**{"train.probe_lr": 0.01}))
+    case("train.probe_c (fine-tune)", {"fine-tune"}, c.cfg(**{"train.probe_c": [0.01]}))
     case("evaluate.scratch_baseline (fine-tune)", {"fine-tune"}, c.cfg(**{"evaluate.scratch_baseline": True}))
     case(
         "features.batch_size (extract-features; fine-tune reads it too)",

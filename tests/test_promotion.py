@@ -37,7 +37,7 @@ def reg(tmp_path_factory):
         first = run_pipeline(validate_config(digits_config(work)))
         use_store(embedded_uri(work))
         registry.promote("t-digits", "1", reason="baseline")
-        strict = digits_config(work, train={"probe_lr": 0.01}, evaluate={"gates": {"min_accuracy": 0.999}})
+        strict = digits_config(work, train={"probe_c": [0.01]}, evaluate={"gates": {"min_accuracy": 0.999}})
         second = run_pipeline(validate_config(strict))
     assert first.artifact("register").meta["version"] == "1" and second.artifact("register").meta["version"] == "2"
     return SimpleNamespace(work=work, uri=embedded_uri(work), first=first, second=second)

@@ -41,6 +41,7 @@ PREFERRED: dict[str, list[Any]] = {
     "data.source": ["sklearn:iris"],
     "train.strategies": [["linear-probe", "stacking"]],  # stacking: extract-features adds the candidates
     "train.select_on": ["val"],
+    "train.probe_c": [[0.5, 2.0]],
     "name": ["other-name"],
     "kubernetes.secrets": [[{"name": "s3", "env": {"AWS_ACCESS_KEY_ID": "key"}}]],
     "kubernetes.gpu.tolerations": [[{"key": "dedicated", "operator": "Exists"}]],

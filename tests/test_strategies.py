@@ -119,7 +119,6 @@ def _raw(root: Path, modality: str, adapt: bool, strategies: list[str], minilm: 
             "strategies": strategies,
             "epochs": 1,
             "batch_size": 8,
-            "probe_epochs": 20,
             "lora": {"r": 2, "alpha": 4},
             "setfit": {"pairs_per_sample": 1, "batch_size": 8},
             "adapt": {"epochs": 1, "batch_size": 8},

@@ -81,28 +81,3 @@ def test_bad_freeze_fails_with_message_and_leaves_no_artifact(upstream, digits_c
         fine_tune.run(cfg, ins, tmp_path / "ft")
     assert not (tmp_path / "ft").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ft.tmp")]
-
-
-def test_probe_weight_decay_zero_means_zero(monkeypatch):
-    """``train.weight_decay: 0`` reaches the probe's optimizer (it used to fall back to 1e-4)."""
-    import numpy as np
-
-    from tlops.config import TrainConfig
-    from tlops.training.probe import train_probe
-
-    seen = []
-    real = torch.optim.AdamW
-
-    def spy(params, **kw):
-        seen.append(kw["weight_decay"])
-        return real(params, **kw)
-
-    monkeypatch.setattr(torch.optim, "AdamW", spy)
-    rng = np.random.default_rng(0)
-    f, y = rng.normal(size=(60, 8)).astype(np.float32), np.arange(60) % 3
-    heads = {}
-    for wd in (0.0, 1e-4, 0.5):
-        cfg = TrainConfig(weight_decay=wd, probe_epochs=50, patience=50)
-        heads[wd], _ = train_probe(f, y, None, None, 3, cfg, seed=0)
-    assert seen == [0.0, 1e-4, 0.5]
-    assert not torch.equal(heads[0.0].weight, heads[1e-4].weight)

@@ -22,6 +22,9 @@ from tlops.training import strategies as strategy_registry  # torch-free
 
 # The allowed strategies and what each needs come from the registry (one module per strategy).
 STRATEGIES = strategy_registry.names()
+# the linear probe's C grid: 17 values over 1e-4..1e4 (scikit-learn's LogisticRegressionCV default spans the same
+# range with 10); sentence-encoder features (unit norm) need large C, standardised features small C
+PROBE_C = tuple(10.0 ** (k / 2) for k in range(-8, 9))
 ADAPT_STRATEGIES = tuple(s.name for s in strategy_registry.REGISTRY.values() if s.needs_adapt_from)
 
 
@@ -228,6 +231,11 @@ class SourceConfig(_Strict):
     image_size: Optional[int] = Field(None, ge=4, description="timm: input size (default: model's)")
     max_length: int = Field(128, ge=8, description="hf: max tokens per text")
     pooling: Literal["mean", "cls"] = "mean"
+    normalize: Literal["auto", "l2", "none"] = Field(
+        "auto",
+        description="hf: L2-normalise the pooled embedding; auto = what the model's own sentence-transformers "
+        "pipeline does (a Normalize module in its modules.json)",
+    )
 
     @field_validator("model")
     @classmethod
@@ -309,9 +317,23 @@ class TrainConfig(_Strict):
     select_on: Optional[Literal["val", "source_val"]] = Field(
         None, description="pick the strategy on target val or source val (default: source_val with data.adapt_from)"
     )
-    probe_epochs: int = Field(300, ge=1, description="max linear-probe epochs (full batch)")
-    probe_lr: float = Field(0.05, gt=0)
-    patience: int = Field(20, ge=1, description="early-stopping patience (probe epochs)")
+    probe_scaling: Literal["auto", "standardize", "none"] = Field(
+        "auto",
+        description="linear probe: standardize = z-score each feature with train statistics (folded into the head), "
+        "none = the backbone's features as they are, auto = none for unit-norm features (source.normalize), else "
+        "both tried and chosen with the regularisation",
+    )
+    probe_c: list[float] = Field(
+        default_factory=lambda: [float(c) for c in PROBE_C],
+        min_length=1,
+        description="linear probe: inverse L2 strengths tried (scikit-learn's C); one value = no search",
+    )
+    probe_max_iter: int = Field(1000, ge=10, description="linear probe: lbfgs iterations per fit")
+    probe_select: Literal["auto", "val", "cv"] = Field(
+        "auto",
+        description="linear probe: choose scaling and C by validation accuracy (val), by repeated stratified k-fold "
+        "on train (cv), or auto = whichever scores more held-out predictions (cv unless val is larger than train)",
+    )
     augment: bool = Field(False, description="images: random shifts during fine-tuning")
     threads: Optional[int] = Field(
         None,
@@ -335,6 +357,13 @@ class TrainConfig(_Strict):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("probe_c")
+    @classmethod
+    def _positive_c(cls, v: list[float]) -> list[float]:
+        if any(not c > 0 for c in v):
+            raise ValueError("every probe_c value must be > 0")
+        return v
 
     @field_validator("freeze_blocks")
     @classmethod

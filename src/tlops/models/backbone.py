@@ -98,6 +98,31 @@ class ImageBackbone(nn.Module):
         return cls(model, spec["arch"], spec.get("model_kwargs", {}), spec["preprocessing"])
 
 
+def pipeline_normalizes(name_or_dir: str) -> bool:
+    """Whether a sentence-transformers model ends in a Normalize module (its ``modules.json``).
+
+    Sentence encoders are trained for cosine similarity; their own pipeline L2-normalises the pooled
+    embedding, and a linear probe on the normalised vectors is what the model's authors evaluate.
+    """
+    import json
+
+    path = Path(name_or_dir) / "modules.json"
+    if not path.is_file():
+        if Path(name_or_dir).is_dir():
+            return False
+        try:  # a hub id: the file sits next to the weights in the same snapshot
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(name_or_dir, "modules.json"))
+        except Exception:  # noqa: BLE001 - not a sentence-transformers repo (or no file): plain transformers model
+            return False
+    try:
+        modules = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(m.get("type", "")).endswith(".Normalize") for m in modules if isinstance(m, dict))
+
+
 class TextBackbone(nn.Module):
     modality = "text"
 
@@ -108,13 +133,22 @@ class TextBackbone(nn.Module):
         self.preprocessing = dict(preprocessing)
 
     @classmethod
-    def create(cls, name_or_dir: str, *, max_length: int, pooling: str) -> "TextBackbone":
+    def create(cls, name_or_dir: str, *, max_length: int, pooling: str, normalize: str = "auto") -> "TextBackbone":
+        """``normalize``: ``l2``, ``none`` or ``auto`` (what the model's sentence-transformers pipeline does)."""
         from transformers import AutoModel, AutoTokenizer
 
         local = Path(name_or_dir).is_dir()
         tok = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local)
         model = AutoModel.from_pretrained(name_or_dir, local_files_only=local)
-        pre = {"modality": "text", "max_length": int(max_length), "pooling": pooling, "tokenizer": type(tok).__name__}
+        if normalize == "auto":
+            normalize = "l2" if pipeline_normalizes(name_or_dir) else "none"
+        pre = {
+            "modality": "text",
+            "max_length": int(max_length),
+            "pooling": pooling,
+            "normalize": normalize,
+            "tokenizer": type(tok).__name__,
+        }
         return cls(model, tok, pre)
 
     @property
@@ -130,9 +164,13 @@ class TextBackbone(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.preprocessing["pooling"] == "cls":
-            return hidden[:, 0]
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            pooled = hidden[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if self.preprocessing.get("normalize") == "l2":  # bundles from before the setting: none
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled
 
     def token_lengths(self, texts: Sequence[str]) -> np.ndarray:
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.preprocessing["max_length"])

@@ -201,7 +201,7 @@ def _pull_hf(ref: str, cfg: SourceConfig, out: Path) -> dict[str, Any]:
     from tlops.models.bundle import save_bundle
 
     try:
-        backbone = TextBackbone.create(ref, max_length=cfg.max_length, pooling=cfg.pooling)
+        backbone = TextBackbone.create(ref, max_length=cfg.max_length, pooling=cfg.pooling, normalize=cfg.normalize)
     except pickle.UnpicklingError as e:  # transformers loads *.bin with torch.load(weights_only=True)
         raise _refused_pickle(f"hf:{ref}", e, "source.model") from None
     except OSError as e:

@@ -105,7 +105,7 @@ def choose_freeze_blocks(
         tr = block_features(clf, train.x, bs, runtime=runtime)
         va = block_features(clf, val.x, bs, runtime=runtime) if val is not None and len(val) else [None] * n_blocks
         cached = list(zip(tr, va, strict=True))
-    quick = cfg.model_copy(update={"probe_epochs": min(cfg.probe_epochs, 100)})
+    quick = cfg.model_copy(update={"probe_c": [1.0], "probe_scaling": "standardize"})  # one fit per block
     scores: list[dict[str, Any]] = []
     for i, (ft, fv) in enumerate(cached):
         if ft.shape[1] == 0:
