@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import statistics
 import time
 from pathlib import Path
@@ -295,6 +296,10 @@ def summary(payload: dict[str, Any]) -> dict[str, Any]:
                     "pick": [s["pick"][m]["acc"] for s in seeds],
                     "cost": [s["pick"][m]["cost"] for s in seeds],
                     "picked": [s["pick"][m]["picked"] for s in seeds],
+                    # the pick among the single encoders only (what source.candidates does without stacking)
+                    "pick_single": [
+                        pick({e: c for e, c in s["candidates"].items() if e != "stack"}, m)["acc"] for s in seeds
+                    ],
                 }
                 for m in methods
             }
@@ -328,14 +333,18 @@ def markdown(payload: dict[str, Any]) -> str:
     for setting, tasks in summ.items():
         lines += [f"## {setting}", ""]
         encs = list(next(iter(payload["settings"][setting]["tasks"].values()))[0]["candidates"])
-        lines += ["| task | method | " + " | ".join(encs) + " | pick | cost | picked |", "|---" * (len(encs) + 5) + "|"]
+        lines += [
+            "| task | method | " + " | ".join(encs) + " | pick | cost | picked | pick, single encoders |",
+            "|---" * (len(encs) + 6) + "|",
+        ]
         for task, methods in tasks.items():
             for m, r in methods.items():
                 picked = ", ".join(f"{e}×{r['picked'].count(e)}" for e in encs if r["picked"].count(e))
                 lines.append(
                     f"| {task} | {m} | "
                     + " | ".join(_mean(r["candidates"].get(e, [])) for e in encs)
-                    + f" | **{_mean(r['pick'])}** | {statistics.mean(r['cost']) * 100:.1f} | {picked} |"
+                    + f" | **{_mean(r['pick'])}** | {statistics.mean(r['cost']) * 100:.1f} | {picked} | "
+                    f"{_mean(r['pick_single'])} |"
                 )
         lines.append("")
         sc = payload["settings"][setting]["tasks"]
@@ -352,28 +361,29 @@ def markdown(payload: dict[str, Any]) -> str:
     lines += [
         "## Goals (label-free pick, best method per task)",
         "",
-        "| goal | target | pick, best method | met |",
-        "|---|---|---|---|",
+        "The method is named per row (one strategy for every seed); the encoder is the label-free pick. Cross-domain "
+        "goals average the two directions.",
+        "",
+        "| goal | target | pick (with stack), best method | met | pick among single encoders, best method | met |",
+        "|---|---|---|---|---|---|",
     ]
     for goal, (setting, task, target) in GOALS.items():
-        if setting not in summ:
-            lines.append(f"| {goal} | ≥ {target * 100:.0f} | not run | – |")
+        tasks = summ.get(setting, {})
+        if not tasks or (task is not None and task not in tasks):
+            lines.append(f"| {goal} | ≥ {target * 100:.0f} | not run | – | not run | – |")
             continue
-        tasks = summ[setting]
-        if task is not None and task not in tasks:
-            lines.append(f"| {goal} | ≥ {target * 100:.0f} | not run | – |")
-            continue
-        best_m, best_v = None, -1.0
-        for m in next(iter(tasks.values())):
-            if task is None:
-                v = statistics.mean(statistics.mean(tasks[t][m]["pick"]) for t in tasks if m in tasks[t])
-            else:
-                v = statistics.mean(tasks[task][m]["pick"])
-            if v > best_v:
-                best_m, best_v = m, v
-        lines.append(
-            f"| {goal} | ≥ {target * 100:.0f} | {best_v * 100:.1f} ({best_m}) | {'yes' if best_v >= target else 'no'} |"
-        )
+        row = f"| {goal} | ≥ {target * 100:.0f} |"
+        for key in ("pick", "pick_single"):
+            best_m, best_v = None, -1.0
+            for m in next(iter(tasks.values())):
+                if task is None:
+                    v = statistics.mean(statistics.mean(tasks[t][m][key]) for t in tasks if m in tasks[t])
+                else:
+                    v = statistics.mean(tasks[task][m][key])
+                if v > best_v:
+                    best_m, best_v = m, v
+            row += f" {best_v * 100:.1f} ({best_m}) | {'yes' if best_v >= target else 'no'} |"
+        lines.append(row)
     lines.append("")
     lines += payload.get("notes", [])
     return "\n".join(lines) + "\n"
@@ -399,7 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     ap.add_argument("--out", type=Path, default=RESULTS / "transfer-text-parts" / "zoo.md")
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON", help="no run: rewrite the report of a .json")
     args = ap.parse_args(argv)
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        payload["notes"] = args.note or payload.get("notes", [])
+        payload["summary"] = summary(payload)
+        md = markdown(payload)
+        write_report(args.render.with_suffix(".md"), md, payload)
+        print(md)
+        return 0
     torch.set_num_threads(args.threads)
     hp = {
         "threshold": args.threshold,
