@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -177,15 +176,11 @@ def _copy_bundle(src: Path, out: Path, source: str, **extra: Any) -> dict[str, A
 
 
 def _pull_mlflow(ref: str, out: Path) -> dict[str, Any]:
-    import mlflow
+    from tlops.tracking.integrity import verified_download
 
     entry = resolve_mlflow(ref)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{entry['name']}/{entry['version']}", dst_path=tmp
-            )
-        )
+    # checked against the manifest recorded at registration before anything loads; no code from the store runs
+    with verified_download(entry["name"], entry["version"]) as local:
         bundles = [p.parent for p in local.rglob("bundle.json")]
         if not bundles:
             raise ModelError(

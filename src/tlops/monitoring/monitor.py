@@ -137,7 +137,7 @@ def monitor(
     raw = load_data(DataConfig(source=data, **opts))
     if raw.kind != meta["modality"]:
         raise DataError(f"--data {data}: holds {raw.kind} inputs; {ref.name} v{ref.version} takes {meta['modality']}")
-    impl = load(ref).unwrap_python_model()
+    impl = load(ref)  # verified against the registration's manifest; runs no code from the store
     items = impl.contract.parse(raw.x if raw.kind == "image" else list(raw.x))
     key = cache_key(
         meta["backbone_digest"], meta["preprocessing"], hash_json({"monitor": inputs_hash(raw.kind, items)})

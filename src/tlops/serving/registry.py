@@ -41,8 +41,17 @@ def resolve(ref: str) -> ModelRef:
 
 
 def load(ref: ModelRef) -> Any:
-    """The pyfunc of ``ref`` loaded with its identity (every output row names it)."""
-    import mlflow
+    """The model of ``ref`` (a :class:`~tlops.tracking.pyfunc.TlopsClassifier`: ``.clf``,
+    ``.contract``, ``.predict``), with its identity (every output row names it).
 
-    cfg = {"name": ref.name, "version": ref.version, "alias": ref.alias}
-    return mlflow.pyfunc.load_model(f"models:/{ref.name}/{ref.version}", model_config=cfg)
+    The safe path, used by every tlops consumer: the version's files are downloaded and checked
+    against the integrity manifest recorded at registration (:mod:`tlops.tracking.integrity`),
+    then loaded by the installed tlops package (safetensors weights, JSON config). Nothing from
+    the artifact store is executed, unlike ``mlflow.pyfunc.load_model``, which runs the stored
+    ``pyfunc_model.py`` (docs/security.md, "Loading registered models").
+    """
+    from tlops.tracking.integrity import verified_download
+    from tlops.tracking.pyfunc import TlopsClassifier
+
+    with verified_download(ref.name, ref.version) as local:
+        return TlopsClassifier.from_model_dir(local, ref.identity)

@@ -97,10 +97,11 @@ class Loaded:
 
 
 def load_version(ref: ModelRef) -> Loaded:
-    """Load ``ref`` from the registry (the same pyfunc ``mlflow models serve`` would load)."""
+    """Load ``ref`` from the registry: the files ``mlflow models serve`` would load, verified against the
+    manifest recorded at registration and loaded by the tlops package (no code from the store runs)."""
     from tlops.serving.registry import load
 
-    impl = load(ref).unwrap_python_model()
+    impl = load(ref)  # verified against the registration's manifest; runs no code from the store
     return Loaded(ref, impl.clf, impl.contract)
 
 

@@ -10,6 +10,10 @@ registered again; the existing version is reused (and re-aliased). Two registrat
 
 The version's description is what a reviewer reads on its MLflow page: metrics against the
 current champion, gates, data and source lineage, and links to the evaluation artifacts.
+
+A new version gets an integrity manifest (sha256 of every stored model file, its digest as the
+tag ``tlops.manifest_sha256``): every tlops loader refuses files that differ from it
+(:mod:`tlops.tracking.integrity`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
 from tlops.evaluation.report import metrics_table, with_ci
-from tlops.tracking import registry
+from tlops.tracking import integrity, registry
 from tlops.tracking.setup import configure, git_commit, log_environment, pipeline_run
 from tlops.tracking.steplog import data_tags, log_step
 
@@ -228,6 +232,20 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             version, reused = registry.settle_duplicate(name, str(mv.version), digest)
         c = registry.client()
         mv = c.get_model_version(name, version)
+        if not reused:  # hashed as the store holds it: what every loader will check (tracking.integrity)
+            from tlops.models.bundle_files import read_spec
+            from tlops.serving.package import bundle_files
+
+            uploaded = integrity.tree_digests(bundle, bundle_files(read_spec(bundle)), f"artifacts/{bundle.name}")
+            tags[integrity.MANIFEST_TAG] = integrity.record(name, version, mv.run_id, expect=uploaded)
+        elif integrity.MANIFEST_TAG not in mv.tags:
+            log.warning(
+                "register: %s v%s has no integrity manifest (registered before tlops recorded one): loaders refuse it "
+                "unless %s=1",
+                name,
+                version,
+                integrity.ALLOW_ENV,
+            )
         version_run = c.get_run(mv.run_id) if mv.run_id else None
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)

@@ -21,6 +21,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
+from tlops.errors import ModelError
 from tlops.serving.contract import Contract, ContractError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,33 @@ warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
 
 
 class TlopsClassifier(mlflow.pyfunc.PythonModel):
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, identity: dict[str, Any]) -> "TlopsClassifier":
+        """The model in a downloaded model directory, loaded by the tlops package's own code.
+
+        What tlops' loaders use (:func:`tlops.serving.registry.load`): nothing from the directory
+        is executed (``mlflow.pyfunc.load_model`` would run the stored ``pyfunc_model.py``); the
+        MLmodel file is read as plain YAML for the artifact paths, weights load with safetensors.
+        """
+        import yaml
+
+        from tlops.models.bundle import load_classifier
+
+        model_dir = Path(model_dir)
+        flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+        paths = {k: (model_dir / v["path"]).resolve() for k, v in (flavor.get("artifacts") or {}).items()}
+        outside = [k for k, p in paths.items() if not p.is_relative_to(model_dir.resolve())]
+        if outside:
+            raise ModelError(f"{model_dir}/MLmodel: artifacts {outside} point outside the model directory")
+        if "bundle" not in paths:
+            raise ModelError(f"{model_dir}/MLmodel names no 'bundle' artifact: not a model registered by tlops")
+        self = cls()
+        self.clf = load_classifier(paths["bundle"])
+        path = paths.get("contract")
+        self.contract = Contract.load(path) if path else Contract.from_bundle(paths["bundle"])
+        self.identity = dict(identity)
+        return self
+
     def load_context(self, context: Any) -> None:
         from tlops.models.bundle import load_classifier
 

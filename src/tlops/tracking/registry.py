@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,15 +82,15 @@ def settle_duplicate(name: str, version: str, digest: str) -> tuple[str, bool]:
 
 @contextmanager
 def champion_bundle(name: str) -> Iterator[tuple[Any, Path] | None]:
-    """Yield (model version, local bundle dir) of the current champion, or None."""
-    import mlflow
+    """Yield (model version, local bundle dir) of the current champion, or None (the files checked
+    against the manifest recorded at registration: :mod:`tlops.tracking.integrity`)."""
+    from tlops.tracking.integrity import verified_download
 
     mv = get_alias(name, CHAMPION)
     if mv is None:
         yield None
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp))
+    with verified_download(name, str(mv.version)) as local:
         bundles = [p.parent for p in local.rglob("bundle.json")]
         yield (mv, bundles[0]) if bundles else None
 
