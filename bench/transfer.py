@@ -35,6 +35,16 @@ upper bound, which is trained on labelled target data disjoint from the test spl
 * methods: source-only, AdaBN, CORAL, MMD (multi-kernel), DANN, CDAN (randomized multilinear
   map; ``cdan+e`` with entropy conditioning), ``X+ent`` = method X plus target entropy
   minimisation (``--entropy-weight``), and the target-only upper bound.
+* ``shot`` (SHOT, Liang et al. 2020, official digits recipe of tim-learn/SHOT): the same LeNet trained
+  source-only with label smoothing 0.1, then adapted on the unlabelled target alone with the head
+  frozen: information maximisation + ``--shot-beta`` (0.1, the official digits value) x cross-entropy
+  to cosine-centroid pseudo-labels recomputed every epoch; ``--shot-epochs`` (30) passes over the
+  target, batch 64, SGD lr 0.01 Nesterov momentum 0.9, weight decay 1e-3, lr/(1+10p)^0.75, no target
+  augmentation, the last epoch kept; its time includes the source training.
+* ``dann+self-train``: the DANN model of the same seed (reused when ``dann`` is in the run), then
+  ``--self-train-rounds`` rounds of pseudo-labelling the target (top probability ≥
+  ``--self-train-threshold``) and ``--self-train-epochs`` epochs on source + pseudo-labelled target;
+  its time includes the DANN training.
 * model selection uses no target labels: by default the weights after the last epoch
   (``--select last``; the per-epoch source-validation accuracy is recorded in the JSON).
 
@@ -91,6 +101,8 @@ ALL_METHODS = [
     "mmd+ent",
     "dann+ent",
     "cdan+e+ent",
+    "shot",
+    "dann+self-train",
     "target-only",
 ]
 DEFAULT_METHODS = ["source-only", "adabn", "coral", "mmd", "dann", "cdan+e", "dann+ent", "target-only"]
@@ -120,6 +132,16 @@ DEFAULTS: dict[str, Any] = {
     "augment_target": 1,  # also shift the (unlabelled) target batches
 }
 TRADE_OFF = {"coral": 1.0, "mmd": 1.0, "dann": 1.0, "cdan": 1.0, "cdan+e": 1.0}
+# SHOT and self-training (not in DEFAULTS: --merge compares DEFAULTS with earlier runs that predate them)
+EXTRA: dict[str, Any] = {
+    "shot_beta": 0.1,  # tim-learn/SHOT digits (README, digit.sh: --cls_par 0.1); 0.3 on the object benchmarks
+    "shot_epochs": 30,  # passes over the target (uda_digit.py --max_epoch 30)
+    "shot_weight_decay": 1e-3,  # uda_digit.py lr_scheduler
+    "shot_label_smoothing": 0.1,  # of the source training (uda_digit.py --smooth 0.1)
+    "self_train_rounds": 2,
+    "self_train_threshold": 0.9,
+    "self_train_epochs": 2,  # per round, over source + pseudo-labelled target
+}
 QUICK = {
     "epochs": 3,
     "n_source": 2000,
@@ -239,10 +261,12 @@ def run_method(
     seed: int,
     hp: dict[str, Any],
     trade_off: dict[str, float],
-    source_only_model: nn.Module | None,
+    models: dict[str, nn.Module],
     verbose: bool,
 ) -> tuple[dict[str, Any], nn.Module | None]:
+    """One method on one pair and seed; ``models``: the models this seed trained so far (by method)."""
     test_x, test_y = data["test"]
+    source_only_model = models.get("source-only")
 
     if method == "adabn":
         if source_only_model is None:
@@ -260,6 +284,9 @@ def run_method(
             "selection": f"source-only model, BN stats from {n} unlabelled target images",
             "selected_epoch": None,
         }, None
+
+    if method in ("shot", "dann+self-train"):
+        return run_extra(method, data, seed, hp, trade_off, models, verbose)
 
     torch.manual_seed(seed)
     model = LeNet()  # same initial weights for every method of this seed
@@ -330,6 +357,116 @@ def run_method(
     return res, model
 
 
+def _sgd(hp: dict[str, Any], **over: Any) -> dict[str, Any]:
+    """The optimisation settings of da.adapt / da.shot / da.self_train from the benchmark's hyper-parameters."""
+    keys = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "select")
+    return {k: hp[k] for k in keys} | over
+
+
+def run_extra(
+    method: str,
+    data: dict[str, Any],
+    seed: int,
+    hp: dict[str, Any],
+    trade_off: dict[str, float],
+    models: dict[str, nn.Module],
+    verbose: bool,
+) -> tuple[dict[str, Any], nn.Module]:
+    """``shot`` and ``dann+self-train`` (see the module docstring); no target labels but the final test."""
+    test_x, test_y = data["test"]
+    tx = data["target"][0]
+    epochs = hp["epochs"] or EPOCHS[data["pair"]]
+    augment = da.random_shift(hp["augment"]) if hp["augment"] else None
+    log = epoch_printer(method, seed, verbose)
+
+    def target_test(m: nn.Module) -> dict[str, float]:  # diagnostics only (printed, never used for selection)
+        return {"target_test_acc": da.evaluate(m, test_x, test_y)["acc"]}
+
+    monitor = target_test if verbose else None
+
+    def train() -> tuple[nn.Module, dict[str, Any]]:
+        torch.manual_seed(seed)
+        model = LeNet()  # the same initial weights as every method of this seed
+        extra: dict[str, Any] = {}
+        if method == "shot":
+            da.adapt(
+                model,
+                "source-only",
+                data["source"],
+                tx,
+                epochs=epochs,
+                seed=seed,
+                source_val=data["source_val"],
+                augment=augment,
+                label_smoothing=hp["shot_label_smoothing"],
+                log=log,
+                **_sgd(hp),
+            )
+            extra["source_acc"] = da.evaluate(model, test_x, test_y)["acc"]  # diagnostic: before SHOT
+            hist = da.shot(
+                model,
+                tx,
+                beta=hp["shot_beta"],
+                epochs=hp["shot_epochs"],
+                seed=seed,
+                source_val=data["source_val"],
+                monitor=monitor,
+                log=log,
+                **_sgd(hp, weight_decay=hp["shot_weight_decay"], select="last", nesterov=True),
+            )
+        else:
+            if "dann" in models:
+                model.load_state_dict(models["dann"].state_dict())
+            else:
+                da.adapt(
+                    model,
+                    "dann",
+                    data["source"],
+                    tx,
+                    epochs=epochs,
+                    seed=seed,
+                    trade_off=trade_off.get("dann", 1.0),
+                    source_val=data["source_val"],
+                    augment=augment,
+                    discriminator_hidden=hp["disc_hidden"],
+                    augment_target=bool(hp["augment_target"]),
+                    log=log,
+                    **_sgd(hp),
+                )
+            extra["source_acc"] = da.evaluate(model, test_x, test_y)["acc"]  # diagnostic: the DANN model
+            hist = da.self_train(
+                model,
+                data["source"],
+                tx,
+                rounds=hp["self_train_rounds"],
+                threshold=hp["self_train_threshold"],
+                epochs=hp["self_train_epochs"],
+                seed=seed,
+                source_val=data["source_val"],
+                augment=augment,
+                monitor=monitor,
+                log=log,
+                **_sgd(hp),
+            )
+            extra["pseudo_labelled"] = [r["pseudo_labelled"] for r in hist.meta["rounds"]]
+        extra["history"] = rounded_history(hist)
+        return model, extra
+
+    (model, extra), dt, other, cpu = timed(train)
+    res = {
+        "acc": da.evaluate(model, test_x, test_y)["acc"],
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "other_cpu": other,
+        "selection": "last" if method == "shot" else hp["select"],
+        "selected_epoch": None,
+        **extra,
+    }
+    if method == "dann+self-train" and "dann" in models:
+        res["note"] = "started from this seed's dann model (its training time is in the dann row)"
+    return res, model
+
+
 def markdown(
     args: argparse.Namespace,
     hp: dict[str, Any],
@@ -369,6 +506,20 @@ def markdown(
             + " batches"
             if hp["augment"]
             else "no augmentation"
+        )
+        + (
+            f"; shot: source-only with label smoothing {hp['shot_label_smoothing']:g}, then {hp['shot_epochs']} "
+            f"epochs over the target alone (head frozen), information maximisation + {hp['shot_beta']:g} x "
+            "cosine-centroid pseudo-label cross-entropy, SGD Nesterov, weight decay "
+            f"{hp['shot_weight_decay']:g}, last epoch"
+            if "shot" in methods
+            else ""
+        )
+        + (
+            f"; dann+self-train: the dann model, then {hp['self_train_rounds']} round(s) of {hp['self_train_epochs']} "
+            f"epoch(s) on source + target pseudo-labels with top probability ≥ {hp['self_train_threshold']:g}"
+            if "dann+self-train" in methods
+            else ""
         )
         + "; transfer-loss weights "
         + ", ".join(f"{k} {v:g}" for k, v in trade_off.items() if k in methods)
@@ -432,6 +583,8 @@ def markdown(
                 t += f" [{statistics.mean(cpus):.0f}]"
             if method == "adabn":
                 t += " (+ source-only)"
+            if method == "dann+self-train" and any("note" in r for r in results[pair][method]):
+                t += " (+ dann)"
             cells += [acc + flag, t]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed (acc %):", ""]
@@ -508,6 +661,7 @@ def merge(args: argparse.Namespace, out: Path) -> int:
     runs count with what they finished)."""
     payloads = [json.loads(p.read_text()) for p in args.merge]
     first = payloads[0]
+    extra = {k: v for p in payloads for k, v in p.get("extra_hyperparameters", {}).items()}
     for p in payloads[1:]:
         for key in ("hyperparameters", "trade_off", "quick"):
             if p[key] != first[key]:
@@ -515,10 +669,14 @@ def merge(args: argparse.Namespace, out: Path) -> int:
         if p["info"].get("usps_size") != first["info"].get("usps_size"):
             raise SystemExit("--merge: the runs differ in --usps-size")
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for p in payloads:
+    repeated: list[str] = []  # (pair, method, seed) run again by a later payload: the first listed one counts
+    for path, p in zip(args.merge, payloads, strict=True):
         for pair, per in p["runs"].items():
             for method, rs in per.items():
-                runs.setdefault(pair, {}).setdefault(method, []).extend(rs)
+                have = runs.setdefault(pair, {}).setdefault(method, [])
+                seen = {r["seed"] for r in have}
+                repeated += [f"{ARROW[pair]} {method} seed {r['seed']} in {path}" for r in rs if r["seed"] in seen]
+                have.extend(r for r in rs if r["seed"] not in seen)
     for per in runs.values():
         for method in [m for m, rs in per.items() if not rs]:
             del per[method]
@@ -534,6 +692,9 @@ def merge(args: argparse.Namespace, out: Path) -> int:
     )
     incomplete = [str(p) for p, payload in zip(args.merge, payloads, strict=True) if not payload.get("complete", True)]
     info["load_start"] = max(i["load_start"] for i in infos)
+    machines: dict[str, list[str]] = {}
+    for path, i in zip(args.merge, infos, strict=True):
+        machines.setdefault(f"CPU {i['cpu']} ({i['cores']} logical cores)", []).append(str(path))
     info["note"] = (
         f"the {len(infos)} benchmark processes ran side by side with {info['threads']} torch thread(s) each, so "
         f"'other processes' includes the sibling benchmark processes"
@@ -542,6 +703,13 @@ def merge(args: argparse.Namespace, out: Path) -> int:
             if incomplete
             else ""
         )
+        + (
+            "; the runs come from different machines: "
+            + "; ".join(f"{m}: {', '.join(ps)}" for m, ps in machines.items())
+            if len(machines) > 1
+            else ""
+        )
+        + (f"; repeated runs not counted (the first listed run counts): {', '.join(repeated)}" if repeated else "")
     )
     args.pairs = [p for p in PAIRS if p in runs]
     args.methods = [m for m in ALL_METHODS if any(m in per for per in runs.values())]
@@ -549,7 +717,7 @@ def merge(args: argparse.Namespace, out: Path) -> int:
     args.quick = first["quick"]
     summary = summarise(runs)
     md = with_text_report(
-        markdown(args, first["hyperparameters"], first["trade_off"], runs, summary, sizes, info), args, out
+        markdown(args, first["hyperparameters"] | extra, first["trade_off"], runs, summary, sizes, info), args, out
     )
     print(md)
     payload = {
@@ -559,6 +727,7 @@ def merge(args: argparse.Namespace, out: Path) -> int:
         "summary": summary,
         "runs": runs,
         "merged_from": [str(p) for p in args.merge],
+        "extra_hyperparameters": extra,
     }
     write_report(out, md, payload)
     print(f"wrote {out} and {out.with_suffix('.json')}")
@@ -585,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         help="markdown output (default bench/results/transfer.md, "
         "or transfer-quick.md with --quick); a .json with the raw results is written next to it",
     )
-    for k, v in DEFAULTS.items():
+    for k, v in (DEFAULTS | EXTRA).items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v}")
     ap.add_argument(
         "--trade-off", nargs="*", default=[], metavar="METHOD=W", help=f"transfer-loss weights, default {TRADE_OFF}"
@@ -633,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in DEFAULTS:
         if getattr(args, k) is not None:
             hp[k] = getattr(args, k)
+    extra = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in EXTRA.items()}
     trade_off = dict(TRADE_OFF)
     for item in args.trade_off:
         m, w = item.split("=")
@@ -653,11 +823,11 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             data = make_pair(pair, seed, limits)
             sizes[pair] = data["sizes"]
-            so_model = None
+            models: dict[str, nn.Module] = {}
             for method in args.methods:
-                res, model = run_method(method, data, seed, hp, trade_off, so_model, args.verbose)
-                if method == "source-only":
-                    so_model = model
+                res, model = run_method(method, data, seed, hp | extra, trade_off, models, args.verbose)
+                if model is not None:
+                    models[method] = model
                 results[pair][method].append({"seed": seed, **res})
                 # written after every method, so an interrupted run keeps what it finished (--merge reads it)
                 partial = {
@@ -668,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
                         "other_cpu_max": 0.0,
                     },
                     "hyperparameters": hp,
+                    "extra_hyperparameters": extra,
                     "trade_off": trade_off,
                     "quick": args.quick,
                     "limits": limits,
@@ -689,12 +860,13 @@ def main(argv: list[str] | None = None) -> int:
         [r for per in results.values() for runs in per.values() for r in runs]
     )
     summary = summarise(results)
-    md = with_text_report(markdown(args, hp, trade_off, results, summary, sizes, info), args, out)
+    md = with_text_report(markdown(args, hp | extra, trade_off, results, summary, sizes, info), args, out)
     print()
     print(md)
     payload = {
         "info": info,
         "hyperparameters": hp,
+        "extra_hyperparameters": extra,
         "trade_off": trade_off,
         "quick": args.quick,
         "limits": limits,

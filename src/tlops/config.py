@@ -287,6 +287,31 @@ class AdaptConfig(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     trade_off: float = Field(1.0, ge=0, description="weight of the transfer loss")
     select: Literal["source_val", "last"] = Field("source_val", description="epoch selection: never target labels")
+    shot_beta: float = Field(
+        0.3,
+        ge=0,
+        description="shot: weight of the cross-entropy to the self-supervised (cosine-centroid) pseudo-labels next to "
+        "information maximisation (0.3 in the SHOT paper; 0.1 in its official digits script; 0 = SHOT-IM)",
+    )
+    shot_epochs: Optional[int] = Field(
+        None, ge=1, description="shot: passes over the unlabelled target after the source training (default: epochs)"
+    )
+    shot_label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="shot: label smoothing of the source training (SHOT's 0.1)"
+    )
+    self_train_rounds: int = Field(
+        2, ge=1, description="dann-self-train / cdan-self-train: rounds of pseudo-labelling the target and retraining"
+    )
+    self_train_threshold: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="dann-self-train / cdan-self-train: a target sample is pseudo-labelled when its top predicted "
+        "probability is at least this",
+    )
+    self_train_epochs: int = Field(
+        2, ge=1, description="dann-self-train / cdan-self-train: epochs per round over source + pseudo-labelled target"
+    )
 
 
 class TrainConfig(_Strict):

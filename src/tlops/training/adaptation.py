@@ -8,6 +8,11 @@ Framework-level, independent of tlops config objects:
   device of a :class:`~tlops.training.runtime.Runtime`, with resumable per-epoch checkpoints;
   :func:`adapt` builds the loss for a method name and runs the loop;
 * :func:`adabn` -- post-hoc re-estimation of BatchNorm statistics on target data (AdaBN);
+* :func:`shot` -- source-free adaptation of a source-trained model on the target alone (SHOT:
+  information maximisation + self-supervised pseudo-labels, classifier head frozen), through
+  the same loop with a target-only step; :func:`self_train` -- rounds of confidence-thresholded
+  pseudo-labelling of the target and training on source + pseudo-labelled target (e.g. after
+  DANN/CDAN);
 * :func:`predict` / :func:`evaluate` and the :func:`random_shift` augmentation.
 
 The losses and their building blocks (:func:`coral_loss`, :func:`mmd_loss`,
@@ -19,7 +24,7 @@ through an optional ``prepare`` callable, raw batches turned into keyword tensor
 (``backbone(**prepare(raw))``) -- e.g. ``prepare=clf.backbone.prepare`` for a
 ``tlops.models.bundle.Classifier`` on uint8 images.
 
-References: see :mod:`tlops.training.transfer_losses`; Li et al., "Revisiting Batch
+References: see :mod:`tlops.training.transfer_losses` (also for SHOT); Li et al., "Revisiting Batch
 Normalization for Practical Domain Adaptation" (AdaBN), 2016/2018.
 """
 
@@ -45,16 +50,21 @@ from tlops.training.transfer_losses import (
     DEFAULT_MMD_KERNELS,
     METHODS,
     MMD,
+    SHOT,
     DomainDiscriminator,
     GradientReversal,
     GradientReverseFunction,
+    PseudoLabels,
     RandomizedMultilinearMap,
     SourceOnly,
     TransferLoss,
+    cluster_pseudo_labels,
+    confident_pseudo_labels,
     coral_loss,
     dann_schedule,
     entropy,
     grad_reverse,
+    information_maximisation,
     make_loss,
     mmd_loss,
     multilinear_map,
@@ -69,6 +79,8 @@ __all__ = [
     "CORAL",
     "DANN",
     "MMD",
+    "PseudoLabels",
+    "SHOT",
     "SourceOnly",
     "TransferLoss",
     "DomainDiscriminator",
@@ -77,17 +89,22 @@ __all__ = [
     "adabn",
     "adapt",
     "adapt_loop",
+    "cluster_pseudo_labels",
+    "confident_pseudo_labels",
     "coral_loss",
     "dann_schedule",
     "entropy",
     "evaluate",
     "grad_reverse",
+    "information_maximisation",
     "make_loss",
     "mmd_loss",
     "multilinear_map",
     "predict",
     "random_shift",
     "RandomizedMultilinearMap",
+    "self_train",
+    "shot",
 ]
 
 
@@ -279,6 +296,8 @@ class AdaptSettings:
     entropy_weight: float = 0.0
     iters_per_epoch: int | None = None
     eval_batch_size: int = 512
+    label_smoothing: float = 0.0  # of the source cross-entropy (SHOT trains its source model with 0.1)
+    nesterov: bool = False  # SGD with Nesterov momentum (SHOT's recipe)
 
 
 # the settings recorded in the history's meta (in this order)
@@ -297,7 +316,9 @@ def _lr_factor(schedule: str, progress: float) -> float:
 
 def _optimizer(name: str, params: list[nn.Parameter], s: AdaptSettings) -> torch.optim.Optimizer:
     if name == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.SGD(
+            params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov and s.momentum > 0
+        )
     if name == "adam":
         return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
     raise ValueError(f"unknown optimizer {name!r} (allowed: sgd, adam)")
@@ -348,6 +369,7 @@ class _Stepper:
             torch.as_tensor(np.asarray(ys) if not isinstance(ys, torch.Tensor) else ys, dtype=torch.long),
         )
         self.n_s, self.n_t = len(xs), len(target)
+        self.epoch_len = self.n_s  # an epoch is one pass over the source
         if self.n_s == 0 or (loss.uses_target and self.n_t == 0):
             raise ValueError(f"adapt: empty source ({self.n_s}) or target ({self.n_t}) data")
         self.model, self.loss, self.target, self.s = model, loss, target, s
@@ -382,7 +404,7 @@ class _Stepper:
                 logits_s = model.head(fs)
                 logits_t = model.head(ft) if (self.ew or loss.needs_target_logits) else None
                 transfer, stats = loss(fs, ft, logits_s, logits_t, p)
-            cls = F.cross_entropy(logits_s, ys)
+            cls = F.cross_entropy(logits_s, ys, label_smoothing=s.label_smoothing)
             total_loss = cls + s.trade_off * transfer if loss.uses_target else cls
             if self.ew:
                 assert logits_t is not None
@@ -429,10 +451,13 @@ def adapt_loop(
     runtime: Runtime | None = None,
     checkpoints: Checkpoints | None = None,
     g: torch.Generator | None = None,
+    stepper: Any = None,
 ) -> AdaptHistory:
     """The one adaptation loop: ``cross_entropy(source) + trade_off * loss(...)`` (+ target
     entropy), whatever the method; see :func:`adapt`. ``g``: the generator for data order and
-    augmentation (default: seeded with ``settings.seed``)."""
+    augmentation (default: seeded with ``settings.seed``). ``stepper``: another optimisation
+    step with :class:`_Stepper`'s interface (SHOT's target-only :class:`_ShotStepper`) that
+    replaces the source + target step; its ``start_epoch()``, if any, runs before each epoch."""
     s = settings
     select = s.select
     if select == "auto":
@@ -443,8 +468,10 @@ def adapt_loop(
         raise ValueError("select='source_val' needs source_val=(x, y)")
     g = g if g is not None else torch.Generator().manual_seed(s.seed)
     rt = runtime or Runtime()
-    step_once = _Stepper(model, loss, source, target_unlabelled, s, prepare=prepare, augment=augment, runtime=rt, g=g)
-    steps = s.iters_per_epoch or max(1, step_once.n_s // s.batch_size)
+    step_once = stepper or _Stepper(
+        model, loss, source, target_unlabelled, s, prepare=prepare, augment=augment, runtime=rt, g=g
+    )
+    steps = s.iters_per_epoch or max(1, step_once.epoch_len // s.batch_size)
     history = AdaptHistory(
         meta={
             "method": loss.name,
@@ -459,6 +486,7 @@ def adapt_loop(
             "entropy_weight": step_once.ew,
             **loss.describe(),
             "bn_batches": "source+target concatenated" if loss.uses_target else "source only",
+            **({"label_smoothing": s.label_smoothing} if s.label_smoothing else {}),
         }
     )
     best_score: tuple[float, ...] | None = None
@@ -474,6 +502,8 @@ def adapt_loop(
         t0 = time.perf_counter()
         (set_train_mode or (lambda m: m.train()))(model)
         loss.train()
+        if hasattr(step_once, "start_epoch"):
+            step_once.start_epoch()
         sums = {"cls_loss": 0.0, "transfer_loss": 0.0, "train_acc": 0.0}
         seen = 0
         with rt.task(f"{loss.name} epoch {epoch}/{s.epochs}", total=steps) as bar:
@@ -624,3 +654,292 @@ def adapt(
         checkpoints=checkpoints,
         g=g,
     )
+
+
+# --------------------------------------------------------------------------- SHOT and self-training
+
+
+@torch.no_grad()
+def _embed(model: nn.Module, x: Any, *, prepare: Prepare | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) of all of ``x`` in eval mode, on the CPU (the model's mode is restored)."""
+    was = model.training
+    model.eval()
+    dev = _device_of(model)
+    feats, logits = [], []
+    for i in range(0, len(x), batch_size):
+        f = _features(model, put(_prepared(x[i : i + batch_size], prepare), dev))
+        feats.append(f.float().cpu())
+        logits.append(model.head(f).float().cpu())
+    model.train(was)
+    return torch.cat(feats), torch.cat(logits)
+
+
+class _ShotStepper:
+    """SHOT's optimisation step, source-free: a target batch only, through the backbone and the
+    frozen head, minimising ``im_weight * information_maximisation + beta * cross_entropy(pseudo-labels)``.
+    :meth:`start_epoch` recomputes the pseudo-labels of the whole target set from the current model
+    (as the official code does once per pass over the target); they are a function of the weights,
+    so a resumed run recomputes the same ones and the checkpoint does not hold them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: SHOT,
+        target: Any,
+        s: AdaptSettings,
+        *,
+        prepare: Prepare | None,
+        augment: Callable[[Inputs, torch.Generator], Inputs] | None,
+        runtime: Runtime,
+        g: torch.Generator,
+    ):
+        self.n_s, self.n_t, self.ew = 0, len(target), 0.0
+        self.epoch_len = self.n_t  # an epoch is one pass over the target
+        if self.n_t == 0:
+            raise ValueError("shot: empty target data")
+        self.model, self.loss, self.target, self.s = model, loss, target, s
+        self.prepare, self.augment, self.rt, self.g = prepare, augment, runtime, g
+        runtime.apply_threads()
+        runtime.prepare(model)
+        runtime.prepare(loss)
+        for p in model.head.parameters():  # the source hypothesis stays fixed
+            p.requires_grad_(False)
+        self.opt = _optimizer(s.optimizer, [p for p in model.parameters() if p.requires_grad], s)
+        self.tgt = _Sampler(self.n_t, g)
+        self.labels: torch.Tensor | None = None
+        self.agreement: float | None = None
+
+    def start_epoch(self) -> None:
+        if self.loss.beta <= 0:
+            return
+        feats, logits = _embed(self.model, self.target, prepare=self.prepare, batch_size=self.s.eval_batch_size)
+        labels = cluster_pseudo_labels(feats.numpy(), F.softmax(logits, dim=1).numpy())
+        self.labels = torch.from_numpy(labels)
+        self.agreement = float((self.labels == logits.argmax(1)).float().mean())
+
+    def __call__(self, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """One step: (beta * pseudo-label cross-entropy, IM loss, target logits, pseudo-labels, stats)."""
+        s, rt, model, loss = self.s, self.rt, self.model, self.loss
+        for group in self.opt.param_groups:
+            group["lr"] = s.lr * _lr_factor(s.lr_schedule, p)
+        idx = self.tgt.take(min(s.batch_size, self.n_t))
+        xt = _prepared(_take(self.target, idx), self.prepare)
+        if self.augment is not None and s.augment_target:
+            xt = self.augment(xt, self.g)
+        xt = rt.put(xt)
+        with rt.autocast():
+            logits = model.head(_features(model, xt))
+            im, stats = loss(None, None, None, logits, p)
+            if self.labels is not None:
+                y = rt.put(self.labels[idx])
+                cls = loss.beta * F.cross_entropy(logits, y)
+            else:  # SHOT-IM (beta 0): no pseudo-labels
+                y, cls = logits.detach().argmax(1), torch.zeros((), device=rt.device)
+            total_loss = cls + im
+        self.opt.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.opt.step()
+        if self.agreement is not None:
+            stats = {**stats, "pseudo_label_agreement": self.agreement}
+        return cls, im, logits, y, stats
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "generator": self.g.get_state(),
+            "target_order": self.tgt.state(),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.g.set_state(state["generator"])
+        self.tgt.load(state["target_order"])
+
+
+def shot(
+    model: nn.Module,
+    target_unlabelled: Any,
+    *,
+    beta: float = 0.3,
+    im_weight: float = 1.0,
+    source_val: tuple[Any, Any] | None = None,
+    prepare: Prepare | None = None,
+    augment: Callable[[Inputs, torch.Generator], Inputs] | None = None,
+    set_train_mode: Callable[[nn.Module], None] | None = None,
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    runtime: Runtime | None = None,
+    checkpoints: Checkpoints | None = None,
+    **settings: Any,
+) -> AdaptHistory:
+    """SHOT (Liang et al., ICML 2020): adapt a model trained on the source (SHOT trains it with
+    label smoothing 0.1: ``adapt(..., "source-only", label_smoothing=0.1)``) to the unlabelled
+    target without the source data: the head (the source hypothesis) is frozen and the backbone
+    minimises ``im_weight * (mean entropy - entropy of the mean prediction)`` plus ``beta`` *
+    cross-entropy to the :func:`cluster_pseudo_labels` recomputed at every epoch (an epoch = one
+    pass over the target). Published digits recipe: SGD lr 0.01, momentum 0.9 with Nesterov,
+    weight decay 1e-3, ``lr / (1 + 10 p)^0.75``, batch 64, 30 epochs, ``im_weight`` 1 and
+    ``beta`` 0.1 (0.3 on the object benchmarks; 0 = SHOT-IM).
+
+    Runs through :func:`adapt_loop` (checkpoints, progress, monitor as there); ``settings`` are
+    :class:`AdaptSettings` fields, ``select`` defaults to ``"last"`` (the published recipe: the
+    source validation set measures the source hypothesis SHOT moves away from, it is recorded
+    for diagnostics only). Never reads target labels. The head's ``requires_grad`` flags are
+    restored afterwards."""
+    settings.setdefault("select", "last")
+    s = AdaptSettings(**settings)
+    torch.manual_seed(s.seed)  # dropout uses the global generator
+    g = torch.Generator().manual_seed(s.seed)  # data order and augmentation
+    rt = runtime or Runtime()
+    loss = SHOT(beta, im_weight)
+    flags = [p.requires_grad for p in model.head.parameters()]
+    step = _ShotStepper(model, loss, target_unlabelled, s, prepare=prepare, augment=augment, runtime=rt, g=g)
+    try:
+        history = adapt_loop(
+            model,
+            loss,
+            None,  # type: ignore[arg-type]  (source-free: the stepper draws target batches only)
+            target_unlabelled,
+            s,
+            source_val=source_val,
+            prepare=prepare,
+            augment=augment,
+            set_train_mode=set_train_mode,
+            monitor=monitor,
+            log=log,
+            runtime=rt,
+            checkpoints=checkpoints,
+            g=g,
+            stepper=step,
+        )
+    finally:
+        for p, flag in zip(model.head.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    history.meta |= {
+        "bn_batches": "target only",
+        "augment": bool(augment and s.augment_target),
+        "nesterov": s.nesterov,
+        "head": "frozen (the source hypothesis)",
+        "pseudo_labels": "weighted cosine centroids of the target features, 1 refinement pass, every epoch"
+        if beta > 0
+        else None,
+    }
+    return history
+
+
+class _SelfTrainStepper(_Stepper):
+    """Self-training's step: a labelled source batch and a batch of the same size from the
+    pseudo-labelled target, through the backbone together (BatchNorm sees both domains), minimising
+    ``cross_entropy(source) + trade_off * cross_entropy(target, pseudo-labels)``. Source and target
+    inputs may differ in raw shape (each batch is prepared on its own), and the target batches are
+    augmented like the source ones: they are labelled data now."""
+
+    def __init__(self, model: nn.Module, source: tuple[Any, Any], target: Any, labels: torch.Tensor, s, **kw: Any):
+        super().__init__(model, PseudoLabels(), source, target, s, **kw)
+        self.yt = labels
+
+    def __call__(self, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        s, rt, model, loss = self.s, self.rt, self.model, self.loss
+        for group in self.opt.param_groups:
+            group["lr"] = s.lr * _lr_factor(s.lr_schedule, p)
+        idx_s = self.src.take(min(s.batch_size, self.n_s))
+        idx_t = self.tgt.take(min(len(idx_s), self.n_t))
+        xs = _prepared(_take(self.xs, idx_s), self.prepare)
+        xt = _prepared(_take(self.target, idx_t), self.prepare)
+        if self.augment is not None:
+            xs, xt = self.augment(xs, self.g), self.augment(xt, self.g)
+        ys, yt = rt.put(self.ys[idx_s]), rt.put(self.yt[idx_t])
+        with rt.autocast():
+            fs, ft = _joint_features(model, rt.put(xs), rt.put(xt))
+            logits_s, logits_t = model.head(fs), model.head(ft)
+            transfer, stats = loss(fs, ft, logits_s, logits_t, p, labels=yt)
+            cls = F.cross_entropy(logits_s, ys, label_smoothing=s.label_smoothing)
+            total_loss = cls + s.trade_off * transfer
+        self.opt.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.opt.step()
+        return cls, transfer, logits_s, ys, stats
+
+
+def self_train(
+    model: nn.Module,
+    source: tuple[Any, Any],
+    target_unlabelled: Any,
+    *,
+    rounds: int = 2,
+    threshold: float = 0.9,
+    source_val: tuple[Any, Any] | None = None,
+    prepare: Prepare | None = None,
+    augment: Callable[[Inputs, torch.Generator], Inputs] | None = None,
+    set_train_mode: Callable[[nn.Module], None] | None = None,
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    runtime: Runtime | None = None,
+    checkpoints: Callable[[int], Checkpoints | None] | None = None,
+    **settings: Any,
+) -> AdaptHistory:
+    """Pseudo-label self-training on top of an adapted model (e.g. after DANN/CDAN): ``rounds``
+    times, label the target with the current model (eval mode), keep the samples whose top
+    probability is at least ``threshold`` (:func:`confident_pseudo_labels`), and train from the
+    current weights through :func:`adapt_loop` with :class:`_SelfTrainStepper`: each step a source
+    batch and as many pseudo-labelled target samples, ``cross_entropy(source) + trade_off *
+    cross_entropy(target, pseudo-labels)``; an epoch is one pass over the source. Each round
+    relabels with the improved model; a round with no confident sample trains nothing. Never
+    reads target labels. ``settings``: :class:`AdaptSettings` fields (the seed of round ``r`` is
+    ``seed + r``); ``checkpoints(round)``: that round's checkpoints (None: none). Returns the
+    rounds' epoch records in one history (``round`` and ``pseudo_labelled`` on each record;
+    ``meta["rounds"]``: the pseudo-label count and the selection of each round)."""
+    base = AdaptSettings(**settings)
+    rt = runtime or Runtime()
+    history = AdaptHistory(meta={"method": "self-train", "threshold": threshold, "rounds": []})
+    for r in range(1, rounds + 1):
+        probs = F.softmax(predict(model, target_unlabelled, prepare=prepare, batch_size=base.eval_batch_size), dim=1)
+        keep, labels = confident_pseudo_labels(probs, threshold)
+        info: dict[str, Any] = {"round": r, "pseudo_labelled": len(keep), "of": len(target_unlabelled)}
+        if len(keep):
+            s = AdaptSettings(**{**settings, "seed": base.seed + r})
+            torch.manual_seed(s.seed)  # dropout uses the global generator
+            g = torch.Generator().manual_seed(s.seed)
+            step = _SelfTrainStepper(
+                model,
+                source,
+                _take(target_unlabelled, keep),
+                labels,
+                s,
+                prepare=prepare,
+                augment=augment,
+                runtime=rt,
+                g=g,
+            )
+            h = adapt_loop(
+                model,
+                step.loss,
+                source,
+                None,
+                s,
+                source_val=source_val,
+                prepare=prepare,
+                augment=augment,
+                set_train_mode=set_train_mode,
+                monitor=monitor,
+                log=log,
+                runtime=rt,
+                checkpoints=checkpoints(r) if checkpoints is not None else None,
+                g=g,
+                stepper=step,
+            )
+            for rec in h:
+                rec |= {"round": r, "pseudo_labelled": len(keep)}
+            history.extend(h)
+            info["selection"] = h.meta["selection"]
+        history.meta["rounds"].append(info)
+    history.meta["selection"] = {
+        "criterion": base.select,
+        "rounds": [i.get("selection") for i in history.meta["rounds"]],
+        "uses_target_labels": False,
+    }
+    return history

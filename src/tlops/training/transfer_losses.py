@@ -13,6 +13,12 @@ References: Sun & Saenko, "Deep CORAL", ECCV-W 2016; Long et al., "Learning Tran
 Features with Deep Adaptation Networks" (DAN/MK-MMD), ICML 2015; Ganin et al.,
 "Domain-Adversarial Training of Neural Networks", JMLR 2016; Long et al., "Conditional
 Adversarial Domain Adaptation" (CDAN), NeurIPS 2018.
+
+Source-free / self-training parts: :func:`information_maximisation` and
+:func:`cluster_pseudo_labels` (SHOT: Liang et al., "Do We Really Need to Access the Source
+Data? Source Hypothesis Transfer for Unsupervised Domain Adaptation", ICML 2020; the
+:class:`SHOT` transfer term) and :func:`confident_pseudo_labels` with :class:`PseudoLabels`
+(confidence-thresholded self-training, e.g. Lee, "Pseudo-Label", ICML-W 2013).
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("source-only", "coral", "mmd", "dann", "cdan", "cdan+e")
+# not in METHODS: SHOT's loop trains on the target alone (tlops.training.adaptation.shot)
+SHOT_METHOD = "shot"
 DEFAULT_MMD_KERNELS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -102,6 +111,46 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample Shannon entropy (nats) of ``softmax(logits)``."""
     logp = F.log_softmax(logits, dim=1)
     return -(logp.exp() * logp).sum(1)
+
+
+def information_maximisation(logits: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, dict[str, float]]:
+    """SHOT's information-maximisation loss on a batch of target logits: the mean per-sample
+    entropy (confident predictions) minus the entropy of the mean prediction (diverse ones: no
+    collapse onto a few classes). ``eps`` inside the log of the mean, as in the official code."""
+    ent = entropy(logits.float()).mean()
+    mean_p = F.softmax(logits.float(), dim=1).mean(0)
+    div = -(mean_p * torch.log(mean_p + eps)).sum()
+    return ent - div, {"target_entropy": float(ent.detach()), "diversity": float(div.detach())}
+
+
+def cluster_pseudo_labels(features: np.ndarray, probs: np.ndarray, rounds: int = 1) -> np.ndarray:
+    """SHOT's self-supervised pseudo-labels: class centroids in feature space weighted by the
+    predicted probabilities, each sample labelled by its nearest centroid (cosine distance),
+    then ``rounds`` refinement passes with hard-assignment centroids (1 in the paper). Features
+    get a constant 1 appended and are L2-normalised first, as in the official implementation, so
+    the labels follow the target's own cluster structure rather than the source classifier's
+    boundary alone. ``features`` (N, D), ``probs`` (N, C) softmax outputs; returns (N,) ints."""
+    from scipy.spatial.distance import cdist
+
+    f = np.concatenate([np.asarray(features, dtype=np.float64), np.ones((len(features), 1))], axis=1)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    aff = np.asarray(probs, dtype=np.float64)
+    k = aff.shape[1]
+    labels = np.zeros(len(f), dtype=np.int64)
+    for _ in range(rounds + 1):
+        centroids = aff.T @ f / (1e-8 + aff.sum(0)[:, None])
+        labels = cdist(f, centroids, "cosine").argmin(1)
+        aff = np.eye(k)[labels]
+    return labels.astype(np.int64)
+
+
+def confident_pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-training's pseudo-labels: (indices, labels) of the samples whose top softmax
+    probability is at least ``threshold`` (the rest stay unlabelled: wrong labels on uncertain
+    samples would be learnt as facts)."""
+    conf, labels = probs.max(1)
+    keep = torch.nonzero(conf >= threshold).flatten()
+    return keep, labels[keep]
 
 
 # --------------------------------------------------------------------------- adversarial parts
@@ -330,6 +379,42 @@ class CDAN(DANN):
     def describe(self) -> dict[str, Any]:
         cmap = f"randomized {self.rmap.output_dim}" if self.rmap is not None else "exact"
         return {"discriminator": f"{self.hidden} hidden x2", "cdan_map": cmap}
+
+
+class SHOT(TransferLoss):
+    """SHOT's objective on target batches (the source classifier head stays frozen):
+    :func:`information_maximisation` of the target logits; the ``beta`` * cross-entropy to
+    :func:`cluster_pseudo_labels` is added by the loop that owns the pseudo-labels
+    (:func:`tlops.training.adaptation.shot`)."""
+
+    name = SHOT_METHOD
+    needs_target_logits = True
+
+    def __init__(self, beta: float = 0.3, im_weight: float = 1.0):
+        super().__init__()
+        self.beta, self.im_weight = float(beta), float(im_weight)
+
+    def forward(self, fs, ft, logits_s, logits_t, progress):
+        if logits_t is None:
+            raise ValueError("SHOT needs the target logits")
+        loss, stats = information_maximisation(logits_t)
+        return self.im_weight * loss, stats
+
+    def describe(self) -> dict[str, Any]:
+        return {"discriminator": None, "cdan_map": None, "shot_beta": self.beta, "shot_im_weight": self.im_weight}
+
+
+class PseudoLabels(TransferLoss):
+    """Self-training's term: cross-entropy of the target logits to their pseudo-labels (the loop
+    that owns the labels passes each batch's: :func:`tlops.training.adaptation.self_train`)."""
+
+    name = "self-train"
+    needs_target_logits = True
+
+    def forward(self, fs, ft, logits_s, logits_t, progress, labels=None):
+        if logits_t is None or labels is None:
+            raise ValueError("self-training needs the target logits and their pseudo-labels")
+        return F.cross_entropy(logits_t, labels), {}
 
 
 def make_loss(

@@ -12,9 +12,11 @@ from tlops.training.strategies.base import Job, Strategy, Trained
 log = logging.getLogger("tlops.steps.fine_tune")
 
 
-def train(job: Job, out: Path, name: str, method: str) -> tuple[Trained, object]:
+def train(job: Job, out: Path, name: str, method: str, **settings: object) -> tuple[Trained, object]:
     """Adapt a classifier on the source model with ``method``; returns it (on the runtime's device)
-    and the target split. Checkpoints (resumable) only when the runtime has a checkpoint dir."""
+    and the target split. Checkpoints (resumable) only when the runtime has a checkpoint dir.
+    ``settings``: more :class:`~tlops.training.adaptation.AdaptSettings` fields (e.g. SHOT's
+    source training sets ``label_smoothing``)."""
     from tlops.models.bundle import Classifier, load_backbone
     from tlops.training.adaptation import adapt, random_shift
     from tlops.training.checkpoints import Checkpoints
@@ -47,6 +49,7 @@ def train(job: Job, out: Path, name: str, method: str) -> tuple[Trained, object]
         ),
         runtime=rt,
         checkpoints=Checkpoints(rt, out, name, a.epochs) if rt.checkpoint_dir is not None else None,
+        **settings,
     )
     extra = {
         "adaptation": {

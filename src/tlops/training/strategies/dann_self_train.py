@@ -1,0 +1,9 @@
+"""dann-self-train: DANN, then rounds of confidence-thresholded pseudo-label self-training on the
+target (see :mod:`tlops.training.strategies._self_train`)."""
+
+from tlops.training.strategies._self_train import strategy
+from tlops.training.strategies.base import register
+
+STRATEGY = register(
+    strategy("dann", "DANN, then self-training on source + confidently pseudo-labelled target (rounds)", 105)
+)
