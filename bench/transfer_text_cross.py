@@ -105,7 +105,7 @@ def run_cross(
                 "verbose": verbose,
                 "threads": threads,
             }
-            (p_head, p_hist), p_dt, p_other, p_cpu = timed(
+            (p_head, _), p_dt, p_other, p_cpu = timed(
                 train_probe, S.features[s_tr], S.y[s_tr], S.features[s_val], S.y[s_val], 2, TrainConfig(), seed
             )
             ctx["probe_head"] = p_head
@@ -127,7 +127,6 @@ def run_cross(
                             "other_cpu": p_other,
                             "cpu_seconds": p_cpu,
                             "source_val_acc": head_acc(p_head, S.features[s_val], S.y[s_val]),
-                            "probe_epochs": len(p_hist),
                         }
                     elif method in ("fine-tune", "lora"):
                         res = _run_full(method, ctx)

@@ -53,10 +53,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# MLflow's own bookkeeping: a ``models:/`` download writes this file (name and version, YAML) into the
+# model directory, and with a local artifact store that directory IS the store. tlops never reads it.
+_MLFLOW_WRITES = {"registered_model_meta"}
+
+
 def build_manifest(root: Path) -> dict[str, Any]:
     """Every file under ``root`` (a downloaded model directory): relative POSIX path -> sha256, size."""
     files = {}
     for p in sorted(root.rglob("*")):
+        if p.relative_to(root).as_posix() in _MLFLOW_WRITES:
+            continue
         if p.is_symlink():  # a download never makes one; a store that serves one is not trusted
             raise ModelError(f"{root}: {p.relative_to(root).as_posix()} is a symbolic link; a model holds files only")
         if p.is_file():
