@@ -696,8 +696,12 @@ def merge(args: argparse.Namespace, out: Path) -> int:
     for path, i in zip(args.merge, infos, strict=True):
         machines.setdefault(f"CPU {i['cpu']} ({i['cores']} logical cores)", []).append(str(path))
     info["note"] = (
-        f"the {len(infos)} benchmark processes ran side by side with {info['threads']} torch thread(s) each, so "
-        f"'other processes' includes the sibling benchmark processes"
+        (
+            f"the {len(infos)} benchmark processes ran side by side"
+            if len(machines) == 1
+            else "the benchmark processes of each machine below ran side by side"
+        )
+        + f" with {info['threads']} torch thread(s) each, so 'other processes' includes the sibling benchmark processes"
         + (
             f"; interrupted runs (only their finished methods are counted): {', '.join(incomplete)}"
             if incomplete
