@@ -57,8 +57,9 @@ transfer-bench: $(STAMP) ## transfer-learning benchmarks, 3 seeds: text/few-shot
 gpu-bench: $(STAMP) ## the perf benchmark on one GPU (bf16, channels_last, torch.compile; < 8 min); exits 0 without a GPU
 	PYTHON=$(BIN)/python bash bench/gpu.sh
 
-compile: $(STAMP) ## compile the KFP pipeline for the demo target config (pipelines/transfer_learning/digits-target.yaml)
+compile: $(STAMP) ## compile the KFP pipelines for the demo target config (pipelines/transfer_learning/, pipelines/batch_predict/)
 	$(BIN)/tlops compile --config configs/digits_target.yaml --out pipelines/transfer_learning/digits-target.yaml
+	$(BIN)/tlops compile --config configs/digits_target.yaml --pipeline batch-predict --out pipelines/batch_predict/digits-target.yaml
 
 dvc-export: $(STAMP) ## regenerate dvc.yaml + params.yaml from the DAG (for configs/digits_source.yaml)
 	$(BIN)/tlops export dvc --config configs/digits_source.yaml

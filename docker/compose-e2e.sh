@@ -9,7 +9,10 @@
 #      compose MLflow server), each as `docker compose up ... summary`
 #   5. the registry, asked from the host: digits-source has a version with alias champion,
 #      digits-target one with alias challenger
-#   6. a summary; containers and the compose network are removed (the image stays).
+#   6. the `serve` service (tlops serve $TLOPS_SERVE_MODEL, default digits-source@champion: the
+#      target's version is only challenger) started after the pipelines, asked from the host on
+#      loopback: GET /v2/health/ready, then one POST /v2/models/<name>/infer with two digits
+#   7. a summary; containers and the compose network are removed (the image stays).
 #
 # Repeatable: every run starts from an empty artifacts dir + MLflow store ($TLOPS_E2E_DIR),
 # unless TLOPS_E2E_KEEP=1 (then versions go up with each run).  Needs root the first time
@@ -18,6 +21,8 @@
 # Env: TLOPS_E2E_DIR (default .tlops/compose-e2e), TLOPS_E2E_LOG (/tmp/tlops-compose-e2e.log),
 #      TLOPS_E2E_KEEP, TLOPS_E2E_HOST_NETWORK=1 (generate with --host-network),
 #      TLOPS_MLFLOW_PORT (host port of the MLflow server; default: a free one),
+#      TLOPS_SERVE_PORT (host port of the serve endpoint; default: a free one),
+#      TLOPS_SERVE_MODEL (what the serve service serves; default digits-source@champion),
 #      BASE_IMAGE / IMAGE_NAME (passed on to build-image.sh).
 set -euo pipefail
 
@@ -66,6 +71,11 @@ if [ -z "${TLOPS_MLFLOW_PORT:-}" ]; then
     TLOPS_MLFLOW_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 export TLOPS_MLFLOW_PORT
+if [ -z "${TLOPS_SERVE_PORT:-}" ]; then
+    TLOPS_SERVE_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+export TLOPS_SERVE_PORT TLOPS_SERVE_MODEL=${TLOPS_SERVE_MODEL:-digits-source@champion}
+SERVE_URL="http://127.0.0.1:$TLOPS_SERVE_PORT"   # published on loopback, or bound there with host networking
 host_net_args=()
 MLFLOW_URL="http://127.0.0.1:$TLOPS_MLFLOW_PORT"
 if [ "${TLOPS_E2E_HOST_NETWORK:-0}" = 1 ]; then
@@ -153,11 +163,44 @@ EOF
 ) || { echo "$registry"; die "registered models are not as expected"; }
 echo "$registry"
 
-# --- 6: summary ------------------------------------------------------------------------------
+# --- 6: the serving endpoint -------------------------------------------------------------------
+say "== serve $TLOPS_SERVE_MODEL at $SERVE_URL"
+# --no-deps: the steps it depends on have just run; --wait: until /v2/health/ready answers
+dc up -d --no-deps --pull never --wait serve || {
+    dc logs --no-log-prefix --tail 30 serve 2>/dev/null || true
+    die "the serve service did not become ready"
+}
+served=$(SERVE_URL=$SERVE_URL MODEL=${TLOPS_SERVE_MODEL%%[@/]*} "$PY" - <<'EOF'
+import json, os, sys, urllib.request
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+url, name = os.environ["SERVE_URL"], os.environ["MODEL"]
+with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=10) as r:
+    print(f"OK GET /v2/health/ready -> {r.status}")
+d = load_digits()
+x = (d.images[:2] / 16 * 255).round().astype(np.uint8)  # two digits, 0-255 like ingest's images
+body = {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "UINT8", "data": x.ravel().tolist()}]}
+req = urllib.request.Request(
+    f"{url}/v2/models/{name}/infer", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+)
+with urllib.request.urlopen(req, timeout=30) as r:
+    out = json.load(r)
+outputs = {o["name"]: o["data"] for o in out["outputs"]}
+print(f"OK POST /v2/models/{name}/infer -> model version {out.get('model_version')}, outputs {sorted(outputs)}")
+print(f"   answers {outputs.get('label')} for true digits {d.target[:2].tolist()}")
+sys.exit(0 if all(len(v) >= 2 for v in outputs.values()) and outputs else 1)
+EOF
+) || { echo "$served"; die "the serve endpoint did not answer as expected"; }
+echo "$served"
+
+# --- 7: summary ------------------------------------------------------------------------------
 say "================ summary ================"
 say "image:            $TLOPS_IMAGE ($image_size), build-image.sh ${build_secs}s"
 say "source pipeline:  ${wall[source]}s wall"
 say "target pipeline:  ${wall[target]}s wall"
 echo "$registry" | grep -E '^(OK|MISSING) ' | sed 's/^/[compose-e2e] registry:         /'
+echo "$served" | grep -E '^OK ' | sed 's/^/[compose-e2e] serve:            /'
 say "total:            $(( $(date +%s) - t_start ))s"
 say "PASSED"

@@ -384,7 +384,7 @@ def test_compose_services_are_hardened_and_local():
             assert svc["read_only"] is True and svc["tmpfs"] == ["/tmp"], name
             assert svc["security_opt"] == ["no-new-privileges:true"], name
             assert svc["environment"]["HOME"] == "/tmp", name  # the only writable paths: /tmp, /artifacts
-            assert not svc.get("privileged") and "ports" not in svc or name == "mlflow", name
+            assert not svc.get("privileged") and "ports" not in svc or name in ("mlflow", "serve"), name
         mlflow = services["mlflow"]
         server = mlflow["command"][0]
         bind = re.search(r"mlflow server --host (\S+) ", server).group(1)
@@ -393,6 +393,7 @@ def test_compose_services_are_hardened_and_local():
         else:  # inside its own network namespace; published on the host's loopback only
             assert bind == "0.0.0.0"
             assert all(p.startswith("127.0.0.1:") for p in mlflow["ports"]), mlflow["ports"]
+            assert all(p.startswith("127.0.0.1:") for p in services["serve"]["ports"]), services["serve"]["ports"]
     committed = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     assert all(s["read_only"] and s["cap_drop"] == ["ALL"] for s in committed["services"].values())
 

@@ -11,6 +11,7 @@ import typer
 from typer.core import TyperCommand
 
 from tlops.errors import ConfigError, TlopsError
+from tlops.kfp.cli import PIPELINE as KFP_PIPELINE
 from tlops.kfp.cli import add_commands as add_kfp_commands
 
 
@@ -210,11 +211,21 @@ def compile_(
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
     out: Path = typer.Option(Path("pipeline.yaml"), "--out", "-o", help="where to write the KFP IR YAML"),
+    pipeline: str = KFP_PIPELINE,
 ) -> None:
     """Compile the pipeline for Kubeflow Pipelines v2 (IR YAML) from a config."""
+    from tlops.kfp.cli import check_pipeline
     from tlops.kfp.pipeline import compile_pipeline, image_for
 
     cfg = _load(config, set_)
+    if check_pipeline(pipeline) == "batch-predict":
+        from tlops.kfp.batch_predict import compile_batch_predict
+
+        compile_batch_predict(cfg, out)
+        typer.echo(
+            f"wrote {out} (image {image_for(cfg)}, batch-predict, default model {cfg.register.model_name}@champion)"
+        )
+        return
     compile_pipeline(cfg, out)
     gpu = cfg.kubernetes.gpu
     typer.echo(f"wrote {out} (image {image_for(cfg)}, fine-tune on {'GPU: ' + gpu.accelerator_type if gpu else 'CPU'})")

@@ -3,6 +3,7 @@
 - ``components``: one lightweight Python component per DAG step, generated from ``tlops.dag``;
 - ``task``: what a component runs in its container (``run_task``: one step, KFP artifacts as I/O);
 - ``pipeline``: the pipeline built from the DAG, Kubernetes settings, compile, ``kfp.local`` runs;
+- ``batch_predict``: the ``batch-predict`` pipeline (``tlops predict`` as one task, schedulable);
 - ``client``: submit / schedule / list runs against a KFP API server;
 - ``cli``: the ``tlops submit``, ``tlops schedule`` and ``tlops runs`` commands.
 

@@ -2,7 +2,8 @@
 Pipelines server.
 
 ``add_commands(app, compile_fn)`` registers them on a Typer app; ``compile_fn(cfg, out_path)``
-compiles a validated pipeline config to a KFP v2 IR YAML file and returns its path. Errors are
+compiles a validated pipeline config to a KFP v2 IR YAML file and returns its path; with
+``--pipeline batch-predict``, submit and schedule compile ``tlops.kfp.batch_predict`` instead. Errors are
 raised as ``TlopsError`` and printed by ``tlops.cli.main`` as ``error: <message>``.
 
 Credentials: ``$KFP_TOKEN``, else ``--token-file``, else the in-cluster token file
@@ -35,6 +36,20 @@ NAMESPACE = typer.Option(
     "kubeflow", "--namespace", help="multi-user KFP: your profile namespace ('kubeflow' = single-user default)"
 )
 NO_VERIFY_SSL = typer.Option(False, "--no-verify-ssl", help="do not verify the server's TLS certificate")
+PIPELINE = typer.Option(
+    "transfer-learning",
+    "--pipeline",
+    help="transfer-learning (the DAG) or batch-predict (tlops predict as one task; --param data_uri=...)",
+)
+PIPELINES = ("transfer-learning", "batch-predict")
+
+
+def check_pipeline(pipeline: str) -> str:
+    from tlops.errors import ConfigError
+
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"--pipeline: got {pipeline!r}; allowed: {', '.join(PIPELINES)}")
+    return pipeline
 
 
 def _connect(host: str, token_file: Optional[Path], namespace: str, no_verify_ssl: bool):
@@ -43,8 +58,12 @@ def _connect(host: str, token_file: Optional[Path], namespace: str, no_verify_ss
     return kfp_client.connect(host, token_file=token_file, namespace=namespace, verify_ssl=not no_verify_ssl)
 
 
-def _compile(compile_fn: CompileFn, cfg, tmpdir: str) -> Path:
+def _compile(compile_fn: CompileFn, cfg, tmpdir: str, pipeline: str = "transfer-learning") -> Path:
     out = Path(tmpdir) / "pipeline.yaml"
+    if pipeline == "batch-predict":
+        from tlops.kfp.batch_predict import compile_batch_predict
+
+        return compile_batch_predict(cfg, out)
     produced = compile_fn(cfg, out)
     return Path(produced) if produced else out
 
@@ -63,17 +82,19 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
         token_file: Optional[Path] = TOKEN_FILE,
         namespace: str = NAMESPACE,
         no_verify_ssl: bool = NO_VERIFY_SSL,
+        pipeline: str = PIPELINE,
     ) -> None:
         """Compile the pipeline and start one run of it on Kubeflow Pipelines."""
         from tlops.config import load_config
         from tlops.kfp import client as kfp_client
 
+        check_pipeline(pipeline)
         kfp_client.validate_host(host)
         params = kfp_client.parse_params(param)
         cfg = load_config(config, set_ or [])
         name = run_name or f"{cfg.name} {_dt.datetime.now().strftime('%Y-%m-%d %H-%M-%S')}"
         with tempfile.TemporaryDirectory(prefix="tlops-kfp-") as tmp:
-            package = _compile(compile_fn, cfg, tmp)
+            package = _compile(compile_fn, cfg, tmp, pipeline)
             params = kfp_client.prepare_params(package, params)  # fail before any network call
             client = _connect(host, token_file, namespace, no_verify_ssl)
             res = kfp_client.submit(client, package, experiment=experiment, run_name=name, params=params)
@@ -99,18 +120,20 @@ def add_commands(app: typer.Typer, compile_fn: CompileFn) -> None:
         token_file: Optional[Path] = TOKEN_FILE,
         namespace: str = NAMESPACE,
         no_verify_ssl: bool = NO_VERIFY_SSL,
+        pipeline: str = PIPELINE,
     ) -> None:
         """Compile the pipeline and create a recurring run of it on a cron schedule."""
         from tlops.config import load_config
         from tlops.kfp import client as kfp_client
 
+        check_pipeline(pipeline)
         kfp_client.validate_cron(cron)
         kfp_client.validate_host(host)
         params = kfp_client.parse_params(param)
         cfg = load_config(config, set_ or [])
-        job = job_name or cfg.name
+        job = job_name or (cfg.name if pipeline == "transfer-learning" else f"{cfg.name} {pipeline}")
         with tempfile.TemporaryDirectory(prefix="tlops-kfp-") as tmp:
-            package = _compile(compile_fn, cfg, tmp)
+            package = _compile(compile_fn, cfg, tmp, pipeline)
             params = kfp_client.prepare_params(package, params)
             client = _connect(host, token_file, namespace, no_verify_ssl)
             res = kfp_client.schedule(
