@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, run_info, run_machine  # noqa: E402
+from common import run_info, run_machine  # noqa: E402
 from transfer_text_setup import DEFAULTS as HP  # noqa: E402
 from transfer_text_setup import MINILM, load_blitzer, load_uci  # noqa: E402
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/probe.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = {**run_info("bench/probe.py", argv), **machine_info()}
+    info = run_info("bench/probe.py", argv)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for s in args.settings:
         if s in ("uci", "blitzer"):
