@@ -143,3 +143,33 @@ def test_empty_data_uri_is_a_clear_error(tmp_path):
     args = {"config": "{}", "model": "m@champion", "data_uri": "", "out_uri": "", "out_format": "parquet"}
     with pytest.raises(ConfigError, match="data_uri is empty"):
         run_batch_predict({**args, "data_format": "auto", "shard_size": 10, "image": "", "predictions": art})
+
+
+def test_task_reads_s3_data_and_uploads_the_result(reg, s3, tmp_path):  # noqa: F811 - the imported fixture
+    """The task body (what the component runs) with S3 on both ends: data from s3://, jsonl to s3://."""
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+    from s3srv import BUCKET
+    from sklearn.datasets import load_digits
+
+    from tlops.kfp.batch_predict import run_batch_predict
+    from tlops.storage import storage_for
+
+    d = load_digits()
+    local = tmp_path / "digits.npz"
+    np.savez(local, x=(d.images[:300] / 16 * 255).round().astype(np.uint8), y=d.target[:300])
+    storage_for(f"s3://{BUCKET}/in/digits.npz").upload_file(local, f"s3://{BUCKET}/in/digits.npz")
+    config = json.dumps(validate_config(digits_config(tmp_path / "w", tracking={"uri": reg.uri})).to_dict())
+    art = SimpleNamespace(path=str(tmp_path / "artifact"), metadata={})
+    args = {"config": config, "model": "t-digits@challenger", "data_uri": f"s3://{BUCKET}/in/digits.npz"}
+    args |= {"out_uri": f"s3://{BUCKET}/out/pred.jsonl", "out_format": "jsonl", "data_format": "auto"}
+    res = run_batch_predict({**args, "shard_size": 128, "image": "tlops:0.1.0", "predictions": art})
+    assert (res["rows"], res["shards"], res["model_version"]) == (300, 3, "1")
+    assert art.metadata["file"] == "predictions.jsonl" and art.metadata["model_name"] == "t-digits"
+    back = tmp_path / "back.jsonl"
+    storage_for(args["out_uri"]).download_file(args["out_uri"], back)
+    assert back.read_bytes() == (tmp_path / "artifact" / "predictions.jsonl").read_bytes()
+    rows = [json.loads(line) for line in back.read_text().splitlines()]
+    assert [r["row"] for r in rows] == list(range(300))
