@@ -162,7 +162,7 @@ def registry_with_champion_and_challenger(server, tmp_path_factory):
     _tlops(server, log, "demo", "--set", f"workdir={work}")
     _tlops(server, log, "promote", MODEL, "1", "--reason", "first reviewed model")
     # a second demo with other training settings: every strategy's model changes, so v2 is new
-    _tlops(server, log, "demo", "--set", f"workdir={work}", "--set", "train.epochs=3", "--set", "train.probe_scaling=none")
+    _tlops(server, log, "demo", "--set", f"workdir={work}", "--set", "train.epochs=3", "--set", "train.probe_c=[0.5]")
     print(f"\ndemo twice + promote against {server}: {time.time() - t0:.0f}s (log: {log})")
     champion = c.get_model_version_by_alias(MODEL, "champion")
     challenger = c.get_model_version_by_alias(MODEL, "challenger")
