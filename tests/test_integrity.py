@@ -126,7 +126,7 @@ def test_record_refuses_a_store_that_does_not_hold_what_was_uploaded(reg, store)
 def test_an_untouched_version_loads_in_every_consumer(reg, store, monkeypatch, capsys, tmp_path):
     from tlops.serving.registry import ModelRef
     from tlops.serving.server import load_version
-    from tlops.tracking import registry
+    from tlops.tracking import integrity, registry
 
     w = ["--workdir", str(reg.work)]
     code, out, err = run_cli(
@@ -164,7 +164,7 @@ def test_an_untouched_version_loads_in_every_consumer(reg, store, monkeypatch, c
     )
     assert code == 0, err
     registry.promote(NAME, "1")
-    with registry.champion_bundle(NAME) as (mv, bundle):
+    with integrity.champion_bundle(NAME) as (mv, bundle):
         assert str(mv.version) == "1" and (bundle / "bundle.json").is_file()
 
 
@@ -187,7 +187,7 @@ def test_one_changed_byte_is_refused_by_every_consumer(reg, store, one_byte_chan
     from tlops.models.sources import pull
     from tlops.serving.registry import ModelRef
     from tlops.serving.server import load_version
-    from tlops.tracking import registry
+    from tlops.tracking import integrity, registry
 
     got, expected = one_byte_changed
     message = (
@@ -212,7 +212,7 @@ def test_one_changed_byte_is_refused_by_every_consumer(reg, store, one_byte_chan
         pull(SourceConfig(model=f"mlflow:models:/{NAME}/1"), tmp_path / "pulled")
     assert str(e.value) == message
     registry.promote(NAME, "1")  # evaluate's champion comparison loads the champion the same way
-    with pytest.raises(ModelError) as e, registry.champion_bundle(NAME):
+    with pytest.raises(ModelError) as e, integrity.champion_bundle(NAME):
         pass
     assert str(e.value) == message
 

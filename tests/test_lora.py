@@ -105,6 +105,6 @@ def test_lora_on_a_cnn_is_refused_by_validation(tmp_path):
         validate_config(digits_config(tmp_path, train={"strategies": ["lora"], "epochs": 1}))
     assert str(e.value).splitlines()[1].strip() == (
         "train.strategies: lora needs a text model (hf:...), but source.model timm:resnet10t is an image model; "
-        "strategies for image models: linear-probe, fine-tune, partial-fine-tune, stacking, source-only, coral, mmd, "
-        "dann, cdan, adabn"
+        "strategies for image models: linear-probe, self-train-probe, fine-tune, partial-fine-tune, stacking, "
+        "source-only, coral, mmd, dann, dann-self-train, cdan, cdan-self-train, adabn, shot"
     )

@@ -139,10 +139,12 @@ def test_block_features_on_a_transformer(minilm_dir):
     feats = block_features(clf, texts, batch_size=2)
     assert len(feats) == 7  # embeddings + 6 layers
     assert all(f.shape == (4, 384) and np.isfinite(f).all() for f in feats)
-    # the last block's pooled output is exactly the backbone's mean-pooled feature
+    # the last block's pooled output is exactly the backbone's mean-pooled feature, before the L2 step of
+    # the model's sentence-transformers pipeline (source.normalize: auto)
+    assert clf.backbone.preprocessing["normalize"] == "l2"
     clf.eval()
     with torch.inference_mode():
         direct = np.concatenate([clf.backbone(**clf.backbone.prepare(texts[i : i + 2])).numpy() for i in (0, 2)])
     order = np.argsort([len(t) for t in texts], kind="stable")  # block_features batches by length
     assert list(order) != [0, 1, 2, 3]
-    assert np.allclose(feats[-1], direct, atol=1e-5)
+    assert np.allclose(feats[-1] / np.linalg.norm(feats[-1], axis=1, keepdims=True), direct, atol=1e-5)

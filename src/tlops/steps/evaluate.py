@@ -177,7 +177,7 @@ def _champion_metrics(
     (its stored accuracy may come from another split); ``None`` for the latter when it is not
     comparable."""
     from tlops.models.bundle import load_classifier, read_spec
-    from tlops.tracking.registry import champion_bundle
+    from tlops.tracking.integrity import champion_bundle
     from tlops.tracking.setup import configure
 
     configure(cfg)

@@ -211,3 +211,18 @@ def verified_download(name: str, version: str) -> Iterator[Path]:
             )
         log.debug("%s: %d files match the integrity manifest %s", label, len(manifest["files"]), digest[:12])
         yield local
+
+
+@contextmanager
+def champion_bundle(name: str) -> Iterator[tuple[Any, Path] | None]:
+    """Yield (model version, local bundle dir) of the current champion, or None; the files are checked
+    against the manifest recorded at registration before anything is read."""
+    from tlops.tracking import registry
+
+    mv = registry.get_alias(name, registry.CHAMPION)
+    if mv is None:
+        yield None
+        return
+    with verified_download(name, str(mv.version)) as local:
+        bundles = [p.parent for p in local.rglob("bundle.json")]
+        yield (mv, bundles[0]) if bundles else None

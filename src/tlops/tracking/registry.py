@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from tlops.errors import TlopsError
@@ -78,21 +77,6 @@ def settle_duplicate(name: str, version: str, digest: str) -> tuple[str, bool]:
         )
         return winner, True
     return str(version), False
-
-
-@contextmanager
-def champion_bundle(name: str) -> Iterator[tuple[Any, Path] | None]:
-    """Yield (model version, local bundle dir) of the current champion, or None (the files checked
-    against the manifest recorded at registration: :mod:`tlops.tracking.integrity`)."""
-    from tlops.tracking.integrity import verified_download
-
-    mv = get_alias(name, CHAMPION)
-    if mv is None:
-        yield None
-        return
-    with verified_download(name, str(mv.version)) as local:
-        bundles = [p.parent for p in local.rglob("bundle.json")]
-        yield (mv, bundles[0]) if bundles else None
 
 
 def who() -> str:
