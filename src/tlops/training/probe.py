@@ -209,7 +209,11 @@ def train_probe(
         name,
         scaling,
         c,
-        {"val": "validation accuracy", "cv": f"{len(folds)}-fold CV accuracy on train", "none": "no search"}[select],
+        {
+            "val": "validation accuracy",
+            "cv": f"{len(folds) // _CV_REPEATS}-fold CV accuracy on train, {_CV_REPEATS} repeats",
+            "none": "no search",
+        }[select],
         len(search),
         f"; val acc {rec['val_acc']:.4f}" if has_val else "",
     )
