@@ -416,14 +416,17 @@ class _Stepper:
         self.opt.step()
         return cls, transfer, logits_s, ys, stats
 
+    def samplers(self) -> dict[str, _Sampler]:
+        """The batch orders a checkpoint must restore, by checkpoint key."""
+        return {"source_order": self.src, "target_order": self.tgt}
+
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
             "optimizer": self.opt.state_dict(),
             "generator": self.g.get_state(),
-            "source_order": self.src.state(),
-            "target_order": self.tgt.state(),
+            **{key: sampler.state() for key, sampler in self.samplers().items()},
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -431,8 +434,8 @@ class _Stepper:
         self.loss.load_state_dict(state["loss"])
         self.opt.load_state_dict(state["optimizer"])
         self.g.set_state(state["generator"])
-        self.src.load(state["source_order"])
-        self.tgt.load(state["target_order"])
+        for key, sampler in self.samplers().items():
+            sampler.load(state[key])
 
 
 def adapt_loop(
@@ -674,12 +677,13 @@ def _embed(model: nn.Module, x: Any, *, prepare: Prepare | None, batch_size: int
     return torch.cat(feats), torch.cat(logits)
 
 
-class _ShotStepper:
+class _ShotStepper(_Stepper):
     """SHOT's optimisation step, source-free: a target batch only, through the backbone and the
     frozen head, minimising ``im_weight * information_maximisation + beta * cross_entropy(pseudo-labels)``.
     :meth:`start_epoch` recomputes the pseudo-labels of the whole target set from the current model
     (as the official code does once per pass over the target); they are a function of the weights,
-    so a resumed run recomputes the same ones and the checkpoint does not hold them."""
+    so a resumed run recomputes the same ones and the checkpoint does not hold them. Its own __init__
+    (no source data); the checkpoint state is _Stepper's with the target order only."""
 
     def __init__(
         self,
@@ -743,21 +747,8 @@ class _ShotStepper:
             stats = {**stats, "pseudo_label_agreement": self.agreement}
         return cls, im, logits, y, stats
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "loss": self.loss.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "generator": self.g.get_state(),
-            "target_order": self.tgt.state(),
-        }
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.loss.load_state_dict(state["loss"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.g.set_state(state["generator"])
-        self.tgt.load(state["target_order"])
+    def samplers(self) -> dict[str, _Sampler]:  # no source data: the target order only
+        return {"target_order": self.tgt}
 
 
 def shot(
