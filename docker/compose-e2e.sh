@@ -7,12 +7,16 @@
 #   4. the source pipeline (configs/digits_source.yaml), then the target pipeline
 #      (configs/digits_target.yaml, source model mlflow:models:/digits-source@champion from the
 #      compose MLflow server), each as `docker compose up ... summary`
-#   5. the registry, asked from the host: digits-source has a version with alias champion,
-#      digits-target one with alias challenger
+#   5. the registry, asked from the host as the reader: no credentials is 401; digits-source has a
+#      version with alias champion, moved by the reviewer (the `promote` service: the steps log in
+#      as the pipeline, which may not), digits-target one with alias challenger
 #   6. the `serve` service (tlops serve $TLOPS_SERVE_MODEL, default digits-source@champion: the
 #      target's version is only challenger) started after the pipelines, asked from the host on
 #      loopback: GET /v2/health/ready, then one POST /v2/models/<name>/infer with two digits
 #   7. a summary; containers and the compose network are removed (the image stays).
+#
+# Authentication: the compose MLflow runs --app-name tlops-auth; random passwords for the admin,
+# pipeline, reviewer and reader users go to $TLOPS_E2E_DIR/.env (mode 600), which compose reads.
 #
 # Repeatable: every run starts from an empty artifacts dir + MLflow store ($TLOPS_E2E_DIR),
 # unless TLOPS_E2E_KEEP=1 (then versions go up with each run).  Needs root the first time
@@ -94,6 +98,20 @@ if [ "${TLOPS_E2E_KEEP:-0}" != 1 ]; then rm -rf "$ART"; fi
 mkdir -p "$ART"
 if [ "$(id -u)" = 0 ]; then chown "$TLOPS_UID:$TLOPS_GID" "$ART"; fi
 
+# credentials: a private .env next to the compose file (compose reads it; never in git, never in a
+# URL); fresh random passwords unless one is already there (TLOPS_E2E_KEEP=1 reuses the users)
+ENV_FILE=$WORK/.env
+if [ "${TLOPS_E2E_KEEP:-0}" != 1 ] || [ ! -s "$ENV_FILE" ]; then
+    (umask 077; python3 - >"$ENV_FILE" <<'EOF'
+import secrets
+for var in ("ADMIN", "PIPELINE", "REVIEWER", "READER"):
+    print(f"TLOPS_MLFLOW_{var}_PASSWORD={secrets.token_hex(16)}")
+print(f"TLOPS_MLFLOW_SECRET_KEY={secrets.token_hex(24)}")
+EOF
+    )
+fi
+env_value() { sed -n "s/^$1=//p" "$ENV_FILE"; }
+
 say "== tlops export compose ${host_net_args[*]:-}"
 "$TLOPS_BIN" export compose --out "$COMPOSE_FILE_PATH" "${host_net_args[@]}"
 services=$(TLOPS_CONFIG=/dev/null TLOPS_RUN_ID=x compose_cli -p "$PROJECT" -f "$COMPOSE_FILE_PATH" config --services | xargs)
@@ -141,12 +159,24 @@ run_pipeline target configs/digits_target.yaml
 say "== model registry at $MLFLOW_URL"
 # the server stays up after `up ... summary`; make sure (e.g. after a restart) it answers
 dc up -d --pull never --wait mlflow >/dev/null 2>&1 || true
-registry=$(MLFLOW_TRACKING_URI=$MLFLOW_URL "$PY" - <<'EOF'
-import sys
+registry=$(MLFLOW_TRACKING_URI=$MLFLOW_URL MLFLOW_TRACKING_USERNAME=reader \
+    MLFLOW_TRACKING_PASSWORD=$(env_value TLOPS_MLFLOW_READER_PASSWORD) "$PY" - <<'EOF'
+import os, sys, urllib.error, urllib.request
 from mlflow import MlflowClient
 
 c = MlflowClient()
 ok = True
+# authentication is on: no credentials, no registry
+try:
+    urllib.request.urlopen(f"{os.environ['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/registered-models/search", timeout=10)
+    ok = False
+    print("MISSING authentication: the registry answered a request without credentials")
+except urllib.error.HTTPError as e:
+    print(f"OK no credentials -> HTTP {e.code}")
+    ok = ok and e.code == 401
+promoted = c.get_model_version_by_alias("digits-source", "champion").tags.get("tlops.promoted", "")
+print(f"{'OK' if promoted.startswith('reviewer ') else 'MISSING'} digits-source champion promoted by: {promoted}")
+ok = ok and promoted.startswith("reviewer ")
 for name, alias in (("digits-source", "champion"), ("digits-target", "challenger")):
     versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     for v in versions:

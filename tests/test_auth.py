@@ -235,3 +235,62 @@ def test_no_credentials_no_access(server, registry_setup):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 401
+
+
+@pytest.mark.slow
+def test_compose_bootstrap_sets_up_users_and_grants_and_promotes_as_reviewer(
+    server, registry_setup, tmp_path, monkeypatch
+):
+    """The compose runner's one-shot services (tlops.tracking.auth_users), against the real server: the
+    `mlflow-users` set-up makes the reviewer own the model and gives the pipeline EDIT (idempotent);
+    the pipeline can then register and set challenger but not champion; `promote` as the reviewer can."""
+    import json
+
+    import yaml
+    from conftest import digits_config
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    from tlops.tracking import auth_users
+
+    model = "compose-model"
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(tmp_path / "w", register={"model_name": model, "auto_promote": True})))
+    env = {"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"]}
+    for role in ("pipeline", "reviewer", "reader"):  # registry_setup made these users: set-up re-passwords them
+        env[f"TLOPS_MLFLOW_{role.upper()}_PASSWORD"] = PASSWORDS[role]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    for _ in range(2):  # a restarted compose project runs it again
+        assert auth_users.main(["setup", "--config", str(cfg)]) == 0
+
+    with _as("admin"):
+        admin = get_app_client("basic-auth", tracking_uri=server)
+        perms = {u: admin.get_user_permission(u, "registered_model", model).permission for u in PASSWORDS}
+    assert perms["reviewer"] == "MANAGE" and perms["pipeline"] == "EDIT" and perms["reader"] == "READ", perms
+
+    with _as("pipeline"):
+        c = MlflowClient()
+        run = c.create_run(c.create_experiment("compose-auth"))
+        mv = c.create_model_version(model, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+        c.set_model_version_tag(model, mv.version, registry.VALIDATION_TAG, "passed")
+        c.set_registered_model_alias(model, registry.CHALLENGER, mv.version)
+        with pytest.raises(MlflowException) as raw:
+            c.set_registered_model_alias(model, registry.CHAMPION, mv.version)
+        assert raw.value.get_http_status_code() == 403
+    reg = tmp_path / "register"
+    reg.mkdir()
+    (reg / "registration.json").write_text(json.dumps({"model_name": model, "version": mv.version}))
+    args = ["promote", "--config", str(cfg), "--registration", str(reg)]
+    with _as("pipeline"):  # the promote service with the pipeline's credentials would be refused
+        assert auth_users.main(args) == 1
+    with _as("reviewer"):
+        assert auth_users.main(args) == 0
+    with _as("reader"):
+        got = MlflowClient().get_registered_model(model)
+    assert {a: str(v) for a, v in got.aliases.items()} == {"challenger": str(mv.version), "champion": str(mv.version)}
+    with _as("reader"):
+        stamp = MlflowClient().get_model_version(model, mv.version).tags["tlops.promoted"]
+    assert stamp.startswith("reviewer "), stamp

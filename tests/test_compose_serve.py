@@ -21,7 +21,7 @@ def test_serve_service_follows_register_on_loopback(host_network):
     assert svc["command"][:2] == ["serve", "${TLOPS_SERVE_MODEL:-digits-target@champion}"]
     assert svc["depends_on"] == {
         "mlflow": {"condition": "service_healthy"},
-        "register": {"condition": "service_completed_successfully"},
+        "promote": {"condition": "service_completed_successfully"},  # after register, and champion moved
     }
     assert svc["cap_drop"] == ["ALL"] and svc["read_only"] is True and svc["tmpfs"] == ["/tmp"]
     assert svc["security_opt"] == ["no-new-privileges:true"] and svc["environment"]["HOME"] == "/tmp"
@@ -45,6 +45,8 @@ def test_docker_compose_accepts_the_file(tmp_path):
     env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path), "TLOPS_ARTIFACTS": str(tmp_path / "a")}
     env |= {"TLOPS_CONFIG": "/dev/null", "TLOPS_RUN_ID": "x", "TLOPS_SERVE_MODEL": "digits-source@champion"}
     env |= {"TLOPS_SERVE_PORT": "18080"}
+    env |= {f"TLOPS_MLFLOW_{r}_PASSWORD": "x" for r in ("ADMIN", "PIPELINE", "REVIEWER", "READER")}
+    env |= {"TLOPS_MLFLOW_SECRET_KEY": "x"}
     proc = subprocess.run(
         [docker, "compose", "-f", str(REPO / "docker" / "compose.yaml"), "config", "--format", "json"],
         capture_output=True,

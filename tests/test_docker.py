@@ -243,7 +243,7 @@ def test_dockerignore_keeps_build_inputs_only(dockerfile):
     assert not _ignored("src/tlops/cli.py", patterns)
     for path in (
         ".venv", ".venv/bin/python", ".tlops", ".git", ".git/HEAD", "dvc-artifacts", ".dvc/cache",
-        "tests", "tests/tmp", ".pytest_cache", "bench/out", "mlruns", "mlflow.db", "docker/compose.yaml",
+        "tests", "tests/tmp", ".pytest_cache", "bench/out", "mlruns", "mlflow.db", "docker/compose.yaml", "docker/.env",
         "src/tlops/__pycache__/cli.cpython-311.pyc", "src/tlops.egg-info/PKG-INFO",
     ):  # fmt: skip
         assert _ignored(path, patterns), f"{path} would be sent to the daemon"
@@ -373,7 +373,7 @@ def test_build_image_serves_local_pip_sources(tmp_path):
 @pytest.mark.timeout(5400)
 def test_compose_services_are_hardened_and_local():
     """Every compose service: no capabilities, read-only root (tmpfs /tmp), no-new-privileges; the
-    unauthenticated MLflow server is reachable from the host's loopback only, with host networking too."""
+    MLflow server is reachable from the host's loopback only, with host networking too."""
     sys.path.insert(0, str(ROOT / "src"))
     from tlops.runners import compose
 
@@ -387,7 +387,8 @@ def test_compose_services_are_hardened_and_local():
             assert not svc.get("privileged") and "ports" not in svc or name in ("mlflow", "serve"), name
         mlflow = services["mlflow"]
         server = mlflow["command"][0]
-        bind = re.search(r"mlflow server --host (\S+) ", server).group(1)
+        assert "mlflow server --app-name tlops-auth " in server  # authenticated (tests/test_compose_auth.py)
+        bind = re.search(r"mlflow server .*?--host (\S+) ", server).group(1)
         if host_network:
             assert bind == "127.0.0.1" and "ports" not in mlflow
         else:  # inside its own network namespace; published on the host's loopback only

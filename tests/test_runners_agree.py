@@ -26,9 +26,10 @@ def _topological(order: list[str], edges: dict[str, set[str]]) -> bool:
 
 def test_compose_services_dvc_stages_and_kfp_tasks_match_the_dag():
     services = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]
-    steps = [n for n in services if n not in ("mlflow", "summary", "serve")]
+    infra = ("mlflow", "mlflow-users", "promote", "summary", "serve")  # not steps: server, its users, reviewer, ...
+    steps = [n for n in services if n not in infra]
     assert steps == list(STEP_NAMES)
-    compose_edges = {n: {d for d, c in services[n]["depends_on"].items() if d != "mlflow"} for n in steps}
+    compose_edges = {n: {d for d, c in services[n]["depends_on"].items() if d not in infra} for n in steps}
     assert compose_edges == EDGES
     for n in steps:
         assert services[n]["depends_on"]["mlflow"] == {"condition": "service_healthy"}
@@ -69,7 +70,8 @@ def test_compose_step_commands_wire_inputs_to_producers():
     ins = [fine_tune[i + 1] for i, a in enumerate(fine_tune) if a == "--in"]
     assert ins == [f"dataset={runs}/ingest", f"model={runs}/pull-model", f"features={runs}/extract-features"]
     assert services["register"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert services["summary"]["depends_on"] == {"register": {"condition": "service_completed_successfully"}}
+    assert services["promote"]["depends_on"] == {"register": {"condition": "service_completed_successfully"}}
+    assert services["summary"]["depends_on"] == {"promote": {"condition": "service_completed_successfully"}}
     # MLflow 3 rejects unknown Host headers (403): the steps reach it as mlflow:5000
     assert "mlflow:*" in services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert services["mlflow"]["ports"] == ["127.0.0.1:${TLOPS_MLFLOW_PORT:-5000}:5000"]
