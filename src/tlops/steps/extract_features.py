@@ -12,12 +12,15 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
+from tlops.features import backends
+from tlops.features.backends import key_preprocessing
 from tlops.features.cache import FeatureCache, cache_key
 from tlops.hashing import hash_json
 from tlops.storage import is_s3
@@ -51,15 +54,23 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     if model.meta.get("candidates"):
         ranking = _rank_candidates(cfg, ds, model, cache)
         chosen = ranking[0]
-    key = cache_key(chosen["model_digest"], chosen["preprocessing"], ds.content_hash)
+    backend, backend_info = _resolve_backend(cfg, ds, model.path / chosen["path"], chosen)
+    key = cache_key(chosen["model_digest"], key_preprocessing(chosen["preprocessing"], backend), ds.content_hash)
     used = [key] + [cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train") for c in ranking or []]
     t0 = time.perf_counter()
     with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
         # local: hard link into/out of an atomically published entry; S3: features.npz, then manifest.json
         hit = cache.get_or_compute(
             key,
-            lambda: _compute(ds, model.path / chosen["path"], cfg.features.batch_size),
-            {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash},
+            lambda: _compute(
+                ds,
+                model.path / chosen["path"],
+                cfg.features.batch_size,
+                backend=backend,
+                model_digest=chosen["model_digest"],
+                store=backend_store(cfg),
+            ),
+            {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash, "backend": backend},
             w.path / "features.npz",
             enabled=cfg.features.cache,
         )
@@ -79,6 +90,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             "source": chosen["source"],
             "source_bundle": chosen["path"],  # fine-tune trains this bundle of the pull-model artifact
             "dataset_hash": ds.content_hash,
+            "backend": backend,
+            **({"backend_auto": backend_info} if backend_info else {}),
             **({"source_ranking": ranking, "selection_score": cfg.source.selection_score} if ranking else {}),
             "shapes": shapes,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -146,11 +159,80 @@ def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: F
     return rank_sources(scored, name)
 
 
-def _compute(ds: Dataset, bundle_dir: Path, batch_size: int) -> dict[str, np.ndarray]:
+def backend_store(cfg: PipelineConfig) -> Path:
+    """Where exported / quantised backbones and ``auto`` decisions are kept (local, next to the feature cache)."""
+    return backends.default_store(Workdir.at(cfg.workdir_path).root)
+
+
+def _calibration(ds: Dataset, n: int = backends.CALIBRATION_ROWS) -> tuple[Any, str]:
+    """A seeded sample of train rows (the static int8 CNN's activation ranges) and its identity."""
+    x = ds.load("train").x
+    idx = np.sort(np.random.default_rng(0).choice(len(x), size=min(n, len(x)), replace=False))
+    return (x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx]), f"{ds.content_hash}:train:{n}:seed0"
+
+
+def _runner(backbone, backend: str, ds: Dataset, model_digest: str, store: Path):
+    calibration, cal_id = (None, None)
+    if backend == "onnx-int8" and backbone.modality == "image":
+        calibration, cal_id = _calibration(ds)
+    return backends.build(
+        backbone, backend, model_digest=model_digest, store=store, calibration=calibration, calibration_id=cal_id
+    )
+
+
+def _resolve_backend(cfg: PipelineConfig, ds: Dataset, bundle_dir: Path, chosen: dict) -> tuple[str, dict | None]:
+    """``features.backend``, with ``auto`` measured on a sample of this run's data (see backend_choice)."""
+    backend = cfg.features.backend
+    if backend == "torch":
+        return backend, None
+    from tlops.models.bundle import load_backbone
+    from tlops.models.bundle_files import read_spec
+
+    # checked from the bundle's metadata: a cache hit (or a reused auto decision) never loads the weights
+    modality = chosen["preprocessing"].get("modality")
+    backends.check(backend, modality, read_spec(bundle_dir).get("kind", "?"))
+    if backend != "auto":
+        return backend, None
+    from tlops.features.backend_choice import choose
+
+    store = backend_store(cfg)
+    loaded: list = []
+
+    def make(name: str):
+        if not loaded:
+            loaded.append(load_backbone(bundle_dir))
+        return _runner(loaded[0], name, ds, chosen["model_digest"], store)
+
+    train = ds.load("train")
+    val = ds.load("val") if "val" in ds.splits() else None
+    info = choose(
+        str(modality),
+        train=(train.x, train.y),
+        val=(val.x, val.y) if val is not None else None,
+        make=make,
+        batch_size=cfg.features.batch_size,
+        decision_key={"model": chosen["model_digest"], "pre": chosen["preprocessing"], "data": ds.content_hash},
+        store=store,
+    )
+    return info["backend"], info
+
+
+def _compute(
+    ds: Dataset,
+    bundle_dir: Path,
+    batch_size: int,
+    *,
+    backend: str = "torch",
+    model_digest: str = "",
+    store: Path | None = None,
+) -> dict[str, np.ndarray]:
     from tlops.features.extract import extract
     from tlops.models.bundle import load_backbone
 
     backbone = load_backbone(bundle_dir)
+    if backend != "torch":
+        assert store is not None
+        backbone = _runner(backbone, backend, ds, model_digest, store)
     arrays = {}
     for split in ds.splits():
         arrays[split] = extract(backbone, ds.load(split).x, batch_size, desc=f"extract {split}")

