@@ -292,6 +292,15 @@ CALLERS = {
     ("argoproj.io", "workflowtaskresults", "patch", None): "Argo executor >= 3.4: updates a step's outputs",
     ("", "configmaps", "get", "kfp-launcher"): "KFP v2 driver/launcher: the namespace's pipeline-root config",
     ("", "secrets", "get", "mlpipeline-minio-artifact"): "KFP v2 launcher: the pipeline-root store credentials",
+    # tlops.kfp.trainjob (train.nodes > 1): submit the job, poll its conditions, delete it on cancel
+    ("trainer.kubeflow.org", "trainjobs", "create", None): "trainjob.run_job: create_namespaced_custom_object",
+    ("trainer.kubeflow.org", "trainjobs", "get", None): "trainjob.run_job: get_namespaced_custom_object",
+    ("trainer.kubeflow.org", "trainjobs", "delete", None): "trainjob.delete: delete_namespaced_custom_object",
+    ("kubeflow.org", "pytorchjobs", "create", None): "trainjob.run_job: create_namespaced_custom_object",
+    ("kubeflow.org", "pytorchjobs", "get", None): "trainjob.run_job: get_namespaced_custom_object",
+    ("kubeflow.org", "pytorchjobs", "delete", None): "trainjob.delete: delete_namespaced_custom_object",
+    ("", "pods", "list", None): "trainjob._LogStreamer: list_namespaced_pod (node 0 by label selector)",
+    ("", "pods/log", "get", None): "trainjob._LogStreamer: read_namespaced_pod_log (follow)",
 }
 
 
@@ -317,10 +326,15 @@ def test_every_rbac_grant_has_a_caller_and_every_caller_a_grant(rendered):
 
 
 def test_tlops_code_calls_no_kubernetes_api():
-    """The grants above are for KFP/Argo; tlops' own steps reach the cluster through env vars only."""
+    """The grants above are for KFP/Argo and the multi-node fine-tune task (tlops.kfp.trainjob); every
+    other piece of tlops reaches the cluster through env vars only."""
     api = re.compile(r"^\s*(from kubernetes\b|import kubernetes\b)|CoreV1Api|load_incluster_config", re.M)
     hits = [str(p.relative_to(REPO)) for p in (REPO / "src" / "tlops").rglob("*.py") if api.search(p.read_text())]
-    assert hits == []
+    assert hits == ["src/tlops/kfp/trainjob.py"]
+    text = (REPO / "src" / "tlops" / "kfp" / "trainjob.py").read_text()
+    calls = set(re.findall(r"\.(create|get|delete)_namespaced_custom_object\(", text))
+    assert calls == {"create", "get", "delete"}, "the custom-object verbs granted are the ones called"
+    assert "list_namespaced_pod(" in text and "read_namespaced_pod_log(" in text
 
 
 # --- scoped credentials ---------------------------------------------------------------------------

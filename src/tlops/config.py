@@ -382,9 +382,48 @@ class TrainConfig(_Strict):
     distributed: Literal["none", "ddp"] = Field(
         "none",
         description="ddp = data-parallel fine-tuning under torchrun (NCCL on GPU, gloo on CPU); "
-        "train.batch_size stays the global batch (see tlops.runners.torchrun)",
+        "train.batch_size stays the global batch (see tlops.runners.torchrun); the block "
+        "{nodes: N, procs_per_node: P, engine: E} means ddp with train.nodes, train.nproc, train.engine",
     )
-    nproc: Optional[int] = Field(None, ge=1, description="DDP processes (default: the number of GPUs, else 2 on CPU)")
+    nproc: Optional[int] = Field(
+        None, ge=1, description="DDP processes per node (default: the number of GPUs, else 2 on CPU)"
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="machines of a ddp job (nodes x nproc ranks); > 1 on a cluster: the KFP fine-tune task "
+        "submits a train.engine job; outside a cluster: one torchrun per node on loopback (tlops.runners.torchrun)",
+    )
+    engine: Literal["trainjob", "pytorchjob"] = Field(
+        "trainjob",
+        description="what runs a multi-node job on the cluster: trainjob = Kubeflow Trainer's TrainJob "
+        "(trainer.kubeflow.org/v1alpha1), pytorchjob = the Training Operator's PyTorchJob (kubeflow.org/v1)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distributed_block(cls, v: Any) -> Any:
+        """``distributed: {nodes: N, procs_per_node: P, engine: E}`` is shorthand for ``distributed: ddp``
+        with ``nodes``, ``nproc`` and ``engine`` (one set of fields, two spellings)."""
+        if not isinstance(v, dict) or not isinstance(v.get("distributed"), dict):
+            return v
+        block = dict(v["distributed"])
+        unknown = set(block) - {"nodes", "procs_per_node", "engine"}
+        if unknown:
+            raise ValueError(f"train.distributed: unknown keys {sorted(unknown)} (nodes, procs_per_node, engine)")
+        out = {**v, "distributed": "ddp"}
+        for key, field in (("nodes", "nodes"), ("procs_per_node", "nproc"), ("engine", "engine")):
+            if key in block:
+                if field in v and v[field] != block[key]:
+                    raise ValueError(f"train.distributed.{key} and train.{field} disagree")
+                out[field] = block[key]
+        return out
+
+    @model_validator(mode="after")
+    def _nodes_need_ddp(self) -> "TrainConfig":
+        if self.nodes > 1 and self.distributed != "ddp":
+            raise ValueError("train.nodes > 1 needs train.distributed: ddp")
+        return self
 
     @field_validator("strategies", mode="before")
     @classmethod

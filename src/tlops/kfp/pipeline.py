@@ -75,7 +75,9 @@ def task_configurer(cfg: PipelineConfig):
         # the label the NetworkPolicies in k8s/base/network-policies.yaml select pipeline pods by
         for key, value in POD_LABELS.items():
             kubernetes.add_pod_label(task, label_key=key, label_value=value)
-        gpu = k.gpu if spec.resources == "gpu" else None
+        # train.nodes > 1: the fine-tune task only submits and watches the job (tlops.kfp.trainjob),
+        # whose pods get the GPU settings; the task itself stays on the CPU pool
+        gpu = k.gpu if spec.resources == "gpu" and cfg.train.nodes == 1 else None
         r = gpu or k.resources  # the GPU step has its own requests/limits
         if r.cpu_request:
             task.set_cpu_request(r.cpu_request)

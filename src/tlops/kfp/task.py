@@ -68,6 +68,7 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
     outputs. An image pinned by digest is part of the step key: an artifact made by another image
     is not reused."""
     from tlops import logs
+    from tlops.kfp import trainjob
     from tlops.runners.local import execute_step
 
     logs.setup()  # the task's log in tlops's format, at the verbosity of the tlops that started it
@@ -76,13 +77,18 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
     arts = {name: read_artifact(args[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
     output = args[spec.output_name]
     image = args.get(IMAGE_PARAM) or ""
-    res = execute_step(spec, cfg, arts, Path(output.path), image_digest=image_digest(image))
-    output.metadata.update(provenance(res.artifact))
+    if step == "fine-tune" and cfg.train.nodes > 1 and trainjob.in_cluster():
+        # multi-node: a TrainJob / PyTorchJob runs the step on train.nodes pods (tlops.kfp.trainjob)
+        trainjob.run_fine_tune(cfg, image, {name: args[name] for name in spec.inputs}, output)
+        artifact = read_artifact(Path(output.path), spec.output)
+    else:
+        artifact = execute_step(spec, cfg, arts, Path(output.path), image_digest=image_digest(image)).artifact
+    output.metadata.update(provenance(artifact))
     if image:
         output.metadata["image"] = image
     if step == "evaluate":
-        log_evaluation(res.artifact, args["metrics"], args["classification"])
-    return res.artifact
+        log_evaluation(artifact, args["metrics"], args["classification"])
+    return artifact
 
 
 def log_evaluation(evaluation: Artifact, metrics: Any, classification: Any) -> None:

@@ -7,6 +7,11 @@
   permitting), else 2 on CPU. With N = 1 the step simply runs in-process without DDP. Already
   under ``torchrun`` (e.g. a container command that starts ``torchrun ... tlops step
   fine-tune ...`` itself), the step does not relaunch.
+* Several nodes (``train.nodes`` > 1) outside a cluster: one ``torchrun --nnodes M
+  --node-rank i --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT`` process per node on this
+  machine, the layout a multi-node job has on a cluster (where the KFP fine-tune task submits a
+  TrainJob / PyTorchJob instead: ``tlops.kfp.trainjob``). When one node's workers fail, the
+  others are stopped and the step fails with the failing node's exit status.
 * Inside each worker: the step's :class:`~tlops.training.runtime.Runtime` is built with this
   process's rank, world and local rank (one device per local rank, CPU threads split between
   the local ranks), joins the process group (NCCL on GPU, gloo on CPU), and every rank runs the
@@ -83,12 +88,13 @@ def run_step(cfg: Any, inputs: dict[str, Any], out: Path, body: Body, *, checkpo
 
     out = Path(out)
     dist = rank_info()
-    if cfg.train.distributed != "ddp" or (dist is None and resolve_nproc(cfg.train) <= 1):
+    nodes = getattr(cfg.train, "nodes", 1)
+    if cfg.train.distributed != "ddp" or (dist is None and resolve_nproc(cfg.train) * nodes <= 1):
         if cfg.train.distributed == "ddp":
             log.info("train.distributed=ddp with 1 process: training in-process without DDP")
         return body(cfg, inputs, out, Runtime.from_config(cfg.train, checkpoint_dir=checkpoint_dir))
     if dist is None:
-        return launch(cfg, inputs, out, resolve_nproc(cfg.train), checkpoint_dir=checkpoint_dir)
+        return launch(cfg, inputs, out, resolve_nproc(cfg.train), checkpoint_dir=checkpoint_dir, nodes=nodes)
     rt = Runtime.from_config(cfg.train, checkpoint_dir=checkpoint_dir, **dist._asdict())
     rt.init_process_group()
     try:
@@ -105,14 +111,34 @@ def run_step(cfg: Any, inputs: dict[str, Any], out: Path, body: Body, *, checkpo
 
 
 def launch_command(
-    config_file: Path, inputs: dict[str, Path], out: Path, nproc: int, *, checkpoint_dir: Path | None = None
+    config_file: Path,
+    inputs: dict[str, Path],
+    out: Path,
+    nproc: int,
+    *,
+    checkpoint_dir: Path | None = None,
+    nodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
 ) -> list[str]:
+    """One node's torchrun command: ``--standalone`` for one node, else c10d rendezvous at
+    ``rdzv_endpoint`` (rank 0's host:port) as node ``node_rank`` of ``nodes``."""
+    if nodes == 1:
+        placement = ["--standalone", "--nnodes=1"]
+    else:
+        placement = [
+            f"--nnodes={nodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            "--rdzv-id=tlops-fine-tune",
+            "--max-restarts=0",
+        ]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
+        *placement,
         f"--nproc-per-node={nproc}",
         "-m",
         "tlops.runners.torchrun",
@@ -128,39 +154,98 @@ def launch_command(
     return cmd
 
 
-def launch(cfg: Any, inputs: dict[str, Any], out: Path, nproc: int, *, checkpoint_dir: Path | None = None) -> Any:
-    """Relaunch the fine-tune step under ``torchrun`` with ``nproc`` workers; rank 0 writes ``out``."""
+def free_port() -> int:
+    """A TCP port free on loopback now (the c10d store of a local multi-node job binds it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_nodes(cmds: list[list[str]], env: dict[str, str]) -> int:
+    """Run one torchrun per node; the first node that fails stops the others (they would wait on
+    it in the next collective until the timeout). Returns 0, or the first failure's status."""
+    import time
+
+    procs = [subprocess.Popen(c, env=env) for c in cmds]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def launch(
+    cfg: Any,
+    inputs: dict[str, Any],
+    out: Path,
+    nproc: int,
+    *,
+    checkpoint_dir: Path | None = None,
+    nodes: int = 1,
+) -> Any:
+    """Relaunch the fine-tune step under ``torchrun`` with ``nproc`` workers on each of ``nodes``
+    local node processes; rank 0 writes ``out``."""
     from tlops.artifacts import read_artifact
     from tlops.config import save_config
 
     with tempfile.TemporaryDirectory(prefix="tlops-ddp-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         save_config(cfg, config_file)
-        cmd = launch_command(
-            config_file,
-            {k: Path(a.path).resolve() for k, a in inputs.items()},
-            out.resolve(),
-            nproc,
-            checkpoint_dir=Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None,
-        )
+        endpoint = f"127.0.0.1:{free_port()}" if nodes > 1 else None
+        cmds = [
+            launch_command(
+                config_file,
+                {k: Path(a.path).resolve() for k, a in inputs.items()},
+                out.resolve(),
+                nproc,
+                checkpoint_dir=Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None,
+                nodes=nodes,
+                node_rank=i,
+                rdzv_endpoint=endpoint,
+            )
+            for i in range(nodes)
+        ]
+        cmd = cmds[0]
         env = dict(os.environ)  # the workers' process environment (torchrun adds its own variables)
         if "OMP_NUM_THREADS" not in env and not cfg.train.threads:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (nproc * nodes)))
         src = str(Path(__file__).resolve().parents[2])  # the tlops checkout, when not installed
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        log.info("fine-tune: train.distributed=ddp, launching %d workers: %s", nproc, " ".join(cmd))
-        rc = subprocess.run(cmd, env=env).returncode
+        log.info("fine-tune: train.distributed=ddp, launching %d node(s) x %d workers: %s", nodes, nproc, " ".join(cmd))
+        rc = subprocess.run(cmd, env=env).returncode if nodes == 1 else run_nodes(cmds, env)
     if rc != 0:
         raise DistributedError(
-            f"fine-tune: the {nproc} DDP workers failed (exit status {rc}); command: {' '.join(cmd)}"
+            f"fine-tune: the {nodes * nproc} DDP workers failed (exit status {rc}); command: {' '.join(cmd)}"
         )
     return read_artifact(out, "trained-models")
 
 
 def _worker(argv: list[str] | None = None) -> int:
-    """``torchrun ... -m tlops.runners.torchrun --config C --in name=path ... --out O [--checkpoint-dir D]``."""
+    """``torchrun ... -m tlops.runners.torchrun --config C --in name=path ... --out O [--checkpoint-dir D]``.
+
+    On a cluster's multi-node job (``tlops.kfp.trainjob``) the pods share no disk: the config
+    comes inline (``--config-json``), inputs are ``s3://`` prefixes every process downloads, and
+    rank 0 publishes the artifact to an ``s3://`` ``--out`` (manifest last)."""
     ap = argparse.ArgumentParser(prog="python -m tlops.runners.torchrun", description=_worker.__doc__)
-    ap.add_argument("--config", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="config file")
+    src.add_argument("--config-json", help="the resolved config as JSON")
     ap.add_argument("--in", dest="inputs", action="append", default=[], help="name=path of an input artifact")
     ap.add_argument("--out", required=True)
     ap.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (the runner's, under the workdir)")
@@ -172,19 +257,30 @@ def _worker(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    import json
+
     from tlops import dag
     from tlops.artifacts import read_artifact
-    from tlops.config import load_config
+    from tlops.config import load_config, validate_config
     from tlops.steps import get_step
+    from tlops.storage import S3Storage, is_s3
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config) if args.config else validate_config(json.loads(args.config_json), "--config-json")
     spec = dag.get("fine-tune")
-    inputs = {}
-    for item in args.inputs:
-        name, path = item.split("=", 1)
-        inputs[name] = read_artifact(Path(path), dag.get(spec.inputs[name]).output)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    get_step(spec.name).run(cfg, inputs, Path(args.out), checkpoint_dir=ckpt)
+    with tempfile.TemporaryDirectory(prefix=f"tlops-rank{rank}-io-") as tmp:
+        inputs = {}
+        for item in args.inputs:
+            name, path = item.split("=", 1)
+            if is_s3(path):
+                local = Path(tmp) / "in" / name
+                S3Storage().download_dir(path, local)
+                path = str(local)
+            inputs[name] = read_artifact(Path(path), dag.get(spec.inputs[name]).output)
+        out = Path(tmp) / "out" if is_s3(args.out) else Path(args.out)
+        get_step(spec.name).run(cfg, inputs, out, checkpoint_dir=ckpt)
+        if is_s3(args.out) and rank == 0:
+            S3Storage().upload_dir(out, args.out)
     return 0
 
 
