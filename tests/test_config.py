@@ -71,7 +71,7 @@ def test_unknown_top_level_key_lists_allowed_keys(raw):
     assert msg.startswith("invalid config cfg.yaml:")
     assert (
         "trian: unknown key; allowed keys: data, evaluate, features, kubernetes, name, register, seed, source, "
-        "tracking, train, workdir" in msg
+        "tracking, train, tune, workdir" in msg
     )
 
 

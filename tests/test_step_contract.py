@@ -33,6 +33,7 @@ SECTIONS: dict[str, Any] = {
     "data.adapt_from": {"source": "sklearn:digits"},
     "data.dvc": {"repo": "/tmp/dvc-repo", "path": "data/digits.npz"},
     "kubernetes.gpu": {},
+    "tune": {"space": {"train.lr": {"low": 1e-4, "high": 1e-2}}},
 }
 # A few fields that validators tie to others: the value to try first (the rest are generated).
 PREFERRED: dict[str, list[Any]] = {
@@ -45,6 +46,7 @@ PREFERRED: dict[str, list[Any]] = {
     "name": ["other-name"],
     "kubernetes.secrets": [[{"name": "s3", "env": {"AWS_ACCESS_KEY_ID": "key"}}]],
     "kubernetes.gpu.tolerations": [[{"key": "dedicated", "operator": "Exists"}]],
+    "tune.space": [{"train.epochs": {"low": 1, "high": 3}}],
 }
 
 
@@ -60,7 +62,7 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
     for name, f in model.model_fields.items():
         path = prefix + name
         sub = _model_of(f.annotation)
-        if sub is not None and typing.get_origin(f.annotation) is not list:
+        if sub is not None and typing.get_origin(f.annotation) not in (list, dict):  # dict: keys are data
             out += _leaves(sub, path + ".")
         else:
             out.append((path, f.annotation))

@@ -651,6 +651,45 @@ def gc(
         typer.echo(line)
 
 
+@app.command()
+def tune(
+    config: Path = typer.Argument(..., help="pipeline YAML config with a tune: section"),
+    set_: Optional[List[str]] = SET,
+    trials: Optional[int] = typer.Option(None, "--trials", help="budget: most trials (default: tune.trials)"),
+    minutes: Optional[float] = typer.Option(
+        None, "--minutes", help="budget: no new trial after this many minutes (default: tune.minutes)"
+    ),
+    out: Path = typer.Option(Path("best.yaml"), "--out", "-o", help="where to write the config with the best values"),
+    run_best: bool = typer.Option(False, "--run", help="then run the whole pipeline with the best config"),
+    katib_manifest: Optional[Path] = typer.Option(
+        None, "--katib-manifest", help="write the Katib Experiment for a cluster instead of searching here"
+    ),
+    namespace: Optional[str] = typer.Option(None, help="--katib-manifest: the Experiment's namespace"),
+    trial: bool = typer.Option(
+        False, "--trial", help="run one trial with the config as given and print objective=value (a Katib trial)"
+    ),
+    workdir: Optional[Path] = CFG_WORKDIR,
+) -> None:
+    """Hyper-parameter search over train.* (the tune: section): Optuna here, or a Katib Experiment.
+
+    Each trial trains on the cached features and is scored on validation only; the best config
+    goes to --out (docs/scaling.md)."""
+    from tlops.tuning.cli import tune_command
+
+    code = tune_command(
+        _load(config, set_, workdir),
+        trials=trials,
+        minutes=minutes,
+        out=out,
+        run=run_best,
+        katib_manifest=katib_manifest,
+        trial=trial,
+        namespace=namespace,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
 def _compile_pipeline(cfg, out: Path) -> Path:
     from tlops.kfp.pipeline import compile_pipeline  # imported late: keeps `tlops --help` fast
 

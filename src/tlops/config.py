@@ -555,6 +555,133 @@ class TrackingConfig(_Strict):
         return _no_credentials(v, _S3_CREDS, any_user=True)
 
 
+# Search-space keys whose values only decide where/how fast training runs, not what it learns.
+_TUNE_REFUSED = {
+    "train.device": "where training runs",
+    "train.threads": "CPU threads",
+    "train.distributed": "data-parallel training",
+    "train.nproc": "data-parallel processes",
+    "train.nodes": "data-parallel machines",
+    "train.engine": "the cluster job kind",
+    "train.strategies": "the strategies to compare; the fine-tune step already picks among them on validation, "
+    "and extract-features reads it, so trials could not share one set of cached features",
+    "train.compile": "torch.compile",
+    "train.channels_last": "memory format",
+}
+
+
+def train_keys() -> dict[str, Any]:
+    """Every leaf of ``train.*`` as a dotted key (``train.lr``, ``train.lora.r``) -> its annotation."""
+    out: dict[str, Any] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                out[prefix + name] = ann
+
+    walk(TrainConfig, "train.")
+    return out
+
+
+def int_field(key: str) -> bool:
+    """Whether the ``train.*`` field takes integers (``int``, ``Optional[int]``, ``int | 'auto'``)."""
+    ann = train_keys()[key]
+    return ann is int or int in getattr(ann, "__args__", ())
+
+
+def with_train_params(train: "TrainConfig", params: dict[str, Any]) -> "TrainConfig":
+    """``train`` with dotted ``train.*`` values applied (a scalar for a list field such as
+    ``train.probe_c`` becomes a one-element list: one C, no inner search), validated again."""
+    d = train.model_dump(mode="json")
+    keys = train_keys()
+    for key, value in params.items():
+        *head, last = key.split(".")[1:]
+        cur = d
+        for part in head:
+            cur = cur[part]
+        is_list = getattr(keys.get(key), "__origin__", None) is list
+        cur[last] = [value] if is_list and not isinstance(value, list) else value
+    return TrainConfig.model_validate(d)
+
+
+class TuneParam(_Strict):
+    """One dimension of the search space: a range (``low``/``high``, optionally ``log``) or ``choices``.
+
+    Int or float follows the ``train.*`` field's own type (``train.epochs`` is searched over ints)."""
+
+    low: Optional[float] = Field(None, description="lower end of a range (inclusive)")
+    high: Optional[float] = Field(None, description="upper end of a range (inclusive)")
+    log: bool = Field(False, description="sample the range log-uniformly (learning rates, regularisation strengths)")
+    choices: Optional[list[Any]] = Field(None, min_length=1, description="a categorical list instead of a range")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "TuneParam":
+        ranged = self.low is not None or self.high is not None
+        if ranged == (self.choices is not None):
+            raise ValueError("give either low and high (a range) or choices (a list)")
+        if ranged:
+            if self.low is None or self.high is None:
+                raise ValueError("a range needs both low and high")
+            if not self.low < self.high:
+                raise ValueError(f"low must be < high (got {self.low} and {self.high})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"log: true needs low > 0 (got {self.low})")
+        elif self.log:
+            raise ValueError("log applies to a range, not to choices")
+        return self
+
+
+class TuneConfig(_Strict):
+    """``tlops tune``: hyper-parameter search over ``train.*`` (Optuna locally, a Katib Experiment on a cluster)."""
+
+    space: dict[str, TuneParam] = Field(
+        ...,
+        description="train.* key -> {low, high, log} or {choices}; e.g. train.lr: {low: 1e-5, high: 1e-3, log: true}",
+    )
+    objective: Literal["auto", "val_acc", "source_val_acc"] = Field(
+        "auto",
+        description="what a trial is scored on: the selected strategy's validation accuracy (val_acc) or source-domain "
+        "validation accuracy (source_val_acc: no target labels); auto = source_val_acc with data.adapt_from, else "
+        "val_acc. Test labels are never used",
+    )
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="accuracies are maximised")
+    trials: int = Field(20, ge=1, description="budget: at most this many trials")
+    minutes: Optional[float] = Field(10.0, gt=0, description="budget: no new trial starts after this many minutes")
+    algorithm: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler (Katib: the same algorithm name)")
+    pruning: bool = Field(
+        True,
+        description="median pruning (Katib: medianstop): stop a trial whose per-epoch validation value is below the "
+        "median of earlier trials at the same epoch",
+    )
+    seed: int = Field(0, description="sampler seed (the trials' training seed stays the config's seed)")
+
+    @field_validator("space")
+    @classmethod
+    def _keys(cls, v: dict[str, TuneParam]) -> dict[str, TuneParam]:
+        if not v:
+            raise ValueError("the search space is empty; add train.* keys, e.g. train.lr: {low: 1e-5, high: 1e-3}")
+        keys = train_keys()
+        for key, p in v.items():
+            if key not in keys:
+                allowed = ", ".join(k for k in keys if k not in _TUNE_REFUSED)
+                raise ValueError(
+                    f"unknown search key {key!r}: the search space holds train.* fields; allowed: {allowed}"
+                )
+            if key in _TUNE_REFUSED:
+                raise ValueError(f"{key} cannot be searched ({_TUNE_REFUSED[key]})")
+            base = keys[key]
+            base = next((a for a in getattr(base, "__args__", ()) if a is not type(None)), base)
+            if p.choices is None:
+                if base not in (int, float) and getattr(base, "__origin__", None) is not list:
+                    raise ValueError(f"{key}: not a number; give choices instead of a range")
+                if int_field(key) and not (float(p.low).is_integer() and float(p.high).is_integer()):
+                    raise ValueError(f"{key} is an integer field: low and high must be integers")
+        return v
+
+
 # "register" is a field name users expect; pydantic warns that it shadows ABCMeta.register.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -571,6 +698,7 @@ class PipelineConfig(_Strict):
     register: RegisterConfig = Field(...)  # explicit: otherwise pydantic takes ABCMeta.register as default
     tracking: TrackingConfig = TrackingConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    tune: Optional[TuneConfig] = Field(None, description="hyper-parameter search for `tlops tune` (null: none)")
 
     @model_validator(mode="after")
     def _strategies_fit(self) -> "PipelineConfig":
@@ -584,6 +712,25 @@ class PipelineConfig(_Strict):
             raise ValueError("\n  ".join(errors))
         if self.train.select_on == "source_val" and self.data.adapt_from is None:
             raise ValueError("train.select_on: source_val needs data.adapt_from")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_fits(self) -> "PipelineConfig":
+        """Every end of every search range and every choice is a valid value of its train.* field,
+        and the objective exists for this pipeline."""
+        if self.tune is None:
+            return self
+        if self.tune.objective == "source_val_acc" and self.data.adapt_from is None:
+            raise ValueError("tune.objective: source_val_acc needs data.adapt_from")
+        for key, p in self.tune.space.items():
+            for value in p.choices if p.choices is not None else (p.low, p.high):
+                if p.choices is None and int_field(key):
+                    value = int(value)
+                try:
+                    with_train_params(self.train, {key: value})
+                except ValidationError as e:
+                    msg = "; ".join(x["msg"].removeprefix("Value error, ") for x in e.errors())
+                    raise ValueError(f"tune.space.{key}: {value!r} is not a valid value: {msg}") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
