@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import digits_config
 from tlops.monitoring import stats
@@ -200,6 +201,50 @@ def test_monitor_bad_data_path_is_a_usage_error(reg, tmp_path):
     assert r.exit_code == 2
     assert f"error: --data: data.source: path not found: {missing}" in r.output
     assert not Path("monitor").exists() or not (Path("monitor") / "monitor.json").exists()
+
+
+def test_adapt_writes_a_label_free_adaptation_config_from_the_models_own_training_data(reg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "adapt.yaml"
+    res = _cli(
+        "adapt", "t-digits@challenger", "--data", str(reg.shifted), "--out", str(out), "--workdir", str(reg.work),
+        "--set", "train.adapt.epochs=1",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith("t-digits v1: shift on 268 inputs; estimated accuracy ")
+    assert lines[1] == f"adaptation config -> {out} (strategies: source-only, coral, dann, adabn)"
+    assert lines[2] == f"run it with: tlops run --config {out}"
+    cfg = yaml.safe_load(out.read_text())
+    from tlops.config import validate_config
+
+    validate_config(cfg)
+    d = cfg["data"]
+    # the target: the new inputs, 90 % of the train pool without labels, the model's classes
+    assert d["source"] == str(reg.shifted) and d["unlabelled"] == 0.9 and d["classes"] == [0, 1, 2]
+    assert d["labels_per_class"] is None if "labels_per_class" in d else True
+    # the source domain: what the registered model was trained on, read the same way
+    assert d["adapt_from"]["source"] == "sklearn:digits" and d["adapt_from"]["val"] == 0.3
+    assert cfg["train"]["select_on"] == "source_val" and cfg["train"]["adapt"]["epochs"] == 1
+    assert cfg["register"] == {"model_name": "t-digits", "auto_promote": False}
+    assert cfg["name"] == "t-digits-adapt" and cfg["evaluate"]["scratch_baseline"] is False
+    assert cfg["workdir"] == str(reg.work)
+    # everything else is the model's own config (same source model, same features)
+    assert cfg["source"] == {**cfg["source"], "model": "timm:resnet10t", "pretrained": False, "image_size": 16}
+
+
+def test_adapt_refuses_a_strategy_list_that_cannot_work_before_anything_runs(reg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "adapt.yaml"
+    res = _cli(
+        "adapt", "t-digits@challenger", "--data", str(reg.shifted), "--out", str(out), "--workdir", str(reg.work),
+        "--strategies", "dann,lora",
+    )  # fmt: skip
+    from tlops.errors import ConfigError
+
+    assert isinstance(res.exception, ConfigError), res.output
+    assert "train.strategies: lora needs a text model (hf:...), but source.model timm:resnet10t" in str(res.exception)
+    assert not out.exists()
 
 
 def test_confidence_score_keeps_order_where_float32_softmax_saturates():

@@ -512,6 +512,68 @@ def monitor(
 
 
 @app.command()
+def adapt(
+    model: str = typer.Argument(..., help="NAME@ALIAS (e.g. digits-target@champion) or NAME/VERSION"),
+    data: str = typer.Option(..., "--data", help="the new inputs (the target domain), any source ingest reads"),
+    out: Path = typer.Option(Path("adapt.yaml"), "--out", help="where to write the adaptation pipeline config"),
+    data_format: str = typer.Option("auto", "--format", help="data format of --data, as data.format"),
+    strategies: Optional[str] = typer.Option(
+        None, help="comma-separated adaptation strategies (default: source-only,coral,dann,adabn)"
+    ),
+    set_: Optional[List[str]] = SET,
+    run_it: bool = typer.Option(False, "--run", help="run the config, then monitor the adapted version"),
+    force: bool = typer.Option(False, "--force", help="with --run: adapt even when the monitor's verdict is ok"),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    workdir: Path = WORKDIR,
+) -> None:
+    """Adapt a registered model to new inputs: its training data becomes data.adapt_from, the new
+    inputs the unlabelled target; the adapted model registers as the challenger (docs/monitoring.md)."""
+    import yaml
+
+    from tlops.errors import DataError
+    from tlops.monitoring.adapt import plan, run_adapted
+    from tlops.workdir import Workdir
+
+    _use_registry(tracking_uri, workdir)
+    opts = {} if data_format == "auto" else {"format": data_format}
+    cache = Workdir.at(workdir).feature_cache
+    chosen = [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None
+    try:
+        cfg, before = plan(
+            model, data, cache_dir=cache, strategies=chosen, data_options=opts, workdir=str(workdir), overrides=set_
+        )
+    except DataError as e:  # a usage error: the --data argument
+        typer.echo(f"error: --data: {e}", err=True)
+        raise typer.Exit(2) from None
+    acc = before["accuracy"]
+    typer.echo(
+        f"{before['model_name']} v{before['model_version']}: {before['verdict']} on {before['n']} inputs; "
+        f"estimated accuracy {acc['estimate']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] "
+        f"(validation {acc['validation_accuracy']:.3f})"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    typer.echo(f"adaptation config -> {out} (strategies: {', '.join(cfg['train']['strategies'])})")
+    if not run_it:
+        typer.echo(f"run it with: tlops run --config {out}")
+        return
+    if before["verdict"] == "ok" and not force:
+        typer.echo("verdict ok: no shift to adapt to; not running (--force to run anyway)")
+        return
+    res = run_adapted(cfg, before, data, cache_dir=cache, data_options=opts)
+    role = "challenger" if "challenger" in res["aliases"] else "not challenger: gates failed"
+    typer.echo(
+        f"{res['model_name']} v{res['version']} ({role}): estimated accuracy {res['before']:.3f} -> "
+        f"{res['after']:.3f} ({res['verdict_before']} -> {res['verdict_after']})"
+    )
+    if res["champion_test_accuracy"] is not None:
+        typer.echo(
+            f"test accuracy on the labelled test rows of --data: champion v{res['champion_version']} "
+            f"{res['champion_test_accuracy']:.3f}, adapted {res['test_accuracy']:.3f}"
+        )
+
+
+@app.command()
 def serve(
     model: str = typer.Argument(..., help="NAME@ALIAS (followed as it moves) or NAME/VERSION (pinned)"),
     host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 to listen on every interface)"),

@@ -17,7 +17,8 @@ It holds no raw training data, only:
   (log-probability of the predicted class), predictions and hits (ATC's threshold, the label-shift
   test), and ``confusion``: its validation confusion matrix (BBSE).
 - ``reference.json``: where the features come from, the backbone digest and preprocessing (the
-  monitor's feature cache key), the classes, how the training data was read, and the sizes.
+  monitor's feature cache key), the classes, how the training data was read, the sizes, and the
+  pipeline config that trained the model (``tlops adapt`` builds its adaptation run from it).
 
 Size: 2,000 x feature dim x 2 bytes (512-d resnet: 2.0 MB; 384-d MiniLM: 1.5 MB) plus a few bytes
 per validation sample.
@@ -136,6 +137,8 @@ def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None)
         "val_accuracy": float(np.mean(pred == y)),
         "seed": int(seed),
         "read_options": {f: getattr(cfg.data, f) for f in READ_OPTIONS if getattr(cfg.data, f, None) is not None},
+        # the whole config that trained it: `tlops adapt` turns its data into data.adapt_from
+        "pipeline_config": cfg.to_dict(),
     }
     return arrays, meta
 
