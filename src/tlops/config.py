@@ -391,8 +391,9 @@ class TrainConfig(_Strict):
     nodes: int = Field(
         1,
         ge=1,
-        description="machines of a ddp job (nodes x nproc ranks); > 1 on a cluster: the KFP fine-tune task "
-        "submits a train.engine job; outside a cluster: one torchrun per node on loopback (tlops.runners.torchrun)",
+        description="machines of a ddp job (nodes x nproc ranks; with train.distributed: ddp, as nproc); > 1 on a "
+        "cluster: the KFP fine-tune task submits a train.engine job; outside a cluster: one torchrun per node on "
+        "loopback (tlops.runners.torchrun)",
     )
     engine: Literal["trainjob", "pytorchjob"] = Field(
         "trainjob",
@@ -419,11 +420,11 @@ class TrainConfig(_Strict):
                 out[field] = block[key]
         return out
 
-    @model_validator(mode="after")
-    def _nodes_need_ddp(self) -> "TrainConfig":
-        if self.nodes > 1 and self.distributed != "ddp":
-            raise ValueError("train.nodes > 1 needs train.distributed: ddp")
-        return self
+    @property
+    def multinode(self) -> bool:
+        """A data-parallel job over several machines (``nodes`` counts only with ``distributed: ddp``,
+        as ``nproc`` does)."""
+        return self.distributed == "ddp" and self.nodes > 1
 
     @field_validator("strategies", mode="before")
     @classmethod

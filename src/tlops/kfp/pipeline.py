@@ -77,7 +77,7 @@ def task_configurer(cfg: PipelineConfig):
             kubernetes.add_pod_label(task, label_key=key, label_value=value)
         # train.nodes > 1: the fine-tune task only submits and watches the job (tlops.kfp.trainjob),
         # whose pods get the GPU settings; the task itself stays on the CPU pool
-        gpu = k.gpu if spec.resources == "gpu" and cfg.train.nodes == 1 else None
+        gpu = k.gpu if spec.resources == "gpu" and not cfg.train.multinode else None
         r = gpu or k.resources  # the GPU step has its own requests/limits
         if r.cpu_request:
             task.set_cpu_request(r.cpu_request)

@@ -77,7 +77,7 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
     arts = {name: read_artifact(args[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
     output = args[spec.output_name]
     image = args.get(IMAGE_PARAM) or ""
-    if step == "fine-tune" and cfg.train.nodes > 1 and trainjob.in_cluster():
+    if step == "fine-tune" and cfg.train.multinode and trainjob.in_cluster():
         # multi-node: a TrainJob / PyTorchJob runs the step on train.nodes pods (tlops.kfp.trainjob)
         trainjob.run_fine_tune(cfg, image, {name: args[name] for name in spec.inputs}, output)
         artifact = read_artifact(Path(output.path), spec.output)
