@@ -87,10 +87,11 @@ class FakeApi:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain")
                     self.end_headers()
-                    for line in api.log_lines:  # streamed, as `follow` does
-                        self.wfile.write((line + "\n").encode())
+                    data = "".join(line + "\n" for line in api.log_lines).encode()
+                    for i in range(0, len(data), 7):  # streamed in chunks that split lines, as `follow` may
+                        self.wfile.write(data[i : i + 7])
                         self.wfile.flush()
-                        time.sleep(0.01)
+                        time.sleep(0.005)
                     return None
                 return self._send(404, {"kind": "Status", "code": 404})
 

@@ -298,12 +298,16 @@ class _LogStreamer(threading.Thread):
         resp = self.core.read_namespaced_pod_log(
             pod, self.namespace, container=self.container, follow=True, _preload_content=False
         )
+        buf = b""  # chunks are not lines: keep the unfinished last line for the next chunk
         try:
-            for line in resp.stream():
-                for text in line.decode("utf-8", errors="replace").splitlines():
-                    self.emit(text)
+            for chunk in resp.stream():
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in lines:
+                    self.emit(line.decode("utf-8", errors="replace").rstrip("\r"))
                 if self.stop.is_set():
                     break
+            if buf:
+                self.emit(buf.decode("utf-8", errors="replace"))
         finally:
             resp.release_conn()
 
