@@ -143,13 +143,14 @@ def test_selection_never_reads_test_labels(probe_study, monkeypatch):
 @pytest.mark.slow
 def test_training_trials_report_epochs_and_poor_ones_are_pruned(tmp_path, monkeypatch, capsys):
     """fine-tune reports every epoch's val_acc; a trial whose lr cannot learn falls below the median
-    of the finished trials and stops before its last epoch (the sampler's seed puts it 4th)."""
+    of the finished trials and stops before its last epoch (the sampler's seed puts it 4th); --run
+    then runs the pipeline with the best config."""
     cfg_file = _write(
         tmp_path,
         train={"strategies": ["fine-tune"], "epochs": 3, "batch_size": 8, "threads": 1, "probe_c": [1.0]},
         tune={"space": {"train.lr": {"choices": [1e-2, 1e-6]}}, "trials": 4, "algorithm": "random", "seed": 2},
     )
-    code, out, err = run_cli(monkeypatch, capsys, "tune", str(cfg_file), "--out", str(tmp_path / "b.yaml"))
+    code, out, err = run_cli(monkeypatch, capsys, "tune", str(cfg_file), "--out", str(tmp_path / "b.yaml"), "--run")
     assert code == 0, err
     from mlflow.tracking import MlflowClient
 
@@ -165,6 +166,10 @@ def test_training_trials_report_epochs_and_poor_ones_are_pruned(tmp_path, monkey
     assert steps[3] < 3  # stopped before its last epoch
     assert "trial 4/4: lr=1e-06 -> pruned" in err
     assert yaml.safe_load((tmp_path / "b.yaml").read_text())["train"]["lr"] == 1e-2
+    # --run: the whole pipeline ran with the best config (one more top-level MLflow run, registered)
+    pipeline = [r for r in _runs(tmp_path) if "tlops.tune" not in r.data.tags]
+    assert len(pipeline) == 1 and pipeline[0].data.params["train.lr"] == "0.01"
+    assert "t-digits" in out and (tmp_path / "work" / "runs").is_dir()
 
 
 @pytest.mark.parametrize(
@@ -294,3 +299,33 @@ def test_katib_trial_prints_the_objective_for_katibs_stdout_collector(probe_stud
     metrics = [KATIB_FILTER.fullmatch(ln) for ln in out.splitlines()]
     assert metrics and all(metrics), out
     assert metrics[-1].group(1) == "val_acc" and 0.0 <= float(metrics[-1].group(2)) <= 1.0
+
+
+@pytest.mark.slow
+def test_katib_trial_script_runs_as_katibs_stdout_collector_wraps_it(tmp_path, monkeypatch, capsys):
+    """The trial container's script, with the trial's values substituted and the suffix Katib's
+    webhook appends for the StdOut collector (pkg/webhook/v1beta1/pod/utils.go), run by sh here:
+    the metrics file ends with the objective and the completion mark is written."""
+    import os
+    import subprocess
+
+    exp = _katib(tmp_path, monkeypatch, capsys, tune=TUNE, train={"strategies": ["linear-probe"], "threads": 1})
+    (c,) = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:2] == ["sh", "-c"]
+    values = {"lr": "0.0001", "epochs": "2", "probe-c": "0.5", "probe-scaling": "none"}
+    script = c["command"][2]
+    for name, value in values.items():
+        script = script.replace(f"${{trialParameters.{name}}}", value)
+    work = tmp_path / "pod"
+    work.mkdir()
+    script = script.replace("/work", str(work))
+    wrapped = f"{script} 1>{work}/metrics.log 2>&1 && echo completed > {work}/$$$$.pid"
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    env = {**os.environ, **env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["sh", "-c", wrapped], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (work / "metrics.log").read_text()[-3000:]
+    lines = [ln for ln in (work / "metrics.log").read_text().splitlines() if ln.startswith("val_acc=")]
+    assert lines and KATIB_FILTER.fullmatch(lines[-1])
+    assert [p.read_text().strip() for p in work.glob("*.pid")] == ["completed"]
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    assert cfg["tune"] == yaml.safe_load(env["TLOPS_TUNE_CONFIG"])["tune"]

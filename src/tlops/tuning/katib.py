@@ -73,9 +73,11 @@ def trial_command(cfg: PipelineConfig) -> list[str]:
         value = f"${{trialParameters.{param_name(key)}}}"
         is_list = getattr(train_keys()[key], "__origin__", None) is list
         sets.append(f"--set {key}={'[' + value + ']' if is_list else value}")
+    # no exec: Katib's StdOut collector appends "1>metrics.log 2>&1 && echo completed > <pid file>" to
+    # the script of an "sh -c" command (pkg/webhook/v1beta1/pod/utils.go), which must still run after tlops
     script = (
         f'printf "%s" "${CONFIG_ENV}" > /work/config.yaml && '
-        f"exec tlops tune /work/config.yaml --trial --workdir /work/.tlops " + " ".join(sets)
+        f"tlops tune /work/config.yaml --trial --workdir /work/.tlops " + " ".join(sets)
     )
     return ["sh", "-c", script]
 
