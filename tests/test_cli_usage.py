@@ -80,6 +80,7 @@ def test_console_script_prints_usage_not_traceback(argv, tmp_path):
 WORKDIR_COMMANDS = {"run", "demo", "validate", "step", "export dvc", "promote", "compare", "rollback", "gc", "predict"}
 WORKDIR_COMMANDS |= {"serve"}
 WORKDIR_COMMANDS |= {"monitor"}
+WORKDIR_COMMANDS |= {"tune"}
 
 
 def test_every_command_that_uses_a_workdir_takes_workdir():
