@@ -78,7 +78,7 @@ def test_compile_cli_and_unknown_pipeline(tmp_path, monkeypatch, capsys):
     assert "batch-predict, default model t-digits@champion" in stdout
     assert _ir(out)[0]["pipelineInfo"]["name"] == "tlops-t-digits-batch-predict"
     code, _, err = run_cli(monkeypatch, capsys, "compile", "-c", str(config), "--pipeline", "nope", "-o", str(out))
-    assert code == 2 and "allowed: transfer-learning, batch-predict" in err
+    assert code == 2 and "allowed: transfer-learning, batch-predict, monitor-and-adapt" in err
 
 
 def test_schedule_batch_predict_creates_a_recurring_run(tmp_path, monkeypatch, capsys):

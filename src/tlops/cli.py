@@ -218,12 +218,12 @@ def compile_(
     from tlops.kfp.pipeline import compile_pipeline, image_for
 
     cfg = _load(config, set_)
-    if check_pipeline(pipeline) == "batch-predict":
-        from tlops.kfp.batch_predict import compile_batch_predict
+    if check_pipeline(pipeline) != "transfer-learning":
+        from tlops.kfp.cli import compile_other
 
-        compile_batch_predict(cfg, out)
+        compile_other(cfg, out, pipeline)
         typer.echo(
-            f"wrote {out} (image {image_for(cfg)}, batch-predict, default model {cfg.register.model_name}@champion)"
+            f"wrote {out} (image {image_for(cfg)}, {pipeline}, default model {cfg.register.model_name}@champion)"
         )
         return
     compile_pipeline(cfg, out)

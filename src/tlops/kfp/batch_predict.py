@@ -20,7 +20,6 @@ Never cached: the alias moves and the data at a URI changes, so a cached result 
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline function's annotations as types
-import linecache
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,8 +32,8 @@ FORMATS = ("parquet", "jsonl")
 # What task_configurer reads of a step: CPU pool, talks to MLflow and S3 (retried on the cluster).
 SPEC = SimpleNamespace(name=NAME, resources="cpu", network=True)
 
-# The component's function, generated like the DAG steps' (tlops.kfp.components): KFP ships the
-# source of a function, and this one only hands its arguments to run_batch_predict.
+# The component's arguments; its function is generated (tlops.kfp.generated) and only hands
+# them to run_batch_predict.
 ARGS = (
     ("config", "str"),
     ("model", "str"),
@@ -46,26 +45,18 @@ ARGS = (
     ("image", "str"),
     ("predictions", "Output[Dataset]"),
 )
-SOURCE = (
-    "def batch_predict(\n"
-    + "".join(f"    {n}: {a},\n" for n, a in ARGS)
-    + "):\n"
-    + "    'tlops predict NAME@ALIAS --data DATA_URI --out FILE, one shard file at a time'\n"
-    + "    from tlops.kfp.batch_predict import run_batch_predict\n\n"
-    + "    run_batch_predict({\n"
-    + "".join(f"        {n!r}: {n},\n" for n, _ in ARGS)
-    + "    })\n"
-)
 
 
 def function():
-    from kfp import dsl
+    from tlops.kfp.generated import component_function
 
-    filename = "<tlops.kfp.batch_predict>"
-    linecache.cache[filename] = (len(SOURCE), None, SOURCE.splitlines(keepends=True), filename)
-    namespace: dict[str, Any] = {"__name__": __name__, "Output": dsl.Output, "Dataset": dsl.Dataset}
-    exec(compile(SOURCE, filename, "exec", dont_inherit=True), namespace)  # the fixed source above
-    return namespace["batch_predict"]
+    return component_function(
+        "batch_predict",
+        ARGS,
+        "tlops predict NAME@ALIAS --data DATA_URI --out FILE, one shard file at a time",
+        "tlops.kfp.batch_predict",
+        "run_batch_predict",
+    )
 
 
 def component(image: str):

@@ -3,7 +3,8 @@ Pipelines server.
 
 ``add_commands(app, compile_fn)`` registers them on a Typer app; ``compile_fn(cfg, out_path)``
 compiles a validated pipeline config to a KFP v2 IR YAML file and returns its path; with
-``--pipeline batch-predict``, submit and schedule compile ``tlops.kfp.batch_predict`` instead. Errors are
+``--pipeline batch-predict`` or ``monitor-and-adapt``, submit and schedule compile
+``tlops.kfp.batch_predict`` or ``tlops.kfp.monitor_adapt`` instead. Errors are
 raised as ``TlopsError`` and printed by ``tlops.cli.main`` as ``error: <message>``.
 
 Credentials: ``$KFP_TOKEN``, else ``--token-file``, else the in-cluster token file
@@ -39,9 +40,10 @@ NO_VERIFY_SSL = typer.Option(False, "--no-verify-ssl", help="do not verify the s
 PIPELINE = typer.Option(
     "transfer-learning",
     "--pipeline",
-    help="transfer-learning (the DAG) or batch-predict (tlops predict as one task; --param data_uri=...)",
+    help="transfer-learning (the DAG), batch-predict (tlops predict as one task; --param data_uri=...) or "
+    "monitor-and-adapt (tlops monitor, then the DAG on an adaptation config on a shift; --param data_uri=...)",
 )
-PIPELINES = ("transfer-learning", "batch-predict")
+PIPELINES = ("transfer-learning", "batch-predict", "monitor-and-adapt")
 
 
 def check_pipeline(pipeline: str) -> str:
@@ -58,12 +60,24 @@ def _connect(host: str, token_file: Optional[Path], namespace: str, no_verify_ss
     return kfp_client.connect(host, token_file=token_file, namespace=namespace, verify_ssl=not no_verify_ssl)
 
 
-def _compile(compile_fn: CompileFn, cfg, tmpdir: str, pipeline: str = "transfer-learning") -> Path:
-    out = Path(tmpdir) / "pipeline.yaml"
+def compile_other(cfg, out: Path, pipeline: str) -> Optional[Path]:
+    """Compile the pipelines other than transfer-learning; None for transfer-learning."""
     if pipeline == "batch-predict":
         from tlops.kfp.batch_predict import compile_batch_predict
 
         return compile_batch_predict(cfg, out)
+    if pipeline == "monitor-and-adapt":
+        from tlops.kfp.monitor_adapt import compile_monitor_adapt
+
+        return compile_monitor_adapt(cfg, out)
+    return None
+
+
+def _compile(compile_fn: CompileFn, cfg, tmpdir: str, pipeline: str = "transfer-learning") -> Path:
+    out = Path(tmpdir) / "pipeline.yaml"
+    other = compile_other(cfg, out, pipeline)
+    if other is not None:
+        return other
     produced = compile_fn(cfg, out)
     return Path(produced) if produced else out
 

@@ -174,25 +174,35 @@ def describe(before: dict[str, Any], after: dict[str, Any]) -> str:
     )
 
 
+def describe_version(
+    name: str, version: str, before: dict[str, Any], data: str, *, out: Path, **monitor_kw: Any
+) -> dict[str, Any]:
+    """Monitor the adapted version on the same inputs and write both estimates into its
+    description (a rerun replaces its own section). Returns the monitor's result."""
+    from tlops.monitoring.monitor import monitor
+    from tlops.tracking import registry
+
+    after = monitor(f"{name}/{version}", data, out, **monitor_kw)
+    c = registry.client()
+    desc = c.get_model_version(name, version).description or ""
+    head = desc.split("\n## Adaptation (tlops adapt)")[0].rstrip()
+    section = describe(before, after)
+    c.update_model_version(name, version, description=f"{head}\n\n{section}\n" if head else section + "\n")
+    return after
+
+
 def run_adapted(cfg_dict: dict[str, Any], before: dict[str, Any], data: str, **monitor_kw: Any) -> dict[str, Any]:
     """Run the adaptation config in-process, monitor the new version on the same inputs and put
     both estimates in its description. Returns a summary."""
     from tlops.config import validate_config
-    from tlops.monitoring.monitor import monitor
     from tlops.runners.local import run_pipeline
-    from tlops.tracking import registry
 
     cfg = validate_config(copy.deepcopy(cfg_dict))
     result = run_pipeline(cfg)
     reg = json.loads((result.artifact("register").path / "registration.json").read_text())
     name, version = reg["model_name"], reg["version"]
     with tempfile.TemporaryDirectory(prefix="tlops-adapt-") as tmp:
-        after = monitor(f"{name}/{version}", data, Path(tmp) / "monitor", **monitor_kw)
-    c = registry.client()
-    desc = c.get_model_version(name, version).description or ""
-    section = describe(before, after)
-    head = desc.split("\n## Adaptation (tlops adapt)")[0].rstrip()  # a rerun replaces its own section
-    c.update_model_version(name, version, description=f"{head}\n\n{section}\n" if head else section + "\n")
+        after = describe_version(name, version, before, data, out=Path(tmp) / "monitor", **monitor_kw)
     evaluation = result.artifact("evaluate")
     gates = evaluation.meta["gates_passed"]
     report = json.loads((evaluation.path / "report.json").read_text())
