@@ -26,6 +26,9 @@ Sections (``--only``; default all):
 * ``memory``: peak RSS (``VmHWM`` of a child process) of every step of the demo and text
   configs via ``tlops step``, and of extract-features at 1x and 10x data (repeated rows).
 * ``scaling``: extraction and fine-tuning time at 1x, 2x, 4x, 8x data; slope of the log-log fit.
+* ``backends`` (only when named: ``--only backends``): ``features.backend`` torch / torch-int8 / onnx /
+  onnx-int8 side by side, throughput and downstream probe accuracy, GFLOP/s against the fp32 and
+  int8 matmul peaks; its own report, bench/results/perf_backends.md (see bench/perf_backends.py).
 
 Timing protocol: the machine is shared, so every comparison runs both sides in the same process,
 interleaved (A,B,B,A,...; extraction alternates every chunk of 160 texts / 256 images), and quotes medians;
@@ -87,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (1-2 min); writes perf-quick.md/.json")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per side (default 3; --quick 2)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    ap.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections: {', '.join(SECTIONS)}; also backends (named only)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast on both sides")
     ap.add_argument("--channels-last", action="store_true", help="channels_last CNNs on both sides")
@@ -118,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation is None:
         args.ablation = not args.quick
     only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if "backends" in only:  # its own report (perf_backends.md), never rewrites perf.md
+        from perf_backends import main as backends_main
+
+        rc = backends_main(args, args.quick)
+        only.remove("backends")
+        if rc or not only:
+            return rc
     bad = sorted(set(only) - set(SECTIONS))
     if bad:
         ap.error(f"--only: unknown section(s) {', '.join(bad)}; valid: {', '.join(SECTIONS)}")

@@ -83,7 +83,9 @@ def test_text_backends_match_torch(text_backbones, shared_data):
     for b in ("torch-int8", "onnx-int8"):
         cos = np.sum(feats[b] * feats["torch"], axis=1)  # unit-norm rows
         assert cos.mean() > 0.95 and cos.min() > 0.85, (b, cos.mean(), cos.min())
-    accs = {b: probe_accuracy(f[:80], y[:80], f[80:], y[80:]) for b, f in feats.items()}
+    ref_acc, settings = probe_accuracy(feats["torch"][:80], y[:80], feats["torch"][80:], y[80:])
+    accs = {b: probe_accuracy(f[:80], y[:80], f[80:], y[80:], settings)[0] for b, f in feats.items()}
+    assert accs["torch"] == ref_acc  # the same (scaling, C) refitted: the same head
     assert accs["torch"] > 0.7
     for b in ("onnx", "torch-int8", "onnx-int8"):  # 80 validation rows: one row is 1.25 points
         assert abs(accs[b] - accs["torch"]) <= 1.5 / 80, accs
@@ -157,8 +159,6 @@ def test_image_onnx_matches_torch_and_int8_keeps_accuracy(tmp_path):
     assert np.abs(onnx - ref).max() < 1e-4
     q = backends.build(ib, "onnx-int8", model_digest="r", store=tmp_path, calibration=x[:128], calibration_id="c")
     f8 = extract(q, x, 64)
-    a32, a8 = (
-        probe_accuracy(ref[:200], y[:200], ref[200:], y[200:]),
-        probe_accuracy(f8[:200], y[:200], f8[200:], y[200:]),
-    )
+    a32, settings = probe_accuracy(ref[:200], y[:200], ref[200:], y[200:])
+    a8, _ = probe_accuracy(f8[:200], y[:200], f8[200:], y[200:], settings)
     assert a32 > 0.5 and abs(a8 - a32) <= 3 / 200, (a32, a8)

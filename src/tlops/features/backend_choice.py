@@ -1,12 +1,13 @@
 """``features.backend: auto``: the fastest extraction backend that keeps the run's own accuracy.
 
 On a sample of the run's labelled train and validation rows, every backend the backbone supports
-extracts features (fp32 ``torch`` first, as the reference); a fixed logistic-regression probe
-(scikit-learn, standardised features) is fitted on the train sample and scored on the validation
-sample. The pick is the backend with the highest measured throughput whose validation accuracy is
-within ``TOLERANCE_POINTS`` (0.3) of fp32 torch's; ``torch`` itself always qualifies, so ``auto``
-never trades accuracy beyond that for speed. A sample of a few hundred rows resolves one row as
-~0.4 points, so in practice a candidate must lose no validation row net.
+extracts features (fp32 ``torch`` first, as the reference); tlops' linear probe
+(:mod:`tlops.training.probe`, default settings: scaling and C by cross-validation) is fitted on the
+train sample and scored on the validation sample. The pick is the backend with the highest measured
+throughput whose validation accuracy is within ``TOLERANCE_POINTS`` (0.3) of fp32 torch's; ``torch``
+itself always qualifies, so ``auto`` never trades accuracy beyond that for speed. A sample of a few
+hundred rows resolves one row as ~0.4 points, so in practice a candidate must lose no validation row
+net.
 
 The decision (with every candidate's accuracy, items/s and speedup) is returned for the step's
 metadata and kept as a small JSON under the backend store, keyed by the model, its preprocessing,
@@ -56,17 +57,32 @@ def _split_sample(
     return (x[:half], y[:half]), (x[half:], y[half:])
 
 
-def probe_accuracy(f_train: np.ndarray, y_train: np.ndarray, f_val: np.ndarray, y_val: np.ndarray) -> float:
-    """Validation accuracy of a fixed probe: same recipe for every backend, so only the features differ."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def probe_accuracy(
+    f_train: np.ndarray,
+    y_train: np.ndarray,
+    f_val: np.ndarray,
+    y_val: np.ndarray,
+    settings: dict[str, Any] | None = None,
+) -> tuple[float, dict[str, Any]]:
+    """Validation accuracy of tlops' linear probe on one backend's features, and the probe's settings.
+
+    Without ``settings`` the probe chooses scaling and C by cross-validation on the train sample
+    (default ``train`` settings: the head the run will train); with the reference's ``settings``
+    it fits that one (scaling, C), so the backends are compared on the same head recipe and the
+    search (dozens of fits) runs once, not once per backend."""
+    import torch
+
+    from tlops.config import TrainConfig
+    from tlops.training.probe import train_probe
 
     if len(np.unique(y_train)) < 2:
-        return float(np.mean(y_val == y_train[0]))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-    clf.fit(f_train, y_train)
-    return float(clf.score(f_val, y_val))
+        return float(np.mean(y_val == y_train[0])), settings or {}
+    num_classes = int(max(y_train.max(), y_val.max())) + 1
+    cfg = TrainConfig() if not settings else TrainConfig(probe_c=[settings["C"]], probe_scaling=settings["scaling"])
+    head, hist = train_probe(f_train, y_train, None, None, num_classes, cfg, seed=0)
+    with torch.no_grad():
+        pred = head(torch.as_tensor(np.asarray(f_val, dtype=np.float32))).argmax(1).numpy()
+    return float(np.mean(pred == y_val)), {"scaling": hist[-1]["scaling"], "C": hist[-1]["C"]}
 
 
 def measure(
@@ -79,8 +95,9 @@ def measure(
     """Accuracy and throughput of each backend on the samples (warm-up batch not timed)."""
     from tlops.features.extract import extract
 
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     n = len(train[1]) + len(val[1])
+    settings = None  # the probe recipe chosen on fp32 torch's features (candidates[0]), reused by the others
     for name in candidates:
         t_build = time.perf_counter()
         runner = make(name)
@@ -90,8 +107,9 @@ def measure(
         f_tr = extract(runner, train[0], batch_size, desc=f"auto {name} train")
         f_va = extract(runner, val[0], batch_size, desc=f"auto {name} val")
         secs = time.perf_counter() - t0
+        acc, settings = probe_accuracy(f_tr, train[1], f_va, val[1], settings)
         out[name] = {
-            "val_accuracy": round(probe_accuracy(f_tr, train[1], f_va, val[1]), 6),
+            "val_accuracy": round(acc, 6),
             "items_s": round(n / secs, 3) if secs > 0 else float("inf"),
             "seconds": round(secs, 4),
             "build_seconds": round(build_s, 3),
