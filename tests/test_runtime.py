@@ -240,12 +240,18 @@ def test_every_strategy_trains_on_cuda(name, modality, request, tmp_path):
 # ------------------------------------------------------------------ every strategy resumes from the runtime's dir
 
 
+SAME_LOOP = {"lora", "partial-fine-tune", "source-only", "coral", "mmd", "cdan", "adabn", "cdan-self-train"}
+
+
 def _resumable():
     for s in registry.REGISTRY.values():
         if not s.trains_backbone:
             continue  # no epoch loop to resume: the probe is recomputed (seconds)
         modality = "image" if "image" in s.modalities else "text"
-        marks = [pytest.mark.slow] if s.name == "lora" else []  # lora resumes through fine-tune's loop
+        # the default suite resumes one strategy per training loop; the others share that loop
+        # (lora and partial-fine-tune: fine-tune's; the adversarial/alignment losses and adabn:
+        # _Stepper's, as dann; cdan-self-train: dann-self-train's) and run in the slow suite
+        marks = [pytest.mark.slow] if s.name in SAME_LOOP else []
         yield pytest.param(s.name, modality, id=s.name, marks=marks)
 
 
