@@ -15,7 +15,8 @@ Kill/resume: the fine-tune step on 2 nodes with a checkpoint dir; once epoch 1's
 written, rank 1's worker is SIGKILLed. The step must fail (DistributedError, no artifact left),
 and the rerun must resume from the checkpoint (it starts at epoch 2) and finish.
 
-    .venv/bin/python bench/multinode.py   # writes bench/results/multinode.{md,json}
+    .venv/bin/python bench/multinode.py [--cases NAME ...] [--no-kill] [--out multinode]
+    # writes bench/results/multinode.{md,json}
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import statistics
 import sys
@@ -105,6 +107,7 @@ def yelp(work: Path, strategies: list[str], epochs: int) -> dict[str, Any]:
 # adaptation strategies must match on one seed.
 CASES = {
     "digits (resnet10t, random init)": (digits, ["fine-tune", "partial-fine-tune"], 5, [0, 1, 2]),
+    "digits (resnet10t, random init), 12 epochs": (digits, ["fine-tune"], 12, [0, 1, 2]),
     "USPS -> MNIST (resnet10t, random init)": (usps_mnist, ["dann", "cdan", "adabn", "shot"], 2, [0]),
     "yelp (MiniLM-L6)": (yelp, ["lora", "setfit"], 2, [0, 1, 2]),
 }
@@ -261,6 +264,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), help="which cases (default: all)")
     ap.add_argument("--no-kill", action="store_true", help="skip the kill/resume run")
+    ap.add_argument("--out", default="multinode", help="result files: bench/results/OUT.{md,json}")
     args = ap.parse_args()
     import torch
 
@@ -277,11 +281,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="tlops-mn-kill-") as tmp:
             kill = kill_and_resume(Path(tmp))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "multinode.json").write_text(json.dumps({"rows": rows, "kill_resume": kill}, indent=1) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"rows": rows, "kill_resume": kill}, indent=1) + "\n")
     lines = [
         "# Multi-node fine-tuning on one machine: 2 torchrun nodes (c10d on loopback) vs 1 process",
         "",
-        f"`.venv/bin/python bench/multinode.py`, {started}; CPU {cpu_model()} ({usable_cores()} usable cores), "
+        f"`.venv/bin/python {' '.join(map(shlex.quote, sys.argv))}`, {started}; "
+        f"CPU {cpu_model()} ({usable_cores()} usable cores), "
         f"load average at start {load:.2f}; threads pinned to 1 per process. Validation accuracy of each "
         "strategy (source-domain validation for the adaptation strategies, which never see target labels), "
         "mean over the seeds. Noise = 2 standard errors of a difference of two means, from the single "
@@ -312,7 +317,7 @@ def main() -> None:
             f"rank 0 logged: {kill['rerun_resumed'] or 'no resume'}, "
             f"val acc {kill['rerun_val_acc']:.3f}",
         ]
-    (RESULTS / "multinode.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -306,3 +306,25 @@ def test_task_copies_the_artifact_the_job_published(s3, digits_cfg, tmp_path, mo
     )
     art = read_artifact(Path(output.path), "trained-models")
     assert (art.path / "selection.json").read_text() == '{"selected": "fine-tune"}'
+
+
+# --- the job's pods on the network ----------------------------------------------------------------
+
+
+def test_job_pods_reach_each_other_and_the_artifact_store_only(digits_cfg):
+    """k8s/base's ``trainer`` NetworkPolicy selects the pods the manifests label: the nodes connect to
+    each other on any port (rendezvous, gloo/NCCL), to S3 and KFP's MinIO; nothing else reaches them."""
+    from tests.test_k8s import K8S, KUBECTL, _render
+    from tests.test_security_k8s import EXTERNAL, KUBEFLOW_NS, MLFLOW, OTHER, PIPELINE, reachable
+
+    if KUBECTL is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    docs = _render(K8S / "overlays" / "dev")
+    job = trainjob.manifest(_cfg(digits_cfg, "pytorchjob"), "img", INPUTS, "s3://b/o", name="j", namespace="ns")
+    node = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]
+    assert node == trainjob.LABELS
+    for port in (29500, 29400, 41234):  # torchrun master, c10d store, a gloo/NCCL data port
+        assert reachable(docs, node, node, port)
+        assert not reachable(docs, PIPELINE, node, port) and not reachable(docs, OTHER, node, port)
+    assert reachable(docs, node, EXTERNAL, 443) and reachable(docs, node, OTHER, 9000, KUBEFLOW_NS)
+    assert not reachable(docs, node, MLFLOW, 5000) and not reachable(docs, node, OTHER, 5432)
