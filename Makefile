@@ -44,6 +44,15 @@ test: $(STAMP) ## run the default test suite (no slow tests; < 15 min on 2 cores
 test-slow: $(STAMP) ## run only the slow tests
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# mutmut runs the tests from its copy in mutants/, so the shared data is named absolutely;
+# MUTANTS= selects mutants by name glob (e.g. MUTANTS='tlops.storage*'); results are kept in mutants/
+MUTATION_JOBS ?= 2
+MUTANTS ?=
+mutation: $(STAMP) ## mutation testing (mutmut) of the core modules against their fast tests -> bench/results/mutation.md
+	TLOPS_SHARED_DATA=$${TLOPS_SHARED_DATA:-$(abspath $(CURDIR)/../shared/data)} \
+	  nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(BIN)/python bench/mutation.py --out bench/results/mutation.md
+
 bench: $(STAMP) ## feature-extraction benchmark (prints a table, writes bench/results/extract.md)
 	$(BIN)/python bench/extract.py
 
@@ -111,4 +120,4 @@ lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 clean: ## remove the demo workdir (.tlops: runs, caches, MLflow store)
 	rm -rf .tlops
 
-.PHONY: help install install-zoo lint docs format pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean
+.PHONY: help install install-zoo lint docs format pipeline-local pipeline-kfp-local compile dvc-export compose-export k8s-validate docker-base image compose-e2e pipeline-compose test test-slow mutation bench perf transfer-bench gpu-bench mlflow-ui ui-test lock clean

@@ -1,0 +1,84 @@
+"""evaluation.metrics against numbers worked out by hand and against scikit-learn's definitions.
+
+The evaluate step reports these numbers and the gates read them, so each one is pinned to a value
+computed independently here (a wrong bin edge in ECE or a swapped precision/recall would pass
+every pipeline test that only checks the report's shape).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tlops.evaluation.metrics import classification_metrics, expected_calibration_error, plot_confusion
+
+# 6 samples, 3 classes; predictions: 0, 1, 1, 2, 0, 2 (true: 0, 1, 2, 2, 1, 2)
+PROBS = np.array(
+    [
+        [0.9, 0.05, 0.05],
+        [0.2, 0.7, 0.1],
+        [0.3, 0.6, 0.1],
+        [0.1, 0.1, 0.8],
+        [0.55, 0.45, 0.0],
+        [0.0, 0.0, 1.0],
+    ]
+)
+Y = np.array([0, 1, 2, 2, 1, 2])
+
+
+def test_ece_by_hand():
+    # 2 bins (0, .5] and (.5, 1]: every confidence here is > .5, so one bin holding all six:
+    # mean confidence (.9+.7+.6+.8+.55+1)/6 = .758333, accuracy 4/6 -> |.666667 - .758333|
+    assert expected_calibration_error(PROBS, Y, bins=2) == pytest.approx(abs(4 / 6 - 4.55 / 6))
+    # 10 bins: (.5,.6] {.55 wrong, .6 wrong}, (.6,.7] {.7 right}, (.7,.8] {.8 right},
+    # (.8,.9] {.9 right}, (.9,1] {1.0 right}; a confidence equal to an upper edge falls in that bin
+    want = (2 / 6) * abs(0 - 0.575) + (1 / 6) * 0.3 + (1 / 6) * 0.2 + (1 / 6) * 0.1 + (1 / 6) * 0.0
+    assert expected_calibration_error(PROBS, Y, bins=10) == pytest.approx(want)
+    # perfectly calibrated one-hot predictions that are all right: 0
+    assert expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
+    # default: 15 bins
+    assert expected_calibration_error(PROBS, Y) == pytest.approx(expected_calibration_error(PROBS, Y, bins=15))
+    assert expected_calibration_error(PROBS, Y) != pytest.approx(expected_calibration_error(PROBS, Y, bins=2))
+
+
+def test_ece_lowest_bin_excludes_zero_confidence_edge():
+    # a confidence of exactly 1/3 with 3 bins lies on the first upper edge: it belongs to bin 1, not 2
+    probs = np.array([[1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0]])
+    y = np.array([1, 1])  # argmax of the first row is 0: wrong
+    assert expected_calibration_error(probs, y, bins=3) == pytest.approx(0.5 * (1 / 3) + 0.5 * 0.0)
+
+
+def test_classification_metrics_by_hand():
+    m = classification_metrics(PROBS, Y, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["n"] == 6
+    assert m["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 1, 2]]
+    # class a: predicted twice, right once (precision 1/2), true once, found (recall 1)
+    # class b: predicted twice, right once (1/2), true twice, found once (1/2)
+    # class c: predicted twice, right twice (1), true three times, found twice (2/3)
+    pc = m["per_class"]
+    assert list(pc) == ["a", "b", "c"]
+    assert (pc["a"]["precision"], pc["a"]["recall"], pc["a"]["support"]) == (0.5, 1.0, 1)
+    assert (pc["b"]["precision"], pc["b"]["recall"], pc["b"]["support"]) == (0.5, 0.5, 2)
+    assert pc["c"]["precision"] == 1.0 and pc["c"]["recall"] == pytest.approx(2 / 3) and pc["c"]["support"] == 3
+    f1 = {"a": 2 / 3, "b": 0.5, "c": 0.8}
+    for c, want in f1.items():
+        assert pc[c]["f1"] == pytest.approx(want)
+    assert m["macro_f1"] == pytest.approx(sum(f1.values()) / 3)
+    assert m["ece"] == pytest.approx(expected_calibration_error(PROBS, Y, 15))
+    assert m["ece"] != pytest.approx(expected_calibration_error(PROBS, Y, 2))
+    assert classification_metrics(PROBS, Y, ["a", "b", "c"], bins=2)["ece"] == pytest.approx(abs(4 / 6 - 4.55 / 6))
+
+
+def test_a_class_never_predicted_nor_present_is_reported_with_zeros():
+    probs = np.array([[0.8, 0.2, 0.0], [0.3, 0.7, 0.0]])
+    m = classification_metrics(probs, np.array([0, 1]), ["a", "b", "c"])
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert m["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
+    assert m["macro_f1"] == pytest.approx(2 / 3)  # the absent class counts (labels fixed), with 0
+
+
+def test_plot_confusion_writes_a_png(tmp_path):
+    out = tmp_path / "cm.png"
+    plot_confusion([[3, 1], [0, 4]], ["a", "b"], out, "title")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
