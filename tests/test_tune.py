@@ -37,7 +37,7 @@ def _write(tmp_path: Path, **sections) -> Path:
     return p
 
 
-def _probe_config(tmp_path: Path, trials: int = 5) -> Path:
+def _probe_config(tmp_path: Path, trials: int = 8) -> Path:
     return _write(
         tmp_path,
         train={"strategies": ["linear-probe"], "probe_select": "val", "threads": 1},
@@ -61,8 +61,9 @@ def _runs(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def probe_study(tmp_path_factory):
-    """One CLI study of 5 linear-probe trials, shared by the tests that read it (the MLflow store and
-    the upstream steps are made once): (tmp dir, exit code, stdout, stderr)."""
+    """One CLI study of 4 linear-probe trials (--trials 4 over the config's 8), shared by the tests
+    that read it (the MLflow store and the upstream steps are made once): (tmp dir, exit code,
+    stdout, stderr)."""
     import contextlib
     import io
 
@@ -75,7 +76,8 @@ def probe_study(tmp_path_factory):
         for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
             mp.delenv(var, raising=False)
         mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(sys, "argv", ["tlops", "tune", str(cfg_file), "--out", str(tmp / "best.yaml")])
+        argv = ["tlops", "tune", str(cfg_file), "--trials", "4", "--minutes", "10", "--out", str(tmp / "best.yaml")]
+        mp.setattr(sys, "argv", argv)
         try:
             main()
             code = 0
@@ -90,7 +92,7 @@ def test_probe_study_writes_a_valid_best_config_with_one_nested_run_per_trial(pr
     cfg_file = tmp_path / "tune.yaml"
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if ln.startswith("trial ")]
-    assert len(lines) == 5 and all("probe_c=" in ln and "best" in ln and "elapsed" in ln for ln in lines)
+    assert len(lines) == 4 and all("probe_c=" in ln and "best" in ln and "elapsed" in ln for ln in lines)
     assert "best: trial" in out and str(best_file) in out
 
     from tlops.config import load_config
@@ -103,7 +105,7 @@ def test_probe_study_writes_a_valid_best_config_with_one_nested_run_per_trial(pr
     runs = _runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("tlops.tune") == "study"]
     trials = [r for r in runs if r.data.tags.get("tlops.tune") == "trial"]
-    assert len(parents) == 1 and len(trials) == 5
+    assert len(parents) == 1 and len(trials) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
     assert all(r.data.tags["state"] == "COMPLETE" and "val_acc" in r.data.metrics for r in trials)
     assert all("train.probe_c" in r.data.params for r in trials)
@@ -120,7 +122,7 @@ def test_selection_never_reads_test_labels(probe_study, monkeypatch):
     from tlops.tuning.study import tune
 
     tmp_path = probe_study[0]
-    cfg = load_config(tmp_path / "tune.yaml", ["tune.trials=3"])
+    cfg = load_config(tmp_path / "tune.yaml", ["tune.trials=2"])
     first = tune(cfg, echo=lambda s: None)
     loaded: list[str] = []
     real_load = Dataset.load
