@@ -39,7 +39,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, *, checkpoi
     return torchrun.run_step(cfg, inputs, out, _run, checkpoint_dir=checkpoint_dir)
 
 
-def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, runtime: Runtime) -> Artifact:
+def _run(
+    cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, runtime: Runtime, *, keep_models: bool = True
+) -> Artifact:
+    """The step's body. ``keep_models=False`` (a ``tlops tune`` trial, discarded once its scores are
+    read): no model bundles and no curve plots, which would otherwise be most of a head-only trial."""
     from tlops.models.bundle import Classifier, load_backbone
     from tlops.training import strategies
     from tlops.training.common import seed_everything
@@ -63,7 +67,9 @@ def _run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path, runtime: R
             res = strategy.train(job, d)
             secs = time.perf_counter() - t0 + (job.probe.seconds if strategy.uses_probe else 0.0)
             clf = res.classifier
-            results[strategy.name] = _save(d, clf, res.history, strategy.name, secs, ds.classes) | res.extra
+            results[strategy.name] = (
+                _save(d, clf, res.history, strategy.name, secs, ds.classes, keep_models) | res.extra
+            )
             if results[strategy.name]["val_acc"] is None and val is not None and len(val):
                 # reported, not used for selection under DA
                 results[strategy.name]["val_acc"] = evaluate_split(clf, val, tcfg.batch_size * 2)["val_acc"]
@@ -157,12 +163,19 @@ def probe(job: strategies.Job) -> strategies.Probe:
     return strategies.Probe(head, hist, time.perf_counter() - t0)
 
 
-def _save(d: Path, clf: Classifier, hist: list[dict], strategy: str, secs: float, classes: list[str]) -> dict[str, Any]:
+def _save(
+    d: Path, clf: Classifier, hist: list[dict], strategy: str, secs: float, classes: list[str], keep: bool = True
+) -> dict[str, Any]:
     from tlops.models.bundle import save_bundle
     from tlops.training.common import save_history
 
-    spec = save_bundle(d, clf.backbone, head=clf.head, classes=classes, extra={"strategy": strategy})
-    save_history(d, hist, strategy)
+    if keep:
+        spec = save_bundle(d, clf.backbone, head=clf.head, classes=classes, extra={"strategy": strategy})
+        save_history(d, hist, strategy)
+    else:  # a tune trial: the scores only
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "history.json").write_text(json.dumps(hist, indent=2))
+        spec = {"digest": None}
     best = max((h for h in hist if "val_acc" in h), key=lambda h: (h["val_acc"], -h["val_loss"]), default=None)
     return {
         "val_acc": best["val_acc"] if best else None,

@@ -140,7 +140,7 @@ def train_trial(
     from tlops.training.runtime import Runtime
 
     runtime_env.apply(cfg, "fine-tune")
-    art = _run(cfg, inputs, out, Runtime.from_config(cfg.train, progress=on_epoch))
+    art = _run(cfg, inputs, out, Runtime.from_config(cfg.train, progress=on_epoch), keep_models=False)
     meta = art.meta
     value = meta["models"][meta["selected"]].get(key)
     if value is None:
