@@ -281,6 +281,18 @@ def test_katib_experiment_validates_against_katibs_schema_and_maps_the_space(tmp
     kv.validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "t"}, **job}, "1.31.0", strict=True)
 
 
+def test_katib_budget_follows_the_command_line(tmp_path, monkeypatch, capsys):
+    cfg_file = _write(tmp_path, tune=TUNE)
+    out = tmp_path / "exp.yaml"
+    args = ("tune", str(cfg_file), "--katib-manifest", str(out), "--trials", "5", "--minutes", "2")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    spec = yaml.safe_load(out.read_text())["spec"]
+    assert spec["maxTrialCount"] == 5 and spec["trialTemplate"]["trialSpec"]["spec"]["activeDeadlineSeconds"] == 120
+    code, _, err = run_cli(monkeypatch, capsys, *args[:4], "--trials", "0")
+    assert code == 2 and "--trials: got 0" in err
+
+
 def test_vendored_katib_schema_refuses_unknown_fields_and_wrong_types(tmp_path, monkeypatch, capsys):
     exp = _katib(tmp_path, monkeypatch, capsys, tune=TUNE)
     exp["spec"]["parameters"][0]["feasibleSpace"]["mn"] = "1"

@@ -27,7 +27,10 @@ def tune_command(
         raise ConfigError("--katib-manifest and --trial exclude each other")
     if katib_manifest is not None:
         from tlops.tuning import katib
+        from tlops.tuning.study import budget
 
+        n, m = budget(cfg, trials, minutes)
+        cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"trials": n, "minutes": m})})
         exp = katib.experiment(cfg, namespace=namespace)
         katib.write(exp, katib_manifest)
         spec = exp["spec"]

@@ -75,6 +75,18 @@ def objective_key(cfg: PipelineConfig) -> str:
     return "source_val_acc" if cfg.data.adapt_from is not None else "val_acc"
 
 
+def budget(cfg: PipelineConfig, trials: int | None, minutes: float | None) -> tuple[int, float | None]:
+    """(trials, minutes): the command line's, else the config's; a budget of 0 is an error."""
+    tc = _tune(cfg)
+    n = tc.trials if trials is None else trials
+    m = tc.minutes if minutes is None else minutes
+    if n < 1:
+        raise ConfigError(f"--trials: got {n}; the budget must allow at least 1 trial")
+    if m is not None and not m > 0:
+        raise ConfigError(f"--minutes: got {m}; the budget must be > 0 minutes")
+    return n, m
+
+
 def _tune(cfg: PipelineConfig) -> TuneConfig:
     if cfg.tune is None:
         raise ConfigError(
@@ -189,12 +201,7 @@ def tune(
     from tlops.workdir import Workdir
 
     tc = _tune(cfg)
-    n_trials = tc.trials if trials is None else trials
-    budget_min = tc.minutes if minutes is None else minutes
-    if n_trials < 1:
-        raise ConfigError(f"--trials: got {n_trials}; the budget must allow at least 1 trial")
-    if budget_min is not None and not budget_min > 0:
-        raise ConfigError(f"--minutes: got {budget_min}; the budget must be > 0 minutes")
+    n_trials, budget_min = budget(cfg, trials, minutes)
     key = objective_key(cfg)
     base = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"scratch_baseline": False})})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
