@@ -288,11 +288,11 @@ def main() -> None:
         f"`.venv/bin/python {' '.join(map(shlex.quote, sys.argv))}`, {started}; "
         f"CPU {cpu_model()} ({usable_cores()} usable cores), "
         f"load average at start {load:.2f}; threads pinned to 1 per process. Validation accuracy of each "
-        "strategy (source-domain validation for the adaptation strategies, which never see target labels), "
-        "mean over the seeds. Noise = 2 standard errors of a difference of two means, from the single "
-        "process's spread over the seeds (data-parallel strategies: per-rank BatchNorm statistics and dropout "
-        "masks make DDP a different sample of the same training); with one seed the two must be equal "
-        "(the adaptation strategies run the same computation on every rank).",
+        "strategy on the target validation split (reported only: the adaptation strategies are selected on "
+        "source-domain validation), mean over the seeds. Noise = 2 standard errors of a difference of two "
+        "means, from the single process's spread over the seeds (data-parallel strategies: per-rank "
+        "BatchNorm statistics and dropout masks make DDP a different sample of the same training); with one "
+        "seed the two must be equal (the adaptation strategies run the same computation on every rank).",
         "",
         "| case | strategy | seeds | n val | 1 process | 2 nodes x 1 | diff of means | noise | largest diff on a seed "
         "| within noise |",
