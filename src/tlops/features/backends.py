@@ -15,7 +15,7 @@ the ONNX fp32 features equal PyTorch's to ~1e-6, and int8 ones differ only by qu
 - ``onnx-int8``: text: ``onnxruntime.quantization.quantize_dynamic`` (per-channel int8 weights,
   activations quantised per batch; what sentence-transformers ships). Images: ``quantize_static``
   (QDQ, per-channel int8 weights, uint8 activations) calibrated on the run's own images, because
-  ORT's dynamic ConvInteger path is slower than fp32 (measured: 0.3x on resnet10t) while static
+  ORT's dynamic ConvInteger path was slower than fp32 on resnet10t (a trial) while static
   QDQ convolutions run on int8 kernels.
 
 Exported and quantised files live in a local store (``<workdir>/cache/backends``) under a key of
@@ -176,7 +176,7 @@ def quantize_onnx(src: Path, dst: Path, modality: str, calibration: Sequence[dic
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if modality == "text":
-        # per-channel weights: per-tensor scales cost MiniLM ~4x the feature error (min cosine 0.89 vs 0.98)
+        # per-channel weights: per-tensor scales visibly moved MiniLM's features further from fp32 (a trial)
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
         return
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
