@@ -265,6 +265,15 @@ class FeaturesConfig(_Strict):
         "of the run's train/val rows is within 0.3 points of fp32 torch (recorded in the step's metadata). "
         "Part of the feature-cache key; ranking and stacking of candidate models use torch",
     )
+    shards: int = Field(
+        1,
+        ge=1,
+        description="extract each split in N contiguous row shards (whole batches each, so the features are "
+        "bit-identical to one shard at the same torch thread count), each cached under its own key, then merged "
+        "into the normal cache entry: "
+        "in-process N worker processes; on KFP a ParallelFor of N tasks (needs a shared features.cache_dir: "
+        "s3://...). A rerun after a failed shard recomputes only the missing shards",
+    )
 
     @field_validator("cache_dir")
     @classmethod

@@ -22,13 +22,26 @@ log = logging.getLogger(__name__)
 STATS = {"backbone_batches": 0, "backbone_items": 0}
 
 
+def row_order(modality: str, x: Any) -> np.ndarray:
+    """The order rows are batched in: text by length (little padding), images as given."""
+    if modality == "text":
+        return np.argsort([len(t) for t in x], kind="stable")
+    return np.arange(len(x))
+
+
 def batches_for(backbone: nn.Module, x: Any, batch_size: int) -> list[np.ndarray]:
-    n = len(x)
-    if getattr(backbone, "modality", "image") == "text":
-        order = np.argsort([len(t) for t in x], kind="stable")
-    else:
-        order = np.arange(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    order = row_order(getattr(backbone, "modality", "image"), x)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def shard_rows(modality: str, x: Any, batch_size: int, shard: int, shards: int) -> np.ndarray:
+    """The rows of shard ``shard`` of ``shards``: a contiguous run of whole batches of
+    :func:`batches_for`'s order. Extracting them alone makes the same batches (the run is already
+    in that order, and a stable sort keeps it), so the features are bit-identical to one pass."""
+    order = row_order(modality, x)
+    n_batches = -(-len(order) // batch_size)
+    lo, hi = (n_batches * shard) // shards, (n_batches * (shard + 1)) // shards
+    return order[lo * batch_size : hi * batch_size]
 
 
 @torch.inference_mode()

@@ -110,3 +110,29 @@ def component(step: str, image: str):
 def components(image: str) -> dict[str, Any]:
     """Every step's component, keyed by step name."""
     return {s.name: component(s.name, image) for s in DAG}
+
+
+# features.shards > 1: the ParallelFor task that puts one shard of extract-features into the shared cache
+SHARD_TASK = "extract-features-shard"
+
+
+def shard_function() -> Callable[..., None]:
+    """The shard task's function: extract-features's parameters and inputs, a shard index, no
+    output (its result is a feature-cache entry; the extract-features task merges them)."""
+    from tlops.kfp.generated import component_function
+
+    args = [a for a in signature(dag.get("extract-features")) if not a[1].startswith("Output[")]
+    args.insert(len(PIPELINE_PARAMS) + 1, ("shard", "int"))
+    return component_function(
+        function_name(SHARD_TASK),
+        tuple(args),
+        "tlops extract-features, one shard of features.shards, into the shared feature cache",
+        "tlops.kfp.task",
+        "run_shard_task",
+    )
+
+
+def shard_component(image: str):
+    from kfp import dsl
+
+    return dsl.component(shard_function(), base_image=image, install_kfp_package=False)

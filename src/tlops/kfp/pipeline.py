@@ -18,10 +18,11 @@ from tlops import __version__
 from tlops.artifacts import read_artifact
 from tlops.config import KubernetesConfig, PipelineConfig
 from tlops.dag import DAG, StepSpec
-from tlops.errors import TlopsError
+from tlops.errors import ConfigError, TlopsError
 from tlops.kfp.task import image_digest
 from tlops.logs import strip_ansi
 from tlops.runners.local import PipelineResult, StepResult
+from tlops.storage import is_s3
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,16 @@ def pipeline_name(cfg: PipelineConfig) -> str:
     return "tlops-" + "".join(c if c.isalnum() else "-" for c in cfg.name.lower()).strip("-")
 
 
-def build(cfg: PipelineConfig, components: dict[str, Any], configure_task: Callable[[Any, StepSpec], None], image: str):
+def build(
+    cfg: PipelineConfig,
+    components: dict[str, Any],
+    configure_task: Callable[[Any, StepSpec], None],
+    image: str,
+    shard_op: Any = None,
+):
     """Return the ``@dsl.pipeline`` function for one resolved tlops config: one task per step, each
-    told the ``image`` its component runs in."""
+    told the ``image`` its component runs in. With ``features.shards: N > 1``, a ParallelFor of N
+    ``shard_op`` tasks (one feature-cache entry each) runs before extract-features, which merges them."""
     from kfp import dsl
 
     # One line of JSON (valid YAML): KFP copies defaults into a header comment, line by line.
@@ -137,6 +145,23 @@ def build(cfg: PipelineConfig, components: dict[str, Any], configure_task: Calla
         tasks: dict[str, Any] = {}
         for spec in DAG:
             upstream = {name: tasks[producer].outputs[name] for name, producer in spec.inputs.items()}
+            shard_task = None
+            if spec.name == "extract-features" and cfg.features.shards > 1:
+                with dsl.ParallelFor(list(range(cfg.features.shards))) as shard:
+                    shard_task = shard_op(
+                        config=config,
+                        data_uri=data_uri,
+                        source_model=source_model,
+                        model_name=model_name,
+                        image=image,
+                        shard=shard,
+                        **upstream,
+                    )
+                    shard_task.set_display_name("extract-features-shard")
+                    configure_task(shard_task, spec)
+                    # the feature cache makes a retried shard cheap; KFP's cache key would be the
+                    # same for every shard (it is the step's) and serve shard 0 for all of them
+                    shard_task.set_caching_options(enable_caching=False)
             task = components[spec.name](
                 config=config,
                 data_uri=data_uri,
@@ -147,16 +172,37 @@ def build(cfg: PipelineConfig, components: dict[str, Any], configure_task: Calla
             )
             task.set_display_name(spec.name)
             configure_task(task, spec)
+            if shard_task is not None:
+                task.after(shard_task)
             tasks[spec.name] = task
 
     return transfer_learning
 
 
-def build_pipeline(cfg: PipelineConfig):
-    from tlops.kfp.components import components
+def check_shards(cfg: PipelineConfig) -> None:
+    """On a cluster the shard tasks are separate pods: they and the merging extract-features task
+    must see one feature cache, which a pod-local directory is not."""
+    f = cfg.features
+    if f.shards > 1 and not (f.cache and is_s3(f.cache_dir or "")):
+        where = f"features.cache_dir: {f.cache_dir or '(default: pod-local)'}" if f.cache else "features.cache: false"
+        raise ConfigError(
+            f"features.shards: {f.shards} on a cluster runs each shard in its own pod, and the extract-features task "
+            f"merges them from the feature cache, so the cache must be shared; {where} is not. Set "
+            "features.cache_dir: s3://<bucket>/<prefix> (with features.cache: true), or features.shards: 1 "
+            "(kfp.local, tlops run: any cache dir works)"
+        )
 
+
+def build_pipeline(cfg: PipelineConfig, *, local: bool = False):
+    """The pipeline for a cluster, or with ``local=True`` for kfp.local (where a local feature
+    cache is shared by every task)."""
+    from tlops.kfp.components import components, shard_component
+
+    if not local:
+        check_shards(cfg)
     image = image_for(cfg)
-    return build(cfg, components(image), task_configurer(cfg), image)
+    shard_op = shard_component(image) if cfg.features.shards > 1 else None
+    return build(cfg, components(image), task_configurer(cfg), image, shard_op)
 
 
 def compile_pipeline(cfg: PipelineConfig, out: Path) -> Path:
@@ -190,7 +236,7 @@ def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(cfg)
+    pipeline = build_pipeline(cfg, local=True)
     log.info("pipeline %s: kfp.local run under %s (each task's full output: <run>/<step>/%s)", cfg.name, root, TASK_LOG)
     tasks: list[tuple[Path, int]] = []  # (log file, exit code) per task subprocess, in order
     t0 = time.perf_counter()

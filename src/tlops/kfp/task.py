@@ -91,6 +91,19 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
     return artifact
 
 
+def run_shard_task(args: dict[str, Any]) -> None:
+    """The ParallelFor task of ``features.shards``: one shard of extract-features into the shared
+    feature cache (``tlops.steps.extract_features.run_shard``)."""
+    from tlops import logs
+    from tlops.steps import extract_features
+
+    logs.setup()
+    spec = dag.get("extract-features")
+    cfg = config_from_params(args["config"], {k: args[k] for k in PARAM_FIELDS})
+    arts = {name: read_artifact(args[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
+    extract_features.run_shard(cfg, arts, int(args["shard"]))
+
+
 def log_evaluation(evaluation: Artifact, metrics: Any, classification: Any) -> None:
     """Fill KFP Metrics / ClassificationMetrics outputs from an evaluation artifact."""
     import json

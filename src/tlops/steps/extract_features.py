@@ -4,13 +4,24 @@ With a local cache root, each cache key is computed under the cache's per-key lo
 compute, publish): two runs started at once on the same data and model compute it once, the
 second waits and gets a hit. The artifact lists every cache key it used (``cache_keys``) so
 ``tlops gc`` knows what kept runs reference.
+
+``features.shards: N`` (N > 1): each split's rows are cut into N contiguous runs of whole batches
+(``tlops.features.extract.shard_rows``); each shard is extracted on its own and cached under its
+own key (:func:`shard_key`), then the shards are merged into the normal entry, bit-identical to one
+pass. In-process the missing shards run in N spawned worker processes; on KFP a ParallelFor of
+shard tasks (:func:`run_shard`) writes them to the shared cache first, and this step only merges.
+Shards already in the cache are reused, so a rerun after a failed shard recomputes only that one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +30,7 @@ import numpy as np
 from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
+from tlops.errors import TlopsError
 from tlops.features import backends
 from tlops.features.backends import key_preprocessing
 from tlops.features.cache import FeatureCache, cache_key
@@ -40,10 +52,8 @@ def _stacking(cfg: PipelineConfig) -> bool:
     return "stacking" in cfg.train.strategies
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
-    ds = Dataset(inputs["dataset"])
-    model = inputs["model"]
-    cache = FeatureCache(cache_root(cfg))
+def _choose(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: FeatureCache):
+    """The backbone to extract with (the best candidate when several were pulled) and its backend."""
     chosen = {
         "source": model.meta["source"],
         "path": "model",
@@ -55,21 +65,40 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         ranking = _rank_candidates(cfg, ds, model, cache)
         chosen = ranking[0]
     backend, backend_info = _resolve_backend(cfg, ds, model.path / chosen["path"], chosen)
-    key = cache_key(chosen["model_digest"], key_preprocessing(chosen["preprocessing"], backend), ds.content_hash)
+    return chosen, ranking, backend, backend_info
+
+
+def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    ds = Dataset(inputs["dataset"])
+    model = inputs["model"]
+    cache = FeatureCache(cache_root(cfg))
+    chosen, ranking, backend, backend_info = _choose(cfg, ds, model, cache)
+    key = _main_key(chosen, backend, ds)
     used = [key] + [cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train") for c in ranking or []]
-    t0 = time.perf_counter()
-    with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
-        # local: hard link into/out of an atomically published entry; S3: features.npz, then manifest.json
-        hit = cache.get_or_compute(
-            key,
-            lambda: _compute(
+    job = _job(cfg, ds, model.path / chosen["path"], chosen, backend)
+    sharding: dict[str, Any] = {}
+    if cfg.features.shards > 1:  # the shard entries are not listed in cache_keys: after the merge gc may drop them
+
+        def compute() -> dict[str, np.ndarray]:
+            return _compute_sharded(job, cfg.features.shards, cache if cfg.features.cache else None, sharding)
+    else:
+
+        def compute() -> dict[str, np.ndarray]:
+            return _compute(
                 ds,
                 model.path / chosen["path"],
                 cfg.features.batch_size,
                 backend=backend,
                 model_digest=chosen["model_digest"],
                 store=backend_store(cfg),
-            ),
+            )
+
+    t0 = time.perf_counter()
+    with write_artifact(out, "features", config=cfg.features.model_dump(mode="json"), inputs=inputs) as w:
+        # local: hard link into/out of an atomically published entry; S3: features.npz, then manifest.json
+        hit = cache.get_or_compute(
+            key,
+            compute,
             {"model_digest": chosen["model_digest"], "dataset_hash": ds.content_hash, "backend": backend},
             w.path / "features.npz",
             enabled=cfg.features.cache,
@@ -94,6 +123,8 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
             **({"backend_auto": backend_info} if backend_info else {}),
             **({"source_ranking": ranking, "selection_score": cfg.source.selection_score} if ranking else {}),
             "shapes": shapes,
+            **({"shards": cfg.features.shards} if cfg.features.shards > 1 else {}),
+            **sharding,
             "seconds": round(time.perf_counter() - t0, 3),
             "cache_keys": sorted(set(used)) if cfg.features.cache else [],
         }
@@ -225,8 +256,11 @@ def _compute(
     backend: str = "torch",
     model_digest: str = "",
     store: Path | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    from tlops.features.extract import extract
+    """Every split's features; with ``shard=(i, n)`` only shard i's rows of each split, and their
+    row numbers as ``rows_<split>`` (for the merge)."""
+    from tlops.features.extract import extract, shard_rows
     from tlops.models.bundle import load_backbone
 
     backbone = load_backbone(bundle_dir)
@@ -235,5 +269,159 @@ def _compute(
         backbone = _runner(backbone, backend, ds, model_digest, store)
     arrays = {}
     for split in ds.splits():
-        arrays[split] = extract(backbone, ds.load(split).x, batch_size, desc=f"extract {split}")
+        x = ds.load(split).x
+        if shard is None:
+            arrays[split] = extract(backbone, x, batch_size, desc=f"extract {split}")
+            continue
+        rows = shard_rows(backbone.modality, x, batch_size, *shard)
+        part = x[rows] if isinstance(x, np.ndarray) else [x[i] for i in rows]
+        arrays[split] = extract(backbone, part, batch_size, desc=f"extract {split} shard {shard[0]}/{shard[1]}")
+        arrays[f"rows_{split}"] = rows
     return arrays
+
+
+# --- sharded extraction (features.shards > 1) ---
+
+
+def _job(cfg: PipelineConfig, ds: Dataset, bundle_dir: Path, chosen: dict, backend: str) -> dict[str, Any]:
+    """What a shard worker needs, as plain picklable values (it runs in a spawned process)."""
+    return {
+        "dataset": str(ds.artifact.path),
+        "bundle": str(bundle_dir),
+        "batch_size": cfg.features.batch_size,
+        "backend": backend,
+        "model_digest": chosen["model_digest"],
+        "key_pre": key_preprocessing(chosen["preprocessing"], backend),
+        "data_hash": ds.content_hash,
+        "store": str(backend_store(cfg)),
+        "cache_root": str(cache_root(cfg)),
+    }
+
+
+def shard_key(model_digest: str, preprocessing: dict, dataset_hash: str, shard: int, shards: int, batch: int) -> str:
+    """The cache key of one shard: the whole run's key inputs plus which shard (and the batch size,
+    which decides the shard's rows)."""
+    return cache_key(model_digest, preprocessing, f"{dataset_hash}:shard{shard}of{shards}:batch{batch}")
+
+
+def _shard_job(job: dict[str, Any], shard: int, shards: int) -> dict[str, Any]:
+    key = shard_key(job["model_digest"], job["key_pre"], job["data_hash"], shard, shards, job["batch_size"])
+    return {**job, "shard": shard, "shards": shards, "key": key}
+
+
+def compute_shard(job: dict[str, Any], threads: int | None = None) -> bool:
+    """Compute one shard's cache entry unless it is there; return whether it was (a hit).
+    The worker of the in-process pool and the body of a KFP shard task."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    ds = Dataset.open(job["dataset"])
+    with tempfile.TemporaryDirectory(prefix="tlops-shard-") as tmp:
+        return FeatureCache(job["cache_root"]).get_or_compute(
+            job["key"],
+            lambda: _compute(
+                ds,
+                Path(job["bundle"]),
+                job["batch_size"],
+                backend=job["backend"],
+                model_digest=job["model_digest"],
+                store=Path(job["store"]),
+                shard=(job["shard"], job["shards"]),
+            ),
+            {
+                "model_digest": job["model_digest"],
+                "dataset_hash": job["data_hash"],
+                "backend": job["backend"],
+                "shard": f"{job['shard']}/{job['shards']}",
+            },
+            Path(tmp) / "features.npz",
+        )
+
+
+def _compute_sharded(
+    job: dict[str, Any], shards: int, cache: FeatureCache | None, info: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Compute the missing shards in worker processes (spawned: a fresh interpreter, no forked
+    torch thread pools), each with an equal share of this process's threads, then merge all shards.
+    Every worker runs to the end before a failure is raised, so the shards that succeeded are kept
+    for the rerun. ``cache=None`` (``features.cache: false``): the shards go to a scratch cache."""
+    import torch
+
+    with contextlib.ExitStack() as stack:
+        if cache is None:
+            root = stack.enter_context(tempfile.TemporaryDirectory(prefix="tlops-shards-"))
+            job, cache = {**job, "cache_root": root}, FeatureCache(root)
+        jobs = [_shard_job(job, i, shards) for i in range(shards)]
+        reused = [j["shard"] for j in jobs if cache.get(j["key"]) is not None]
+        todo = [j for j in jobs if j["shard"] not in reused]
+        for j in jobs:
+            if j["shard"] in reused:
+                log.info("extract-features: shard %d/%d reused (cache hit %s)", j["shard"], shards, j["key"][:16])
+        if todo:
+            threads = max(1, torch.get_num_threads() // shards)
+            log.info(
+                "extract-features: computing shards %s of %d in %d worker processes (%d threads each)",
+                [j["shard"] for j in todo],
+                shards,
+                len(todo),
+                threads,
+            )
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=len(todo), mp_context=ctx) as pool:
+                futures = {j["shard"]: pool.submit(compute_shard, j, threads) for j in todo}
+                errors = {i: f.exception() for i, f in futures.items()}  # waits for every worker
+            failed = {i: e for i, e in errors.items() if e is not None}
+            if failed:
+                i, e = next(iter(failed.items()))
+                raise TlopsError(
+                    f"extract-features: shard(s) {sorted(failed)} of {shards} failed (the others are cached and "
+                    f"will be reused by a rerun); shard {i}: {type(e).__name__}: {e}"
+                ) from e
+            for j in todo:
+                log.info("extract-features: shard %d/%d computed (%s)", j["shard"], shards, j["key"][:16])
+        info.update(shards_reused=reused, shards_computed=[j["shard"] for j in todo])
+        return merge_shards(cache, [j["key"] for j in jobs])
+
+
+def merge_shards(cache: FeatureCache, keys: list[str]) -> dict[str, np.ndarray]:
+    """The whole splits from the shard entries: each shard's rows put back where they came from."""
+    parts = [cache.load(k) for k in keys]
+    splits = [k for k in parts[0] if not k.startswith("rows_")]
+    out = {}
+    for split in splits:
+        n = sum(len(p[f"rows_{split}"]) for p in parts)
+        dim = parts[0][split].shape[1]
+        merged = np.zeros((n, dim), dtype=parts[0][split].dtype)
+        seen = np.zeros(n, dtype=bool)
+        for p in parts:
+            merged[p[f"rows_{split}"]] = p[split]
+            seen[p[f"rows_{split}"]] = True
+        if not seen.all():
+            raise TlopsError(f"extract-features: the shards of split {split} do not cover all its {n} rows")
+        out[split] = merged
+    return out
+
+
+def run_shard(cfg: PipelineConfig, inputs: dict[str, Artifact], shard: int) -> bool:
+    """One KFP shard task: put shard ``shard`` of ``features.shards`` into the (shared) cache;
+    the extract-features task merges them. Returns whether it was already there."""
+    shards = cfg.features.shards
+    if not 0 <= shard < shards:  # e.g. a run-time config with fewer shards than compiled: the merge does it all
+        log.info("extract-features: shard %d: nothing to do (features.shards: %d)", shard, shards)
+        return False
+    ds = Dataset(inputs["dataset"])
+    model = inputs["model"]
+    cache = FeatureCache(cache_root(cfg))
+    chosen, _, backend, _ = _choose(cfg, ds, model, cache)
+    job = _shard_job(_job(cfg, ds, model.path / chosen["path"], chosen, backend), shard, shards)
+    if cache.get(_main_key(chosen, backend, ds)) is not None:
+        log.info("extract-features: shard %d/%d: the merged features are cached already, nothing to do", shard, shards)
+        return True
+    hit = compute_shard(job)
+    log.info("extract-features: shard %d/%d %s (%s)", shard, shards, "reused" if hit else "computed", job["key"][:16])
+    return hit
+
+
+def _main_key(chosen: dict, backend: str, ds: Dataset) -> str:
+    return cache_key(chosen["model_digest"], key_preprocessing(chosen["preprocessing"], backend), ds.content_hash)
