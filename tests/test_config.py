@@ -389,7 +389,7 @@ def test_cli_validate_good_config_prints_resolved_yaml(tmp_path, raw):
     assert resolved["evaluate"]["ece_bins"] == 15
     assert resolved["train"]["epochs"] == 3
     assert resolved["train"]["lr"] == pytest.approx(1e-3)
-    assert resolved["features"] == {"batch_size": 64, "cache_dir": None, "cache": True, "backend": "torch"}
+    assert resolved["features"] == {"batch_size": 64, "cache_dir": None, "cache": True, "backend": "torch", "shards": 1}
     assert resolved["data"]["classes"] == [0, 1, 2]
     # the printed YAML is itself a valid config that resolves to the same thing
     assert validate_config(resolved).to_dict() == resolved
