@@ -76,19 +76,22 @@ def _yelp(shared_data, n):
 @slow_text
 def test_text_backends_match_torch(text_backbones, shared_data):
     tb, runners, store = text_backbones
-    texts, y = _yelp(shared_data, 160)
+    texts, y = _yelp(shared_data, 320)
     feats = {b: extract(r, texts, 32, desc=b) for b, r in runners.items()}
     # same tokenizer, padding, mean pooling and L2 normalisation inside the exported graph
     assert np.abs(feats["onnx"] - feats["torch"]).max() < 1e-4
     for b in ("torch-int8", "onnx-int8"):
         cos = np.sum(feats[b] * feats["torch"], axis=1)  # unit-norm rows
         assert cos.mean() > 0.95 and cos.min() > 0.85, (b, cos.mean(), cos.min())
-    ref_acc, settings = probe_accuracy(feats["torch"][:80], y[:80], feats["torch"][80:], y[80:])
-    accs = {b: probe_accuracy(f[:80], y[:80], f[80:], y[80:], settings)[0] for b, f in feats.items()}
+    ref_acc, settings = probe_accuracy(feats["torch"][:160], y[:160], feats["torch"][160:], y[160:])
+    accs = {b: probe_accuracy(f[:160], y[:160], f[160:], y[160:], settings)[0] for b, f in feats.items()}
     assert accs["torch"] == ref_acc  # the same (scaling, C) refitted: the same head
-    assert accs["torch"] > 0.7
-    for b in ("onnx", "torch-int8", "onnx-int8"):  # 80 validation rows: one row is 1.25 points
-        assert abs(accs[b] - accs["torch"]) <= 1.5 / 80, accs
+    assert accs["torch"] > 0.75
+    assert abs(accs["onnx"] - accs["torch"]) <= 1 / 160, accs  # fp32: at most one row moves
+    # int8: a few rows of 160 (bench/results/perf_backends.md: within ~1 point on 500-row splits); a
+    # broken quantisation or pooling would cost tens of points
+    for b in ("torch-int8", "onnx-int8"):
+        assert abs(accs[b] - accs["torch"]) <= 5 / 160, accs
     assert len(list(store.rglob("*.onnx"))) == 2  # fp32 and int8 files, nothing else left behind
 
 
@@ -140,6 +143,12 @@ def test_auto_on_images_records_its_choice_and_reuses_it(digits_cfg, tmp_path, c
     again = extract_features.run(cfg, ins, tmp_path / "f3")  # decision and features reused
     assert again.meta["backend_auto"]["reused"] and again.meta["cache"] == "hit"
     assert again.meta["cache_key"] == art.meta["cache_key"]
+
+    explicit = extract_features.run(digits_cfg(features={"backend": "onnx"}), ins, tmp_path / "f4")  # file reused
+    assert explicit.meta["backend"] == "onnx" and "backend_auto" not in explicit.meta
+    assert explicit.meta["cache_key"] != plain.meta["cache_key"]
+    with pytest.raises(ConfigError, match="use onnx-int8"):  # refused from the bundle's metadata
+        extract_features.run(digits_cfg(features={"backend": "torch-int8"}), ins, tmp_path / "f5")
 
 
 @pytest.mark.slow  # two CNN exports; the default suite checks the digits pipeline's CNN in the auto test
