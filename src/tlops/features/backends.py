@@ -87,10 +87,6 @@ def key_preprocessing(preprocessing: dict[str, Any], backend: str) -> dict[str, 
     return {**preprocessing, "backend": backend, "backend_version": EXPORT_VERSION}
 
 
-def default_store(workdir: str | os.PathLike) -> Path:
-    return Path(workdir) / "cache" / "backends"
-
-
 def ort_threads() -> int:
     return max(1, torch.get_num_threads())
 

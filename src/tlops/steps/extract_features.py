@@ -31,8 +31,6 @@ from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
 from tlops.data.dataset import Dataset
 from tlops.errors import TlopsError
-from tlops.features import backends
-from tlops.features.backends import key_preprocessing
 from tlops.features.cache import FeatureCache, cache_key
 from tlops.hashing import hash_json
 from tlops.storage import is_s3
@@ -192,17 +190,21 @@ def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: F
 
 def backend_store(cfg: PipelineConfig) -> Path:
     """Where exported / quantised backbones and ``auto`` decisions are kept (local, next to the feature cache)."""
-    return backends.default_store(Workdir.at(cfg.workdir_path).root)
+    return Workdir.at(cfg.workdir_path).root / "cache" / "backends"
 
 
-def _calibration(ds: Dataset, n: int = backends.CALIBRATION_ROWS) -> tuple[Any, str]:
+def _calibration(ds: Dataset) -> tuple[Any, str]:
     """A seeded sample of train rows (the static int8 CNN's activation ranges) and its identity."""
+    from tlops.features.backends import CALIBRATION_ROWS as n
+
     x = ds.load("train").x
     idx = np.sort(np.random.default_rng(0).choice(len(x), size=min(n, len(x)), replace=False))
     return (x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx]), f"{ds.content_hash}:train:{n}:seed0"
 
 
 def _runner(backbone, backend: str, ds: Dataset, model_digest: str, store: Path):
+    from tlops.features import backends
+
     calibration, cal_id = (None, None)
     if backend == "onnx-int8" and backbone.modality == "image":
         calibration, cal_id = _calibration(ds)
@@ -216,6 +218,7 @@ def _resolve_backend(cfg: PipelineConfig, ds: Dataset, bundle_dir: Path, chosen:
     backend = cfg.features.backend
     if backend == "torch":
         return backend, None
+    from tlops.features import backends
     from tlops.models.bundle import load_backbone
     from tlops.models.bundle_files import read_spec
 
@@ -285,6 +288,8 @@ def _compute(
 
 def _job(cfg: PipelineConfig, ds: Dataset, bundle_dir: Path, chosen: dict, backend: str) -> dict[str, Any]:
     """What a shard worker needs, as plain picklable values (it runs in a spawned process)."""
+    from tlops.features.backends import key_preprocessing
+
     return {
         "dataset": str(ds.artifact.path),
         "bundle": str(bundle_dir),
@@ -424,4 +429,6 @@ def run_shard(cfg: PipelineConfig, inputs: dict[str, Artifact], shard: int) -> b
 
 
 def _main_key(chosen: dict, backend: str, ds: Dataset) -> str:
+    from tlops.features.backends import key_preprocessing  # imports torch: never on a reused run's import path
+
     return cache_key(chosen["model_digest"], key_preprocessing(chosen["preprocessing"], backend), ds.content_hash)
