@@ -68,15 +68,19 @@ def _pair(raw: dict, tmp: Path):
 
 @pytest.mark.slow
 def test_data_parallel_strategies_on_two_nodes(tmp_path):
+    """Trained to convergence (a short run is still far from it: per-rank BatchNorm statistics then
+    move the validation accuracy by more than the tolerance; bench/results/multinode.md)."""
     from conftest import digits_config
 
     raw = digits_config(
-        tmp_path / "work", train={"strategies": ["fine-tune", "partial-fine-tune"], "epochs": 3, "lr": 0.003}
+        tmp_path / "work",
+        data={"labels_per_class": 30},
+        train={"strategies": ["fine-tune", "partial-fine-tune"], "epochs": 10, "lr": 0.003},
     )
     one, two = _pair(raw, tmp_path)
     for s in ("fine-tune", "partial-fine-tune"):
-        assert one[s]["epochs"] == two[s]["epochs"] == 3
-        assert abs(one[s]["val_acc"] - two[s]["val_acc"]) <= 0.15, (s, one[s]["val_acc"], two[s]["val_acc"])
+        assert one[s]["epochs"] == two[s]["epochs"] == 10
+        assert abs(one[s]["val_acc"] - two[s]["val_acc"]) <= 0.1, (s, one[s]["val_acc"], two[s]["val_acc"])
 
 
 @pytest.mark.slow
