@@ -29,6 +29,8 @@ Sections (``--only``; default all):
 * ``backends`` (only when named: ``--only backends``): ``features.backend`` torch / torch-int8 / onnx /
   onnx-int8 side by side, throughput and downstream probe accuracy, GFLOP/s against the fp32 and
   int8 matmul peaks; its own report, bench/results/perf_backends.md (see bench/perf_backends.py).
+* ``shards`` (only when named: ``--only shards``): ``features.shards`` 1 vs 2 worker processes on the
+  extract-features step (MiniLM, UCI yelp); its own report, bench/results/shards.md (see bench/shards.py).
 
 Timing protocol: the machine is shared, so every comparison runs both sides in the same process,
 interleaved (A,B,B,A,...; extraction alternates every chunk of 160 texts / 256 images), and quotes medians;
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default=",".join(SECTIONS),
-        help=f"comma-separated sections: {', '.join(SECTIONS)}; also backends (named only)",
+        help=f"comma-separated sections: {', '.join(SECTIONS)}; also backends, shards (named only)",
     )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast on both sides")
@@ -125,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation is None:
         args.ablation = not args.quick
     only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if "shards" in only:  # its own report (shards.md, bench/shards.py), never rewrites perf.md
+        from shards import main as shards_main
+
+        rc = shards_main([], repeats=args.repeats)
+        only.remove("shards")
+        if rc or not only:
+            return rc
     if "backends" in only:  # its own report (perf_backends.md), never rewrites perf.md
         from perf_backends import main as backends_main
 

@@ -73,11 +73,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     chosen, ranking, backend, backend_info = _choose(cfg, ds, model, cache)
     key = _main_key(chosen, backend, ds)
     used = [key] + [cache_key(c["model_digest"], c["preprocessing"], ds.content_hash + ":train") for c in ranking or []]
-    job = _job(cfg, ds, model.path / chosen["path"], chosen, backend)
-    sharding: dict[str, Any] = {}
+    sharding: dict[str, Any] = {}  # shards_reused / shards_computed, for the metadata
     if cfg.features.shards > 1:  # the shard entries are not listed in cache_keys: after the merge gc may drop them
 
         def compute() -> dict[str, np.ndarray]:
+            job = _job(cfg, ds, model.path / chosen["path"], chosen, backend)
             return _compute_sharded(job, cfg.features.shards, cache if cfg.features.cache else None, sharding)
     else:
 
