@@ -81,6 +81,7 @@ WORKDIR_COMMANDS = {"run", "demo", "validate", "step", "export dvc", "promote", 
 WORKDIR_COMMANDS |= {"serve"}
 WORKDIR_COMMANDS |= {"monitor"}
 WORKDIR_COMMANDS |= {"tune"}
+WORKDIR_COMMANDS |= {"adapt"}
 
 
 def test_every_command_that_uses_a_workdir_takes_workdir():

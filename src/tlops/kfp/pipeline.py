@@ -19,6 +19,7 @@ from tlops.artifacts import read_artifact
 from tlops.config import KubernetesConfig, PipelineConfig
 from tlops.dag import DAG, StepSpec
 from tlops.errors import ConfigError, TlopsError
+from tlops.kfp import RUN_AS
 from tlops.kfp.task import image_digest
 from tlops.logs import strip_ansi
 from tlops.runners.local import PipelineResult, StepResult
@@ -57,8 +58,6 @@ def warn_if_cached_by_tag(cfg: PipelineConfig) -> None:
         )
 
 
-# uid/gid of the tlops image's user (docker/Dockerfile: USER 1000:1000)
-RUN_AS = 1000
 POD_LABELS = {"app.kubernetes.io/part-of": "tlops", "tlops.dev/role": "pipeline"}
 
 

@@ -148,7 +148,7 @@ def _env(cfg: Any) -> list[dict[str, Any]]:
 
 def _pod_parts(cfg: Any) -> dict[str, Any]:
     """What the single-pod fine-tune task gets (tlops.kfp.pipeline.task_configurer), for each node."""
-    from tlops.kfp.pipeline import RUN_AS
+    from tlops.kfp import RUN_AS
 
     gpu = cfg.kubernetes.gpu
     tolerations = [{k: v for k, v in t.model_dump().items() if v is not None} for t in gpu.tolerations] if gpu else []

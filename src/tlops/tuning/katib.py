@@ -31,12 +31,12 @@ from typing import Any
 import yaml
 
 from tlops.config import PipelineConfig, int_field, train_keys
+from tlops.kfp import RUN_AS
 from tlops.tuning.study import _tune, objective_key
 
 API_VERSION = "kubeflow.org/v1beta1"
 CONTAINER = "tlops-trial"
 CONFIG_ENV = "TLOPS_TUNE_CONFIG"
-RUN_AS = 1000  # the image's non-root user (as the KFP tasks and the serving pod)
 MEDIANSTOP = {"min_trials_required": "3", "start_step": "1"}  # as Optuna's MedianPruner locally
 
 
