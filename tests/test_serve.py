@@ -106,6 +106,12 @@ def server(reg, tmp_path_factory):
         "200000",
         "--max-request-items",
         "64",
+        "--monitor-window",
+        "128",
+        "--monitor-every",
+        "0.5",
+        "--monitor-min-inputs",
+        "100",
     )
     yield SimpleNamespace(url=url, proc=proc, log=log)
     stop_server(proc)
@@ -279,3 +285,33 @@ def test_champion_moves_twice_under_load_without_a_failed_request(reg, server):
     metrics = httpx.get(f"{server.url}/metrics").text
     assert re.search(r'tlops_model_swaps_total\{model="t-digits"\} 2', metrics)
     assert re.search(r'tlops_batch_requests_bucket\{le="1.0",model="t-digits"\}', metrics)
+
+
+def test_monitor_window_flags_rotated_digits_among_served_inputs(server):
+    """The last 128 served inputs are rotated digits: the rolling-window monitor (the statistics of
+    `tlops monitor`) flags them, on /monitor and /metrics."""
+    import httpx
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.isin(d.target, [0, 1, 2])
+    rotated = np.rot90(np.round(d.images[keep] * 255 / 16).astype(np.uint8), axes=(1, 2))[:128]
+    seen_before = httpx.get(f"{server.url}/monitor").json().get("inputs_seen", 0)
+    for part in (rotated[:64], rotated[64:]):
+        r = httpx.post(f"{server.url}/invocations", json={"inputs": part.tolist()})
+        assert r.status_code == 200, r.text
+    deadline, res = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        res = httpx.get(f"{server.url}/monitor").json()
+        if res.get("inputs_seen", 0) >= seen_before + 128:
+            break
+        time.sleep(0.3)
+    assert res.get("inputs_seen", 0) >= seen_before + 128, res
+    assert res["n"] == 128 and res["window"] == 128 and res["model_name"] == NAME
+    assert res["verdict"] in ("shift", "severe") and res["flagged_by"], res
+    assert 0.0 <= res["accuracy"]["estimate"] <= 1.0
+    text = httpx.get(f"{server.url}/metrics").text
+    v = res["model_version"]
+    assert f'tlops_monitor_verdict{{model="t-digits",verdict="{res["verdict"]}",version="{v}"}} 1.0' in text
+    assert f'tlops_monitor_inputs{{model="t-digits",version="{v}"}} 128.0' in text
+    assert re.search(r'tlops_monitor_p_value\{model="t-digits",test="c2st",version="\d+"\} ', text)

@@ -584,10 +584,16 @@ def serve(
     max_request_bytes: int = typer.Option(16 * 2**20, min=1, help="larger request bodies get 413"),
     max_request_items: int = typer.Option(256, min=1, help="requests with more inputs get 413"),
     access_log: bool = typer.Option(False, help="log every request"),
+    monitor_window: int = typer.Option(
+        0, min=0, help="shift monitor on the last N served inputs (GET /monitor, /metrics); 0: off"
+    ),
+    monitor_every: float = typer.Option(60.0, min=0.1, help="seconds between checks of the window"),
+    monitor_min_inputs: int = typer.Option(100, min=10, help="the first check waits for this many inputs"),
     tracking_uri: Optional[str] = TRACKING_URI,
     workdir: Path = WORKDIR,
 ) -> None:
     """Serve a registered model: Open Inference Protocol (V2) and MLflow's /invocations, on KServe's ModelServer."""
+    from tlops.monitoring.window import WindowOptions
     from tlops.serving.server import ServeOptions
     from tlops.serving.server import serve as do_serve
 
@@ -601,6 +607,9 @@ def serve(
         max_request_bytes=max_request_bytes,
         max_request_items=max_request_items,
         access_log=access_log,
+        monitor=WindowOptions(
+            size=monitor_window, every_s=monitor_every, min_inputs=min(monitor_min_inputs, monitor_window or 10**9)
+        ),
     )
     do_serve(model, opts, on_ready=lambda url, v: typer.echo(f"tlops serve: {model} (v{v}) on {url}", err=True))
 

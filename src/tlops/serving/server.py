@@ -44,6 +44,7 @@ import orjson
 from fastapi import Request, Response
 
 from tlops.errors import TlopsError
+from tlops.monitoring.window import WindowOptions
 from tlops.serving.contract import Contract, ContractError
 from tlops.serving.registry import ModelRef
 
@@ -64,6 +65,7 @@ class ServeOptions:
     max_request_bytes: int = 16 * 2**20
     max_request_items: int = 256
     access_log: bool = False
+    monitor: WindowOptions = WindowOptions()  # size 0: no rolling-window shift monitor
 
 
 class RequestTooLarge(TlopsError):
@@ -258,10 +260,16 @@ class ServingState:
     options: ServeOptions
     metrics: Metrics = field(default_factory=Metrics)
     batcher: Batcher = field(init=False)
+    window: Any = field(init=False, default=None)  # tlops.monitoring.window.Window, with --monitor-window
+    last_monitor: dict[str, Any] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.batcher = Batcher(self.name, self.options.max_batch_size, self.options.max_wait_ms / 1000, self.metrics)
         self._show_version(self.current)
+        if self.options.monitor.size:
+            from tlops.monitoring.window import Window
+
+            self.window = Window(self.options.monitor.size)
 
     def swap(self, new: Loaded) -> Loaded:
         old, self.current = self.current, new
@@ -281,6 +289,8 @@ class ServingState:
             raise RequestTooLarge(
                 f"the request holds {len(items)} inputs; the limit is {limit} per request (--max-request-items)"
             )
+        if self.window is not None:
+            self.window.add(items)
         return items
 
     def headers(self, loaded: Loaded) -> dict[str, str]:
@@ -406,6 +416,18 @@ def install_routes(app: Any, state: ServingState) -> None:
     async def ping() -> Response:
         return Response("\n", status_code=200, media_type="application/json")
 
+    async def monitor() -> Response:
+        opts = state.options.monitor
+        if state.window is None:
+            return JSONResponse({"error": "the shift monitor is off (tlops serve --monitor-window N)"}, status_code=404)
+        if state.last_monitor is None:
+            held = len(state.window.snapshot()[0])
+            return JSONResponse(
+                {"error": f"not checked yet: the window holds {held} inputs; the first check needs {opts.min_inputs}"},
+                status_code=503,
+            )
+        return JSONResponse(state.last_monitor)
+
     async def contract_error(_: Request, exc: Exception) -> Response:
         return JSONResponse({"error": str(exc)}, status_code=400)
 
@@ -415,6 +437,7 @@ def install_routes(app: Any, state: ServingState) -> None:
     app.add_api_route("/invocations", invocations, methods=["POST"])
     app.add_api_route("/ping", ping, methods=["GET"])
     app.add_api_route("/health", ping, methods=["GET"])
+    app.add_api_route("/monitor", monitor, methods=["GET"])
     app.add_exception_handler(ContractError, contract_error)
     app.add_exception_handler(RequestTooLarge, too_large)
     app.add_middleware(GuardMiddleware, state=state)
@@ -525,6 +548,54 @@ async def follow_alias(state: ServingState, loader: Callable[[ModelRef], Loaded]
             log.warning("%s@%s: cannot follow the alias (%s); still serving v%s", name, alias, e, state.current.version)
 
 
+async def watch_window(state: ServingState) -> None:
+    """Check the window of served inputs against the served version's reference, every
+    ``monitor.every_s`` seconds once it holds ``min_inputs``; publish the result."""
+    from tlops.monitoring.window import Gauges, check, load_reference
+    from tlops.tracking import registry
+
+    opts, gauges = state.options.monitor, Gauges()
+    refs: dict[str, tuple[dict, dict]] = {}
+    checked_at_seen = -1
+    while True:
+        await asyncio.sleep(opts.every_s)
+        items, seen = state.window.snapshot()
+        if len(items) < opts.min_inputs or seen == checked_at_seen:
+            continue  # too few yet, or nothing new since the last check
+        loaded = state.current
+        try:
+            if loaded.version not in refs:
+                mv = await asyncio.to_thread(registry.client().get_model_version, state.name, loaded.version)
+                refs[loaded.version] = await asyncio.to_thread(load_reference, mv.run_id)
+            ref, meta = refs[loaded.version]
+            res = await asyncio.to_thread(check, loaded.clf, loaded.contract.modality, items, ref, meta, opts)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a check that fails must not stop serving
+            log.warning("monitor: cannot check the window against v%s (%s)", loaded.version, e)
+            continue
+        checked_at_seen = seen
+        before = (state.last_monitor or {}).get("verdict")
+        state.last_monitor = {
+            "model_name": state.name,
+            "model_version": loaded.version,
+            "window": opts.size,
+            "inputs_seen": seen,  # served inputs counted since start when the window was taken
+            **res,
+        }
+        gauges.publish(state.name, loaded.version, res)
+        if res["verdict"] != before:
+            log.warning(
+                "monitor: %s v%s on the last %d served inputs: %s (estimated accuracy %.3f; validation %.3f)",
+                state.name,
+                loaded.version,
+                res["n"],
+                res["verdict"],
+                res["accuracy"]["estimate"],
+                meta["val_accuracy"],
+            )
+
+
 # -- the server ---------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _argv_for_kserve() -> Iterator[None]:
@@ -582,6 +653,8 @@ def serve(model: str, options: ServeOptions, *, on_ready: Callable[[str, str], N
     async def main() -> None:
         server.setup_event_loop()
         tasks = [asyncio.create_task(state.batcher.run()), asyncio.create_task(follow_alias(state))]
+        if state.window is not None:
+            tasks.append(asyncio.create_task(watch_window(state)))
         if on_ready:
             on_ready(url, state.current.version)
         try:
