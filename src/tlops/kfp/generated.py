@@ -15,7 +15,8 @@ from typing import Any
 
 
 def source(name: str, args: tuple[tuple[str, str], ...], doc: str, module: str, target: str, returns: str = "") -> str:
-    """``def name(args) -> returns: return module.target({arg: arg, ...})``."""
+    """``def name(args) -> returns: return module.target({arg: arg, ...})`` (no ``return`` without
+    ``returns``: KFP refuses a value from a function that declares none)."""
     ret = f" -> {returns}" if returns else ""
     return (
         f"def {name}(\n"
@@ -23,7 +24,7 @@ def source(name: str, args: tuple[tuple[str, str], ...], doc: str, module: str, 
         + f"){ret}:\n"
         + f"    {doc!r}\n"
         + f"    from {module} import {target}\n\n"
-        + f"    return {target}({{\n"
+        + f"    {'return ' if returns else ''}{target}({{\n"
         + "".join(f"        {n!r}: {n},\n" for n, _ in args)
         + "    })\n"
     )
