@@ -127,13 +127,13 @@ def test_publish_replaces_or_keeps_the_first(tmp_path):
 
 def test_copy_artifact_links_files_and_refuses_an_unfinished_source(tmp_path):
     src = _make(tmp_path / "src", files={"a.txt": "A", "d/b.txt": "B"})
-    copy = A.copy_artifact(src.path, tmp_path / "runs" / "copy")
+    copy = A.copy_artifact(src.path, tmp_path / "runs" / "r1" / "copy")  # parents created
     assert copy.content_hash == src.content_hash and (copy.path / "d" / "b.txt").read_text() == "B"
     assert os.stat(copy.path / "a.txt").st_ino == os.stat(src.path / "a.txt").st_ino  # hard link
     os.remove(src.path / A.MANIFEST)
     with pytest.raises(ArtifactError, match="is not a finished tlops artifact"):
-        A.copy_artifact(src.path, tmp_path / "runs" / "copy2")
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["copy"]  # no staging left
+        A.copy_artifact(src.path, tmp_path / "runs" / "r1" / "copy2")
+    assert sorted(p.name for p in (tmp_path / "runs" / "r1").iterdir()) == ["copy"]  # no staging left
 
 
 def test_link_or_copy_falls_back_to_a_copy(tmp_path, monkeypatch):
@@ -153,15 +153,24 @@ def test_set_step_key_rewrites_the_manifest_only_when_it_changes(tmp_path):
     A.set_step_key(art, "k1")
     on_disk = A.read_artifact(art.path).manifest
     assert on_disk["step_key"] == "k1" and "environment" not in on_disk
-    ino = os.stat(art.path / A.MANIFEST).st_ino
+    keep = tmp_path / "manifest-link"  # holds the inode: a rewrite cannot get it back by reuse
+    os.link(art.path / A.MANIFEST, keep)
     A.set_step_key(art, "k1")  # unchanged: the file is not rewritten
-    assert os.stat(art.path / A.MANIFEST).st_ino == ino
+    assert os.path.samefile(art.path / A.MANIFEST, keep)
     A.set_step_key(art, "k1", {"threads": 2})
     on_disk = A.read_artifact(art.path).manifest
     assert on_disk["step_key"] == "k1" and on_disk["environment"] == {"threads": 2}
+    keep.unlink()
+    os.link(art.path / A.MANIFEST, keep)
+    A.set_step_key(art, "k1", {"threads": 2})  # same key, same environment: not rewritten
+    assert os.path.samefile(art.path / A.MANIFEST, keep)
+    A.set_step_key(art, "k1")  # same key, no environment given: not rewritten either
+    assert os.path.samefile(art.path / A.MANIFEST, keep)
+    A.set_step_key(art, "k1", {"threads": 4})  # another environment: rewritten
+    assert A.read_artifact(art.path).manifest["environment"] == {"threads": 4}
     A.set_step_key(art, "k2")  # environment None: the recorded one stays
     on_disk = A.read_artifact(art.path).manifest
-    assert on_disk["step_key"] == "k2" and on_disk["environment"] == {"threads": 2}
+    assert on_disk["step_key"] == "k2" and on_disk["environment"] == {"threads": 4}
     assert list(on_disk)[: len(art.manifest)] == list(art.manifest)  # key order as written
     assert [p.name for p in art.path.iterdir() if p.name.startswith(".")] == []
 
@@ -199,3 +208,17 @@ def test_local_feature_cache_put_get_load_and_compute_once(tmp_path):
     dst = tmp_path / "f.npz"
     assert cache.get_or_compute(key, compute, {}, dst) is True and dst.is_file()
     assert os.stat(dst).st_ino == os.stat(entry / "features.npz").st_ino  # fetched as a hard link
+
+
+def test_a_cache_entry_holding_pickled_objects_is_refused(tmp_path):
+    """features.npz files are data only: an entry whose arrays need unpickling (a tampered or foreign
+    file) is refused on load instead of running pickle on it."""
+    cache = FeatureCache(tmp_path / "cache")
+    key = cache_key("m", {}, "d")
+    evil = tmp_path / "features.npz"
+    np.savez(evil, x=np.array([{"a": 1}], dtype=object))
+    cache.put_file(key, evil, {})
+    with pytest.raises(ValueError, match="allow_pickle"):
+        cache.load(key)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        cache.get_or_compute_arrays(key, lambda: {}, {})

@@ -81,4 +81,33 @@ def test_a_class_never_predicted_nor_present_is_reported_with_zeros():
 def test_plot_confusion_writes_a_png(tmp_path):
     out = tmp_path / "cm.png"
     plot_confusion([[3, 1], [0, 4]], ["a", "b"], out, "title")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # square, growing with the number of classes: (2.5 + 0.45 * 2) inches at 90 dpi
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width == height == round((2.5 + 0.45 * 2) * 90)
+
+
+def test_default_bins_is_15_and_absent_classes_raise_no_warning():
+    import warnings
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=200)
+    y = rng.integers(0, 3, size=200)
+    assert expected_calibration_error(probs, y, 15) != pytest.approx(expected_calibration_error(probs, y, 16))
+    assert classification_metrics(probs, y, ["a", "b", "c"])["ece"] == pytest.approx(
+        expected_calibration_error(probs, y, 15)
+    )
+    # a class with no sample and no prediction: reported as 0 without scikit-learn's
+    # UndefinedMetricWarning in every evaluate log
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = classification_metrics(np.array([[0.8, 0.2, 0.0], [0.3, 0.7, 0.0]]), np.array([0, 1]), ["a", "b", "c"])
+    assert m["per_class"]["c"]["f1"] == 0.0 and m["macro_f1"] == pytest.approx(2 / 3)
+
+
+def test_ece_with_a_bin_that_mixes_right_and_wrong():
+    # 10 bins: (.8,.9] {.85 right}: 1/3 * .15; (.9,1] {.92 wrong, .95 right}: 2/3 * |.5 - .935|
+    probs = np.array([[0.85, 0.15, 0.0], [0.92, 0.08, 0.0], [0.95, 0.05, 0.0]])
+    y = np.array([0, 1, 0])
+    assert expected_calibration_error(probs, y, bins=10) == pytest.approx(0.15 / 3 + 2 / 3 * 0.435)
