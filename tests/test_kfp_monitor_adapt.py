@@ -30,19 +30,19 @@ def test_compiled_monitor_and_adapt_runs_the_dag_only_on_a_shift(tmp_path, monke
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"monitor", "condition-1"}
     cond = tasks["condition-1"]
-    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--monitor-verdict'] != 'ok'"
+    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--monitor-Output'] != 'ok'"
     inner = spec["components"]["comp-condition-1"]["dag"]["tasks"]
-    assert set(inner) == {"tlops-t-digits", "describe-adaptation"}
-    assert inner["describe-adaptation"]["dependentTasks"] == ["tlops-t-digits"]
+    assert set(inner) == {"adapt-config", "tlops-t-digits", "describe-adaptation"}
+    assert sorted(inner["describe-adaptation"]["dependentTasks"]) == ["adapt-config", "tlops-t-digits"]
     # the transfer pipeline gets the monitor's adaptation config as its config parameter
-    sub = inner["tlops-t-digits"]["inputs"]["parameters"]["config"]["componentInputParameter"]
-    assert sub == "pipelinechannel--monitor-adapt_config"
+    sub = inner["tlops-t-digits"]["inputs"]["parameters"]["config"]["taskOutputParameter"]
+    assert sub == {"outputParameterKey": "Output", "producerTask": "adapt-config"}
     assert set(spec["components"]["comp-tlops-t-digits"]["dag"]["tasks"]) == set(STEP_NAMES)
     # nothing cached (the config arrives at run time: compile-time cache keys would be wrong)
     assert "enableCache: true" not in (tmp_path / "ma.yaml").read_text()
     assert "cacheKey" not in (tmp_path / "ma.yaml").read_text()
     executors = spec["deploymentSpec"]["executors"]
-    assert {"exec-monitor", "exec-describe-adaptation", "exec-fine-tune"} <= set(executors)
+    assert {"exec-monitor", "exec-adapt-config", "exec-describe-adaptation", "exec-fine-tune"} <= set(executors)
     for name, ex in executors.items():
         assert "pip install" not in " ".join(ex["container"]["command"]), name
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -74,6 +74,7 @@ def test_kfp_local_monitor_and_adapt_registers_the_adapted_model(reg, monkeypatc
     run_kfp_local(
         cfg,
         data_uri=str(reg.shifted),
+        model="t-digits@challenger",
         strategies="source-only,adabn",
         overrides=json.dumps(["train.adapt.epochs=1"]),
     )

@@ -4,9 +4,10 @@ adaptation run of ``tlops adapt`` on the cluster, as a schedulable pipeline.
 Three parts, each an existing piece:
 
 1. ``monitor`` (one task): :func:`tlops.monitoring.adapt.plan` monitors ``model`` on ``data_uri``
-   (report logged to the version's MLflow run and kept as the task's ``report`` artifact) and
-   returns the verdict and the adaptation config (JSON);
-2. ``dsl.If(verdict != "ok")``: the transfer-learning pipeline of this very config
+   (report logged to the version's MLflow run and kept as the task's ``report`` artifact, with the
+   adaptation config) and returns the verdict;
+2. ``dsl.If(verdict != "ok")``: ``adapt-config`` reads the config out of the report, and the
+   transfer-learning pipeline of this very config
    (:func:`tlops.kfp.pipeline.build`, the six-step DAG with its GPU node pool and retries) as a
    sub-pipeline, given the adaptation config as its ``config`` parameter;
 3. ``describe-adaptation`` (one task, after it): monitors the version that run registered on the
@@ -31,6 +32,7 @@ from tlops.kfp.generated import component_function
 NAME = "monitor-and-adapt"
 # What task_configurer reads of a task: CPU pool, talks to MLflow and S3 (retried on the cluster).
 MONITOR = SimpleNamespace(name="monitor", resources="cpu", network=True)
+CONFIG = SimpleNamespace(name="adapt-config", resources="cpu", network=False)
 DESCRIBE = SimpleNamespace(name="describe-adaptation", resources="cpu", network=True)
 
 MONITOR_ARGS = (
@@ -43,7 +45,10 @@ MONITOR_ARGS = (
     ("image", "str"),
     ("report", "Output[Artifact]"),
 )
-MONITOR_RETURNS = "NamedTuple('Outputs', [('verdict', str), ('adapt_config', str)])"
+# the verdict is the task's one return value ("Output"): the dsl.If reads it (kfp.local resolves a
+# condition on a task's "Output" only); the adaptation config travels in the report artifact
+CONFIG_FILE = "adapt_config.json"
+CONFIG_ARGS = (("report", "Input[Artifact]"), ("image", "str"))
 DESCRIBE_ARGS = (
     ("config", "str"),
     ("adapt_config", "str"),
@@ -66,8 +71,9 @@ def _config(args: dict[str, Any]) -> PipelineConfig:
     return cfg
 
 
-def run_monitor(args: dict[str, Any]) -> tuple[str, str]:
-    """Inside the ``monitor`` task: the verdict and the adaptation config (JSON)."""
+def run_monitor(args: dict[str, Any]) -> str:
+    """Inside the ``monitor`` task: the verdict; the report and the adaptation config (JSON) go
+    into the ``report`` artifact."""
     from tlops.errors import ConfigError
     from tlops.monitoring.adapt import plan
     from tlops.steps.extract_features import cache_root
@@ -87,10 +93,17 @@ def run_monitor(args: dict[str, Any]) -> tuple[str, str]:
         monitor_out=out,
         overrides=json.loads(args["overrides"]) if args["overrides"] else None,
     )
+    (out / CONFIG_FILE).write_text(json.dumps(adapt_cfg))
     args["report"].metadata.update(
         {"verdict": before["verdict"], "estimate": before["accuracy"]["estimate"], "model": args["model"]}
     )
-    return before["verdict"], json.dumps(adapt_cfg)
+    return before["verdict"]
+
+
+def run_adapt_config(args: dict[str, Any]) -> str:
+    """Inside ``adapt-config``: the adaptation config the monitor task wrote, as the transfer
+    pipeline's ``config`` parameter."""
+    return (Path(args["report"].path) / CONFIG_FILE).read_text()
 
 
 def run_describe(args: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +140,7 @@ def _data_options(args: dict[str, Any]) -> dict[str, Any]:
     return {} if args["data_format"] == "auto" else {"format": args["data_format"]}
 
 
-def components(image: str) -> tuple[Any, Any]:
+def components(image: str) -> tuple[Any, Any, Any]:
     """``install_kfp_package=False``: kfp is in the image, nothing is installed in the running pod."""
     from kfp import dsl
 
@@ -137,7 +150,15 @@ def components(image: str) -> tuple[Any, Any]:
         "tlops monitor NAME@ALIAS --data DATA_URI, and the tlops adapt config",
         "tlops.kfp.monitor_adapt",
         "run_monitor",
-        returns=MONITOR_RETURNS,
+        returns="str",
+    )
+    config = component_function(
+        "adapt_config",
+        CONFIG_ARGS,
+        "the tlops adapt config the monitor task wrote",
+        "tlops.kfp.monitor_adapt",
+        "run_adapt_config",
+        returns="str",
     )
     describe = component_function(
         "describe_adaptation",
@@ -148,6 +169,7 @@ def components(image: str) -> tuple[Any, Any]:
     )
     return (
         dsl.component(monitor, base_image=image, install_kfp_package=False),
+        dsl.component(config, base_image=image, install_kfp_package=False),
         dsl.component(describe, base_image=image, install_kfp_package=False),
     )
 
@@ -168,7 +190,7 @@ def build_pipeline(cfg: PipelineConfig):
     from tlops.kfp.pipeline import image_for, task_configurer
 
     image = image_for(cfg)
-    monitor_op, describe_op = components(image)
+    monitor_op, config_op, describe_op = components(image)
     # the adaptation run's config arrives at run time, so no step of it may be served from KFP's
     # cache: the transfer pipeline's cache keys are computed from the config it was compiled with
     raw = cfg.to_dict()
@@ -200,13 +222,17 @@ def build_pipeline(cfg: PipelineConfig):
         mon.set_display_name("monitor")
         configure(mon, MONITOR)
         mon.set_caching_options(enable_caching=False)
-        with dsl.If(mon.outputs["verdict"] != "ok", name="shift"):
-            run = transfer(config=mon.outputs["adapt_config"])
+        with dsl.If(mon.outputs["Output"] != "ok", name="shift"):
+            adapt_cfg = config_op(report=mon.outputs["report"], image=image)
+            adapt_cfg.set_display_name("adapt-config")
+            configure(adapt_cfg, CONFIG)
+            adapt_cfg.set_caching_options(enable_caching=False)
+            run = transfer(config=adapt_cfg.output)
             run.set_display_name("adapt")
             run.set_caching_options(enable_caching=False)
             desc = describe_op(
                 config=config,
-                adapt_config=mon.outputs["adapt_config"],
+                adapt_config=adapt_cfg.output,
                 data_uri=data_uri,
                 data_format=data_format,
                 report=mon.outputs["report"],
