@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import digits_config
@@ -127,6 +128,7 @@ def test_run_twice_reuses_and_lists_steps(tmp_path):
     ]
 
 
+@pytest.mark.slow  # two pipeline runs (40 s); promote/rollback are tested on a real registry in test_registry_ops
 def test_promote_moves_champion_and_keeps_previous(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     work = tmp_path / "work"

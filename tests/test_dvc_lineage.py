@@ -92,6 +92,7 @@ def lineage_cfg(workdir: Path, clone: Path, rev: str, tracking_uri: str | None =
     )
 
 
+@pytest.mark.slow  # 30 s; default suite: step artifacts on S3 (test_step_artifacts_on_s3), real dvc (test_dvc)
 def test_dvc_versioned_data_lineage_through_s3(data_repo, tmp_path, s3, monkeypatch, capfd, caplog):
     import mlflow
 
