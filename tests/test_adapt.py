@@ -42,10 +42,13 @@ def test_adapt_refuses_dvc_training_data():
 
 
 @pytest.mark.slow
-def test_adapt_loop_on_usps_to_mnist_raises_the_estimate_and_the_true_accuracy(tmp_path, monkeypatch):
+def test_adapt_loop_on_usps_to_mnist_raises_the_true_accuracy(tmp_path, monkeypatch):
     """A USPS model meets MNIST: the monitor flags it, `tlops adapt --run` trains the adaptation
-    strategies on USPS + unlabelled MNIST, the adapted version registers as challenger, and both
-    the label-free estimate and the accuracy on labelled MNIST test rows go up."""
+    strategies on USPS + unlabelled MNIST, the adapted version registers as challenger, and the
+    accuracy on labelled MNIST test rows goes up. The label-free estimate is right for the adapted
+    model and not for the source model: ATC over-estimates a from-scratch CNN that is confidently
+    wrong on the other domain (bench/results/shift.md), so the estimate does not rise with the
+    truth here; the test records that instead of hiding it."""
     from tlops.runners.local import run_pipeline
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -70,21 +73,24 @@ def test_adapt_loop_on_usps_to_mnist_raises_the_estimate_and_the_true_accuracy(t
         "--set", "data.adapt_from.max_samples=2000", "--set", "train.adapt.epochs=3",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
+    print(res.output)  # the loop's numbers (-s shows them)
     from tlops.tracking import registry
     from tlops.tracking.setup import embedded_uri, use_store
 
     use_store(embedded_uri(work))
-    assert registry.get_alias("digits", "champion").version == "1"
+    assert str(registry.get_alias("digits", "champion").version) == "1"
     mv = registry.get_alias("digits", "challenger")
-    assert mv.version == "2"
+    assert str(mv.version) == "2"
     before = json.loads(next(iter(_reports(mv.name, "1"))).read_text())
     after = json.loads(next(iter(_reports(mv.name, "2"))).read_text())
     assert before["verdict"] != "ok"
-    assert after["accuracy"]["estimate"] > before["accuracy"]["estimate"]
     # the truth, from the evaluate step's scores on labelled MNIST test rows (labels used only there)
     truth = [ln for ln in res.output.splitlines() if ln.startswith("test accuracy on the labelled test rows")]
     champion_acc, adapted_acc = (float(t.split()[-1].rstrip(",")) for t in truth[0].split(": ")[1].split(", "))
     assert adapted_acc > champion_acc + 0.05, truth
+    # the adapted model's estimate is close to its true accuracy; the source model's is far above it
+    assert abs(after["accuracy"]["estimate"] - adapted_acc) < 0.05, (after["accuracy"], adapted_acc)
+    assert before["accuracy"]["estimate"] > champion_acc + 0.2, (before["accuracy"], champion_acc)
     assert "## Adaptation (tlops adapt)" in mv.description
     assert f"estimated accuracy {before['accuracy']['estimate']:.3f} -> {after['accuracy']['estimate']:.3f}" in (
         res.output
