@@ -266,8 +266,13 @@ def render(info: dict[str, Any], res: dict[str, Any], cmd: str, total: float) ->
         + ", ".join(f"{k} {info[k]}" for k in ("torch", "transformers", "timm", "onnxruntime", "onnx") if k in info),
         f"- date: {info.get('date')}; command: `{cmd}`; total {total / 60:.1f} min; threads: 1 (torch and onnxruntime)",
         f"- load average at start {info.get('load_start')}, at end {info.get('load_end')}; other processes' share "
-        f"of all CPUs during the timed passes: {PASSES.other_share('backends')} (the machine was shared with other "
-        "workers: the speedups are interleaved medians, but a rerun on the idle machine should confirm them)",
+        f"of all CPUs during the timed passes: {PASSES.other_share('backends')}"
+        + (
+            " (the machine was shared with other workers: the speedups are interleaved medians, but a rerun on "
+            "the idle machine should confirm them)"
+            if (info.get("load_start") or [0])[0] > 1.5
+            else " (idle machine)"
+        ),
         f"- matmul peaks at 1 thread (best of start/end): fp32 `torch.mm` 1024² {peak32:.1f} GFLOP/s; int8 "
         f"{peak8:.1f} GOP/s (torch._int_mm {both('torch._int_mm'):.1f}, onnxruntime MatMulInteger "
         f"{both('onnxruntime MatMulInteger'):.1f})",
