@@ -161,10 +161,8 @@ def compile_batch_predict(cfg: PipelineConfig, out: Path) -> Path:
 def run_kfp_local(cfg: PipelineConfig, **params: Any) -> Path:
     """Run the pipeline with ``kfp.local`` (a subprocess, the installed tlops); returns the
     predictions file in the task's output artifact."""
-    from kfp import local
+    from tlops.kfp.pipeline import init_kfp_local
 
-    root = cfg.workdir_path / "kfp-local"
-    root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    init_kfp_local(cfg)
     art = build_pipeline(cfg)(**params).output
     return Path(art.path) / art.metadata["file"]

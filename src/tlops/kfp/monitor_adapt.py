@@ -196,7 +196,7 @@ def build_pipeline(cfg: PipelineConfig):
     raw = cfg.to_dict()
     transfer = transfer_pipeline(validate_config({**raw, "kubernetes": {**raw["kubernetes"], "caching": False}}))
     configure = task_configurer(cfg)
-    config_json = json.dumps(cfg.to_dict())  # one line: KFP copies defaults into a header comment
+    config_json = json.dumps(raw)  # one line: KFP copies defaults into a header comment
 
     @dsl.pipeline(
         name=pipeline_name(cfg),
@@ -256,9 +256,7 @@ def compile_monitor_adapt(cfg: PipelineConfig, out: Path) -> Path:
 
 def run_kfp_local(cfg: PipelineConfig, **params: Any) -> None:
     """Run the pipeline with ``kfp.local`` (one subprocess per task, the installed tlops)."""
-    from kfp import local
+    from tlops.kfp.pipeline import init_kfp_local
 
-    root = cfg.workdir_path / "kfp-local"
-    root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    init_kfp_local(cfg)
     build_pipeline(cfg)(**params)

@@ -218,6 +218,17 @@ def compile_pipeline(cfg: PipelineConfig, out: Path) -> Path:
 TASK_LOG = "task.log"  # a kfp.local task's whole output, next to its executor_output.json
 
 
+def init_kfp_local(cfg: PipelineConfig) -> Path:
+    """Point ``kfp.local`` at ``<workdir>/kfp-local`` with a subprocess per task running the
+    installed tlops (every tlops pipeline runs locally this way); returns that root."""
+    from kfp import local
+
+    root = cfg.workdir_path / "kfp-local"
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    return root
+
+
 def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     """Run the KFP DAG with ``kfp.local.SubprocessRunner(use_venv=False)`` (one subprocess per task).
 
@@ -229,12 +240,8 @@ def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     banners, artifact listings and warnings about ignored Kubernetes settings are DEBUG lines:
     ``tlops --verbose`` shows all of it. A failed task's error names its log.
     """
-    from kfp import local
-
-    root = cfg.workdir_path / "kfp-local"
-    root.mkdir(parents=True, exist_ok=True)
+    root = init_kfp_local(cfg)
     before = set(root.iterdir())
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(cfg, local=True)
     log.info("pipeline %s: kfp.local run under %s (each task's full output: <run>/<step>/%s)", cfg.name, root, TASK_LOG)
     tasks: list[tuple[Path, int]] = []  # (log file, exit code) per task subprocess, in order
