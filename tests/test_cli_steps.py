@@ -19,6 +19,7 @@ def tlops(*args, cwd=None):
     return subprocess.run(TLOPS + list(args), capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow  # 35 s; the default suite runs every step through `tlops step` in test_dvc's repro and kfp.local
 def test_six_steps_through_the_cli(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(digits_config(tmp_path / "work")))
