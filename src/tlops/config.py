@@ -257,11 +257,13 @@ class FeaturesConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     cache_dir: Optional[str] = Field(None, description="feature cache (default <workdir>/cache/features)")
     cache: bool = True
-    backend: Literal["auto", "torch", "torch-int8", "onnx", "onnx-int8"] = Field(
+    backend: Literal["auto", "torch", "torch-int8", "onnx", "onnx-int8", "openvino", "openvino-int8"] = Field(
         "torch",
         description="how extract-features runs the frozen backbone: torch (fp32), torch-int8 (dynamic int8 "
         "Linear layers; text only), onnx (onnxruntime fp32), onnx-int8 (onnxruntime int8: dynamic for text, "
-        "static calibrated on the run's images for CNNs), or auto: the fastest whose probe accuracy on a sample "
+        "static calibrated on the run's images for CNNs), openvino (OpenVINO fp32), openvino-int8 (NNCF static "
+        "int8 calibrated on the run's train inputs; both need the optional extra: pip install 'tlops[openvino]'), "
+        "or auto: the fastest installed one whose probe accuracy on a sample "
         "of the run's train/val rows is within 0.3 points of fp32 torch (recorded in the step's metadata). "
         "Part of the feature-cache key; ranking and stacking of candidate models use torch",
     )

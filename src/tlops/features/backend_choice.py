@@ -1,6 +1,6 @@
 """``features.backend: auto``: the fastest extraction backend that keeps the run's own accuracy.
 
-On a sample of the run's labelled train and validation rows, every backend the backbone supports
+On a sample of the run's labelled train and validation rows, every installed backend the backbone supports
 extracts features (fp32 ``torch`` first, as the reference); tlops' linear probe
 (:mod:`tlops.training.probe`, default settings: scaling and C by cross-validation) is fitted on the
 train sample and scored on the validation sample. The pick is the backend with the highest measured
@@ -92,7 +92,10 @@ def measure(
     make: Callable[[str], nn.Module],
     batch_size: int,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy and throughput of each backend on the samples (warm-up batch not timed)."""
+    """Accuracy and throughput of each backend on the samples (warm-up batch not timed). A candidate
+    other than fp32 torch that cannot run this model (a :class:`ConfigError` from its export, e.g. an
+    operator OpenVINO cannot convert) is recorded with its ``error`` and left out."""
+    from tlops.errors import ConfigError
     from tlops.features.extract import extract
 
     out: dict[str, dict[str, Any]] = {}
@@ -100,7 +103,14 @@ def measure(
     settings = None  # the probe recipe chosen on fp32 torch's features (candidates[0]), reused by the others
     for name in candidates:
         t_build = time.perf_counter()
-        runner = make(name)
+        try:
+            runner = make(name)
+        except ConfigError as e:
+            if name == "torch":
+                raise
+            log.warning("features.backend auto: leaving out %s: %s", name, e)
+            out[name] = {"error": str(e)[:500]}
+            continue
         build_s = time.perf_counter() - t_build
         extract(runner, train[0][: min(batch_size, len(train[1]))], batch_size, desc=f"auto warm-up {name}")
         t0 = time.perf_counter()
@@ -120,8 +130,10 @@ def measure(
 def pick(measured: dict[str, dict[str, float]], tolerance_points: float = TOLERANCE_POINTS) -> str:
     """The fastest backend within ``tolerance_points`` of fp32 torch's validation accuracy."""
     ref = measured["torch"]["val_accuracy"]
-    ok = [b for b, m in measured.items() if m["val_accuracy"] >= ref - tolerance_points / 100 - 1e-12]
-    return max(ok, key=lambda b: measured[b]["items_s"])
+    ok = [
+        b for b, m in measured.items() if "error" not in m and m["val_accuracy"] >= ref - tolerance_points / 100 - 1e-12
+    ]
+    return max(ok, key=lambda b: measured[b]["items_s"])  # torch always qualifies
 
 
 def choose(
@@ -139,7 +151,7 @@ def choose(
 
     ``make(name)`` builds a runnable backbone for a backend (:func:`tlops.features.backends.build`).
     With ``decision_key`` and ``store``, an earlier decision for the same key is returned as is."""
-    candidates = list(backends.supported(modality))
+    candidates = list(backends.available(modality))
     path = None
     if decision_key is not None and store is not None:
         key = hash_json(

@@ -1,4 +1,4 @@
-"""Extraction backends: the same backbone run by PyTorch fp32, PyTorch dynamic int8, or ONNX Runtime.
+"""Extraction backends: the same backbone run by PyTorch fp32, PyTorch dynamic int8, ONNX Runtime or OpenVINO.
 
 ``features.backend`` picks how extract-features runs the (frozen) backbone; the features of every
 backend come from the same weights, tokenizer/resizing (``prepare``) and pooling/normalisation, so
@@ -17,6 +17,9 @@ the ONNX fp32 features equal PyTorch's to ~1e-6, and int8 ones differ only by qu
   (QDQ, per-channel int8 weights, uint8 activations) calibrated on the run's own images, because
   ORT's dynamic ConvInteger path was slower than fp32 on resnet10t (a trial) while static
   QDQ convolutions run on int8 kernels.
+- ``openvino`` / ``openvino-int8``: the same ONNX file converted to OpenVINO IR (fp32), and NNCF's
+  post-training int8 quantisation of it calibrated on the run's own inputs (text too: tokenised
+  sentences); an optional extra, see :mod:`tlops.features.backends_openvino`.
 
 Exported and quantised files live in a local store (``<workdir>/cache/backends``) under a key of
 the model's content digest, its preprocessing (pooling, normalisation), the backend, the calibration
@@ -44,15 +47,29 @@ from tlops.hashing import hash_json
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8")
+OPENVINO = ("openvino", "openvino-int8")
+BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8") + OPENVINO
 CHOICES = ("auto",) + BACKENDS
 EXPORT_VERSION = 1  # bump when the export / quantisation recipe changes (new files, new feature keys)
-CALIBRATION_ROWS = 128  # images that calibrate the static int8 CNN (ORT's MinMax ranges)
+CALIBRATION_ROWS = 128  # inputs that calibrate the static int8 models (ORT's and NNCF's MinMax ranges)
 
 
 def supported(modality: str) -> tuple[str, ...]:
     """The backends that make sense for a modality (``torch-int8`` leaves a CNN's convolutions fp32)."""
-    return BACKENDS if modality == "text" else ("torch", "onnx", "onnx-int8")
+    return BACKENDS if modality == "text" else tuple(b for b in BACKENDS if b != "torch-int8")
+
+
+def available(modality: str) -> tuple[str, ...]:
+    """``auto``'s candidates: :func:`supported` less the OpenVINO backends whose packages are not installed."""
+    from tlops.features import backends_openvino
+
+    return tuple(b for b in supported(modality) if b not in OPENVINO or backends_openvino.installed(b))
+
+
+def needs_calibration(backend: str, modality: str | None) -> bool:
+    """Static int8: activation ranges measured on the run's own inputs (images for ``onnx-int8``; both
+    modalities for ``openvino-int8``). Dynamic int8 (``onnx-int8`` text, ``torch-int8``) needs none."""
+    return backend == "openvino-int8" or (backend == "onnx-int8" and modality == "image")
 
 
 def kind_of(backbone: nn.Module) -> str:
@@ -75,6 +92,10 @@ def check(backend: str, modality: str | None, kind: str) -> None:
             "quantisation only converts nn.Linear layers, so a CNN's convolutions would stay fp32; "
             "use onnx-int8 (static int8 convolutions) or onnx"
         )
+    if backend in OPENVINO:
+        from tlops.features.backends_openvino import require
+
+        require(backend)
 
 
 def key_preprocessing(preprocessing: dict[str, Any], backend: str) -> dict[str, Any]:
@@ -202,10 +223,23 @@ def quantize_onnx(src: Path, dst: Path, modality: str, calibration: Sequence[dic
     pre.unlink(missing_ok=True)
 
 
-def _versions() -> dict[str, str]:
+def _versions(backend: str) -> dict[str, str]:
     import onnxruntime
 
-    return {"torch": torch.__version__.split("+")[0], "onnxruntime": onnxruntime.__version__, "v": str(EXPORT_VERSION)}
+    out = {"torch": torch.__version__.split("+")[0], "onnxruntime": onnxruntime.__version__, "v": str(EXPORT_VERSION)}
+    if backend in OPENVINO:
+        from tlops.features.backends_openvino import versions
+
+        out.update(versions(backend))
+    return out
+
+
+def _calibration_batches(backbone: nn.Module, calibration: Any, backend: str) -> list[dict[str, np.ndarray]]:
+    """The first ``CALIBRATION_ROWS`` inputs, prepared (resized / tokenised) as extraction prepares them."""
+    if calibration is None or len(calibration) == 0:
+        raise ConfigError(f"features.backend {backend}: static int8 needs calibration inputs (the run's train split)")
+    x = calibration[:CALIBRATION_ROWS]
+    return [{k: v.numpy() for k, v in backbone.prepare(x[i : i + 32]).items()} for i in range(0, len(x), 32)]
 
 
 def model_file(
@@ -217,15 +251,22 @@ def model_file(
     calibration: Any = None,
     calibration_id: str | None = None,
 ) -> Path:
-    """The exported (and quantised) ONNX file of this model and backend, made once per key under a lock."""
+    """The exported (and quantised) ONNX file, or OpenVINO IR ``model.xml``, of this model and backend,
+    made once per key under a lock."""
     from tlops.storage import file_lock
 
-    cal = calibration_id if backend == "onnx-int8" and backbone.modality == "image" else None
+    cal = calibration_id if needs_calibration(backend, backbone.modality) else None
     key = hash_json(
-        {"model": model_digest, "pre": backbone.preprocessing, "backend": backend, "cal": cal, "ver": _versions()}
+        {
+            "model": model_digest,
+            "pre": backbone.preprocessing,
+            "backend": backend,
+            "cal": cal,
+            "ver": _versions(backend),
+        }
     )
     root = Path(store)
-    path = root / key[:2] / key / "model.onnx"
+    path = root / key[:2] / key / ("model.xml" if backend in OPENVINO else "model.onnx")
     if path.is_file():
         return path
     with file_lock(root / ".locks" / f"{key}.lock", what=f"ONNX export {key[:16]}"):
@@ -233,19 +274,24 @@ def model_file(
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
-            out = Path(tmp) / "model.onnx"
+            out = Path(tmp) / path.name
+            batches = _calibration_batches(backbone, calibration, backend) if cal is not None else None
             if backend == "onnx":
                 export_onnx(backbone, out)
-            else:  # quantised from the (cached) fp32 export: one export per model
+            elif backend == "onnx-int8":  # quantised from the (cached) fp32 export: one export per model
                 fp32 = model_file(backbone, "onnx", model_digest=model_digest, store=store)
-                batches = None
-                if backbone.modality == "image":
-                    x = calibration[:CALIBRATION_ROWS]
-                    batches = [
-                        {k: v.numpy() for k, v in backbone.prepare(x[i : i + 32]).items()} for i in range(0, len(x), 32)
-                    ]
                 quantize_onnx(fp32, out, backbone.modality, batches)
-            os.replace(out, path)  # model.onnx appears complete or not at all
+            else:
+                from tlops.features import backends_openvino as ovb
+
+                if backend == "openvino":  # converted from the (cached) ONNX export
+                    ovb.convert(model_file(backbone, "onnx", model_digest=model_digest, store=store), out)
+                else:  # quantised from the (cached) fp32 IR
+                    fp32 = model_file(backbone, "openvino", model_digest=model_digest, store=store)
+                    ovb.quantize(fp32, out, backbone.modality, batches or [])
+                ovb.write(path.parent, Path(tmp))
+            if backend not in OPENVINO:
+                os.replace(out, path)  # model.onnx appears complete or not at all
         log.info("features: %s model of %s written to %s", backend, model_digest[:16], path)
     return path
 
@@ -283,4 +329,8 @@ def build(
         calibration=calibration,
         calibration_id=calibration_id,
     )
+    if backend in OPENVINO:
+        from tlops.features.backends_openvino import OpenVinoBackbone
+
+        return OpenVinoBackbone(backbone, path, backend)
     return OnnxBackbone(backbone, path, backend)

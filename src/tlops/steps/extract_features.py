@@ -194,7 +194,7 @@ def backend_store(cfg: PipelineConfig) -> Path:
 
 
 def _calibration(ds: Dataset) -> tuple[Any, str]:
-    """A seeded sample of train rows (the static int8 CNN's activation ranges) and its identity."""
+    """A seeded sample of train rows (the static int8 models' activation ranges) and its identity."""
     from tlops.features.backends import CALIBRATION_ROWS as n
 
     x = ds.load("train").x
@@ -206,7 +206,7 @@ def _runner(backbone, backend: str, ds: Dataset, model_digest: str, store: Path)
     from tlops.features import backends
 
     calibration, cal_id = (None, None)
-    if backend == "onnx-int8" and backbone.modality == "image":
+    if backends.needs_calibration(backend, backbone.modality):
         calibration, cal_id = _calibration(ds)
     return backends.build(
         backbone, backend, model_digest=model_digest, store=store, calibration=calibration, calibration_id=cal_id

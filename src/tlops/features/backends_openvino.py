@@ -1,0 +1,145 @@
+"""The OpenVINO extraction backends (``features.backend: openvino | openvino-int8``).
+
+Both start from the ONNX file the ``onnx`` backend exports (one export per model, pooling and L2
+normalisation inside the graph, batch and sequence axes dynamic), so the three runtimes run the
+same graph:
+
+- ``openvino``: ``openvino.convert_model`` of that file, saved as OpenVINO IR with fp32 weights
+  (``compress_to_fp16=False``) and compiled with ``INFERENCE_PRECISION_HINT: f32``: on CPUs with
+  AMX-BF16 the CPU plugin otherwise runs fp32 models in bf16, and the features would no longer equal
+  PyTorch's.
+- ``openvino-int8``: NNCF post-training quantisation (``nncf.quantize``: int8 weights and
+  activations, ranges from min/max statistics) of the fp32 IR, calibrated on the run's own inputs
+  (the seeded train sample the image ``onnx-int8`` path uses; for text those sentences tokenised as
+  extraction tokenises them), with ``ModelType.TRANSFORMER`` for text (NNCF's recipe for
+  transformers: mixed preset, attention-aware ignored patterns). Operations NNCF leaves in float run
+  in fp32, as above.
+
+openvino and nncf are an optional extra (``pip install 'tlops[openvino]'``): asking for these
+backends without them is a :class:`~tlops.errors.ConfigError` naming the install command, and
+``auto`` leaves them out (:func:`tlops.features.backends.available`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlops.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INSTALL = (
+    "pip install 'tlops[openvino]' (in a checkout: make install, or "
+    ".venv/bin/python -m pip install -c requirements.lock -e '.[openvino]')"
+)
+
+
+def packages(backend: str) -> tuple[str, ...]:
+    """The optional packages a backend imports."""
+    return ("openvino", "nncf") if backend == "openvino-int8" else ("openvino",)
+
+
+def installed(backend: str) -> bool:
+    return all(importlib.util.find_spec(p) is not None for p in packages(backend))
+
+
+def require(backend: str) -> None:
+    """Refuse an OpenVINO backend whose packages are missing, naming the install command."""
+    missing = [p for p in packages(backend) if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ConfigError(f"features.backend {backend!r} needs the optional package(s) {', '.join(missing)}: {INSTALL}")
+
+
+def versions(backend: str) -> dict[str, str]:
+    """The versions that shape the IR file (part of its store key)."""
+    from importlib.metadata import version
+
+    return {p: version(p) for p in packages(backend)}
+
+
+def convert(onnx_path: Path, dst: Path) -> None:
+    """The fp32 ONNX file as fp32 OpenVINO IR (``dst`` is the ``.xml``; the ``.bin`` lies next to it)."""
+    require("openvino")
+    import openvino as ov
+
+    root = logging.getLogger()
+    state = root.level, list(root.filters), list(root.handlers)
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as e:  # OpConversionFailure and friends: a model the frontend cannot express
+        first = str(e).strip().splitlines()
+        raise ConfigError(
+            "features.backend openvino: OpenVINO cannot convert this model "
+            f"({' '.join(first[-6:])[:600]}); use features.backend onnx or onnx-int8"
+        ) from e
+    finally:  # convert_model sets the root logger to ERROR and restores it only when it succeeds (2026.4)
+        root.setLevel(state[0])
+        root.filters, root.handlers = state[1], state[2]
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+
+
+def quantize(fp32_xml: Path, dst: Path, modality: str, calibration: Sequence[dict[str, np.ndarray]]) -> None:
+    """NNCF post-training int8 quantisation of the fp32 IR on ``calibration`` (feed dicts, one per batch)."""
+    require("openvino-int8")
+    if not calibration:
+        raise ConfigError("features.backend openvino-int8 needs calibration inputs (the run's train split)")
+    import nncf
+    import openvino as ov
+
+    nncf.set_log_level(logging.WARNING)
+    model = ov.Core().read_model(str(fp32_xml))
+    kwargs: dict[str, Any] = {"model_type": nncf.ModelType.TRANSFORMER} if modality == "text" else {}
+    q = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration), **kwargs)
+    ov.save_model(q, str(dst), compress_to_fp16=False)
+
+
+def write(dst_dir: Path, tmp: Path) -> None:
+    """Move ``tmp/model.{bin,xml}`` into ``dst_dir``: the weights first, so a ``model.xml`` there is complete."""
+    os.replace(tmp / "model.bin", dst_dir / "model.bin")
+    os.replace(tmp / "model.xml", dst_dir / "model.xml")
+
+
+class OpenVinoBackbone(nn.Module):
+    """A compiled OpenVINO model behind the backbone interface ``extract`` uses (``prepare``, ``forward``,
+    ``modality``, ``feature_dim``); no parameters, so ``extract`` feeds it CPU tensors. One infer
+    request, torch's thread count, one stream (extraction feeds one batch at a time)."""
+
+    def __init__(self, backbone: nn.Module, path: Path, backend: str):
+        super().__init__()
+        require(backend)
+        import openvino as ov
+
+        self.modality = backbone.modality
+        self.preprocessing = dict(backbone.preprocessing, backend=backend)
+        self._dim = int(backbone.feature_dim)
+        self._prepare = backbone.prepare
+        self.path = path
+        config = {
+            "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",  # not bf16 on AMX CPUs: fp32 features equal PyTorch's
+        }
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self._request = self.compiled.create_infer_request()
+        self._inputs = [i.get_any_name() for i in self.compiled.inputs]
+
+    @property
+    def feature_dim(self) -> int:
+        return self._dim
+
+    def prepare(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self._prepare(batch)
+
+    def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
+        feeds = {k: tensors[k].cpu().numpy() for k in self._inputs}
+        out = self._request.infer(feeds)[0]
+        return torch.from_numpy(np.array(out, copy=True))  # the request reuses its output buffer
