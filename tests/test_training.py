@@ -81,3 +81,43 @@ def test_bad_freeze_fails_with_message_and_leaves_no_artifact(upstream, digits_c
         fine_tune.run(cfg, ins, tmp_path / "ft")
     assert not (tmp_path / "ft").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ft.tmp")]
+
+
+def _scores(hist):
+    """Every validation score of a history, in training order: step evaluations, then the epoch's end."""
+    return [(e["val_acc"], -e["val_loss"]) for h in hist for e in [*h.get("evals", []), h] if "val_acc" in e]
+
+
+def test_eval_every_n_steps_keeps_the_best_evaluation_and_patience_stops(upstream, tmp_path):
+    """train.eval_every scores validation between epoch ends too, and the weights kept are the best
+    evaluation's; train.patience stops after that many evaluations in a row without a better one."""
+    from tlops.data.dataset import Dataset
+    from tlops.models.bundle import load_classifier
+
+    cfg, ins = upstream
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"scratch_baseline": False})})
+    tcfg = cfg.train.model_copy(  # one probe C: the LP-FT head's search is not what this tests
+        update={"eval_every": 1, "epochs": 4, "batch_size": 16, "lr": 0.05, "probe_c": [1.0], "probe_scaling": "none"}
+    )
+    out = fine_tune.run(cfg.model_copy(update={"train": tcfg}), ins, tmp_path / "ft")
+    d = out.path / "models" / "fine-tune"
+    hist = json.loads((d / "history.json").read_text())
+    steps = [e["step"] for h in hist for e in h.get("evals", [])]
+    per_epoch = len(steps) // 4 + 1  # one evaluation per step; the last step of an epoch is the epoch's record
+    assert len(hist) == 4 and per_epoch > 1 and steps == [s for s in range(1, 4 * per_epoch) if s % per_epoch]
+    scores = _scores(hist)
+    assert len(set(scores)) > 1
+    val = Dataset(ins["dataset"]).load("val")
+    kept = float((load_classifier(d).predict_proba(val.x).argmax(1) == val.y).mean())
+    assert kept == pytest.approx(max(scores)[0], abs=1e-6) == out.meta["models"]["fine-tune"]["val_acc"]
+
+    patience = 2
+    early = fine_tune.run(
+        cfg.model_copy(update={"train": tcfg.model_copy(update={"patience": patience})}), ins, tmp_path / "early"
+    )
+    seq = _scores(json.loads((early.path / "models" / "fine-tune" / "history.json").read_text()))
+    assert seq == scores[: len(seq)] and len(seq) < len(scores)  # the same run, cut short
+    best, stale = seq[0], 0
+    for s in seq[1:]:
+        best, stale = (s, 0) if s > best else (best, stale + 1)
+    assert stale == patience  # it stopped exactly when patience ran out

@@ -342,6 +342,18 @@ class TrainConfig(_Strict):
     )
     epochs: int = Field(10, ge=1, description="fine-tune epochs")
     batch_size: int = Field(32, ge=1)
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="fine-tuning loops (fine-tune, partial-fine-tune, LoRA, LP-FT): also score the validation split "
+        "every N optimizer steps, not only at epoch ends (0 = epoch ends only); the best evaluation's weights win",
+    )
+    patience: int = Field(
+        0,
+        ge=0,
+        description="fine-tuning loops: stop after this many evaluations in a row without a better validation "
+        "score (0 = train every epoch)",
+    )
     lr: float = Field(1e-3, gt=0)
     head_lr: Optional[float] = Field(None, gt=0, description="head learning rate (default 10x lr)")
     weight_decay: float = Field(1e-4, ge=0)

@@ -176,7 +176,8 @@ def _save(
         d.mkdir(parents=True, exist_ok=True)
         (d / "history.json").write_text(json.dumps(hist, indent=2))
         spec = {"digest": None}
-    best = max((h for h in hist if "val_acc" in h), key=lambda h: (h["val_acc"], -h["val_loss"]), default=None)
+    scored = [e for h in hist for e in [*h.get("evals", []), h] if "val_acc" in e]  # train.eval_every adds evals
+    best = max(scored, key=lambda h: (h["val_acc"], -h["val_loss"]), default=None)
     return {
         "val_acc": best["val_acc"] if best else None,
         "epochs": len(hist),

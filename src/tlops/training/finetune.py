@@ -2,7 +2,9 @@
 
 Frozen blocks have ``requires_grad=False`` *and* are kept in eval mode during training, so
 BatchNorm running statistics in them do not move. A checkpoint is written after every
-epoch (the newest two are kept) and the epoch with the best validation accuracy wins.
+epoch (the newest two are kept) and the evaluation with the best validation accuracy wins:
+one per epoch, or one every ``train.eval_every`` optimizer steps (time to accuracy is then
+step-granular, and ``train.patience`` stops a run that has stopped improving).
 
 Where it runs (device, precision, DDP rank/world, threads) and where its checkpoints go come
 from the :class:`~tlops.training.runtime.Runtime` passed in. Crash and resume: when the
@@ -73,16 +75,45 @@ def _shift(pixels: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torc
 
 @torch.inference_mode()
 def evaluate_split(clf: Classifier, split: Split, batch_size: int) -> dict[str, float]:
-    clf.eval()
-    dev = next(clf.parameters()).device
-    loss, correct = torch.zeros((), device=dev), torch.zeros((), dtype=torch.long, device=dev)  # no per-batch sync
-    for idx in batches_for(clf.backbone, split.x, batch_size):
-        logits = clf(**to_device(clf.backbone.prepare(_take(split.x, idx)), dev)).float()
-        y = torch.from_numpy(split.y[idx]).to(dev)
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    n = max(len(split), 1)
-    return {"val_loss": float(loss) / n, "val_acc": int(correct) / n}
+    return ValScorer(split, batch_size, cache_bytes=0)(clf)
+
+
+class ValScorer:
+    """Scores a validation split, keeping its prepared batches (token ids, resized pixels) up to
+    ``cache_bytes``: with ``train.eval_every`` the split is scored many times per epoch, and
+    preparing it (tokenising) would otherwise cost as much as the forward passes."""
+
+    def __init__(self, split: Split, batch_size: int, cache_bytes: int = 256 << 20) -> None:
+        self.split, self.batch_size, self.budget = split, batch_size, cache_bytes
+        self._cache: list[tuple[dict[str, torch.Tensor], np.ndarray]] | None = None
+
+    def _batches(self, clf: Classifier):
+        if self._cache is not None:
+            yield from self._cache
+            return
+        kept: list[tuple[dict[str, torch.Tensor], np.ndarray]] = []
+        size = 0
+        for idx in batches_for(clf.backbone, self.split.x, self.batch_size):
+            inputs = clf.backbone.prepare(_take(self.split.x, idx))
+            size += sum(t.numel() * t.element_size() for t in inputs.values())
+            if size <= self.budget:
+                kept.append((inputs, idx))
+            yield inputs, idx
+        if size <= self.budget:
+            self._cache = kept
+
+    @torch.inference_mode()
+    def __call__(self, clf: Classifier) -> dict[str, float]:
+        clf.eval()
+        dev = next(clf.parameters()).device
+        loss, correct = torch.zeros((), device=dev), torch.zeros((), dtype=torch.long, device=dev)  # no per-batch sync
+        for inputs, idx in self._batches(clf):
+            logits = clf(**to_device(inputs, dev)).float()
+            y = torch.from_numpy(self.split.y[idx]).to(dev)
+            loss += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+        n = max(len(self.split), 1)
+        return {"val_loss": float(loss) / n, "val_acc": int(correct) / n}
 
 
 def fine_tune(
@@ -119,7 +150,8 @@ def fine_tune(
     ckpts = Checkpoints(rt, out_dir, name, cfg.epochs)
     history: list[dict[str, Any]] = []
     best: tuple[float, float] | None = None
-    best_state, best_epoch, start = None, 0, 0
+    best_state, best_epoch, best_step, start, stale, stopped = None, 0, 0, 0, 0, False
+    scorer = ValScorer(val, cfg.batch_size * 2) if val is not None and len(val) else None
     if (ckpt := ckpts.load()) is not None:
         clf.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -129,12 +161,29 @@ def fine_tune(
         start, history, best_epoch = int(ckpt["epoch"]), list(ckpt["history"]), int(ckpt["best_epoch"])
         best = tuple(ckpt["best"]) if ckpt.get("best") is not None else None  # type: ignore[assignment]
         best_state = ckpt["best_state"] if ckpt.get("best_state") is not None else ckpt["model"]
+        best_step, stale, stopped = int(ckpt.get("best_step", 0)), int(ckpt.get("stale", 0)), bool(ckpt.get("stopped"))
         for e in range(1, start + 1):  # gradual unfreezing up to the resumed epoch
             for b in plan.get(e, []):
                 b.requires_grad_(True)
                 locked.remove(b)
     image = clf.backbone.modality == "image"
+
+    def consider(rec: dict[str, Any], epoch: int, step: int) -> bool:
+        """Keep the weights if this evaluation is the best so far; True when patience ran out."""
+        nonlocal best, best_epoch, best_step, best_state, stale
+        score = (rec.get("val_acc", rec.get("train_acc", 0.0)), -rec.get("val_loss", rec.get("train_loss", 0.0)))
+        if best is None or score > best:
+            best, best_epoch, best_step, stale = score, epoch, step, 0
+            best_state = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+        else:
+            stale += 1
+        # every rank stops together (BatchNorm buffers may differ between ranks, and so their scores)
+        return bool(cfg.patience) and rt.all_reduce_sum(torch.tensor(float(stale >= cfg.patience)))[0] > 0
+
+    t_start = time.perf_counter()
     for epoch in range(start + 1, cfg.epochs + 1):
+        if stopped:
+            break
         t0 = time.perf_counter()
         for b in plan.get(epoch, []):
             b.requires_grad_(True)
@@ -147,8 +196,9 @@ def fine_tune(
         batches = epoch_batches(
             train.x, perm, cfg.batch_size, bucket=not image, generator=g, rank=rt.rank, world=rt.world
         )  # text: length-grouped batches
+        evals: list[dict[str, Any]] = []
         with rt.task(f"{name} epoch {epoch}/{cfg.epochs}", total=len(batches)) as bar:
-            for idx in batches:
+            for i, idx in enumerate(batches, start=1):
                 inputs = clf.backbone.prepare(_take(train.x, idx))
                 if image and cfg.augment:
                     inputs["pixel_values"] = _shift(inputs["pixel_values"], g)
@@ -167,16 +217,28 @@ def fine_tune(
                 tot_correct += (logits.argmax(1) == y).sum()
                 seen += len(idx)
                 bar.advance()
+                step = (epoch - 1) * steps_per_epoch + i
+                if scorer is not None and cfg.eval_every and step % cfg.eval_every == 0 and i < len(batches):
+                    ev = {"step": step, **scorer(clf), "seconds": round(time.perf_counter() - t_start, 3)}
+                    evals.append(ev)
+                    stopped = consider(ev, epoch, step)
+                    set_train_mode(clf, frozen + locked)
+                    if stopped:
+                        break
         tl, tc, n_seen = rt.all_reduce_sum(tot_loss, tot_correct, torch.tensor(float(seen)))  # over DDP ranks
         rec: dict[str, Any] = {"epoch": epoch, "train_loss": tl / max(n_seen, 1), "train_acc": tc / max(n_seen, 1)}
-        if val is not None and len(val):
-            rec |= evaluate_split(clf, val, cfg.batch_size * 2)
+        end_step = (epoch - 1) * steps_per_epoch + len(batches)
+        if stopped:  # mid-epoch: these weights were just scored, and that evaluation is the epoch's
+            rec |= {k: v for k, v in evals.pop().items() if k != "seconds"}
+        else:
+            if scorer is not None:
+                rec |= scorer(clf)
+            stopped = consider(rec, epoch, end_step)
         rec["seconds"] = round(time.perf_counter() - t0, 3)
+        if evals:
+            rec["evals"] = evals
         history.append(rec)
-        score = (rec.get("val_acc", rec["train_acc"]), -rec.get("val_loss", rec["train_loss"]))
-        if best is None or score > best:
-            best, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+        current = best_epoch == epoch and best_step == end_step  # then "model" holds the best weights
         ckpts.save(
             epoch,
             {
@@ -187,8 +249,11 @@ def fine_tune(
                 "history": history,
                 "best": list(best) if best is not None else None,
                 "best_epoch": best_epoch,
-                # the best weights, unless they are this epoch's (then "model" holds them)
-                "best_state": best_state if best_epoch != epoch else None,
+                "best_step": best_step,
+                "stale": stale,
+                "stopped": stopped,
+                # the best weights, unless they are this epoch's end (then "model" holds them)
+                "best_state": None if current else best_state,
             },
         )
         log.info(
@@ -202,6 +267,14 @@ def fine_tune(
             rec["seconds"],
         )
         rt.report(name, rec)
+        if stopped:
+            log.info(
+                "%s: stopped early after %d evaluations without improvement (train.patience); best: epoch %d, step %d",
+                name,
+                stale,
+                best_epoch,
+                best_step,
+            )
     ckpts.export(out_dir / "checkpoints")
     clf.load_state_dict(best_state)
     clf.to("cpu")
