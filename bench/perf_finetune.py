@@ -65,10 +65,10 @@ def _tlops_ft(clf0, train, val, cfg, seed=0):
         lg.removeHandler(clock)
         lg.setLevel(old)
         lg.propagate = prop
-    return {
-        "curve": [(t - t0, h.get("val_acc")) for t, h in zip(clock.times, hist, strict=False)],
-        "final_acc": hist[-1].get("val_acc"),
-    }
+    curve = []  # (seconds since the call, val acc): step evaluations (train.eval_every), then the epoch's end
+    for t, h in zip(clock.times, hist, strict=False):
+        curve += [(e["seconds"], e["val_acc"]) for e in h.get("evals", [])] + [(t - t0, h.get("val_acc"))]
+    return {"curve": curve, "final_acc": hist[-1].get("val_acc")}
 
 
 def _time_to(curve, target):
@@ -76,6 +76,117 @@ def _time_to(curve, target):
         if acc is not None and acc >= target:
             return t
     return None
+
+
+def trainer_ft(
+    args,
+    clf0,
+    tok,
+    train,
+    val,
+    epochs: int,
+    pad: str | bool,
+    sampling: str = "random",
+    optim: str | None = None,
+    eval_steps: int | None = None,
+):
+    """``transformers.Trainer`` fine-tuning the same Classifier; per-evaluation (seconds, val acc).
+
+    ``eval_steps``: evaluate every N optimizer steps (then no best-model reload: the Trainer can only
+    restore a best model it saved at every evaluation, and saving 90 MB each time is not its best setting)."""
+    import numpy as np
+    import torch.nn.functional as F
+    from torch import nn
+    from transformers import (
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    class Wrapped(nn.Module):  # the very same Classifier (backbone + mean pooling + linear head)
+        def __init__(self, clf):
+            super().__init__()
+            self.clf = clf
+
+        def forward(self, input_ids, attention_mask, labels=None, **_):
+            logits = self.clf(input_ids=input_ids, attention_mask=attention_mask)
+            out = {"logits": logits}
+            if labels is not None:
+                out = {"loss": F.cross_entropy(logits.float(), labels), "logits": logits}
+            return out
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.curve = []
+
+        def on_evaluate(self, a, state, control, metrics=None, **kw):
+            sync_all()
+            self.curve.append((time.perf_counter() - t0, metrics.get("eval_accuracy")))
+
+    def acc(p):
+        return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
+
+    t0 = time.perf_counter()
+    model = Wrapped(copy.deepcopy(clf0))
+
+    def encode(split):  # the tutorial: tokenize the whole dataset up front (Dataset.map)
+        enc = tok(list(split.x), truncation=True, max_length=FT_MAXLEN, padding=pad)
+        return [
+            {
+                "input_ids": enc["input_ids"][i],
+                "attention_mask": enc["attention_mask"][i],
+                "labels": int(split.y[i]),
+            }
+            for i in range(len(split))
+        ]
+
+    with tempfile.TemporaryDirectory(prefix="tlops-perf-trainer-") as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=FT_BS,
+            per_device_eval_batch_size=2 * FT_BS,
+            num_train_epochs=epochs,
+            learning_rate=FT_LR,
+            weight_decay=0.0,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            max_grad_norm=0.0,
+            eval_strategy="steps" if eval_steps else "epoch",
+            eval_steps=eval_steps,
+            logging_strategy="no",
+            report_to="none",
+            # like tlops: a checkpoint every epoch and (epoch evaluation) the best epoch's weights at the end
+            save_strategy="epoch",
+            save_total_limit=2,
+            load_best_model_at_end=not eval_steps,
+            metric_for_best_model="accuracy",
+            seed=0,
+            use_cpu=args.device == "cpu",
+            disable_tqdm=True,
+            bf16=args.amp == "bf16",
+            torch_compile=args.compile,
+            train_sampling_strategy=sampling,
+            **({"optim": optim} if optim else {}),  # None: the Trainer's default
+        )
+        clock = Clock()
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=encode(train),
+            eval_dataset=encode(val),
+            data_collator=DataCollatorWithPadding(tok) if pad is False else default_data_collator,
+            compute_metrics=acc,
+            callbacks=[clock],
+        )
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.train()
+        sync_all()
+    return {"curve": clock.curve, "final_acc": clock.curve[-1][1] if clock.curve else None}
 
 
 def bench_finetune(args, sz) -> dict[str, Any]:
@@ -110,103 +221,15 @@ def bench_finetune(args, sz) -> dict[str, Any]:
         **train_runtime(args),
     )
 
-    def trainer_ft(pad: str, sampling: str = "random"):
-        from transformers import (
-            DataCollatorWithPadding,
-            Trainer,
-            TrainerCallback,
-            TrainingArguments,
-            default_data_collator,
-        )
-
-        class Wrapped(nn.Module):  # the very same Classifier (backbone + mean pooling + linear head)
-            def __init__(self, clf):
-                super().__init__()
-                self.clf = clf
-
-            def forward(self, input_ids, attention_mask, labels=None, **_):
-                logits = self.clf(input_ids=input_ids, attention_mask=attention_mask)
-                out = {"logits": logits}
-                if labels is not None:
-                    out = {"loss": F.cross_entropy(logits.float(), labels), "logits": logits}
-                return out
-
-        class Clock(TrainerCallback):
-            def __init__(self):
-                self.curve = []
-
-            def on_evaluate(self, a, state, control, metrics=None, **kw):
-                sync_all()
-                self.curve.append((time.perf_counter() - t0, metrics.get("eval_accuracy")))
-
-        def acc(p):
-            return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
-
-        t0 = time.perf_counter()
-        model = Wrapped(copy.deepcopy(clf0))
-
-        def encode(split):  # the tutorial: tokenize the whole dataset up front (Dataset.map)
-            enc = tok(list(split.x), truncation=True, max_length=FT_MAXLEN, padding=pad)
-            return [
-                {
-                    "input_ids": enc["input_ids"][i],
-                    "attention_mask": enc["attention_mask"][i],
-                    "labels": int(split.y[i]),
-                }
-                for i in range(len(split))
-            ]
-
-        with tempfile.TemporaryDirectory(prefix="tlops-perf-trainer-") as tmp:
-            targs = TrainingArguments(
-                output_dir=tmp,
-                per_device_train_batch_size=FT_BS,
-                per_device_eval_batch_size=2 * FT_BS,
-                num_train_epochs=epochs,
-                learning_rate=FT_LR,
-                weight_decay=0.0,
-                lr_scheduler_type="cosine",
-                warmup_steps=0,
-                max_grad_norm=0.0,
-                eval_strategy="epoch",
-                logging_strategy="no",
-                report_to="none",
-                # like tlops: a checkpoint every epoch and the best epoch's weights at the end
-                save_strategy="epoch",
-                save_total_limit=2,
-                load_best_model_at_end=True,
-                metric_for_best_model="accuracy",
-                seed=0,
-                use_cpu=args.device == "cpu",
-                disable_tqdm=True,
-                bf16=args.amp == "bf16",
-                torch_compile=args.compile,
-                train_sampling_strategy=sampling,
-            )
-            clock = Clock()
-            trainer = Trainer(
-                model=model,
-                args=targs,
-                train_dataset=encode(train),
-                eval_dataset=encode(val),
-                data_collator=DataCollatorWithPadding(tok) if pad is False else default_data_collator,
-                compute_metrics=acc,
-                callbacks=[clock],
-            )
-            from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            trainer.train()
-            sync_all()
-        return {"curve": clock.curve, "final_acc": clock.curve[-1][1] if clock.curve else None}
-
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     sides = {
         "tlops fine_tune": lambda: _tlops_ft(clf0, train, val, tcfg),
-        "Trainer, dynamic padding (default collator)": lambda: trainer_ft(False),
-        f"Trainer, pad to max_length={FT_MAXLEN} (tutorial)": lambda: trainer_ft("max_length"),
+        "Trainer, dynamic padding (default collator)": lambda: trainer_ft(args, clf0, tok, train, val, epochs, False),
+        f"Trainer, pad to max_length={FT_MAXLEN} (tutorial)": lambda: trainer_ft(
+            args, clf0, tok, train, val, epochs, "max_length"
+        ),
     }
     label = f"finetune text: MiniLM-L6 yelp {ntr} train / {nva} val, {epochs} epoch(s), bs {FT_BS}, max_len {FT_MAXLEN}"
     print(f"[finetune] {label}", flush=True)
@@ -226,7 +249,9 @@ def bench_finetune(args, sz) -> dict[str, Any]:
             "tlops fine_tune": sides["tlops fine_tune"],
             "tlops without length grouping": no_grouping,
             "tlops, train.threads=1": lambda: _tlops_ft(clf0, train, val, tcfg.model_copy(update={"threads": 1})),
-            "Trainer, group_by_length": lambda: trainer_ft(False, "group_by_length"),
+            "Trainer, group_by_length": lambda: trainer_ft(
+                args, clf0, tok, train, val, epochs, False, "group_by_length"
+            ),
         }
         print(f"[finetune] ablation: {label}", flush=True)
         r = interleave_sides("finetune-textablation", abl, max(2, args.repeats - 1), ntr * epochs)

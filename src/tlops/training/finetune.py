@@ -132,6 +132,7 @@ def fine_tune(
     ``runtime``: where and how (default: built from ``cfg``, a single process)."""
     from tlops.training.partial import L2SP, param_groups, unfreeze_plan
 
+    t_start = time.perf_counter()  # step evaluations are timed from here (time to accuracy)
     rt = runtime or Runtime.from_config(cfg)
     g = torch.Generator().manual_seed(seed)
     rt.apply_threads()  # unset: the usable CPUs (torch's all-cores default collapses on busy cores)
@@ -180,7 +181,6 @@ def fine_tune(
         # every rank stops together (BatchNorm buffers may differ between ranks, and so their scores)
         return bool(cfg.patience) and rt.all_reduce_sum(torch.tensor(float(stale >= cfg.patience)))[0] > 0
 
-    t_start = time.perf_counter()
     for epoch in range(start + 1, cfg.epochs + 1):
         if stopped:
             break

@@ -1,0 +1,191 @@
+"""tlops fine-tuning against ``transformers.Trainer`` at its best settings (issue 20, item 4).
+
+The anchor is the Trainer as a careful user would run it, not its defaults: ``group_by_length``
+(its length-grouped sampler), fused AdamW (``optim="adamw_torch_fused"``), the same torch threads,
+the same model (all-MiniLM-L6-v2 + mean pooling + a linear head, one ``Classifier`` deep-copied for
+each run), data (UCI yelp, bench/perf.py's fine-tune split), hyper-parameters (lr, batch, cosine
+without warm-up, no weight decay, no clipping) and epochs. Two interleaved series, median of
+``--repeats`` (A,B then B,A):
+
+* **throughput**: validation at epoch ends only; samples/s from the wall time of the whole run
+  (tokenisation, training, evaluation, per-epoch checkpoints).
+* **time to accuracy**: both sides score the validation split every ``--eval-steps`` optimizer steps
+  (tlops ``train.eval_every``, the Trainer's ``eval_strategy="steps"``); the time to the first
+  evaluation at or above ``--target`` validation accuracy. The Trainer keeps its per-epoch
+  checkpoints and skips the best-model reload there (it can only restore a best model it saved at
+  every evaluation); tlops keeps the best evaluation's weights in memory.
+
+Writes ``bench/results/trainer.md`` and ``.json`` (``--out`` to change; ``--render JSON`` rewrites the
+markdown from a run's JSON)::
+
+    .venv/bin/python bench/perf_trainer.py              # 3 repeats, ~6 min on 2 idle cores
+    .venv/bin/python bench/perf_trainer.py --quick      # tiny sizes, 1 repeat: the mechanics only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common import RESULTS, minilm_dir, run_info, run_machine, write_report  # noqa: E402
+from perf_finetune import _ft_summary, _tlops_ft, trainer_ft  # noqa: E402
+from perf_setup import (  # noqa: E402
+    FT_BS,
+    FT_LR,
+    FT_MAXLEN,
+    PASSES,
+    SIZES,
+    interleave_sides,
+    remember_default_threads,
+    uci,
+)
+
+OURS = "tlops fine_tune"
+TRAINER = "Trainer: group_by_length + fused AdamW"
+GOALS = {"throughput": 1.3, "time to accuracy": 1.2}  # the issue's: tlops at least this many times the Trainer
+
+
+def run(args) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from tlops.config import TrainConfig
+    from tlops.data.dataset import Split
+    from tlops.models.backbone import TextBackbone
+    from tlops.models.bundle import Classifier
+
+    remember_default_threads()
+    sz = SIZES["quick" if args.quick else "full"]
+    x, y = uci(("yelp",))
+    ntr, nva, epochs = sz["ft_train"], sz["ft_val"], sz["ft_epochs"]
+    train, val = Split(x[:ntr], np.array(y[:ntr])), Split(x[ntr : ntr + nva], np.array(y[ntr : ntr + nva]))
+    torch.manual_seed(0)
+    tb = TextBackbone.create(str(minilm_dir()), max_length=FT_MAXLEN, pooling="mean")
+    clf0 = Classifier(tb, 2, ["0", "1"])
+    base = TrainConfig(
+        strategies=["fine-tune"], epochs=epochs, batch_size=FT_BS, lr=FT_LR, head_lr=FT_LR, weight_decay=0.0
+    )
+    steps = base.model_copy(update={"eval_every": args.eval_steps})
+
+    def trainer(eval_steps=None):
+        return trainer_ft(
+            args, clf0, tb.tokenizer, train, val, epochs, False, "group_by_length", "adamw_torch_fused", eval_steps
+        )
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    label = f"MiniLM-L6 yelp {ntr} train / {nva} val, {epochs} epoch(s), bs {FT_BS}, lr {FT_LR}, max_len {FT_MAXLEN}"
+    out: dict[str, Any] = {"label": label, "eval_steps": args.eval_steps, "target": args.target, "series": {}}
+    series = {
+        "throughput": {OURS: lambda: _tlops_ft(clf0, train, val, base), TRAINER: trainer},
+        "time to accuracy": {
+            OURS: lambda: _tlops_ft(clf0, train, val, steps),
+            TRAINER: lambda: trainer(args.eval_steps),
+        },
+    }
+    for name, sides in series.items():
+        print(f"[trainer] {name}: {label}", flush=True)
+        prefix = f"trainer-{name.replace(' ', '-')}"
+        r = interleave_sides(prefix, sides, args.repeats, ntr * epochs)
+        s = _ft_summary(f"{name}: {label}", r, ntr * epochs, args.target, OURS)
+        s["other_cpu"] = f"{PASSES.other_share(prefix)} of the CPUs, load average {PASSES.load(prefix)}"
+        out["series"][name] = s
+    return out
+
+
+def render(payload: dict[str, Any]) -> str:
+    info, res = payload["info"], payload["results"]
+    lines = [
+        "# Fine-tuning: tlops vs transformers.Trainer at its best settings",
+        "",
+        f"`{info['command']}`, {info['date']}; {run_machine(info)}.",
+        "",
+        f"Workload: {res['label']}. The Trainer runs with `group_by_length=True` (its length-grouped sampler), "
+        '`optim="adamw_torch_fused"`, dynamic padding (`DataCollatorWithPadding`) and the same torch threads; '
+        "tlops with its defaults (length-grouped batches, fused AdamW). Same model object (deep-copied), "
+        "same initial weights, same lr / batch / cosine schedule / epochs; median of the interleaved repeats.",
+        "",
+    ]
+    for name, s in res["series"].items():
+        how = (
+            "validation at epoch ends only"
+            if name == "throughput"
+            else f"validation every {res['eval_steps']} optimizer steps on both sides"
+        )
+        lines += [
+            f"## {name} ({how})",
+            "",
+            f"Other processes during the passes: {s['other_cpu']}.",
+            "",
+            "| side | samples/s | tlops speedup | CPU-s (median) | seconds (per repeat) "
+            f"| time to val acc {res['target']:.2f} | evaluations | final val acc |",
+            "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+        ]
+        for side, v in s["sides"].items():
+            tta = f"{v['time_to_target']:.1f} s ({v['reached_target']})" if v["time_to_target"] else "not reached"
+            n_evals = len(v["curves"][0]) if v["curves"] else 0
+            speedup = "—" if side == OURS else f"{v['speedup']:.2f}x"
+            lines.append(
+                f"| {side} | {v['samples_s']:.1f} | {speedup} "
+                f"| {statistics_median(v['cpu_seconds']):.1f} | {', '.join(f'{t:.1f}' for t in v['secs'])} "
+                f"| {tta} | {n_evals} | {', '.join(f'{a:.3f}' for a in v['final_acc'] if a is not None)} |"
+            )
+        lines.append("")
+    lines += ["## Goals", ""]
+    thr = res["series"]["throughput"]["sides"][TRAINER]["speedup"]
+    tta = res["series"]["time to accuracy"]["sides"][TRAINER].get("tta_speedup")
+    lines.append(
+        f"- samples/s ≥ {GOALS['throughput']}x the best Trainer: {thr:.2f}x — "
+        f"{'met' if thr >= GOALS['throughput'] else 'not met'}"
+    )
+    lines.append(
+        f"- time to {res['target']:.2f} validation accuracy ≥ {GOALS['time to accuracy']}x faster: "
+        + (
+            f"{tta:.2f}x — {'met' if tta >= GOALS['time to accuracy'] else 'not met'}"
+            if tta
+            else "not measurable (a side never reached the target on every repeat)"
+        )
+    )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def statistics_median(xs: list[float]) -> float:
+    import statistics
+
+    return statistics.median(xs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eval-steps", type=int, default=2, help="validation every N optimizer steps (second series)")
+    ap.add_argument("--target", type=float, default=0.80, help="validation accuracy for the time to accuracy")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and 1 repeat: the mechanics only")
+    ap.add_argument("--out", type=Path, default=RESULTS / "trainer.md")
+    ap.add_argument("--render", metavar="JSON", help="rewrite the markdown from a run's JSON, without running")
+    # perf_finetune's Trainer side reads these (CPU fp32 eager here)
+    ap.set_defaults(device="cpu", amp=None, channels_last=False, compile=False)
+    args = ap.parse_args(argv)
+    if args.render:
+        payload = json.loads(Path(args.render).read_text())
+        args.out.write_text(render(payload))
+        return 0
+    if args.quick:
+        args.repeats = 1
+    payload = {"info": run_info("bench/perf_trainer.py", argv), "results": run(args)}
+    write_report(args.out, render(payload), payload)
+    print(render(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
