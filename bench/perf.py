@@ -27,8 +27,9 @@ Sections (``--only``; default all):
   configs via ``tlops step``, and of extract-features at 1x and 10x data (repeated rows).
 * ``scaling``: extraction and fine-tuning time at 1x, 2x, 4x, 8x data; slope of the log-log fit.
 * ``backends`` (only when named: ``--only backends``): ``features.backend`` torch / torch-int8 / onnx /
-  onnx-int8 side by side, throughput and downstream probe accuracy, GFLOP/s against the fp32 and
-  int8 matmul peaks; its own report, bench/results/perf_backends.md (see bench/perf_backends.py).
+  onnx-int8 / openvino / openvino-int8 (the last two when the openvino extra is installed) side by side,
+  throughput and downstream probe accuracy, GFLOP/s against the fp32 and int8 matmul peaks; its own
+  report, bench/results/perf_backends.md (see bench/perf_backends.py).
 * ``shards`` (only when named: ``--only shards``): ``features.shards`` 1 vs 2 worker processes on the
   extract-features step (MiniLM, UCI yelp); its own report, bench/results/shards.md (see bench/shards.py).
 

@@ -1,9 +1,11 @@
 """``bench/perf.py --only backends``: extraction backends side by side (issue 20 item 1).
 
 For each workload, every ``features.backend`` tlops offers (torch fp32, torch-int8 for text, onnx,
-onnx-int8) extracts the same rows through ``tlops.features.extract.extract`` (same batching, same
-length-sorted dynamic padding), the sides interleaved chunk by chunk (A,B,C,D then D,C,B,A), median
-of ``--repeats`` passes, all at one thread (torch and onnxruntime; the machine is shared).
+onnx-int8, and openvino / openvino-int8 when the optional extra is installed) extracts the same rows
+through ``tlops.features.extract.extract`` (same batching, same length-sorted dynamic padding), the
+sides interleaved chunk by chunk (A,B,C,... then ...,C,B,A), median of ``--repeats`` passes, all at
+one thread (torch, onnxruntime and OpenVINO; the machine is shared). The static int8 models
+(onnx-int8 for images, openvino-int8 for both) are calibrated on the workload's first 128 rows.
 Downstream accuracy: tlops' linear probe (``tlops.training.probe``, default settings; what ``auto``
 and the linear-probe strategy fit) on a seeded stratified half of the workload's labelled rows and
 scored on the other half, mean of 5 seeded splits, per backend on that backend's features;
@@ -36,6 +38,7 @@ from perf_setup import PASSES, interleave_chunked, med, remember_default_threads
 
 GOALS = {"text": 3.0, "image": 2.0}  # issue 20: speedup over fp32 torch
 QUALITY = 99.6  # % of fp32 downstream accuracy
+LIBRARIES = ("torch", "transformers", "timm", "onnxruntime", "onnx", "openvino", "nncf")
 SIZES = {
     "full": {"uci": 1000, "blitzer": 400, "usps": 1000, "hymenoptera": 397},
     "quick": {"uci": 200, "blitzer": 60, "usps": 256, "hymenoptera": 64},
@@ -50,12 +53,15 @@ PROTOCOL = (
     "5 seeded splits (UCI: 500 test rows per split, one row = 0.2 points; the fp32 `onnx` rows, whose "
     "features equal torch's to 1e-7, show how far the probe alone moves). int8: per-channel dynamic "
     "(text; torch.ao and onnxruntime) / static QDQ calibrated on the workload's images (CNN; `torch-int8` "
-    "leaves convolutions fp32 and is not offered for images). resnet10t is randomly initialised (no "
+    "leaves convolutions fp32 and is not offered for images). openvino: the same ONNX export converted to "
+    "OpenVINO IR, fp32 weights and f32 inference precision (not the CPU plugin's AMX bf16 default); "
+    "openvino-int8: NNCF post-training static int8 of that IR (text: ModelType.TRANSFORMER), calibrated on the "
+    "workload's first 128 rows (texts tokenised as extraction tokenises them). resnet10t is randomly initialised (no "
     "pretrained weights offline). GFLOP/s count each item at its own length; int8 rows against the int8 "
     "peak. Build s: export (+ quantisation) once per model, cached afterwards. CPU-s speedup: the ratio "
     "of this process's CPU seconds (median pass), less sensitive than wall time to other processes "
-    "holding the cores. Reproduce: `.venv/bin/python bench/perf.py --only backends --repeats 2` (about 15 "
-    "min on the loaded 2-core machine)."
+    "holding the cores. Reproduce: `.venv/bin/python bench/perf.py --only backends --repeats 2` (about 6 "
+    "min on the idle 2-core machine; `--quick`: small sizes, about 3 min)."
 )
 
 
@@ -185,7 +191,7 @@ def bench_backends(args, quick: bool) -> dict[str, Any]:
     rows = []
     store = Path(tempfile.mkdtemp(prefix="tlops-perf-backends-"))
     for label, bb, x, y, bs in _workloads(sz):
-        names = list(backends.supported(bb.modality))
+        names = list(backends.available(bb.modality))  # the OpenVINO ones when the extra is installed
         runners, build_s = {}, {}
         for b in names:
             t0 = time.perf_counter()
@@ -194,7 +200,7 @@ def bench_backends(args, quick: bool) -> dict[str, Any]:
                 b,
                 model_digest=label,
                 store=store,
-                calibration=x if bb.modality == "image" else None,
+                calibration=x if backends.needs_calibration(b, bb.modality) else None,
                 calibration_id=f"{label}:{len(x)}",
             )
             build_s[b] = time.perf_counter() - t0
@@ -259,12 +265,14 @@ def render(info: dict[str, Any], res: dict[str, Any], cmd: str, total: float) ->
         return max(res["peak_start"][k], res["peak_end"][k])
 
     lines = [
-        "## Extraction backends: torch fp32 vs torch-int8 vs onnx vs onnx-int8 (issue 20 item 1)",
+        "## Extraction backends: torch fp32 vs torch-int8 vs onnx vs onnx-int8 vs openvino vs openvino-int8 "
+        "(issue 20 item 1)",
         "",
         f"- machine: {info.get('cpu')}, {info.get('usable_cores')} usable cores, {info.get('memory_gib')} GiB, "
         f"ISA `{info.get('isa')}` (lscpu: avx512_vnni, amx_int8); software: Python {info.get('python')}, "
-        + ", ".join(f"{k} {info[k]}" for k in ("torch", "transformers", "timm", "onnxruntime", "onnx") if k in info),
-        f"- date: {info.get('date')}; command: `{cmd}`; total {total / 60:.1f} min; threads: 1 (torch and onnxruntime)",
+        + ", ".join(f"{k} {info[k]}" for k in LIBRARIES if k in info),
+        f"- date: {info.get('date')}; command: `{cmd}`; total {total / 60:.1f} min; threads: 1 (torch, onnxruntime "
+        "and OpenVINO)",
         f"- load average at start {info.get('load_start')}, at end {info.get('load_end')}; other processes' share "
         f"of all CPUs during the timed passes: {PASSES.other_share('backends')}"
         + (
@@ -328,7 +336,10 @@ def rerender(path: Path) -> int:
 
 def main(args, quick: bool) -> int:
     t0 = time.perf_counter()
-    info = machine_info("cpu", ("torch", "transformers", "timm", "onnxruntime", "onnx"))
+    from tlops.features.backends_openvino import installed
+
+    libs = tuple(k for k in LIBRARIES if k not in ("openvino", "nncf") or installed("openvino-int8"))
+    info = machine_info("cpu", libs)
     res = bench_backends(args, quick)
     import os
 
