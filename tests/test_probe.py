@@ -43,19 +43,46 @@ def test_head_on_raw_features_is_the_fitted_model(digits, scaling):
 
 
 def test_c_and_scaling_are_chosen_on_validation(digits):
-    """Every (scaling, C) is scored on val; the chosen one has the best val accuracy (ties: lower loss)."""
+    """Every (scaling, C), LogisticRegressionCV's C among them, is scored on val; the search's best replaces
+    LogisticRegressionCV's choice only when it beats it by more than a standard error."""
     x, y, tr, va, te = digits
     head, hist = train_probe(x[tr], y[tr], x[va], y[va], 10, TrainConfig(probe_select="val"), seed=0)
     rec = hist[0]
     assert rec["selected_by"] == "val"
-    assert len(rec["search"]) == 2 * len(TrainConfig().probe_c)
-    same = [r for r in rec["search"] if r["scaling"] == rec["scaling"]]
-    assert rec["val_acc"] == pytest.approx(max(r["acc"] for r in same))  # the best C of the chosen scaling
-    plain = max(r["acc"] for r in rec["search"] if r["scaling"] == "none")
-    if rec["scaling"] == "standardize":  # kept only when it beats the raw features by more than the noise
-        assert rec["val_acc"] - plain > np.sqrt(plain * (1 - plain) / len(va))
+    n_c = len(TrainConfig().probe_c)
+    assert len(rec["search"]) in (2 * n_c, 2 * n_c + 1)  # + the anchor's C when it is not on the grid
     assert {r["scaling"] for r in rec["search"]} == {"none", "standardize"}
+    anchor = next(r for r in rec["search"] if r["scaling"] == "none" and r["C"] == rec["anchor_C"])
+    assert rec["anchor_C"] in np.logspace(-4, 4, 10)
+    se = np.sqrt(anchor["acc"] * (1 - anchor["acc"]) / len(va))
+    best = max(r["acc"] for r in rec["search"])
+    if rec["chose_anchor"]:
+        assert (rec["scaling"], rec["C"]) == ("none", rec["anchor_C"]) and best - anchor["acc"] <= se
+    else:
+        assert rec["val_acc"] - anchor["acc"] > se
+    assert rec["val_acc"] == pytest.approx(
+        next(r["acc"] for r in rec["search"] if r["C"] == rec["C"] and r["scaling"] == rec["scaling"])
+    )
     assert float((_proba(head, x[te]).argmax(1) == y[te]).mean()) > 0.94
+
+
+def test_kept_anchor_predicts_as_logistic_regression_cv(digits):
+    """On few labels the wider search cannot show it is better, so the probe is scikit-learn's
+    ``LogisticRegressionCV`` itself: the same C and the same test predictions (issue 16: never below it)."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+
+    x, y, tr, va, te = digits
+    few = np.concatenate([tr[y[tr] == c][:5] for c in range(10)])
+    # the search's grid is only its ends (LRCV's whole range, few fits); 100 lbfgs steps keep it fast
+    cfg = TrainConfig(probe_scaling="none", probe_c=[1e-4, 1e4], probe_max_iter=100)
+    head, hist = train_probe(x[few], y[few], None, None, 10, cfg, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LogisticRegressionCV(max_iter=100).fit(x[few], y[few])
+    assert hist[0]["chose_anchor"] and hist[0]["C"] == pytest.approx(ref.C_[0])
+    assert (_proba(head, x[te]).argmax(1) == ref.predict(x[te])).mean() > 0.995  # float32 head: rare near-ties
 
 
 def test_auto_cross_validates_on_train_and_is_deterministic(digits):
