@@ -28,6 +28,11 @@ def test_unknown_backend_and_unsupported_combinations_are_refused(digits_cfg):
         digits_cfg(features={"backend": "tensorrt"})
     assert digits_cfg().features.backend == "torch"
     assert digits_cfg(features={"backend": "openvino-int8"}).features.backend == "openvino-int8"
+    # torch.compile: both modalities, never one of auto's candidates (a timed sample cannot see the compile)
+    assert digits_cfg(features={"backend": "torch-compile"}).features.backend == "torch-compile"
+    for modality, kind in (("image", "timm"), ("text", "hf")):
+        backends.check("torch-compile", modality, kind)
+        assert "torch-compile" in backends.supported(modality) and "torch-compile" not in backends.available(modality)
 
 
 def test_openvino_without_its_packages_names_the_install_command(monkeypatch):
@@ -51,7 +56,7 @@ def test_openvino_without_its_packages_names_the_install_command(monkeypatch):
 def test_backend_is_part_of_the_cache_key():
     pre = {"modality": "text", "pooling": "mean", "normalize": "l2", "max_length": 128}
     keys = {b: cache_key("d" * 64, backends.key_preprocessing(pre, b), "data") for b in backends.BACKENDS}
-    assert len(set(keys.values())) == len(backends.BACKENDS) == 6
+    assert len(set(keys.values())) == len(backends.BACKENDS) == 7
     assert keys["torch"] == cache_key("d" * 64, pre, "data")  # existing torch entries keep their keys
     with pytest.raises(ConfigError, match="not resolved"):
         backends.key_preprocessing(pre, "auto")
@@ -111,6 +116,7 @@ def test_text_backends_match_torch(text_backbones, shared_data):
     # same tokenizer, padding, mean pooling and L2 normalisation inside the exported graph
     assert np.abs(feats["onnx"] - feats["torch"]).max() < 1e-4
     assert np.abs(feats["openvino"] - feats["torch"]).max() < 1e-5  # fp32 inference precision, not AMX bf16
+    assert np.abs(feats["torch-compile"] - feats["torch"]).max() < 1e-5  # Inductor's kernels, same maths
     for b in ("torch-int8", "onnx-int8", "openvino-int8"):
         cos = np.sum(feats[b] * feats["torch"], axis=1)  # unit-norm rows
         assert cos.mean() > 0.95 and cos.min() > 0.85, (b, cos.mean(), cos.min())
@@ -118,7 +124,7 @@ def test_text_backends_match_torch(text_backbones, shared_data):
     accs = {b: probe_accuracy(f[:160], y[:160], f[160:], y[160:], settings)[0] for b, f in feats.items()}
     assert accs["torch"] == ref_acc  # the same (scaling, C) refitted: the same head
     assert accs["torch"] > 0.75
-    for b in ("onnx", "openvino"):
+    for b in ("onnx", "openvino", "torch-compile"):
         assert abs(accs[b] - accs["torch"]) <= 1 / 160, accs  # fp32: at most one row moves
     # int8: a few rows of 160 (bench/results/perf_backends.md: within ~1 point on 500-row splits); a
     # broken quantisation or pooling would cost tens of points

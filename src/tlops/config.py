@@ -257,9 +257,12 @@ class FeaturesConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     cache_dir: Optional[str] = Field(None, description="feature cache (default <workdir>/cache/features)")
     cache: bool = True
-    backend: Literal["auto", "torch", "torch-int8", "onnx", "onnx-int8", "openvino", "openvino-int8"] = Field(
+    backend: Literal[
+        "auto", "torch", "torch-compile", "torch-int8", "onnx", "onnx-int8", "openvino", "openvino-int8"
+    ] = Field(
         "torch",
-        description="how extract-features runs the frozen backbone: torch (fp32), torch-int8 (dynamic int8 "
+        description="how extract-features runs the frozen backbone: torch (fp32), torch-compile (torch.compile; "
+        "the compile is paid on every run, bench/results/compile.md), torch-int8 (dynamic int8 "
         "Linear layers; text only), onnx (onnxruntime fp32), onnx-int8 (onnxruntime int8: dynamic for text, "
         "static calibrated on the run's images for CNNs), openvino (OpenVINO fp32), openvino-int8 (NNCF static "
         "int8 calibrated on the run's train inputs; both need the optional extra: pip install 'tlops[openvino]'), "

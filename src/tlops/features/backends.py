@@ -17,6 +17,10 @@ the ONNX fp32 features equal PyTorch's to ~1e-6, and int8 ones differ only by qu
   (QDQ, per-channel int8 weights, uint8 activations) calibrated on the run's own images, because
   ORT's dynamic ConvInteger path was slower than fp32 on resnet10t (a trial) while static
   QDQ convolutions run on int8 kernels.
+- ``torch-compile``: the backbone's ``forward`` through ``torch.compile`` (Inductor, dynamic shapes);
+  nothing is stored, so every run pays the compile (minutes on a 2-core CPU for MiniLM, and no
+  faster afterwards there: ``bench/results/compile.md``). For GPUs, where Inductor's kernels can
+  pay; ``auto`` never picks it, because its sample timing cannot see the compile.
 - ``openvino`` / ``openvino-int8``: the same ONNX file converted to OpenVINO IR (fp32), and NNCF's
   post-training int8 quantisation of it calibrated on the run's own inputs (text too: tokenised
   sentences); an optional extra, see :mod:`tlops.features.backends_openvino`.
@@ -48,7 +52,7 @@ from tlops.hashing import hash_json
 log = logging.getLogger(__name__)
 
 OPENVINO = ("openvino", "openvino-int8")
-BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8") + OPENVINO
+BACKENDS = ("torch", "torch-compile", "torch-int8", "onnx", "onnx-int8") + OPENVINO
 CHOICES = ("auto",) + BACKENDS
 EXPORT_VERSION = 1  # bump when the export / quantisation recipe changes (new files, new feature keys)
 CALIBRATION_ROWS = 128  # inputs that calibrate the static int8 models (ORT's and NNCF's MinMax ranges)
@@ -60,10 +64,13 @@ def supported(modality: str) -> tuple[str, ...]:
 
 
 def available(modality: str) -> tuple[str, ...]:
-    """``auto``'s candidates: :func:`supported` less the OpenVINO backends whose packages are not installed."""
+    """``auto``'s candidates: :func:`supported` less the OpenVINO backends whose packages are not installed,
+    and less ``torch-compile`` (its cost is the compile, which a timed sample after a warm-up batch hides)."""
     from tlops.features import backends_openvino
 
-    return tuple(b for b in supported(modality) if b not in OPENVINO or backends_openvino.installed(b))
+    return tuple(
+        b for b in supported(modality) if b != "torch-compile" and (b not in OPENVINO or backends_openvino.installed(b))
+    )
 
 
 def needs_calibration(backend: str, modality: str | None) -> bool:
@@ -142,6 +149,29 @@ class OnnxBackbone(nn.Module):
     def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
         feeds = {k: tensors[k].cpu().numpy() for k in self._inputs}
         return torch.from_numpy(self.session.run(None, feeds)[0])
+
+
+class CompiledBackbone(nn.Module):
+    """``backbone`` with its ``forward`` compiled by ``torch.compile`` (dynamic batch and sequence
+    shapes, so length-sorted text batches do not recompile per length); the parameters stay the
+    backbone's, so ``extract`` finds their device as for the eager module."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.modality = backbone.modality
+        self.preprocessing = dict(backbone.preprocessing, backend="torch-compile")
+        self._forward = torch.compile(backbone.forward, dynamic=True)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.backbone.feature_dim)
+
+    def prepare(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self.backbone.prepare(batch)
+
+    def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
+        return self._forward(**tensors)
 
 
 def _example(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -311,6 +341,8 @@ def build(
         raise ConfigError("features.backend auto is resolved by tlops.features.backend_choice, not built")
     if backend == "torch":
         return backbone
+    if backend == "torch-compile":
+        return CompiledBackbone(backbone)
     if backend == "torch-int8":
         with warnings_quiet():  # deprecated in favour of torchao, which is not a dependency
             q = torch.ao.quantization.quantize_dynamic(  # per-channel weights, as for onnx-int8
