@@ -50,7 +50,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, out
 
 
-def _workloads(sz: dict[str, int]):
+def _workloads(sz: dict[str, int], device: str):
     """(name, eager pass, make-compiled) per workload; a compiled object's ``__call__`` is one pass."""
     import numpy as np
     import torch
@@ -64,10 +64,10 @@ def _workloads(sz: dict[str, int]):
     from tlops.training.finetune import fine_tune
 
     x, y = uci(("yelp",))
-    tb = TextBackbone.create(str(minilm_dir()), max_length=FT_MAXLEN, pooling="mean").eval()
+    tb = TextBackbone.create(str(minilm_dir()), max_length=FT_MAXLEN, pooling="mean").eval().to(device)
     texts = x[: sz["text"]]
     torch.manual_seed(0)
-    ib = ImageBackbone.create("resnet10t", pretrained=False, in_chans=1, image_size=32).eval()
+    ib = ImageBackbone.create("resnet10t", pretrained=False, in_chans=1, image_size=32).eval().to(device)
     xi, yi = images("mnist")
     pix = xi[: sz["image"]]
 
@@ -81,12 +81,20 @@ def _workloads(sz: dict[str, int]):
     n = sz["ft_text"]
     ttrain, tval = Split(x[:n], np.array(y[:n])), Split(x[n : n + 64], np.array(y[n : n + 64]))
     tclf0 = Classifier(tb, 2, ["0", "1"])
-    tcfg = TrainConfig(strategies=["fine-tune"], epochs=1, batch_size=FT_BS, lr=FT_LR, head_lr=FT_LR, weight_decay=0.0)
+    tcfg = TrainConfig(
+        strategies=["fine-tune"], epochs=1, batch_size=FT_BS, lr=FT_LR, head_lr=FT_LR, weight_decay=0.0, device=device
+    )
     m = sz["ft_cnn"]
     ctrain, cval = Split(xi[:m], yi[:m]), Split(xi[m : m + 256], yi[m : m + 256])
     cclf0 = Classifier(ib, 10)
     ccfg = TrainConfig(
-        strategies=["fine-tune"], epochs=1, batch_size=CNN_BS, lr=CNN_LR, head_lr=CNN_LR, weight_decay=0.0
+        strategies=["fine-tune"],
+        epochs=1,
+        batch_size=CNN_BS,
+        lr=CNN_LR,
+        head_lr=CNN_LR,
+        weight_decay=0.0,
+        device=device,
     )
 
     def trainer(clf0, train, val, cfg):
@@ -121,7 +129,11 @@ def run(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     sz = SIZES["quick" if args.quick else "full"]
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "workloads": {}}
-    for name, (eager, make, n) in _workloads(sz).items():
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/perf_compile.py: --device cuda but no CUDA device is visible; nothing to do")
+        return {}
+    out["device"] = args.device
+    for name, (eager, make, n) in _workloads(sz, args.device).items():
         if args.only and args.only not in name:
             continue
         print(f"[compile] {name}", flush=True)
@@ -165,11 +177,13 @@ def render(payload: dict[str, Any]) -> str:
     lines = [
         "# torch.compile on the CPU: extraction and fine-tuning, compile time included",
         "",
-        f"`{info['command']}`, {info['date']}; {run_machine(info)}; torch threads {res['threads']}.",
+        f"`{info['command']}`, {info['date']}; {run_machine(info)}; torch threads {res['threads']}; "
+        f"device {res.get('device', 'cpu')}.",
         "",
         "Median seconds over the rounds (round 1 compiles with a cold Inductor cache, later rounds warm). "
         "First pass = what one pipeline step pays (compile + one pass); steady state = the compiled "
-        "module's second pass. Break-even = passes over the same shapes before the compile has paid for itself.",
+        "module's second pass (fine-tuning: a second run, which recompiles for the new module from warm caches). "
+        "Break-even = passes over the same shapes before the compile has paid for itself.",
         "",
         "| workload | eager s | compiled: first pass s | compiled: steady s | first pass vs eager | steady vs eager "
         "| compile overhead s | break-even passes | max abs diff (features) |",
@@ -197,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the models run (extract follows)")
     ap.add_argument("--only", help="run the workloads whose name contains this text")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the mechanics only")
     ap.add_argument("--out", type=Path, default=RESULTS / "compile.md")
@@ -205,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         args.out.write_text(render(json.loads(Path(args.render).read_text())))
         return 0
-    payload = {"info": run_info("bench/perf_compile.py", argv), "results": run(args)}
+    res = run(args)
+    if not res:
+        return 0
+    payload = {"info": run_info("bench/perf_compile.py", argv), "results": res}
     write_report(args.out, render(payload), payload)
     print(render(payload))
     return 0

@@ -94,3 +94,36 @@ def test_perf_quick_runs_every_section_and_writes_results(tmp_path):
     assert {"tlops fine_tune", "Trainer, dynamic padding (default collator)"} <= r["finetune"]["text"]["sides"].keys()
     assert all(s["slope"] == s["slope"] for s in r["scaling"].values())  # not NaN
     assert all(p["other_cpu"] is None or 0 <= p["other_cpu"] <= 1 for p in res["passes"])
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run_runs_every_stage_on_the_cpu(tmp_path):
+    """GPU_BENCH_DRY_RUN=1: the GPU script's four stages with their real flags, on the CPU at --quick sizes
+    into a temp dir (a GPU is lent to some tasks only: the script must work the first time it gets one)."""
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=_env(
+            CUDA_VISIBLE_DEVICES="",
+            PYTHON=sys.executable,
+            GPU_BENCH_DRY_RUN="1",
+            GPU_BENCH_BUDGET="1200",
+            TMPDIR=str(tmp_path),
+        ),
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "dry run on the CPU" in out
+    for stage, flags in (
+        ("fp32", "--device cpu --only extract,finetune"),
+        ("bf16", "--amp bf16 --channels-last"),
+        ("compile", "--amp bf16 --channels-last --compile"),
+        ("compile-backend", "bench/perf_compile.py --device cpu"),
+    ):
+        assert f"== {stage} (limit " in out and flags in out, (stage, out[-3000:])
+    (run_dir,) = tmp_path.glob("tlops-gpu-dry-run.*")
+    assert (run_dir / "perf-gpu-fp32.md").is_file() and "Headline ratios" in out
+    assert not list((REPO / "bench" / "results").glob("perf-gpu-*"))  # nothing written into the repo
