@@ -216,6 +216,9 @@ def compile_pipeline(cfg: PipelineConfig, out: Path) -> Path:
 
 
 TASK_LOG = "task.log"  # a kfp.local task's whole output, next to its executor_output.json
+# The last line of a task's log, written by the process that started it: when the task process started
+# and exited (wall clock), its exit code. Not a tlops log line: only --verbose echoes it.
+PROCESS_PREFIX = "[tlops kfp-local] "
 
 
 def init_kfp_local(cfg: PipelineConfig) -> Path:
@@ -239,18 +242,21 @@ def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     dump, its driver/launcher lines) goes to ``<run>/<step>/task.log`` only, and kfp.local's own
     banners, artifact listings and warnings about ignored Kubernetes settings are DEBUG lines:
     ``tlops --verbose`` shows all of it. A failed task's error names its log.
+
+    A step's seconds are its task process's (start-up, imports and exit included), so the run
+    summary shows what each task cost; each task log ends with the process's start and exit times.
     """
     root = init_kfp_local(cfg)
     before = set(root.iterdir())
     pipeline = build_pipeline(cfg, local=True)
     log.info("pipeline %s: kfp.local run under %s (each task's full output: <run>/<step>/%s)", cfg.name, root, TASK_LOG)
-    tasks: list[tuple[Path, int]] = []  # (log file, exit code) per task subprocess, in order
+    tasks: list[tuple[Path, int, float]] = []  # (log file, exit code, seconds) per task subprocess, in order
     t0 = time.perf_counter()
     try:
         with _kfp_local_output(tasks, root):
             pipeline()
     except RuntimeError as e:
-        failed = [path for path, rc in tasks if rc != 0]
+        failed = [path for path, rc, _ in tasks if rc != 0]
         where = f"; its log: {failed[-1]}" + _last_line(failed[-1]) if failed else ""
         raise TlopsError(f"kfp-local run failed: {strip_ansi(str(e))}{where}") from None
     wall = time.perf_counter() - t0
@@ -259,9 +265,11 @@ def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
         raise TlopsError(f"kfp.local wrote no run under {root}")
     run_dir = new[-1]
     result = PipelineResult(run_dir.name, run_dir)
+    seconds = {path.parent.name: secs for path, _, secs in tasks}  # a task's dir is named after its step
     for spec in DAG:
         art = read_artifact(run_dir / spec.name / spec.output_name, spec.output)
-        result.steps[spec.name] = StepResult(art, wall / len(DAG), False)
+        # each step's time is its task process's, start-up and exit included
+        result.steps[spec.name] = StepResult(art, seconds.get(spec.name, 0.0), False)
     log.info("pipeline %s: done in %.1fs (kfp.local run %s)", cfg.name, wall, run_dir)
     return result
 
@@ -297,6 +305,7 @@ def _run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **(env_vars or {}), **logs.subprocess_env()}
     verbose = logs.verbosity() == "verbose"
+    started, t0 = time.time(), time.perf_counter()
     with (
         open(path, "w", encoding="utf-8") as out,
         subprocess.Popen(
@@ -309,12 +318,13 @@ def _run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | Non
             if verbose or logs.LINE_RE.match(line):
                 sys.stderr.write(line)
         rc = proc.wait()
-    tasks.append((path, rc))
+        out.write(PROCESS_PREFIX + json.dumps({"started": started, "exited": time.time(), "rc": rc}) + "\n")
+    tasks.append((path, rc, time.perf_counter() - t0))
     return rc
 
 
 @contextlib.contextmanager
-def _kfp_local_output(tasks: list[tuple[Path, int]], root: Path):
+def _kfp_local_output(tasks: list[tuple[Path, int, float]], root: Path):
     """While kfp.local runs: task output through ``_run_task_subprocess``; kfp.local's own lines
     (it swaps the root logger's handler for one of its own on stdout, prints separators and
     indents prints) through tlops's handler as lines of logger ``kfp.local``, DEBUG except a failed

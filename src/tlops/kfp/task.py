@@ -6,7 +6,10 @@ The generated component functions (``tlops.kfp.components``) pass all their argu
 
 from __future__ import annotations
 
+import json
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,10 @@ from tlops.errors import TlopsError
 PARAM_FIELDS = {"data_uri": "data.source", "source_model": "source.model", "model_name": "register.model_name"}
 # A constant each task gets at compile time: the image it runs in (its digest joins the step key).
 IMAGE_PARAM = "image"
+
+# The task's timing line in its log (kfp.local: <run>/<step>/task.log): not a tlops log line, so only
+# ``--verbose`` echoes it; bench/runner_overhead.py reads it.
+TIMING_PREFIX = "[tlops task] "
 
 # name[:tag]@<algorithm>:<hex>, as in the OCI image spec (sha256 / sha512)
 _DIGEST = re.compile(r"@(?P<digest>sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
@@ -67,6 +74,7 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
     input artifacts (named as in ``StepSpec.inputs``), its output artifact and any KFP-only extra
     outputs. An image pinned by digest is part of the step key: an artifact made by another image
     is not reused."""
+    entered = time.time()
     from tlops import logs
     from tlops.kfp import trainjob
     from tlops.runners.local import execute_step
@@ -77,17 +85,22 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
     arts = {name: read_artifact(args[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
     output = args[spec.output_name]
     image = args.get(IMAGE_PARAM) or ""
+    started = time.time()
+    seconds = reused = None
     if step == "fine-tune" and cfg.train.multinode and trainjob.in_cluster():
         # multi-node: a TrainJob / PyTorchJob runs the step on train.nodes pods (tlops.kfp.trainjob)
         trainjob.run_fine_tune(cfg, image, {name: args[name] for name in spec.inputs}, output)
         artifact = read_artifact(Path(output.path), spec.output)
     else:
-        artifact = execute_step(spec, cfg, arts, Path(output.path), image_digest=image_digest(image)).artifact
+        res = execute_step(spec, cfg, arts, Path(output.path), image_digest=image_digest(image))
+        artifact, seconds, reused = res.artifact, res.seconds, res.reused
     output.metadata.update(provenance(artifact))
     if image:
         output.metadata["image"] = image
     if step == "evaluate":
         log_evaluation(artifact, args["metrics"], args["classification"])
+    timing = {"step": step, "entered": entered, "step_started": started, "step_seconds": seconds, "reused": reused}
+    print(TIMING_PREFIX + json.dumps(timing | {"left": time.time()}), file=sys.stderr, flush=True)
     return artifact
 
 
