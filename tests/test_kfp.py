@@ -198,6 +198,9 @@ def test_task_step_key_includes_the_image_digest(tmp_path):
     assert keys["tlops:0.1.0"] == step_key(spec, cfg, {})  # a tag: the same key as every other runner
     assert keys[f"tlops@{DIGEST}"] == step_key(spec, cfg, {}, DIGEST)
     assert len(set(keys.values())) == 3
+    import gc
+
+    assert gc.get_freeze_count() == 0  # only a KFP executor process, which exits next, freezes its objects
 
 
 def test_cpu_only_when_no_gpu_configured(tmp_path, monkeypatch):
@@ -232,6 +235,16 @@ def test_kfp_local_matches_in_process_runner(tmp_path):
     target = load_config(REPO / "configs" / "digits_target.yaml", work)
     kfp = run_kfp_local(target)
     assert kfp.run_dir.parent == tmp_path / "w" / "kfp-local"
+    from tlops.kfp.pipeline import PROCESS_PREFIX
+    from tlops.kfp.task import TIMING_PREFIX
+
+    for spec in DAG:  # each step's seconds are its task process's, whose start and exit end its log
+        lines = (kfp.run_dir / spec.name / "task.log").read_text().splitlines()
+        proc = json.loads(lines[-1].removeprefix(PROCESS_PREFIX))
+        task = json.loads(next(ln for ln in lines if ln.startswith(TIMING_PREFIX)).removeprefix(TIMING_PREFIX))
+        assert proc["rc"] == 0 and task["step"] == spec.name and task["step_seconds"] > 0
+        assert proc["started"] < task["entered"] < task["left"] < proc["exited"]
+        assert kfp.steps[spec.name].seconds == pytest.approx(proc["exited"] - proc["started"], abs=0.5)
     reg = kfp.artifact("register").meta
     assert reg["aliases"] == ["challenger"] and reg["version"] == "1" and not reg["reused"]
 

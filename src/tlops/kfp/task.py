@@ -101,7 +101,22 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
         log_evaluation(artifact, args["metrics"], args["classification"])
     timing = {"step": step, "entered": entered, "step_started": started, "step_seconds": seconds, "reused": reused}
     print(TIMING_PREFIX + json.dumps(timing | {"left": time.time()}), file=sys.stderr, flush=True)
+    freeze_for_exit()
     return artifact
+
+
+def freeze_for_exit() -> None:
+    """In a task process, which exits once KFP's executor has written the outputs: move every live
+    object to the collector's permanent generation (``gc.freeze``), so the collections of the
+    interpreter's shut-down skip the half a million objects that importing torch, timm and MLflow makes.
+    Walking them cost seconds per task (bench/results/runners.md: the exit phase); ``atexit``
+    handlers still run and the standard streams are still flushed. Only in the executor process:
+    in one that goes on (a test calling ``run_task``) frozen objects would never be collected."""
+    import gc
+
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == "kfp.dsl.executor_main":
+        gc.freeze()
 
 
 def run_shard_task(args: dict[str, Any]) -> None:
@@ -115,6 +130,7 @@ def run_shard_task(args: dict[str, Any]) -> None:
     cfg = config_from_params(args["config"], {k: args[k] for k in PARAM_FIELDS})
     arts = {name: read_artifact(args[name].path, dag.get(producer).output) for name, producer in spec.inputs.items()}
     extract_features.run_shard(cfg, arts, int(args["shard"]))
+    freeze_for_exit()
 
 
 def log_evaluation(evaluation: Artifact, metrics: Any, classification: Any) -> None:
