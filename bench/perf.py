@@ -32,6 +32,9 @@ Sections (``--only``; default all):
   report, bench/results/perf_backends.md (see bench/perf_backends.py).
 * ``shards`` (only when named: ``--only shards``): ``features.shards`` 1 vs 2 worker processes on the
   extract-features step (MiniLM, UCI yelp); its own report, bench/results/shards.md (see bench/shards.py).
+* ``runners`` (only when named: ``--only runners``): ``tlops run`` on the demo target config with the
+  in-process and the kfp-local runner, per-step wall time and the kfp-local tasks' overhead by phase and
+  imports; its own report, bench/results/runners.md (see bench/runner_overhead.py).
 
 Timing protocol: the machine is shared, so every comparison runs both sides in the same process,
 interleaved (A,B,B,A,...; extraction alternates every chunk of 160 texts / 256 images), and quotes medians;
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default=",".join(SECTIONS),
-        help=f"comma-separated sections: {', '.join(SECTIONS)}; also backends, shards (named only)",
+        help=f"comma-separated sections: {', '.join(SECTIONS)}; also backends, shards, runners (named only)",
     )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast on both sides")
@@ -133,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
 
         rc = shards_main([], repeats=args.repeats)
         only.remove("shards")
+        if rc or not only:
+            return rc
+    if "runners" in only:  # its own report (runners.md, bench/runner_overhead.py), never rewrites perf.md
+        from runner_overhead import main as runners_main
+
+        rc = runners_main([], repeats=args.repeats)
+        only.remove("runners")
         if rc or not only:
             return rc
     if "backends" in only:  # its own report (perf_backends.md), never rewrites perf.md
