@@ -793,6 +793,10 @@ def main() -> None:
     except TlopsError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+    finally:  # the `tlops` command (or python -m tlops) ends here: a fast shut-down, not in a test calling main()
+        from tlops.process_exit import freeze_for_exit
+
+        freeze_for_exit(("tlops", "tlops.__main__", "tlops.cli"), scripts=("tlops",))
 
 
 if __name__ == "__main__":

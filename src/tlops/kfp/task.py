@@ -106,17 +106,11 @@ def run_task(step: str, args: dict[str, Any]) -> Artifact:
 
 
 def freeze_for_exit() -> None:
-    """In a task process, which exits once KFP's executor has written the outputs: move every live
-    object to the collector's permanent generation (``gc.freeze``), so the collections of the
-    interpreter's shut-down skip the half a million objects that importing torch, timm and MLflow makes.
-    Walking them cost seconds per task (bench/results/runners.md: the exit phase); ``atexit``
-    handlers still run and the standard streams are still flushed. Only in the executor process:
-    in one that goes on (a test calling ``run_task``) frozen objects would never be collected."""
-    import gc
+    """In KFP's executor process, which exits once it has written the task's outputs, skip the
+    shut-down's walk over every object (:mod:`tlops.process_exit`)."""
+    from tlops.process_exit import freeze_for_exit as freeze
 
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) == "kfp.dsl.executor_main":
-        gc.freeze()
+    freeze(("kfp.dsl.executor_main",))
 
 
 def run_shard_task(args: dict[str, Any]) -> None:
