@@ -1,4 +1,7 @@
-"""Text: configs/sentiment.yaml on the real UCI sentences with a local all-MiniLM-L6-v2."""
+"""Text: configs/sentiment.yaml on the real UCI sentences with a local all-MiniLM-L6-v2.
+
+Slow (~25 s): the default suite extracts with and trains MiniLM through the steps elsewhere (test_backends,
+test_setfit, test_lora); this is the shipped text config end to end, in `make test-slow`."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ def _run(work, shared, *overrides):
     return run_pipeline(cfg)
 
 
+@pytest.mark.slow
 def test_yelp_probe_and_fine_tune_well_above_majority(text_work, shared_data):
     res = _run(text_work, shared_data, "train.epochs=1", "evaluate.scratch_baseline=false")
     ev = res.artifact("evaluate")
@@ -50,6 +54,7 @@ def test_yelp_probe_and_fine_tune_well_above_majority(text_work, shared_data):
     assert out["label"].tolist() == ["1", "0"]
 
 
+@pytest.mark.slow
 def test_amazon_second_domain_reuses_model_and_cache_layout(text_work, shared_data):
     res = _run(
         text_work,
