@@ -15,7 +15,9 @@ pooling, then (``source.normalize: auto``) the L2 normalisation the model's own 
 
 Columns (target-test accuracy, %, mean ± std over seeds; no target labels anywhere but the test):
 
-* ``tlops probe``: ``tlops.training.probe.train_probe`` with the default config;
+* ``tlops probe``: ``tlops.training.probe.train_probe`` with the default config (it starts from
+  ``LogisticRegressionCV``'s choice and keeps it unless its wider search beats it by more than a
+  standard error);
 * ``tlops cv`` / ``tlops val``: the same with ``train.probe_select`` forced (``val`` only with a split);
 * ``LRCV``: ``LogisticRegressionCV(max_iter=1000)`` (defaults otherwise: 10 C values, 5-fold, accuracy);
 * ``LR``: ``LogisticRegression(max_iter=1000)``, the one-liner of the issue;
@@ -81,7 +83,7 @@ def compare(
     head, hist = train_probe(ftr, ytr, fva, yva, n_cls, TrainConfig(), seed)
     out["tlops probe"] = _acc(head, fte, yte)
     out["probe_seconds"] = round(time.perf_counter() - t0, 3)
-    out["chosen"] = {k: hist[0][k] for k in ("scaling", "C", "selected_by")}
+    out["chosen"] = {k: hist[0].get(k) for k in ("scaling", "C", "selected_by", "chose_anchor", "anchor_C")}
     head, _ = train_probe(ftr, ytr, fva, yva, n_cls, TrainConfig(probe_select="cv"), seed)
     out["tlops cv"] = _acc(head, fte, yte)
     if fva is not None:
@@ -235,12 +237,17 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], info: dict[str, 
         f"tlops probe ≥ LRCV on the mean: {n_ok} of {len(verdicts)} settings"
         + ("" if n_ok == len(verdicts) else f" (not on: {', '.join(t for t, ok in verdicts if not ok)})"),
         "",
-        "Chosen (scaling, C) per seed:",
+        "Chosen (scaling, C) per seed; (LRCV): LogisticRegressionCV's own choice and refit, kept because the wider"
+        " search did not beat it by more than a standard error:",
         "",
     ]
     for setting in results.values():
         for task, runs in setting.items():
-            chosen = "; ".join(f"{r['chosen']['scaling']} C={r['chosen']['C']:.3g}" for r in runs)
+            chosen = "; ".join(
+                f"{r['chosen']['scaling']} C={r['chosen']['C']:.3g}"
+                + (" (LRCV)" if r["chosen"].get("chose_anchor") else "")
+                for r in runs
+            )
             lines.append(f"- {task} (by {runs[0]['chosen']['selected_by']}): {chosen}")
     return "\n".join(lines) + "\n"
 
