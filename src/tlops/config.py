@@ -391,7 +391,8 @@ class TrainConfig(_Strict):
     probe_select: Literal["auto", "val", "cv"] = Field(
         "auto",
         description="linear probe: choose scaling and C by validation accuracy (val), by repeated stratified k-fold "
-        "on train (cv), or auto = whichever scores more held-out predictions (cv unless val is larger than train)",
+        "on train (cv), or auto = whichever scores more held-out predictions (cv unless val is larger than train); "
+        "LogisticRegressionCV's own choice is kept unless the search beats it by more than a standard error",
     )
     augment: bool = Field(False, description="images: random shifts during fine-tuning")
     threads: Optional[int] = Field(
