@@ -385,7 +385,8 @@ class TrainConfig(_Strict):
     probe_c: list[float] = Field(
         default_factory=lambda: [float(c) for c in PROBE_C],
         min_length=1,
-        description="linear probe: inverse L2 strengths tried (scikit-learn's C); one value = no search",
+        description="linear probe: the range of inverse L2 strengths (scikit-learn's C): the wider search tries "
+        "these, LogisticRegressionCV's own 10-value grid is clipped to their range; one value = no search",
     )
     probe_max_iter: int = Field(1000, ge=10, description="linear probe: lbfgs iterations per fit")
     probe_select: Literal["auto", "val", "cv"] = Field(
