@@ -156,7 +156,7 @@ def test_kfp_task_output_goes_to_its_log_and_only_log_lines_to_stderr(tmp_path, 
 
     from kfp.local import subprocess_task_handler
 
-    from tlops.kfp.pipeline import TASK_LOG, _kfp_local_output
+    from tlops.kfp.pipeline import PROCESS_PREFIX, TASK_LOG, _kfp_local_output
 
     task_dir = tmp_path / "run" / "fine-tune"
     executor_input = json.dumps({"outputs": {"outputFile": str(task_dir / "executor_output.json")}})
@@ -172,13 +172,17 @@ def test_kfp_task_output_goes_to_its_log_and_only_log_lines_to_stderr(tmp_path, 
             cmd = [sys.executable, "-c", script, "--executor_input", executor_input, str(code)]
             assert subprocess_task_handler.run_local_subprocess(cmd, {}) == code
         err = capsys.readouterr().err
-        full = (task_dir / TASK_LOG).read_text()
+        *output, process = (task_dir / TASK_LOG).read_text().splitlines(keepends=True)
+        full = "".join(output)
         assert "Got executor_input" in full and f"level {verbosity}" in full
+        # the log's last line is the parent's record of the task process (start, exit, code), not output
+        assert process.startswith(PROCESS_PREFIX) and json.loads(process.removeprefix(PROCESS_PREFIX))["rc"] == code
         if verbosity == "normal":
             assert err == "12:00:00 INFO    fine-tune: running (key abc)\n"
         else:
             assert err == full  # --verbose: the whole task output
-    assert tasks == [(task_dir / TASK_LOG, 0), (task_dir / TASK_LOG, 3)]
+    assert [(path, rc) for path, rc, _ in tasks] == [(task_dir / TASK_LOG, 0), (task_dir / TASK_LOG, 3)]
+    assert all(secs > 0 for *_, secs in tasks)
 
     # kfp.local's own root-logger lines: DEBUG (banners) or ERROR (a failed task), logger kfp.local
     from kfp.local import logging_utils

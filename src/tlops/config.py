@@ -345,6 +345,9 @@ class TrainConfig(_Strict):
     )
     epochs: int = Field(10, ge=1, description="fine-tune epochs")
     batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    head_lr: Optional[float] = Field(None, gt=0, description="head learning rate (default 10x lr)")
+    weight_decay: float = Field(1e-4, ge=0)
     eval_every: int = Field(
         0,
         ge=0,
@@ -357,9 +360,6 @@ class TrainConfig(_Strict):
         description="fine-tuning loops: stop after this many evaluations in a row without a better validation "
         "score (0 = train every epoch)",
     )
-    lr: float = Field(1e-3, gt=0)
-    head_lr: Optional[float] = Field(None, gt=0, description="head learning rate (default 10x lr)")
-    weight_decay: float = Field(1e-4, ge=0)
     freeze_blocks: int | Literal["auto"] = Field(
         0, description="freeze the first K backbone blocks; 'auto' = cut after the best-probing block"
     )
