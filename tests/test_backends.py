@@ -76,6 +76,10 @@ def test_pick_is_the_fastest_within_tolerance():
 
 # MiniLM's export takes 10-45 s on the shared 2-core machine: over the default suite's budget
 slow_text = pytest.mark.slow
+# OpenVINO's runtime, once loaded in a process, turns a later SIGINT/SIGTERM into a segfault (exit 139)
+# instead of tlops' exit 130/143: test_signals, later in the same pytest process, crashed the whole
+# suite. Tests that load it run in `make test-slow`, where the in-process signal tests are deselected.
+OPENVINO_IN_PROCESS = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,7 @@ def test_export_happens_once(text_backbones, monkeypatch):
     assert again.path == runners["openvino-int8"].path
 
 
+@OPENVINO_IN_PROCESS
 def test_auto_on_images_records_its_choice_and_reuses_it(digits_cfg, tmp_path, caplog):
     from tlops.steps import extract_features, ingest, pull_model
 
@@ -201,6 +206,7 @@ def test_auto_on_images_records_its_choice_and_reuses_it(digits_cfg, tmp_path, c
         extract_features.run(digits_cfg(features={"backend": "torch-int8"}), ins, tmp_path / "f5")
 
 
+@OPENVINO_IN_PROCESS
 def test_openvino_cnn_equals_torch_int8_is_close_and_exports_once(tmp_path, monkeypatch):
     """A tiny CNN (random resnet10t, 32x32: OpenVINO cannot convert the 16x16 one, see the auto test)."""
     import torch
