@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from tlops.errors import ConfigError
+from tlops.features.exported import ExportedBackbone
 from tlops.hashing import hash_json
 
 log = logging.getLogger(__name__)
@@ -119,32 +120,19 @@ def ort_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-class OnnxBackbone(nn.Module):
-    """An onnxruntime session behind the backbone interface ``extract`` uses (``prepare``, ``forward``,
-    ``modality``, ``feature_dim``); no parameters, so ``extract`` feeds it CPU tensors."""
+class OnnxBackbone(ExportedBackbone):
+    """An onnxruntime session behind the backbone interface ``extract`` uses."""
 
     def __init__(self, backbone: nn.Module, path: Path, backend: str):
-        super().__init__()
+        super().__init__(backbone, path, backend)
         import onnxruntime as ort
 
-        self.modality = backbone.modality
-        self.preprocessing = dict(backbone.preprocessing, backend=backend)
-        self._dim = int(backbone.feature_dim)
-        self._prepare = backbone.prepare
-        self.path = path
         so = ort.SessionOptions()
         so.intra_op_num_threads = ort_threads()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in self.session.get_inputs()]
-
-    @property
-    def feature_dim(self) -> int:
-        return self._dim
-
-    def prepare(self, batch: Any) -> dict[str, torch.Tensor]:
-        return self._prepare(batch)
 
     def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
         feeds = {k: tensors[k].cpu().numpy() for k in self._inputs}

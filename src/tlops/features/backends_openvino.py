@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tlops.errors import ConfigError
+from tlops.features.exported import ExportedBackbone
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +108,15 @@ def write(dst_dir: Path, tmp: Path) -> None:
     os.replace(tmp / "model.xml", dst_dir / "model.xml")
 
 
-class OpenVinoBackbone(nn.Module):
-    """A compiled OpenVINO model behind the backbone interface ``extract`` uses (``prepare``, ``forward``,
-    ``modality``, ``feature_dim``); no parameters, so ``extract`` feeds it CPU tensors. One infer
-    request, torch's thread count, one stream (extraction feeds one batch at a time)."""
+class OpenVinoBackbone(ExportedBackbone):
+    """A compiled OpenVINO model behind the backbone interface ``extract`` uses. One infer request,
+    torch's thread count, one stream (extraction feeds one batch at a time)."""
 
     def __init__(self, backbone: nn.Module, path: Path, backend: str):
-        super().__init__()
         require(backend)
+        super().__init__(backbone, path, backend)
         import openvino as ov
 
-        self.modality = backbone.modality
-        self.preprocessing = dict(backbone.preprocessing, backend=backend)
-        self._dim = int(backbone.feature_dim)
-        self._prepare = backbone.prepare
-        self.path = path
         config = {
             "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
             "NUM_STREAMS": 1,
@@ -131,13 +126,6 @@ class OpenVinoBackbone(nn.Module):
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self._request = self.compiled.create_infer_request()
         self._inputs = [i.get_any_name() for i in self.compiled.inputs]
-
-    @property
-    def feature_dim(self) -> int:
-        return self._dim
-
-    def prepare(self, batch: Any) -> dict[str, torch.Tensor]:
-        return self._prepare(batch)
 
     def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
         feeds = {k: tensors[k].cpu().numpy() for k in self._inputs}
