@@ -102,21 +102,21 @@ def test_failing_min_accuracy_and_min_gain_gates_block_promotion(tmp_path):
 
 @pytest.mark.slow  # a pipeline run or three: 30-60 s on 2 shared cores
 def test_must_beat_champion_refuses_a_worse_challenger(tmp_path):
-    """Two models of the same data (probe weight decay 0 and 1): the better one is champion, the other
+    """Two models of the same data (probe C fixed at 0.001 and at 1): the better one is champion, the other
     cannot beat it."""
     from tlops.tracking import registry
 
     gates = {"gates": {"must_beat_champion": True}}
     runs, versions = {}, {}
-    for wd in (0.0, 1.0):
-        runs[wd] = _run(tmp_path, train={"weight_decay": wd}, evaluate=gates)
-        versions[wd] = str(_client(tmp_path).get_model_version_by_alias(NAME, "challenger").version)
-    assert versions[0.0] != versions[1.0]
+    for c in (0.001, 1.0):
+        runs[c] = _run(tmp_path, train={"probe_c": [c]}, evaluate=gates)
+        versions[c] = str(_client(tmp_path).get_model_version_by_alias(NAME, "challenger").version)
+    assert versions[0.001] != versions[1.0]
     acc = {e: _recomputed_accuracies(r)[_report(r)["selected"]] for e, r in runs.items()}
-    best, worse = (0.0, 1.0) if acc[0.0] >= acc[1.0] else (1.0, 0.0)
+    best, worse = (0.001, 1.0) if acc[0.001] >= acc[1.0] else (1.0, 0.001)
     registry.promote(NAME, versions[best], reason="the better one")
 
-    again = _run(tmp_path, train={"weight_decay": worse}, evaluate=gates)  # re-evaluated against the new champion
+    again = _run(tmp_path, train={"probe_c": [worse]}, evaluate=gates)  # re-evaluated against the new champion
     report = _report(again)
     (check,) = [ch for ch in report["gates"]["checks"] if ch["gate"] == "must_beat_champion"]
     assert check["passed"] is False, check

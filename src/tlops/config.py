@@ -22,9 +22,9 @@ from tlops.training import strategies as strategy_registry  # torch-free
 
 # The allowed strategies and what each needs come from the registry (one module per strategy).
 STRATEGIES = strategy_registry.names()
-# the linear probe's C grid: 17 values over 1e-4..1e4 (scikit-learn's LogisticRegressionCV default spans the same
-# range with 10); sentence-encoder features (unit norm) need large C, standardised features small C
-PROBE_C = tuple(10.0 ** (k / 2) for k in range(-8, 9))
+# the linear probe's C grid: scikit-learn's LogisticRegressionCV default (Cs=10: 10 values log-spaced over
+# 1e-4..1e4, as numpy.logspace computes them; numpy is not imported here)
+PROBE_C = tuple(10.0 ** (-4 + i * (8 / 9)) for i in range(10))
 ADAPT_STRATEGIES = tuple(s.name for s in strategy_registry.REGISTRY.values() if s.needs_adapt_from)
 
 
@@ -379,21 +379,20 @@ class TrainConfig(_Strict):
     probe_scaling: Literal["auto", "standardize", "none"] = Field(
         "auto",
         description="linear probe: standardize = z-score each feature with train statistics (folded into the head), "
-        "none = the backbone's features as they are, auto = none for unit-norm features (source.normalize), else "
-        "both tried and chosen with the regularisation",
+        "none = the backbone's features as they are; auto = none (bench/probe.py: standardising never beat it)",
     )
     probe_c: list[float] = Field(
         default_factory=lambda: [float(c) for c in PROBE_C],
         min_length=1,
-        description="linear probe: the range of inverse L2 strengths (scikit-learn's C): the wider search tries "
-        "these, LogisticRegressionCV's own 10-value grid is clipped to their range; one value = no search",
+        description="linear probe: the inverse L2 strengths (scikit-learn's C) LogisticRegressionCV chooses from "
+        "(default: its own 10-value grid, 1e-4..1e4); one value = no search",
     )
     probe_max_iter: int = Field(1000, ge=10, description="linear probe: lbfgs iterations per fit")
     probe_select: Literal["auto", "val", "cv"] = Field(
         "auto",
-        description="linear probe: choose scaling and C by validation accuracy (val), by repeated stratified k-fold "
-        "on train (cv), or auto = whichever scores more held-out predictions (cv unless val is larger than train); "
-        "LogisticRegressionCV's own choice is kept unless the search beats it by more than a standard error",
+        description="linear probe: choose C by LogisticRegressionCV's stratified k-fold accuracy on train (cv) or "
+        "by validation accuracy (val); auto = cv unless the validation split is larger than train or a class has "
+        "a single train label",
     )
     augment: bool = Field(False, description="images: random shifts during fine-tuning")
     threads: Optional[int] = Field(

@@ -1,28 +1,26 @@
-"""Linear probe: an L2-regularised multinomial logistic regression (scikit-learn) on cached features.
+"""Linear probe: scikit-learn's ``LogisticRegressionCV`` on cached features, as an ``nn.Linear`` head.
 
-The probe is the baseline every other strategy is measured against, so it must be at least as
-good as what a user would type first (``LogisticRegressionCV`` on the same features;
-``bench/probe.py`` compares the two). Two choices decide most of its accuracy:
+The probe is the baseline every other strategy is measured against, so it is what a user would
+type first, done right: ``LogisticRegressionCV`` (L2, lbfgs, stratified k-fold on train,
+accuracy, refit) on the backbone's own features. Sentence encoders emit unit-norm embeddings
+(``source.normalize``) whose geometry a per-dimension z-score distorts, so the features are left
+as they are unless ``train.probe_scaling: standardize``.
 
-* the feature scaling: sentence encoders emit unit-norm embeddings (``source.normalize``) whose
-  geometry a per-dimension z-score distorts, while CNN features gain from standardisation;
-* the regularisation strength C, which differs by orders of magnitude between the two.
+A wider hand-written search (17 values of C, repeated shuffled folds, both scalings) ran on top of
+it until ``bench/probe.py`` showed it never beat LogisticRegressionCV's choice by more than a
+standard error, in 60 seeds over 12 text and digits settings, at ten times the cost; scikit-learn
+is the tool for this job.
 
-Unit-norm features keep their geometry; otherwise both scalings are tried. C (``train.probe_c``)
-and the scaling are chosen together by repeated stratified k-fold cross-validation on train, or on
-the validation split (``train.probe_select``). lbfgs is deterministic and the folds are seeded. The
-standardisation is folded back into the weights, so the saved head is a plain ``nn.Linear`` on the
-backbone's features.
-
-The default is scikit-learn's own ``LogisticRegressionCV`` (its 10-value C grid, its 5 unshuffled
-stratified folds, accuracy, refit): the wider search above replaces it only when it scores better
-by more than a binomial standard error on the same held-out evidence (see ``_keep_anchor``).
+C is chosen on the validation split instead when it holds more labels than train
+(``train.probe_select``). The chosen head is temperature-scaled on held-out logits (the
+validation split's, or out of fold from LogisticRegressionCV's own fold models), and any
+standardisation is folded back into the weights, so the saved head is a plain ``nn.Linear`` on
+the backbone's features. lbfgs is deterministic and the folds are not shuffled.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -36,18 +34,6 @@ from tlops.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-_CV_REPEATS = 3
-# LogisticRegressionCV's default grid (Cs=10): the anchor the wider search has to beat
-_ANCHOR_CS = tuple(float(c) for c in np.logspace(-4, 4, 10))
-
-
-def _scalings(x: np.ndarray, cfg: TrainConfig) -> list[str]:
-    """``auto``: unit-norm rows (an L2-normalising sentence encoder) keep their geometry; else both are tried."""
-    if cfg.probe_scaling != "auto":
-        return [cfg.probe_scaling]
-    norms = np.linalg.norm(x, axis=1)
-    return ["none"] if len(x) and np.allclose(norms, 1.0, atol=1e-3) else ["none", "standardize"]
-
 
 def _stats(x: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
     if scaling == "none":
@@ -56,53 +42,31 @@ def _stats(x: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.maximum(std, 0.05 * float(std.mean()) + 1e-8)  # near-constant features: no huge weights
 
 
-def _path(x: np.ndarray, y: np.ndarray, cs: list[float], cfg: TrainConfig) -> Iterator[Any]:
-    """The fitted model for each C in ascending order, each fit warm-started from the previous one.
+def _quiet() -> Any:
+    """One BLAS thread (these matrices are small: threaded BLAS on busy cores was 20x slower, measured) and no
+    ConvergenceWarning (large C on separable data: lbfgs stops at max_iter) or scikit-learn 1.9's FutureWarnings."""
+    from contextlib import ExitStack
 
-    The warm start makes the path cost little more than its largest fit; the final refit walks the
-    same path, so the chosen candidate refitted on the same data is exactly the model that was scored.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
+
+    stack = ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+    return stack
+
+
+def _path(x: np.ndarray, y: np.ndarray, cs: list[float], cfg: TrainConfig) -> Iterator[Any]:
+    """The fitted model for each C in ascending order, each fit warm-started from the previous one (as
+    LogisticRegressionCV walks its grid), so the path costs little more than its largest fit."""
+    from sklearn.linear_model import LogisticRegression
 
     clf = LogisticRegression(max_iter=cfg.probe_max_iter, warm_start=True)
     for c in cs:
         clf.set_params(C=c)
-        # one BLAS thread: these matrices are small, and threaded BLAS on busy cores was 20x slower (measured)
-        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-            warnings.simplefilter("ignore", ConvergenceWarning)  # large C on separable data: lbfgs stops at max_iter
+        with _quiet():
             clf.fit(x, y)
         yield clf
-
-
-def _up_to(cs: list[float], c: float) -> list[float]:
-    """The warm-start path that ends at ``c``: the grid values below it, then ``c`` (it need not be on the grid)."""
-    return [v for v in sorted(cs) if v < c] + [c]
-
-
-def _anchor(x: np.ndarray, y: np.ndarray, cs: list[float], scaling: str, cfg: TrainConfig) -> Any | None:
-    """scikit-learn's ``LogisticRegressionCV`` with its defaults (10 C values over 1e-4..1e4, 5-fold
-    ``StratifiedKFold`` without shuffling, accuracy, refit on all of train), fitted on ``scaling``'s features.
-
-    This is the baseline a user types first, so the probe starts from its choice (issue 16: the probe
-    must never be below it). Its grid is clipped to the range of ``train.probe_c``. None when a class
-    has fewer than 2 labels (no stratified folds) or the grid range holds none of its values.
-    """
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-    from threadpoolctl import threadpool_limits
-
-    counts = np.bincount(y)
-    k = min(5, int(counts[counts > 0].min()))
-    grid = [c for c in _ANCHOR_CS if cs[0] * (1 - 1e-9) <= c <= cs[-1] * (1 + 1e-9)]
-    if k < 2 or not grid:
-        return None
-    mean, std = _stats(x, scaling)
-    lrcv = LogisticRegressionCV(Cs=grid, cv=StratifiedKFold(k), max_iter=cfg.probe_max_iter)
-    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-        warnings.simplefilter("ignore")  # ConvergenceWarning at large C; scikit-learn 1.9's FutureWarnings on defaults
-        return lrcv.fit((x - mean) / std, y)
 
 
 def _score(clf: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -115,78 +79,40 @@ def _score(clf: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return acc, float(-np.log(np.clip(p, 1e-12, None)).mean())
 
 
-def _grid(
-    x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, scaling: str, cs: list[float], cfg: TrainConfig
-) -> list[tuple[float, float]]:
-    """(accuracy, loss) on (xv, yv) for every C, fitted on (x, y) with the scaling's train statistics."""
-    mean, std = _stats(x, scaling)
-    xs, xvs = (x - mean) / std, (xv - mean) / std
-    return [_score(clf, xvs, yv) for clf in _path(xs, y, cs, cfg)]
+def _n_folds(y: np.ndarray) -> int:
+    """LogisticRegressionCV's 5 stratified folds, fewer when a class has fewer labels (every fold must hold each)."""
+    counts = np.bincount(y)
+    return min(5, int(counts[counts > 0].min()))
 
 
-def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Seeded stratified k-fold (k <= 5), repeated ``_CV_REPEATS`` times: on tens of labels one split's
-    accuracy is too noisy to rank 17 values of C (bench/probe.py measured the repeats against one split)."""
-    from sklearn.model_selection import RepeatedStratifiedKFold
-
-    # classes rarer than k are missing from some training folds: their test samples count as errors
-    k = min(5, int(np.bincount(y).max()), len(y) // 2)
-    if k < 2:
-        return []
-    cv = RepeatedStratifiedKFold(n_splits=k, n_repeats=_CV_REPEATS, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only 1 member"
-        return list(cv.split(np.zeros(len(y)), y))
-
-
-def _select_on(n_val: int, n_train: int, cfg: TrainConfig) -> str:
-    """``auto``: the evidence with more held-out predictions. Cross-validation scores every train sample once
-    per repeat, so it wins unless the validation split is larger than train; on UCI (900 train, 100 val)
-    CV chose better C than the validation split (bench/probe.py, columns ``tlops cv`` / ``tlops val``)."""
+def _select_on(n_val: int, n_train: int, n_folds: int, cfg: TrainConfig) -> str:
+    """``auto``: cross-validation on train, which scores every train label once, unless the validation split
+    is larger than train or train has too few labels per class to fold."""
     if cfg.probe_select != "auto":
         return cfg.probe_select
-    return "val" if n_val > n_train or n_train < 4 and n_val else "cv"
+    return "val" if n_val and (n_val > n_train or n_folds < 2) else "cv"
 
 
-def _choose(search: list[dict[str, Any]], n_scored: int) -> dict[str, Any]:
-    """Best accuracy (ties: the smaller C, as LogisticRegressionCV); standardisation only where it helps.
+def _cross_validated(x: np.ndarray, y: np.ndarray, cs: list[float], k: int, cfg: TrainConfig) -> Any:
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
 
-    Ties go to the stronger regularisation, not the lower log-loss: on separable features every large C
-    scores 100 % and the loss keeps falling as C grows, so a loss tie-break picks an unregularised head
-    whose huge logits then wreck LP-FT's first fine-tuning epoch (loss 17.5, val 0.33 on digits).
-
-    Standardising is one more choice to fit on few labels: it is kept only when its best accuracy beats
-    the unscaled features' best by more than that accuracy's binomial standard error over the
-    ``n_scored`` held-out predictions. Otherwise the winner's curse picks it on noise (on 50 digit
-    labels it chose C = 0.001 and lost 2 points to LogisticRegressionCV; bench/probe.py).
-    """
-
-    def top(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return max(rows, key=lambda r: (r["acc"], -r["C"]))
-
-    best = top(search)
-    plain = [r for r in search if r["scaling"] == "none"]
-    if best["scaling"] != "none" and plain:
-        p = top(plain)
-        if best["acc"] - p["acc"] <= _se(p["acc"], n_scored):
-            best = p
-    return best
+    with _quiet():
+        return LogisticRegressionCV(Cs=cs, cv=StratifiedKFold(k), max_iter=cfg.probe_max_iter).fit(x, y)
 
 
-def _se(acc: float, n: int) -> float:
-    return math.sqrt(acc * (1 - acc) / max(n, 1))
+def _oof_logits(lrcv: Any, x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Out-of-fold decision values at the chosen C, from the fold models LogisticRegressionCV already fitted
+    (``coefs_paths_``: per class, folds x Cs x (features + intercept)); no extra fit."""
+    from sklearn.model_selection import StratifiedKFold
 
-
-def _keep_anchor(best: dict[str, Any], anchor: dict[str, Any] | None, n_scored: int) -> bool:
-    """The wider search (17 C values, 3 repeats of shuffled folds, two scalings) replaces LogisticRegressionCV's
-    choice only when it beats that choice, scored on the same held-out predictions, by more than the binomial
-    standard error of its accuracy over the ``n_scored`` labels.
-
-    The search's best is a maximum over dozens of noisy estimates and so is biased upward (the winner's
-    curse); on 128 labels it chose C = 100 over LogisticRegressionCV's 2.78 and lost 2.8 test points
-    (yelp 64-shot, bench/probe.py). A margin below one standard error is not evidence of a better C.
-    """
-    return anchor is not None and best is not anchor and best["acc"] - anchor["acc"] <= _se(anchor["acc"], n_scored)
+    ci = int(np.argmin(np.abs(lrcv.Cs_ - lrcv.C_[0])))
+    paths = [lrcv.coefs_paths_[c] for c in sorted(lrcv.coefs_paths_)]  # binary: one entry, class 1
+    logits = np.zeros((len(y), len(paths)))
+    for f, (_, te) in enumerate(StratifiedKFold(k).split(x, y)):
+        w = np.stack([p[f, ci] for p in paths])  # (rows, features + 1)
+        logits[te] = x[te] @ w[:, :-1].T + w[:, -1]
+    return logits[:, 0] if len(paths) == 1 else logits
 
 
 def train_probe(
@@ -201,108 +127,68 @@ def train_probe(
     runtime: Runtime | None = None,
     name: str = "linear-probe",
 ) -> tuple[nn.Linear, list[dict[str, Any]]]:
-    """The head (on the CPU) and its history: one record for the chosen (scaling, C) with the search in it.
+    """The head (on the CPU) and its history: one record for the chosen C with the scores of every C in it.
 
-    ``runtime`` reports progress; the fit itself runs on the CPU (lbfgs on a few thousand cached
-    vectors takes well under a second per C).
+    ``seed`` is accepted for the strategy interface; nothing here is random (unshuffled folds, lbfgs).
     """
+    del seed
     rt = runtime or Runtime()
     x, y = np.asarray(f_train, dtype=np.float64), np.asarray(y_train, dtype=np.int64)
     has_val = f_val is not None and y_val is not None and len(f_val) > 0
-    xv = np.asarray(f_val, dtype=np.float64) if has_val else None
-    yv = np.asarray(y_val, dtype=np.int64) if has_val else None
     cs = sorted(float(c) for c in cfg.probe_c)
-    scalings = _scalings(x, cfg)
-    select = _select_on(len(yv) if has_val else 0, len(y), cfg) if len(cs) * len(scalings) > 1 else "none"
-    folds = _folds(y, seed) if select == "cv" else []
-    if select == "cv" and not folds:  # fewer than 4 labels: nothing to cross-validate
-        select = "val" if has_val else "none"  # none: the middle of the grid
+    scaling = "standardize" if cfg.probe_scaling == "standardize" else "none"
+    k = _n_folds(y)
+    select = _select_on(len(y_val) if has_val else 0, len(y), k, cfg) if len(cs) > 1 else "none"
     if select == "val" and not has_val:
         raise ValueError(f"{name}: train.probe_select is 'val' but there is no validation split")
-    search: list[dict[str, Any]] = []
-    lrcv = _anchor(x, y, cs, scalings[0], cfg) if select != "none" else None
-    anchor: dict[str, Any] | None = None
-    if select != "none":
-        n_scored = len(yv) if select == "val" else len(y)
-        for scaling in scalings:
-            grid = cs
-            if lrcv is not None and scaling == scalings[0]:  # score the anchor's C on the same evidence
-                grid = sorted({*cs, float(lrcv.C_[0])})
-            if select == "val":
-                scores = _grid(x, y, xv, yv, scaling, grid, cfg)
-            else:
-                per_fold = [_grid(x[tr], y[tr], x[te], y[te], scaling, grid, cfg) for tr, te in folds]
-                scores = [tuple(np.mean([f[i][j] for f in per_fold]) for j in range(2)) for i in range(len(grid))]
-            search += [
-                {"scaling": scaling, "C": c, "acc": round(float(a), 6), "loss": round(float(lo), 6)}
-                for c, (a, lo) in zip(grid, scores, strict=True)
-            ]
-        if lrcv is not None:
-            anchor = next(r for r in search if r["scaling"] == scalings[0] and r["C"] == float(lrcv.C_[0]))
-        best = _choose(search, n_scored)
-        if _keep_anchor(best, anchor, n_scored):
-            best = anchor
-        scaling, c = best["scaling"], best["C"]
-    else:
-        scaling, c = scalings[0], cs[len(cs) // 2]
+    if select == "cv" and k < 2:  # a class with one label: nothing to fold
+        select = "none"
     mean, std = _stats(x, scaling)
-    if best_is_anchor := (anchor is not None and best is anchor):
-        clf = lrcv  # LogisticRegressionCV's own refit: exactly the baseline's predictions
+    xs = (x - mean) / std
+    xvs = (np.asarray(f_val, dtype=np.float64) - mean) / std if has_val else None
+    yv = np.asarray(y_val, dtype=np.int64) if has_val else None
+    search: list[dict[str, Any]] = []
+    held: tuple[np.ndarray, np.ndarray] | None = None
+    if select == "cv":
+        clf = _cross_validated(xs, y, cs, k, cfg)
+        c = float(clf.C_[0])
+        fold_acc = next(iter(clf.scores_.values())).mean(0)  # every class holds the same (folds x Cs) accuracies
+        search = [{"C": float(v), "acc": round(float(a), 6)} for v, a in zip(clf.Cs_, fold_acc, strict=True)]
+        held = (_oof_logits(clf, xs, y, k), y)
+    elif select == "val":
+        scores = [_score(m, xvs, yv) for m in _path(xs, y, cs, cfg)]
+        search = [{"C": v, "acc": round(a, 6), "loss": round(lo, 6)} for v, (a, lo) in zip(cs, scores, strict=True)]
+        c = max(search, key=lambda r: (r["acc"], -r["C"]))["C"]  # ties: the stronger regularisation
+        *_, clf = _path(xs, y, [v for v in cs if v <= c], cfg)
+        held = (clf.decision_function(xvs), yv)
     else:
-        *_, clf = _path((x - mean) / std, y, _up_to(cs, c), cfg)  # the path up to the chosen C
-    t = 1.0
-    if select != "none":  # held-out logits of the chosen candidate: the validation split's, or out of fold
-        if select == "val":
-            held_logits, held_y = clf.decision_function((xv - mean) / std), yv
-        else:
-            held_logits, held_y = _oof_logits(x, y, folds, scaling, c, cfg)
-        t = _temperature(held_logits, held_y, clf.classes_)
+        c = cs[len(cs) // 2]
+        *_, clf = _path(xs, y, [c], cfg)
+    t = _temperature(*held, clf.classes_) if held is not None else 1.0
     head = _to_linear(clf, mean, std, num_classes, temperature=t)
     rec: dict[str, Any] = {"epoch": 1, "scaling": scaling, "C": c, "selected_by": select, "temperature": t}
-    if anchor is not None:
-        rec["anchor_C"], rec["anchor_acc"], rec["chose_anchor"] = anchor["C"], anchor["acc"], best_is_anchor
-    rec["train_acc"], rec["train_loss"] = _score(clf, (x - mean) / std, y)
+    rec["train_acc"], rec["train_loss"] = _score(clf, xs, y)
     if has_val:
-        rec["val_acc"], rec["val_loss"] = _score(clf, (xv - mean) / std, yv)
+        rec["val_acc"], rec["val_loss"] = _score(clf, xvs, yv)
     if select == "cv":
-        rec["cv_folds"] = len(folds) // _CV_REPEATS
-        rec["cv_repeats"] = _CV_REPEATS
-        rec["cv_acc"] = best["acc"]
+        rec["cv_folds"], rec["cv_acc"] = k, max(r["acc"] for r in search)
     rec["search"] = search
-    rt.report(name, {k: v for k, v in rec.items() if k != "search"})
+    rt.report(name, {key: v for key, v in rec.items() if key != "search"})
+    how = {
+        "cv": f"LogisticRegressionCV, {k}-fold accuracy on train",
+        "val": "validation accuracy",
+        "none": "no search",
+    }[select]
     log.info(
-        "%s: scaling %s, C %.3g (chosen by %s over %d candidates%s)%s",
+        "%s: scaling %s, C %.3g (chosen by %s over %d values)%s",
         name,
         scaling,
         c,
-        {
-            "val": "validation accuracy",
-            "cv": f"{len(folds) // _CV_REPEATS}-fold CV accuracy on train, {_CV_REPEATS} repeats",
-            "none": "no search",
-        }[select],
-        len(search),
-        ""
-        if anchor is None
-        else "; LogisticRegressionCV's choice"
-        + (" kept" if best_is_anchor else f" C {anchor['C']:.3g} beaten by more than a standard error"),
+        how,
+        max(len(search), 1),
         f"; val acc {rec['val_acc']:.4f}" if has_val else "",
     )
     return head, [rec]
-
-
-def _oof_logits(
-    x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], scaling: str, c: float, cfg: TrainConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold decision values of the chosen (scaling, C), over every fold of every repeat."""
-    logits, labels = [], []
-    for tr, te in folds:
-        mean, std = _stats(x[tr], scaling)
-        *_, clf = _path((x[tr] - mean) / std, y[tr], _up_to(cfg.probe_c, c), cfg)
-        if len(clf.classes_) != len(np.unique(y)):  # a class missing from this training fold
-            continue
-        logits.append(clf.decision_function((x[te] - mean) / std))
-        labels.append(y[te])
-    return (np.concatenate(logits), np.concatenate(labels)) if logits else (np.zeros((0,)), np.zeros((0,), int))
 
 
 def _temperature(logits: np.ndarray, y: np.ndarray, classes: np.ndarray) -> float:
