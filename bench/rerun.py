@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         *(f"- `{m}`: {s:.2f} s" for m, s in imports.items()),
         "",
         "Where the unchanged `tlops run` of the target config imports MLflow (tlops functions, in call order): "
-        + ", ".join(f"`{x}`" for x in sites)
+        + (", ".join(f"`{x}`" for x in sites) or "nowhere (the registry answers come from `tlops.tracking.memo`)")
         + ".",
         "",
         "pandas, pyarrow and scipy come in with `import mlflow` itself, sqlalchemy with its sqlite store.",

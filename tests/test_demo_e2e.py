@@ -154,14 +154,54 @@ def test_unchanged_rerun_imports_no_torch(rerun_imports):
     assert not rerun_imports & {"torch", "torchvision", "timm", "transformers", "sklearn"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 3, not done yet: a fully reused run still checks the registry in preflight, opens an "
-    "MLflow tracking run, reads aliases for the pull-model and evaluate stamps and re-tags in register, all through "
-    "mlflow (the call sites: bench/results/rerun.md)",
-)
 def test_unchanged_rerun_imports_no_mlflow(rerun_imports):
-    assert "mlflow" not in rerun_imports
+    """Issue 20 item 3: with the store unchanged since the last run, pre-flight, the pull-model and
+    evaluate keys and register's "already there?" are answered from tlops.tracking.memo."""
+    assert not rerun_imports & {"mlflow", "sqlalchemy"}
+
+
+def test_registry_change_between_reruns_is_noticed(demo, rerun_imports):
+    """The remembered registry answers hold only while the store is unchanged: after an alias moves
+    (a write by someone else), the pull-model and evaluate keys see the new versions and register
+    goes through MLflow again, and what it then finds is remembered for the next rerun."""
+    from tlops.config import load_config
+    from tlops.contract import step_key
+    from tlops.dag import get
+    from tlops.runners.local import run_pipeline
+    from tlops.tracking import memo
+
+    cfg = load_config(CONFIGS / "digits_target.yaml", [f"workdir={demo['workdir']}"])
+    quiet = run_pipeline(cfg)
+    assert quiet.mlflow_run_id is None  # nothing ran: no MLflow run
+    reg = quiet.artifact("register").meta
+    assert (reg["version"], reg["aliases"], reg["reused"]) == ("1", ["challenger"], True)
+
+    def stale(step: str) -> bool:
+        spec = get(step)
+        ins = {name: quiet.artifact(producer) for name, producer in spec.inputs.items()}
+        return step_key(spec, cfg, ins) != quiet.artifact(step).manifest["step_key"]
+
+    _use_store(demo["workdir"])
+    c = mlflow.MlflowClient()
+    made = []
+    try:
+        c.set_registered_model_alias("digits-target", "champion", "1")  # this very model: evaluate's key holds
+        assert memo.cached(cfg, ("alias", "digits-target", "champion")) is memo.MISS
+        again = run_pipeline(cfg)
+        assert again.mlflow_run_id is not None
+        assert {n for n, s in again.steps.items() if s.reused} == set(list(again.steps)[:5])
+        assert again.artifact("register").meta["aliases"] == ["challenger", "champion"]
+        assert memo.cached(cfg, ("alias", "digits-target", "champion"))["version"] == "1"  # remembered after
+        for name in ("digits-source", "digits-target"):  # a new champion of each: another model
+            v1 = c.get_model_version(name, "1")
+            made.append(c.create_model_version(name, v1.source, v1.run_id, tags={"tlops.model_digest": "other"}))
+            c.set_registered_model_alias(name, "champion", made[-1].version)
+        assert stale("pull-model") and stale("evaluate")
+    finally:
+        c.set_registered_model_alias("digits-source", "champion", "1")
+        c.delete_registered_model_alias("digits-target", "champion")
+        for mv in made:
+            c.delete_model_version(mv.name, mv.version)
 
 
 def _table_rows(text: str) -> list[tuple[str, str, str]]:

@@ -14,8 +14,9 @@ in for running a step.
   the step reads (file stamps of the data, a resolved registry version, the current champion).
 
 It imports no torch and reads no artifact payloads, so a fully reused pipeline stays cheap and a
-KFP task can call it before deciding to do any work. The key is written into every artifact's
-manifest (``step_key``) by the runner that produced it.
+KFP task can call it before deciding to do any work. The registry stamps are answered from
+:mod:`tlops.tracking.memo` while a local SQLite store is unchanged, so then it imports no MLflow.
+The key is written into every artifact's manifest (``step_key``) by the runner that produced it.
 """
 
 from __future__ import annotations

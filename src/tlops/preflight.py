@@ -14,7 +14,8 @@ field, the bad value and what would fix it (an empty list: nothing wrong). What 
 - source models (``source.model`` and ``source.candidates``): a local Hugging Face directory
   holds config + weights, a timm name is a timm architecture, a bundle has its files,
   ``source.weights`` exists, a registry name and alias (or version) exist in the MLflow
-  registry, listing the aliases (or versions, or models) that do;
+  registry, listing the aliases (or versions, or models) that do (what an earlier run resolved
+  counts while the store is unchanged, :mod:`tlops.tracking.memo`: no MLflow import);
 - the tracking store: an MLflow server answers (``/health``), a local store's directory is
   writable;
 - S3: every bucket the config names answers, an ``s3://`` data source exists.
@@ -224,6 +225,10 @@ def _check_registry(ref: str, field: str, cfg: PipelineConfig, offline: bool) ->
             f"{field}: cannot resolve {spec}: {missing}; "
             f"register {m['name']} first or point tracking.uri at its registry"
         )
+    from tlops.tracking import memo
+
+    if memo.cached(cfg, ("resolve", ref)) not in (None, memo.MISS):
+        return None  # resolved by an earlier run, and the store has not changed since
     if offline and not uri.startswith(("sqlite:", "file:")) and "://" in uri:
         return None
     from mlflow import MlflowClient

@@ -6,6 +6,12 @@ fields the step reads, its inputs' content hashes, cheap stamps of outside state
 a finished artifact made under the same key exists, it is hard-linked into the run instead.
 Every artifact's manifest records the key it was made under (``step_key``).
 
+The pipeline's MLflow run is opened when the first step has to run (the steps reused before it
+are logged then). When none has to, ``register`` checks, from the registry answers remembered
+while the store is unchanged (:mod:`tlops.tracking.memo`), that the registry already holds what it
+would write; then the run opens no MLflow run and imports no MLflow. After a run that used MLflow
+(its MLflow run closed), the memo is refreshed.
+
 Concurrency and crashes:
 
 - A reusable step runs under ``<workdir>/locks/<step>/<key>.lock``: two runs
@@ -32,6 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tlops import interrupt, runtime_env
 from tlops.artifacts import Artifact, copy_artifact, is_finished, read_artifact, set_step_key
@@ -109,10 +116,12 @@ def execute_step(
     reuse: bool = True,
     record: bool = True,
     image_digest: str | None = None,
+    before_run: Callable[[], None] | None = None,
 ) -> StepResult:
     """Run one step into ``out``, or reuse a finished artifact made under the same step key.
 
-    ``record=False`` keeps ``out`` out of the reuse index (a temp dir that will not survive)."""
+    ``record=False`` keeps ``out`` out of the reuse index (a temp dir that will not survive).
+    ``before_run`` is called when the step is about to run (not when it is reused)."""
     t0 = time.perf_counter()
     wd = Workdir.at(cfg.workdir_path)
     key = step_key(spec, cfg, inputs, image_digest)  # image_digest: a KFP task's pinned image
@@ -135,6 +144,8 @@ def execute_step(
                     _record(prev, out)  # the newest run's copy: older runs can be pruned without losing reuse
                 log.info("%s: inputs unchanged, reusing finished artifact %s", spec.name, src)
                 return StepResult(read_artifact(out, spec.output), time.perf_counter() - t0, True)
+        if before_run is not None:
+            before_run()
         ckpt = wd.checkpoint(fp) if fp else None
         log.info("%s: running (key %s)", spec.name, key[:16])
         interrupt.note(step=spec.name, checkpoints=ckpt)  # what a Ctrl-C / SIGTERM report names
@@ -163,25 +174,79 @@ def run_pipeline(cfg: PipelineConfig, *, run_id: str | None = None, reuse: bool 
         return _run(cfg, run_id, run_dir, reuse)
 
 
-def _run(cfg: PipelineConfig, run_id: str, run_dir: Path, reuse: bool) -> PipelineResult:
-    import mlflow
+class _Tracking:
+    """The pipeline's MLflow run, opened only when a step has to run (then the steps reused before
+    it are logged first, as they would have been): a fully reused run opens none."""
 
-    from tlops.tracking.setup import log_environment, pipeline_run
-    from tlops.tracking.steplog import log_step
+    def __init__(self, cfg: PipelineConfig, result: PipelineResult, stack: contextlib.ExitStack):
+        self.cfg, self.result, self.stack = cfg, result, stack
+        self.run = None
+
+    def open(self) -> None:
+        if self.run is not None:
+            return
+        import mlflow
+
+        from tlops.tracking.setup import pipeline_run
+
+        res = self.result
+        self.run = self.stack.enter_context(
+            pipeline_run(self.cfg, run_name=res.run_id, config_file=res.run_dir / "config.yaml")
+        )
+        res.mlflow_run_id = self.run.info.run_id
+        interrupt.note(mlflow_run_id=self.run.info.run_id)
+        mlflow.set_tag("tlops.run_dir", str(res.run_dir))
+        for name, step in res.steps.items():
+            self.log(name, step)
+
+    def log(self, name: str, step: StepResult) -> None:
+        if self.run is not None:
+            from tlops.tracking.steplog import log_step
+
+            log_step(name, step.artifact, step.seconds, step.reused)
+
+    def close(self) -> None:
+        if self.run is not None:
+            from tlops.tracking.setup import log_environment
+
+            log_environment({name: s.artifact.manifest for name, s in self.result.steps.items()})
+
+
+def _unchanged(spec: StepSpec, cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> StepResult | None:
+    """A step that is not reusable but whose outside effects are all in place already (``register``:
+    ``unchanged(cfg, inputs, out)`` in its module) writes its artifact without running."""
+    check = getattr(get_step(spec.name), "unchanged", None)
+    t0 = time.perf_counter()
+    artifact = check(cfg, inputs, out) if check is not None else None
+    if artifact is None:
+        return None
+    set_step_key(artifact, step_key(spec, cfg, inputs), runtime_env.record(cfg.seed))
+    return StepResult(artifact, time.perf_counter() - t0, False)
+
+
+def _run(cfg: PipelineConfig, run_id: str, run_dir: Path, reuse: bool) -> PipelineResult:
+    from tlops.tracking import memo
 
     save_config(cfg, run_dir / "config.yaml")
     result = PipelineResult(run_id, run_dir)
     log.info("pipeline %s: run %s in %s", cfg.name, run_id, run_dir)
-    with pipeline_run(cfg, run_name=run_id, config_file=run_dir / "config.yaml") as mlrun:
-        result.mlflow_run_id = mlrun.info.run_id
-        interrupt.note(run_id=run_id, run_dir=run_dir, mlflow_run_id=mlrun.info.run_id)
-        mlflow.set_tag("tlops.run_dir", str(run_dir))
+    interrupt.note(run_id=run_id, run_dir=run_dir, mlflow_run_id=None)  # set when one is opened
+    with contextlib.ExitStack() as stack:
+        tracking = _Tracking(cfg, result, stack)
+        if not reuse:
+            tracking.open()
         for spec in DAG:
             inputs = {name: result.artifact(producer) for name, producer in spec.inputs.items()}
-            res = execute_step(spec, cfg, inputs, run_dir / spec.name, reuse=reuse)
+            out = run_dir / spec.name
+            # nothing ran so far (no MLflow run open): register may find its work done already
+            res = _unchanged(spec, cfg, inputs, out) if tracking.run is None and not spec.reusable else None
+            if res is None:
+                res = execute_step(spec, cfg, inputs, out, reuse=reuse, before_run=tracking.open)
             result.steps[spec.name] = res
-            log_step(spec.name, res.artifact, res.seconds, res.reused)
-        log_environment({name: s.artifact.manifest for name, s in result.steps.items()})
+            tracking.log(spec.name, res)
+        tracking.close()
+    if tracking.run is not None or memo.asked(cfg):  # after the MLflow run is closed: its last write
+        memo.save(cfg)
     log.info(
         "pipeline %s: done in %.1fs (%s reused)",
         cfg.name,

@@ -29,15 +29,15 @@ log = logging.getLogger(__name__)
 def stamp(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> list | None:
     """The report compares with the current champion, so a new champion means a new report; a
     champion that is the very model under evaluation (e.g. this pipeline's last run) counts as
-    none: there is nothing new to compare with."""
-    from tlops.tracking.registry import get_alias
-    from tlops.tracking.setup import configure
+    none: there is nothing new to compare with. The champion is remembered while the store is
+    unchanged (:mod:`tlops.tracking.memo`): an unchanged rerun imports no MLflow."""
+    from tlops.tracking import memo
 
-    configure(cfg)
-    mv = get_alias(cfg.register.model_name, "champion")
-    if mv is None or _is_this_model(mv, inputs["trained"]):
+    mv = memo.lookup(cfg, ("alias", cfg.register.model_name, "champion"))
+    digest = _selected_digest(inputs["trained"])
+    if mv is None or (digest and mv["digest"] == digest):
         return None
-    return [str(mv.version), getattr(mv, "run_id", None)]
+    return [mv["version"], mv["run_id"]]
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:

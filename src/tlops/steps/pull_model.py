@@ -28,9 +28,17 @@ def _use_registry(cfg: PipelineConfig) -> None:
 
 def stamp(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> list:
     """What each spec resolves to right now without pulling it: the registry version behind an
-    ``mlflow:`` alias, the stat stamp of a bundle dir or weights file."""
-    _use_registry(cfg)
-    return [sources.fingerprint(cfg.source.model_copy(update={"model": m})) for m in specs(cfg)]
+    ``mlflow:`` alias (remembered while the store is unchanged: :mod:`tlops.tracking.memo`, so an
+    unchanged rerun imports no MLflow), the stat stamp of a bundle dir or weights file."""
+    return [_fingerprint(cfg, m) for m in specs(cfg)]
+
+
+def _fingerprint(cfg: PipelineConfig, model: str):
+    if model.startswith("mlflow:"):
+        from tlops.tracking import memo
+
+        return memo.lookup(cfg, ("resolve", sources.parse_spec(model)[1]))
+    return sources.fingerprint(cfg.source.model_copy(update={"model": model}))
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:

@@ -161,20 +161,13 @@ def _description(
     )
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
-    import mlflow
-
-    source, trained, evaluation = (inputs[k] for k in ("model", "trained", "evaluation"))
-    ds = Dataset(inputs["dataset"])
-    report = json.loads((evaluation.path / "report.json").read_text())
+def _tags(cfg: PipelineConfig, inputs: dict[str, Artifact], report: dict[str, Any]) -> dict[str, str]:
+    """The tags register sets on the version (besides the integrity manifest of a new one)."""
+    source, trained = inputs["model"], inputs["trained"]
     strategy = trained.meta["selected"]
-    bundle = trained.path / "models" / strategy
-    digest = trained.meta["models"][strategy]["digest"]
-    name = cfg.register.model_name
-    configure(cfg)
-    tags = {
-        "tlops.model_digest": digest,
-        **data_tags(ds.artifact.meta),
+    return {
+        "tlops.model_digest": trained.meta["models"][strategy]["digest"],
+        **data_tags(inputs["dataset"].meta),
         "tlops.source_model": _source_used(source, trained)[0],
         "tlops.source_digest": _source_used(source, trained)[1],
         "tlops.config_hash": cfg.config_hash,
@@ -184,6 +177,88 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
         if report["gates"]["passed"]
         else "failed: " + "; ".join(report["gates"]["reasons"]),
     }
+
+
+def unchanged(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact | None:
+    """Write the registration without touching MLflow when the registry, as remembered while the
+    store is unchanged (:mod:`tlops.tracking.memo`), already holds everything :func:`run` would
+    write: a version with this model's digest, carrying these tags and this description, with
+    ``challenger`` (and, with ``register.auto_promote``, ``champion``) on it if the gates passed.
+    None when anything differs or is not remembered: then :func:`run` runs."""
+    from tlops.tracking import memo
+
+    trained, evaluation = inputs["trained"], inputs["evaluation"]
+    name = cfg.register.model_name
+    digest = trained.meta["models"][trained.meta["selected"]]["digest"]
+    version = memo.cached(cfg, ("digest", name, digest))
+    state = memo.cached(cfg, ("state", name, version)) if isinstance(version, str) else None
+    if not isinstance(state, dict) or integrity.MANIFEST_TAG not in state["tags"]:
+        return None
+    report = json.loads((evaluation.path / "report.json").read_text())
+    tags = _tags(cfg, inputs, report)
+    if any(state["tags"].get(k) != v for k, v in tags.items()):
+        return None
+    description = _description(
+        cfg,
+        report,
+        Dataset(inputs["dataset"]),
+        inputs["model"],
+        trained.meta["selected"],
+        trained,
+        version=version,
+        run_id=state["run_id"],
+        experiment_id=state["experiment_id"],
+    )
+    passed = bool(report["gates"]["passed"])
+    held = state["aliases"]
+    wanted = [registry.CHALLENGER] * passed + [registry.CHAMPION] * (passed and cfg.register.auto_promote)
+    if state["description"] != description or any(held.get(a) != version for a in wanted):
+        return None
+    aliases = sorted(a for a, v in held.items() if v == version)
+    log.info("register: %s version %s already holds this model, its tags and aliases %s", name, version, aliases)
+    return _write(cfg, inputs, out, name, version, aliases, True, None, tags)
+
+
+def _write(
+    cfg: PipelineConfig,
+    inputs: dict[str, Artifact],
+    out: Path,
+    name: str,
+    version: str,
+    aliases: list[str],
+    reused: bool,
+    run_id: str | None,
+    tags: dict[str, str],
+) -> Artifact:
+    with write_artifact(out, "registration", config=cfg.register.model_dump(mode="json"), inputs=inputs) as w:
+        rec = {
+            "model_name": name,
+            "version": version,
+            "aliases": aliases,
+            "reused": reused,
+            "run_id": run_id,
+            "model_uri": f"models:/{name}/{version}",
+            "tags": tags,
+        }
+        (w.path / "registration.json").write_text(json.dumps(rec, indent=2))
+        w.metadata = rec
+    return Artifact(Path(out), w.manifest)
+
+
+def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
+    import mlflow
+
+    from tlops.tracking import memo
+
+    source, trained, evaluation = (inputs[k] for k in ("model", "trained", "evaluation"))
+    ds = Dataset(inputs["dataset"])
+    report = json.loads((evaluation.path / "report.json").read_text())
+    strategy = trained.meta["selected"]
+    bundle = trained.path / "models" / strategy
+    digest = trained.meta["models"][strategy]["digest"]
+    name = cfg.register.model_name
+    configure(cfg)
+    tags = _tags(cfg, inputs, report)
     existing = registry.find_version_by_tag(name, registry.DIGEST_TAG, digest)
     standalone = mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID")
     with pipeline_run(cfg, run_name=f"{cfg.name}-register") as run:
@@ -286,16 +361,5 @@ def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact
     held = registry.client().get_registered_model(name).aliases
     aliases = sorted(a for a, v in held.items() if str(v) == str(version))
     log.info("register: %s version %s -> aliases %s", name, version, ", ".join(aliases) or "none")
-    with write_artifact(out, "registration", config=cfg.register.model_dump(mode="json"), inputs=inputs) as w:
-        rec = {
-            "model_name": name,
-            "version": version,
-            "aliases": aliases,
-            "reused": reused,
-            "run_id": run_id,
-            "model_uri": f"models:/{name}/{version}",
-            "tags": tags,
-        }
-        (w.path / "registration.json").write_text(json.dumps(rec, indent=2))
-        w.metadata = rec
-    return Artifact(Path(out), w.manifest)
+    memo.note(cfg, ("digest", name, digest), ("state", name, version))  # what unchanged() asks on a rerun
+    return _write(cfg, inputs, out, name, version, aliases, reused, run_id, tags)
