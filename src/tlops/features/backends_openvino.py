@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tlops.errors import ConfigError
+from tlops.features import signal_stack
 from tlops.features.exported import ExportedBackbone
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def quantize(fp32_xml: Path, dst: Path, modality: str, calibration: Sequence[dic
     nncf.set_log_level(logging.WARNING)
     model = ov.Core().read_model(str(fp32_xml))
     kwargs: dict[str, Any] = {"model_type": nncf.ModelType.TRANSFORMER} if modality == "text" else {}
-    q = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration), **kwargs)
+    with signal_stack.kept():  # NNCF compiles the model to collect statistics
+        q = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration), **kwargs)
     ov.save_model(q, str(dst), compress_to_fp16=False)
 
 
@@ -123,7 +125,8 @@ class OpenVinoBackbone(ExportedBackbone):
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32",  # not bf16 on AMX CPUs: fp32 features equal PyTorch's
         }
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        with signal_stack.kept():  # else a later Ctrl-C can segfault (tlops.features.signal_stack)
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self._request = self.compiled.create_infer_request()
         self._inputs = [i.get_any_name() for i in self.compiled.inputs]
 
