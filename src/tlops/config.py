@@ -427,6 +427,11 @@ class TrainConfig(_Strict):
         description="what runs a multi-node job on the cluster: trainjob = Kubeflow Trainer's TrainJob "
         "(trainer.kubeflow.org/v1alpha1), pytorchjob = the Training Operator's PyTorchJob (kubeflow.org/v1)",
     )
+    sync_batchnorm: bool = Field(
+        True,
+        description="ddp: BatchNorm statistics over the global batch, not each rank's share "
+        "(nn.SyncBatchNorm on CUDA; all-reduced sums on CPU, see tlops.training.sync_batchnorm)",
+    )
 
     @model_validator(mode="before")
     @classmethod

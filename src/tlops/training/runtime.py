@@ -101,6 +101,7 @@ class Runtime:
     precision: str = "fp32"  # "bf16": autocast
     channels_last: bool = False  # image models
     compile: bool = False  # torch.compile the module the loop calls
+    sync_batchnorm: bool = True  # DDP: BatchNorm statistics over the global batch (tlops.training.sync_batchnorm)
     threads: int | None = None  # torch CPU threads the loops set (None: leave torch's setting)
     rank: int = 0
     world: int = 1
@@ -133,6 +134,7 @@ class Runtime:
             precision=getattr(train_cfg, "precision", "fp32"),
             channels_last=getattr(train_cfg, "channels_last", False),
             compile=getattr(train_cfg, "compile", False),
+            sync_batchnorm=getattr(train_cfg, "sync_batchnorm", True),
             threads=threads,
             rank=rank,
             world=world,
@@ -168,6 +170,11 @@ class Runtime:
         model: nn.Module = module
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if self.sync_batchnorm:
+                from tlops.training import sync_batchnorm
+
+                sync_batchnorm.apply(module, self.device)  # idempotent: wrap runs again when the trainable set changes
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             # find_unused_parameters: e.g. a transformer's pooler is not used by mean pooling
