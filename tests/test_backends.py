@@ -291,7 +291,8 @@ except interrupt.Interrupted as e:
 """
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
-    assert proc.stdout.strip().splitlines()[-1] == "interrupted by SIGINT"
+    # and nothing else on stdout: torch.onnx's export progress and NNCF's progress bar stay off it
+    assert proc.stdout.strip() == "interrupted by SIGINT", proc.stdout
 
 
 def test_signal_stack_guard_puts_back_a_replaced_stack():

@@ -188,6 +188,7 @@ def export_onnx(backbone: nn.Module, dst: Path) -> None:
             output_names=["features"],
             dynamic_shapes=dims,
             dynamo=True,
+            verbose=False,  # else its progress lines go to stdout, into the CLI output and KFP task logs
         )
     program.save(str(dst))
 

@@ -22,9 +22,11 @@ backends without them is a :class:`~tlops.errors.ConfigError` naming the install
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -99,7 +101,9 @@ def quantize(fp32_xml: Path, dst: Path, modality: str, calibration: Sequence[dic
     nncf.set_log_level(logging.WARNING)
     model = ov.Core().read_model(str(fp32_xml))
     kwargs: dict[str, Any] = {"model_type": nncf.ModelType.TRANSFORMER} if modality == "text" else {}
-    with signal_stack.kept():  # NNCF compiles the model to collect statistics
+    # NNCF compiles the model to collect statistics; its rich progress bar goes to stderr with tlops' own
+    # progress, not to stdout (the CLI's output and the KFP task's result stream)
+    with signal_stack.kept(), contextlib.redirect_stdout(sys.stderr):
         q = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration), **kwargs)
     ov.save_model(q, str(dst), compress_to_fp16=False)
 
