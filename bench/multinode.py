@@ -5,9 +5,9 @@ the backbone; and a rank killed mid-epoch, then the rerun.
 Each case runs the real fine-tune step both ways on the same ingest / pull-model / features
 artifacts (``train.distributed: none`` and ``{nodes: 2, procs_per_node: 1}``), threads pinned to
 1, and reports every strategy's validation accuracy per seed. fine-tune, partial-fine-tune and
-LoRA train data-parallel under DDP (each rank half of every batch, gradients averaged; BatchNorm
-statistics and dropout masks are per rank, so the result is a different sample of the same
-training): their noise bar is the single process's spread over 3 seeds. The adaptation
+LoRA train data-parallel under DDP (each rank half of every batch, gradients averaged, BatchNorm
+statistics synchronised by ``train.sync_batchnorm``; dropout masks are per rank, so the result is a
+different sample of the same training): their noise bar is the single process's spread over 3 seeds. The adaptation
 strategies and SetFit run replicated on every rank (same seed, same data): they must match the
 single process exactly.
 
@@ -102,7 +102,7 @@ def yelp(work: Path, strategies: list[str], epochs: int) -> dict[str, Any]:
     }
 
 
-# name -> (config, strategies, epochs, seeds). Per-rank BatchNorm statistics and dropout masks make DDP
+# name -> (config, strategies, epochs, seeds). Per-rank dropout masks make DDP
 # a different sample of the same training: 3 seeds give the spread to compare against. The replicated
 # adaptation strategies must match on one seed.
 CASES = {
@@ -291,7 +291,7 @@ def main() -> None:
         "strategy on the target validation split (reported only: the adaptation strategies are selected on "
         "source-domain validation), mean over the seeds. Noise = 2 standard errors of a difference of two "
         "means, from the single process's spread over the seeds (data-parallel strategies: per-rank "
-        "BatchNorm statistics and dropout masks make DDP a different sample of the same training); with one "
+        "dropout masks make DDP a different sample of the same training); with one "
         "seed the two must be equal (the adaptation strategies run the same computation on every rank).",
         "",
         "| case | strategy | seeds | n val | 1 process | 2 nodes x 1 | diff of means | noise | largest diff on a seed "
