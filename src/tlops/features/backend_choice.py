@@ -2,7 +2,7 @@
 
 On a sample of the run's labelled train and validation rows, every installed backend the backbone supports
 extracts features (fp32 ``torch`` first, as the reference); tlops' linear probe
-(:mod:`tlops.training.probe`, default settings: scaling and C by cross-validation) is fitted on the
+(:mod:`tlops.training.probe`, default settings: C by cross-validation) is fitted on the
 train sample and scored on the validation sample. The pick is the backend with the highest measured
 throughput whose validation accuracy is within ``TOLERANCE_POINTS`` (0.3) of fp32 torch's; ``torch``
 itself always qualifies, so ``auto`` never trades accuracy beyond that for speed. A sample of a few
@@ -66,10 +66,10 @@ def probe_accuracy(
 ) -> tuple[float, dict[str, Any]]:
     """Validation accuracy of tlops' linear probe on one backend's features, and the probe's settings.
 
-    Without ``settings`` the probe chooses scaling and C by cross-validation on the train sample
-    (default ``train`` settings: the head the run will train); with the reference's ``settings``
-    it fits that one (scaling, C), so the backends are compared on the same head recipe and the
-    search (dozens of fits) runs once, not once per backend."""
+    Without ``settings`` the probe chooses C by cross-validation on the train sample (default
+    ``train`` settings: the head the run will train); with the reference's ``settings`` it fits
+    that one (scaling, C), so the backends are compared on the same head recipe and the search
+    (50 fits) runs once, not once per backend."""
     import torch
 
     from tlops.config import TrainConfig

@@ -56,7 +56,7 @@ def self_train(
     runtime: Any = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """(head, history): the probe on ``f_lab``, then ``rounds`` refits on ``f_lab`` + confident pseudo-labelled
-    ``f_pool``. ``cfg`` is a TrainConfig (its probe grid picks scaling and C once, on the labelled data)."""
+    ``f_pool``. ``cfg`` is a TrainConfig (its probe picks C once, on the labelled data)."""
     import torch
 
     from tlops.training.probe import train_probe
