@@ -14,6 +14,12 @@ without warm-up, no weight decay, no clipping) and epochs. Two interleaved serie
   evaluation at or above ``--target`` validation accuracy. The Trainer keeps its per-epoch
   checkpoints and skips the best-model reload there (it can only restore a best model it saved at
   every evaluation); tlops keeps the best evaluation's weights in memory.
+* **time to accuracy, as shipped**: the same, but tlops runs what its ``fine-tune`` strategy does:
+  LP-FT, the classifier starting from the linear probe's head (frozen features of train and val,
+  ``LogisticRegressionCV``), the extraction and the probe's fit counted in its time, the probe's own
+  validation accuracy the first point of its curve. The Trainer starts from the random head, as a
+  Trainer user would. Not like for like (a different initial head), so reported next to the series
+  above, which is.
 
 Writes ``bench/results/trainer.md`` and ``.json`` (``--out`` to change; ``--render JSON`` rewrites the
 markdown from a run's JSON)::
@@ -48,6 +54,7 @@ from perf_setup import (  # noqa: E402
 )
 
 OURS = "tlops fine_tune"
+OURS_LPFT = "tlops fine-tune strategy (LP-FT: probe head first, extraction + probe timed)"
 TRAINER = "Trainer: group_by_length + fused AdamW"
 GOALS = {"throughput": 1.3, "time to accuracy": 1.2}  # the issue's: tlops at least this many times the Trainer
 
@@ -90,15 +97,41 @@ def run(args) -> dict[str, Any]:
             OURS: lambda: _tlops_ft(clf0, train, val, steps),
             TRAINER: lambda: trainer(args.eval_steps),
         },
+        "time to accuracy, as shipped": {
+            OURS_LPFT: lambda: _tlops_lpft(clf0, train, val, steps),
+            TRAINER: lambda: trainer(args.eval_steps),
+        },
     }
     for name, sides in series.items():
         print(f"[trainer] {name}: {label}", flush=True)
         prefix = f"trainer-{name.replace(' ', '-')}"
         r = interleave_sides(prefix, sides, args.repeats, ntr * epochs)
-        s = _ft_summary(f"{name}: {label}", r, ntr * epochs, args.target, OURS)
+        s = _ft_summary(f"{name}: {label}", r, ntr * epochs, args.target, OURS_LPFT if OURS_LPFT in sides else OURS)
         s["other_cpu"] = f"{PASSES.other_share(prefix)} of the CPUs, load average {PASSES.load(prefix)}"
         out["series"][name] = s
     return out
+
+
+def _tlops_lpft(clf0, train, val, cfg) -> dict[str, Any]:
+    """What the fine-tune strategy runs (``strategies/_lpft.py``): features of train and val from the
+    frozen backbone, the linear probe on them, its head into the classifier, then ``fine_tune``. The
+    curve starts with the probe's validation accuracy at the time it was fitted."""
+    import copy
+    import time
+
+    from tlops.features.extract import extract
+    from tlops.training.probe import train_probe
+
+    t0 = time.perf_counter()
+    clf = copy.deepcopy(clf0)
+    f_train = extract(clf.backbone, train.x, 64, desc="lp-ft train")
+    f_val = extract(clf.backbone, val.x, 64, desc="lp-ft val")
+    head, hist = train_probe(f_train, train.y, f_val, val.y, len(clf.classes), cfg, 0)
+    clf.head.load_state_dict(head.state_dict())
+    t_probe = time.perf_counter() - t0
+    res = _tlops_ft(clf, train, val, cfg)
+    curve = [(t_probe, hist[0]["val_acc"])] + [(t + t_probe, acc) for t, acc in res["curve"]]
+    return {"curve": curve, "final_acc": res["final_acc"]}
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -119,6 +152,7 @@ def render(payload: dict[str, Any]) -> str:
             "validation at epoch ends only"
             if name == "throughput"
             else f"validation every {res['eval_steps']} optimizer steps on both sides"
+            + ("; tlops from the probe's head, the Trainer from the random head" if "shipped" in name else "")
         )
         lines += [
             f"## {name} ({how})",
@@ -132,7 +166,7 @@ def render(payload: dict[str, Any]) -> str:
         for side, v in s["sides"].items():
             tta = f"{v['time_to_target']:.1f} s ({v['reached_target']})" if v["time_to_target"] else "not reached"
             n_evals = len(v["curves"][0]) if v["curves"] else 0
-            speedup = "—" if side == OURS else f"{v['speedup']:.2f}x"
+            speedup = "—" if side in (OURS, OURS_LPFT) else f"{v['speedup']:.2f}x"
             lines.append(
                 f"| {side} | {v['samples_s']:.1f} | {speedup} "
                 f"| {statistics_median(v['cpu_seconds']):.1f} | {', '.join(f'{t:.1f}' for t in v['secs'])} "
@@ -154,6 +188,14 @@ def render(payload: dict[str, Any]) -> str:
             else "not measurable (a side never reached the target on every repeat)"
         )
     )
+    shipped = res["series"].get("time to accuracy, as shipped")
+    if shipped:
+        t = shipped["sides"][TRAINER].get("tta_speedup")
+        lines.append(
+            f"- (not like for like, reported) time to {res['target']:.2f} with tlops' fine-tune strategy as shipped "
+            "(LP-FT, extraction and probe included) against the Trainer from its random head: "
+            + (f"{t:.2f}x" if t else "not measurable")
+        )
     lines.append("")
     return "\n".join(lines)
 
