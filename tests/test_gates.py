@@ -55,7 +55,6 @@ def _recomputed_accuracies(result) -> dict[str, float]:
     return out
 
 
-@pytest.mark.slow  # a pipeline run or three: 30-60 s on 2 shared cores
 def test_evaluation_numbers_match_the_models_predictions(tmp_path):
     """The report's accuracies, scratch baseline and gain are the models' own numbers."""
     result = _run(tmp_path, evaluate={"scratch_baseline": True})
@@ -71,7 +70,6 @@ def test_evaluation_numbers_match_the_models_predictions(tmp_path):
     assert result.steps["evaluate"].artifact.meta["gain_over_scratch"] == pytest.approx(acc[selected] - acc["scratch"])
 
 
-@pytest.mark.slow  # a pipeline run or three: 30-60 s on 2 shared cores
 def test_failing_min_accuracy_and_min_gain_gates_block_promotion(tmp_path):
     """Unreachable gates: the version is registered as failed, with no alias (challenger moves only to a
     version that passed), auto_promote refused."""
@@ -100,7 +98,6 @@ def test_failing_min_accuracy_and_min_gain_gates_block_promotion(tmp_path):
     assert _aliases(tmp_path) == {}
 
 
-@pytest.mark.slow  # a pipeline run or three: 30-60 s on 2 shared cores
 def test_must_beat_champion_refuses_a_worse_challenger(tmp_path):
     """Two models of the same data (probe C fixed at 0.001 and at 1): the better one is champion, the other
     cannot beat it."""
