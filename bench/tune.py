@@ -163,8 +163,9 @@ def report(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Name
         )
     lines += [
         "",
-        "Study seconds are wall time on the shared, loaded machine (not a speed claim); they include the "
-        "trials only (ingest, pull-model and extract-features were reused from the default run's cache).",
+        "Study seconds are wall time on this machine (load average at start above; not a speed claim); "
+        "they include the trials only (ingest, pull-model and extract-features were reused from the default "
+        "run's cache).",
         "",
     ]
     return "\n".join(lines)
