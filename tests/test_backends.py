@@ -310,3 +310,18 @@ def test_signal_stack_guard_puts_back_a_replaced_stack():
         assert signal_stack._libc().sigaltstack(ctypes.byref(st), None) == 0
         assert signal_stack.current()[0] == ctypes.addressof(buf)
     assert signal_stack.current() == before
+
+
+def test_openvino_text_batches_are_padded_to_a_multiple_of_8_with_a_zero_mask():
+    """Few distinct sequence lengths for OpenVINO's per-shape kernels; the mask keeps the padding out."""
+    import torch
+
+    from tlops.features.backends_openvino import SEQ_MULTIPLE, _pad_sequence
+
+    ids = torch.arange(1, 12).reshape(1, 11)
+    out = _pad_sequence({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, SEQ_MULTIPLE)
+    assert SEQ_MULTIPLE == 8 and out["input_ids"].shape == (1, 16)
+    assert torch.equal(out["input_ids"][:, :11], ids) and not out["input_ids"][:, 11:].any()
+    assert out["attention_mask"].sum() == 11
+    same = {"input_ids": torch.ones(2, 16, dtype=torch.long)}
+    assert _pad_sequence(same, 8) is same

@@ -114,9 +114,20 @@ def write(dst_dir: Path, tmp: Path) -> None:
     os.replace(tmp / "model.xml", dst_dir / "model.xml")
 
 
+# text batches are padded to a multiple of this many tokens (see OpenVinoBackbone.forward)
+SEQ_MULTIPLE = 8
+
+
 class OpenVinoBackbone(ExportedBackbone):
     """A compiled OpenVINO model behind the backbone interface ``extract`` uses. One infer request,
-    torch's thread count, one stream (extraction feeds one batch at a time)."""
+    torch's thread count, one stream (extraction feeds one batch at a time).
+
+    Text batches come dynamically padded to their longest sentence, so nearly every batch has a new
+    sequence length, and the CPU plugin prepares its kernels for each new input shape the first time
+    it sees it: a single pass over a dataset (what extraction is) paid that on almost every batch.
+    Padding the sequence axis to a multiple of ``SEQ_MULTIPLE`` with a zero attention mask leaves a
+    few distinct shapes and does not change the features (the padding is masked out of attention
+    and pooling); ``bench/perf_backends.py`` measures the result."""
 
     def __init__(self, backbone: nn.Module, path: Path, backend: str):
         require(backend)
@@ -135,6 +146,18 @@ class OpenVinoBackbone(ExportedBackbone):
         self._inputs = [i.get_any_name() for i in self.compiled.inputs]
 
     def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
+        if self.modality == "text":
+            tensors = _pad_sequence(tensors, SEQ_MULTIPLE)
         feeds = {k: tensors[k].cpu().numpy() for k in self._inputs}
         out = self._request.infer(feeds)[0]
         return torch.from_numpy(np.array(out, copy=True))  # the request reuses its output buffer
+
+
+def _pad_sequence(tensors: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Token inputs (batch x sequence) padded with zeros to a sequence length that is a multiple of
+    ``multiple``; a zero attention mask keeps the padding out of attention and pooling."""
+    length = next(iter(tensors.values())).shape[-1]
+    extra = -length % multiple
+    if not extra:
+        return tensors
+    return {k: torch.nn.functional.pad(v, (0, extra)) if v.dim() == 2 else v for k, v in tensors.items()}
