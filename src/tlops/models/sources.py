@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +140,15 @@ def resolve_mlflow(ref: str) -> dict[str, Any]:
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source}
 
 
-def fingerprint(cfg: SourceConfig) -> Any:
-    """What identifies the pulled model without pulling it."""
+def fingerprint(cfg: SourceConfig, resolve: Callable[[str], Any] | None = None) -> Any:
+    """What identifies the pulled model without pulling it. ``resolve`` answers what an ``mlflow:``
+    reference resolves to (default :func:`resolve_mlflow`; pull-model's stamp passes the registry
+    memo's lookup, so an unchanged store needs no MLflow)."""
     from tlops.hashing import stat_fingerprint
 
     kind, ref = parse_spec(cfg.model)
     if kind == "mlflow":
-        return resolve_mlflow(ref)
+        return (resolve or resolve_mlflow)(ref)
     if kind == "bundle" or (kind == "hf" and Path(ref).is_dir()):
         return stat_fingerprint(ref)
     if cfg.weights:

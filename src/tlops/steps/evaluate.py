@@ -34,8 +34,7 @@ def stamp(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> list | None:
     from tlops.tracking import memo
 
     mv = memo.lookup(cfg, ("alias", cfg.register.model_name, "champion"))
-    digest = _selected_digest(inputs["trained"])
-    if mv is None or (digest and mv["digest"] == digest):
+    if mv is None or _is_this_model(mv["digest"], inputs["trained"]):
         return None
     return [mv["version"], mv["run_id"]]
 
@@ -155,16 +154,11 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _selected_digest(trained: Artifact) -> str | None:
-    return trained.meta.get("models", {}).get(trained.meta.get("selected"), {}).get("digest")
-
-
-def _is_this_model(mv: Any, trained: Artifact) -> bool:
-    """Whether registry version ``mv`` holds the selected model of ``trained`` (same weights digest)."""
-    from tlops.tracking.registry import DIGEST_TAG
-
-    digest = _selected_digest(trained)
-    return bool(digest) and (getattr(mv, "tags", None) or {}).get(DIGEST_TAG) == digest
+def _is_this_model(version_digest: str | None, trained: Artifact) -> bool:
+    """Whether a registry version whose model digest tag is ``version_digest`` holds the selected
+    model of ``trained`` (same weights digest)."""
+    digest = trained.meta.get("models", {}).get(trained.meta.get("selected"), {}).get("digest")
+    return bool(digest) and version_digest == digest
 
 
 def _champion_metrics(
@@ -202,6 +196,8 @@ def _champion_metrics(
             "accuracy_ci": ci["accuracy"],
             "macro_f1_ci": ci["macro_f1"],
         }
-        if _is_this_model(mv, trained):
+        from tlops.tracking.registry import DIGEST_TAG
+
+        if _is_this_model((getattr(mv, "tags", None) or {}).get(DIGEST_TAG), trained):
             out["same_model"] = True
         return out, probs.argmax(1) == test.y

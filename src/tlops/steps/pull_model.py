@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from tlops.artifacts import Artifact, write_artifact
 from tlops.config import PipelineConfig
@@ -30,15 +31,12 @@ def stamp(cfg: PipelineConfig, inputs: dict[str, Artifact]) -> list:
     """What each spec resolves to right now without pulling it: the registry version behind an
     ``mlflow:`` alias (remembered while the store is unchanged: :mod:`tlops.tracking.memo`, so an
     unchanged rerun imports no MLflow), the stat stamp of a bundle dir or weights file."""
-    return [_fingerprint(cfg, m) for m in specs(cfg)]
+    from tlops.tracking import memo
 
+    def resolve(ref: str) -> Any:
+        return memo.lookup(cfg, ("resolve", ref))
 
-def _fingerprint(cfg: PipelineConfig, model: str):
-    if model.startswith("mlflow:"):
-        from tlops.tracking import memo
-
-        return memo.lookup(cfg, ("resolve", sources.parse_spec(model)[1]))
-    return sources.fingerprint(cfg.source.model_copy(update={"model": model}))
+    return [sources.fingerprint(cfg.source.model_copy(update={"model": m}), resolve) for m in specs(cfg)]
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Artifact], out: Path) -> Artifact:
