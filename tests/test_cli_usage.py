@@ -168,3 +168,20 @@ def test_version_uses_the_commit_recorded_at_build_time(monkeypatch, capsys):
     monkeypatch.setenv("TLOPS_GIT_COMMIT", "0123abc")
     assert _main(monkeypatch, "--version") == 0
     assert capsys.readouterr().out.splitlines()[0].endswith("(git 0123abc)")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--runner", "argo"), "--runner: got 'argo'; allowed: local, kfp-local"),
+        (
+            ("--runner", "kfp-local", "--task-processes", "spawn"),
+            "--task-processes: got 'spawn'; allowed: forked, fresh",
+        ),
+    ],
+)
+def test_run_names_the_allowed_runners_and_task_processes(tmp_path, monkeypatch, capsys, option, message):
+    monkeypatch.chdir(tmp_path)
+    assert _main(monkeypatch, "run", "--config", str(_cfg(tmp_path)), *option) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "from-config").exists()  # nothing started: no workdir, no run

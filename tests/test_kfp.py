@@ -242,7 +242,7 @@ def test_kfp_local_matches_in_process_runner(tmp_path):
         lines = (kfp.run_dir / spec.name / "task.log").read_text().splitlines()
         proc = json.loads(lines[-1].removeprefix(PROCESS_PREFIX))
         task = json.loads(next(ln for ln in lines if ln.startswith(TIMING_PREFIX)).removeprefix(TIMING_PREFIX))
-        assert proc["rc"] == 0 and task["step"] == spec.name and task["step_seconds"] > 0
+        assert proc["rc"] == 0 and proc["forked"] and task["step"] == spec.name and task["step_seconds"] > 0
         assert proc["started"] < task["entered"] < task["left"] < proc["exited"]
         assert kfp.steps[spec.name].seconds == pytest.approx(proc["exited"] - proc["started"], abs=0.5)
     reg = kfp.artifact("register").meta

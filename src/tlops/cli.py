@@ -156,6 +156,11 @@ def run(
     run_id: Optional[str] = typer.Option(None, help="run id (default: timestamp-name-random)"),
     no_reuse: bool = typer.Option(False, "--no-reuse", help="rerun every step even if its inputs are unchanged"),
     runner: str = typer.Option("local", help="local (in-process) or kfp-local (the compiled KFP DAG via kfp.local)"),
+    task_processes: str = typer.Option(
+        "forked",
+        help="kfp-local: each task forked from a process that imported the steps' libraries once (forked), or a "
+        "new interpreter per task, as kfp.local starts them (fresh: seconds of imports per task)",
+    ),
     workdir: Optional[Path] = CFG_WORKDIR,
     offline: bool = OFFLINE,
     fail_on_gates: bool = typer.Option(
@@ -191,6 +196,8 @@ def run(
     cfg = _load(config, set_, workdir)
     if runner not in ("local", "kfp-local"):
         raise ConfigError(f"--runner: got {runner!r}; allowed: local, kfp-local")
+    if task_processes not in ("forked", "fresh"):
+        raise ConfigError(f"--task-processes: got {task_processes!r}; allowed: forked, fresh")
     preflight(cfg, offline=offline)
     if runner == "local":
         from tlops.runners.local import run_pipeline
@@ -199,7 +206,7 @@ def run(
     else:
         from tlops.kfp.pipeline import run_kfp_local
 
-        result = run_kfp_local(cfg)
+        result = run_kfp_local(cfg, fork=task_processes == "forked")
     print_run_summary(cfg, result)
     if fail_on_gates and not result.artifact("evaluate").meta["gates_passed"]:
         typer.echo(f"gates failed: exit code {EXIT_GATES_FAILED} (--no-fail-on-gates to exit 0)", err=True)

@@ -232,8 +232,11 @@ def init_kfp_local(cfg: PipelineConfig) -> Path:
     return root
 
 
-def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
+def run_kfp_local(cfg: PipelineConfig, *, fork: bool = True) -> PipelineResult:
     """Run the KFP DAG with ``kfp.local.SubprocessRunner(use_venv=False)`` (one subprocess per task).
+
+    With ``fork`` each task process is forked from a forkserver that imported the steps' libraries
+    once (:mod:`tlops.kfp.local_fork`); otherwise each is a new interpreter, as kfp.local starts it.
 
     Kubernetes-only settings (GPU, node selector, secrets) are ignored by kfp.local.
 
@@ -246,6 +249,10 @@ def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     A step's seconds are its task process's (start-up, imports and exit included), so the run
     summary shows what each task cost; each task log ends with the process's start and exit times.
     """
+    from tlops.kfp import local_fork
+
+    if fork:  # start the task processes' forkserver now: its imports overlap with compiling the pipeline
+        local_fork.start()
     root = init_kfp_local(cfg)
     before = set(root.iterdir())
     pipeline = build_pipeline(cfg, local=True)
@@ -253,7 +260,7 @@ def run_kfp_local(cfg: PipelineConfig) -> PipelineResult:
     tasks: list[tuple[Path, int, float]] = []  # (log file, exit code, seconds) per task subprocess, in order
     t0 = time.perf_counter()
     try:
-        with _kfp_local_output(tasks, root):
+        with _kfp_local_output(tasks, root, fork=fork):
             pipeline()
     except RuntimeError as e:
         failed = [path for path, rc, _ in tasks if rc != 0]
@@ -292,7 +299,9 @@ def _task_log(full_command: list[str], root: Path) -> Path:
         return root / "logs" / f"task-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
-def _run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | None, *, tasks, root: Path) -> int:
+def _run_task_subprocess(
+    full_command: list[str], env_vars: dict[str, str] | None, *, tasks, root: Path, fork: bool = True
+) -> int:
     """Replaces ``kfp.local.subprocess_task_handler.run_local_subprocess``: the task's output goes
     to its log file; its tlops log lines (the lines in ``tlops.logs`` format) also go to stderr;
     with ``--verbose`` every line does. The task logs as this process does (``--quiet``...)."""
@@ -300,31 +309,38 @@ def _run_task_subprocess(full_command: list[str], env_vars: dict[str, str] | Non
     import sys
 
     from tlops import logs
+    from tlops.kfp import local_fork
 
     path = _task_log(full_command, root)
     path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **(env_vars or {}), **logs.subprocess_env()}
     verbose = logs.verbosity() == "verbose"
     started, t0 = time.time(), time.perf_counter()
-    with (
-        open(path, "w", encoding="utf-8") as out,
-        subprocess.Popen(
-            full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
-        ) as proc,
-    ):
-        assert proc.stdout is not None
-        for line in iter(proc.stdout.readline, ""):
+    with open(path, "w", encoding="utf-8") as out:
+
+        def on_line(line: str) -> None:
             out.write(line)
             if verbose or logs.LINE_RE.match(line):
                 sys.stderr.write(line)
-        rc = proc.wait()
-        out.write(PROCESS_PREFIX + json.dumps({"started": started, "exited": time.time(), "rc": rc}) + "\n")
+
+        rc = local_fork.run(full_command, env, on_line) if fork else None  # forked from the preloaded forkserver
+        forked = rc is not None
+        if rc is None:  # not kfp's launcher as this tlops knows it: the command itself, as kfp.local runs it
+            with subprocess.Popen(
+                full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+            ) as proc:
+                assert proc.stdout is not None
+                for line in iter(proc.stdout.readline, ""):
+                    on_line(line)
+                rc = proc.wait()
+        record = {"started": started, "exited": time.time(), "rc": rc, "forked": forked}
+        out.write(PROCESS_PREFIX + json.dumps(record) + "\n")
     tasks.append((path, rc, time.perf_counter() - t0))
     return rc
 
 
 @contextlib.contextmanager
-def _kfp_local_output(tasks: list[tuple[Path, int, float]], root: Path):
+def _kfp_local_output(tasks: list[tuple[Path, int, float]], root: Path, *, fork: bool = True):
     """While kfp.local runs: task output through ``_run_task_subprocess``; kfp.local's own lines
     (it swaps the root logger's handler for one of its own on stdout, prints separators and
     indents prints) through tlops's handler as lines of logger ``kfp.local``, DEBUG except a failed
@@ -354,7 +370,7 @@ def _kfp_local_output(tasks: list[tuple[Path, int, float]], root: Path):
         (logging_utils, "indented_print"): lambda num_spaces=4: contextlib.nullcontext(),
         (logging_utils, "print_horizontal_line"): lambda: None,
         (subprocess_task_handler, "run_local_subprocess"): functools.partial(
-            _run_task_subprocess, tasks=tasks, root=root
+            _run_task_subprocess, tasks=tasks, root=root, fork=fork
         ),
     }
     saved = {key: getattr(*key) for key in patches}
