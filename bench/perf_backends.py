@@ -1,7 +1,8 @@
 """``bench/perf.py --only backends``: extraction backends side by side (issue 20 item 1).
 
 For each workload, every ``features.backend`` tlops offers (torch fp32, torch-int8 for text, onnx,
-onnx-int8, and openvino / openvino-int8 when the optional extra is installed) extracts the same rows
+onnx-int8, and openvino / openvino-int8 when the optional extra is installed, openvino-bf16 also
+when the CPU has native bf16) extracts the same rows
 through ``tlops.features.extract.extract`` (same batching, same length-sorted dynamic padding), the
 sides interleaved chunk by chunk (A,B,C,... then ...,C,B,A), median of ``--repeats`` passes, all at
 one thread (torch, onnxruntime and OpenVINO; the machine is shared). The static int8 models
@@ -55,6 +56,8 @@ PROTOCOL = (
     "(text; torch.ao and onnxruntime) / static QDQ calibrated on the workload's images (CNN; `torch-int8` "
     "leaves convolutions fp32 and is not offered for images). openvino: the same ONNX export converted to "
     "OpenVINO IR, fp32 weights and f32 inference precision (not the CPU plugin's AMX bf16 default); "
+    "openvino-bf16: the same IR compiled with bf16 inference precision (AMX-BF16 here; offered only on CPUs "
+    "with native bf16), its GFLOP/s against the bf16 `torch.mm` peak; "
     "openvino-int8: NNCF post-training static int8 of that IR (text: ModelType.TRANSFORMER), calibrated on the "
     "workload's first 128 rows (texts tokenised as extraction tokenises them). resnet10t is randomly initialised (no "
     "pretrained weights offline). GFLOP/s count each item at its own length; int8 rows against the int8 "
@@ -106,10 +109,11 @@ def int8_peak(n: int = 1024, reps: int = 5) -> dict[str, float]:
     return out
 
 
-def fp32_peak(n: int = 1024, reps: int = 5) -> float:
+def fp32_peak(n: int = 1024, reps: int = 5, dtype: str = "float32") -> float:
+    """``torch.mm`` n x n, best of ``reps`` (``dtype="bfloat16"``: the bf16 peak, AMX where the CPU has it)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     ts = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
@@ -177,6 +181,10 @@ def _flops(backbone, x) -> np.ndarray:
     return np.array([f[int(v)] for v in lens])
 
 
+def peaks() -> dict[str, float]:
+    return {"fp32": fp32_peak(), "bf16": fp32_peak(dtype="bfloat16"), **int8_peak()}
+
+
 def bench_backends(args, quick: bool) -> dict[str, Any]:
     import torch
 
@@ -186,7 +194,7 @@ def bench_backends(args, quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     remember_default_threads()  # interleave_chunked resets every side to this: 1
     sz = SIZES["quick" if quick else "full"]
-    res: dict[str, Any] = {"threads": 1, "peak_start": {"fp32": fp32_peak(), **int8_peak()}}
+    res: dict[str, Any] = {"threads": 1, "peak_start": peaks()}
     print(f"  peaks (1 thread, GFLOP/s): {res['peak_start']}", flush=True)
     rows = []
     store = Path(tempfile.mkdtemp(prefix="tlops-perf-backends-"))
@@ -253,24 +261,25 @@ def bench_backends(args, quick: bool) -> dict[str, Any]:
         for s in r["outs"].values():
             s.clear()
     res["rows"] = rows
-    res["peak_end"] = {"fp32": fp32_peak(), **int8_peak()}
+    res["peak_end"] = peaks()
     return res
 
 
 def render(info: dict[str, Any], res: dict[str, Any], cmd: str, total: float) -> str:
     peak32 = max(res["peak_start"]["fp32"], res["peak_end"]["fp32"])
-    peak8 = max(v for k, v in {**res["peak_start"], **res["peak_end"]}.items() if k != "fp32")
+    peak8 = max(v for k, v in {**res["peak_start"], **res["peak_end"]}.items() if k not in ("fp32", "bf16"))
+    peak16 = max(res["peak_start"].get("bf16", 0.0), res["peak_end"].get("bf16", 0.0)) or peak32  # older payloads
 
     def both(k: str) -> float:
         return max(res["peak_start"][k], res["peak_end"][k])
 
     lines = [
-        "## Extraction backends: torch fp32 vs torch-int8 vs onnx vs onnx-int8 vs openvino vs openvino-int8 "
+        "## Extraction backends: torch fp32 vs torch-int8, onnx, onnx-int8, openvino, openvino-bf16, openvino-int8 "
         "(issue 20 item 1)",
         "",
         f"- machine: {info.get('cpu')}, {info.get('usable_cores')} usable cores, {info.get('memory_gib')} GiB, "
-        f"ISA `{info.get('isa')}` (lscpu: avx512_vnni, amx_int8); software: Python {info.get('python')}, "
-        + ", ".join(f"{k} {info[k]}" for k in LIBRARIES if k in info),
+        f"ISA `{info.get('isa')}` (lscpu: avx512_vnni, avx512_bf16, amx_bf16, amx_int8); "
+        f"software: Python {info.get('python')}, " + ", ".join(f"{k} {info[k]}" for k in LIBRARIES if k in info),
         f"- date: {info.get('date')}; command: `{cmd}`; total {total / 60:.1f} min; threads: 1 (torch, onnxruntime "
         "and OpenVINO)",
         f"- load average at start {info.get('load_start')}, at end {info.get('load_end')}; other processes' share "
@@ -281,7 +290,8 @@ def render(info: dict[str, Any], res: dict[str, Any], cmd: str, total: float) ->
             if (info.get("load_start") or [0])[0] > 1.5
             else " (idle machine)"
         ),
-        f"- matmul peaks at 1 thread (best of start/end): fp32 `torch.mm` 1024² {peak32:.1f} GFLOP/s; int8 "
+        f"- matmul peaks at 1 thread (best of start/end): fp32 `torch.mm` 1024² {peak32:.1f} GFLOP/s; bf16 "
+        f"`torch.mm` {peak16:.1f} GFLOP/s; int8 "
         f"{peak8:.1f} GOP/s (torch._int_mm {both('torch._int_mm'):.1f}, onnxruntime MatMulInteger "
         f"{both('onnxruntime MatMulInteger'):.1f})",
         "",
@@ -293,7 +303,7 @@ def render(info: dict[str, Any], res: dict[str, Any], cmd: str, total: float) ->
     for row in res["rows"]:
         kind = "text" if row["workload"].startswith("text") else "image"
         for b, s in row["sides"].items():
-            peak = peak8 if b.endswith("int8") else peak32
+            peak = peak8 if b.endswith("int8") else peak16 if b.endswith("bf16") else peak32
             lines.append(
                 f"| {row['workload']} | {row['n']:,} | {b} | {s['items_s']:.1f} | **{s['speedup']:.2f}x** | "
                 f"{row['sides']['torch']['cpu_seconds'] / s['cpu_seconds']:.2f}x | "

@@ -36,14 +36,17 @@ def test_unknown_backend_and_unsupported_combinations_are_refused(digits_cfg):
 
 
 def test_openvino_without_its_packages_names_the_install_command(monkeypatch):
-    assert {"openvino", "openvino-int8"} <= set(backends.available("image"))  # installed by make install
+    from tlops.features import backends_openvino
+
+    monkeypatch.setattr(backends_openvino, "native_bf16", lambda: True)
+    assert {"openvino", "openvino-bf16", "openvino-int8"} <= set(backends.available("image"))  # make install
     monkeypatch.setitem(sys.modules, "nncf", None)  # what a missing package looks like to find_spec and import
     with pytest.raises(
         ConfigError, match=r"'openvino-int8' needs the optional package\(s\) nncf: pip install 'tlops\[openvino\]'"
     ):
         backends.check("openvino-int8", "image", "timm")
     backends.check("openvino", "image", "timm")  # fp32 needs only openvino
-    assert backends.available("text") == ("torch", "torch-int8", "onnx", "onnx-int8", "openvino")
+    assert backends.available("text") == ("torch", "torch-int8", "onnx", "onnx-int8", "openvino", "openvino-bf16")
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(
         ConfigError,
@@ -53,10 +56,25 @@ def test_openvino_without_its_packages_names_the_install_command(monkeypatch):
     assert backends.available("image") == ("torch", "onnx", "onnx-int8")  # auto's candidates
 
 
+def test_openvino_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    from tlops.features import backends_openvino
+
+    monkeypatch.setattr(backends_openvino, "native_bf16", lambda: False)
+    assert "openvino-bf16" not in backends.available("text") and "openvino" in backends.available("text")
+    with pytest.raises(ConfigError) as e:
+        backends.check("openvino-bf16", "text", "hf")
+    assert str(e.value) == (
+        "features.backend 'openvino-bf16': this CPU has no native bf16 (OpenVINO's CPU plugin lists no BF16 "
+        "capability; it needs AMX-BF16 or AVX512-BF16), so bf16 would be emulated and slower than fp32; "
+        "use openvino or openvino-int8"
+    )
+    backends.check("openvino", "text", "hf")
+
+
 def test_backend_is_part_of_the_cache_key():
     pre = {"modality": "text", "pooling": "mean", "normalize": "l2", "max_length": 128}
     keys = {b: cache_key("d" * 64, backends.key_preprocessing(pre, b), "data") for b in backends.BACKENDS}
-    assert len(set(keys.values())) == len(backends.BACKENDS) == 7
+    assert len(set(keys.values())) == len(backends.BACKENDS) == 8
     assert keys["torch"] == cache_key("d" * 64, pre, "data")  # existing torch entries keep their keys
     with pytest.raises(ConfigError, match="not resolved"):
         backends.key_preprocessing(pre, "auto")
@@ -92,9 +110,12 @@ def text_backbones(tmp_path_factory):
     from conftest import SHARED_DATA  # shared_data is function-scoped; this fixture exports once per module
 
     cal = _yelp(SHARED_DATA, 1000)[0][-128:]  # openvino-int8: the calibration sentences, not the tested 320
+    from tlops.features.backends_openvino import native_bf16
+
     built = {
         b: backends.build(tb, b, model_digest="minilm-test", store=store, calibration=cal, calibration_id="yelp-128")
         for b in backends.BACKENDS
+        if b != "openvino-bf16" or native_bf16()  # elsewhere refused (test_openvino_bf16_only_where_...)
     }
     return tb, built, store
 
@@ -117,6 +138,9 @@ def test_text_backends_match_torch(text_backbones, shared_data):
     assert np.abs(feats["onnx"] - feats["torch"]).max() < 1e-4
     assert np.abs(feats["openvino"] - feats["torch"]).max() < 1e-5  # fp32 inference precision, not AMX bf16
     assert np.abs(feats["torch-compile"] - feats["torch"]).max() < 1e-5  # Inductor's kernels, same maths
+    if "openvino-bf16" in feats:  # bf16 products, fp32 accumulation: ~1e-3 per feature
+        cos = np.sum(feats["openvino-bf16"] * feats["torch"], axis=1)
+        assert 0 < np.abs(feats["openvino-bf16"] - feats["torch"]).max() < 1e-2 and cos.min() > 0.999, cos.min()
     for b in ("torch-int8", "onnx-int8", "openvino-int8"):
         cos = np.sum(feats[b] * feats["torch"], axis=1)  # unit-norm rows
         assert cos.mean() > 0.95 and cos.min() > 0.85, (b, cos.mean(), cos.min())
@@ -124,8 +148,8 @@ def test_text_backends_match_torch(text_backbones, shared_data):
     accs = {b: probe_accuracy(f[:160], y[:160], f[160:], y[160:], settings)[0] for b, f in feats.items()}
     assert accs["torch"] == ref_acc  # the same (scaling, C) refitted: the same head
     assert accs["torch"] > 0.75
-    for b in ("onnx", "openvino", "torch-compile"):
-        assert abs(accs[b] - accs["torch"]) <= 1 / 160, accs  # fp32: at most one row moves
+    for b in ("onnx", "openvino", "torch-compile", "openvino-bf16"):
+        assert abs(accs.get(b, accs["torch"]) - accs["torch"]) <= 1 / 160, accs  # fp32 (and bf16): one row at most
     # int8: a few rows of 160 (bench/results/perf_backends.md: within ~1 point on 500-row splits); a
     # broken quantisation or pooling would cost tens of points
     for b in ("torch-int8", "onnx-int8", "openvino-int8"):
@@ -221,6 +245,12 @@ def test_openvino_cnn_equals_torch_int8_is_close_and_exports_once(tmp_path, monk
     f8 = extract(q, x, 64)
     cos = np.sum(f8 * ref, 1) / (np.linalg.norm(f8, axis=1) * np.linalg.norm(ref, axis=1))
     assert 0 < np.abs(f8 - ref).max() < 0.1 and cos.min() > 0.99, (np.abs(f8 - ref).max(), cos.min())
+    if backends_openvino.native_bf16():  # AMX-BF16 / AVX512-BF16 (else refused: test_openvino_bf16_only_...)
+        b16 = backends.build(ib, "openvino-bf16", model_digest="r", store=tmp_path)
+        assert b16.path == ov.path and b16.preprocessing["backend"] == "openvino-bf16"  # the fp32 IR, in bf16
+        fb = extract(b16, x, 64)
+        cos = np.sum(fb * ref, 1) / (np.linalg.norm(fb, axis=1) * np.linalg.norm(ref, axis=1))
+        assert 0 < np.abs(fb - ref).max() < 0.05 and cos.min() > 0.999, (np.abs(fb - ref).max(), cos.min())
     files = sorted(p.name for p in tmp_path.rglob("model.*"))
     assert files == ["model.bin", "model.bin", "model.onnx", "model.xml", "model.xml"]  # one ONNX export, two IRs
 

@@ -258,14 +258,23 @@ class FeaturesConfig(_Strict):
     cache_dir: Optional[str] = Field(None, description="feature cache (default <workdir>/cache/features)")
     cache: bool = True
     backend: Literal[
-        "auto", "torch", "torch-compile", "torch-int8", "onnx", "onnx-int8", "openvino", "openvino-int8"
+        "auto",
+        "torch",
+        "torch-compile",
+        "torch-int8",
+        "onnx",
+        "onnx-int8",
+        "openvino",
+        "openvino-bf16",
+        "openvino-int8",
     ] = Field(
         "torch",
         description="how extract-features runs the frozen backbone: torch (fp32), torch-compile (torch.compile; "
         "the compile is paid on every run, bench/results/compile.md), torch-int8 (dynamic int8 "
         "Linear layers; text only), onnx (onnxruntime fp32), onnx-int8 (onnxruntime int8: dynamic for text, "
-        "static calibrated on the run's images for CNNs), openvino (OpenVINO fp32), openvino-int8 (NNCF static "
-        "int8 calibrated on the run's train inputs; both need the optional extra: pip install 'tlops[openvino]'), "
+        "static calibrated on the run's images for CNNs), openvino (OpenVINO fp32), openvino-bf16 (the same model "
+        "in bfloat16 on CPUs with native bf16, e.g. AMX), openvino-int8 (NNCF static int8 calibrated on the run's "
+        "train inputs; the three need the optional extra: pip install 'tlops[openvino]'), "
         "or auto: the fastest installed one whose probe accuracy on a sample "
         "of the run's train/val rows is within 0.3 points of fp32 torch (recorded in the step's metadata). "
         "Part of the feature-cache key; ranking and stacking of candidate models use torch",

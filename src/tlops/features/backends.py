@@ -21,9 +21,10 @@ the ONNX fp32 features equal PyTorch's to ~1e-6, and int8 ones differ only by qu
   nothing is stored, so every run pays the compile (minutes on a 2-core CPU for MiniLM, and no
   faster afterwards there: ``bench/results/compile.md``). For GPUs, where Inductor's kernels can
   pay; ``auto`` never picks it, because its sample timing cannot see the compile.
-- ``openvino`` / ``openvino-int8``: the same ONNX file converted to OpenVINO IR (fp32), and NNCF's
-  post-training int8 quantisation of it calibrated on the run's own inputs (text too: tokenised
-  sentences); an optional extra, see :mod:`tlops.features.backends_openvino`.
+- ``openvino`` / ``openvino-bf16`` / ``openvino-int8``: the same ONNX file converted to OpenVINO IR
+  (fp32), run in fp32 or in bf16 on CPUs with native bf16 (AMX), and NNCF's post-training int8
+  quantisation of it calibrated on the run's own inputs (text too: tokenised sentences); an
+  optional extra, see :mod:`tlops.features.backends_openvino`.
 
 Exported and quantised files live in a local store (``<workdir>/cache/backends``) under a key of
 the model's content digest, its preprocessing (pooling, normalisation), the backend, the calibration
@@ -52,7 +53,7 @@ from tlops.hashing import hash_json
 
 log = logging.getLogger(__name__)
 
-OPENVINO = ("openvino", "openvino-int8")
+OPENVINO = ("openvino", "openvino-bf16", "openvino-int8")
 BACKENDS = ("torch", "torch-compile", "torch-int8", "onnx", "onnx-int8") + OPENVINO
 CHOICES = ("auto",) + BACKENDS
 EXPORT_VERSION = 1  # bump when the export / quantisation recipe changes (new files, new feature keys)
@@ -65,12 +66,13 @@ def supported(modality: str) -> tuple[str, ...]:
 
 
 def available(modality: str) -> tuple[str, ...]:
-    """``auto``'s candidates: :func:`supported` less the OpenVINO backends whose packages are not installed,
-    and less ``torch-compile`` (its cost is the compile, which a timed sample after a warm-up batch hides)."""
+    """``auto``'s candidates: :func:`supported` less the OpenVINO backends whose packages are not installed
+    (and ``openvino-bf16`` on a CPU without native bf16), and less ``torch-compile`` (its cost is the
+    compile, which a timed sample after a warm-up batch hides)."""
     from tlops.features import backends_openvino
 
     return tuple(
-        b for b in supported(modality) if b != "torch-compile" and (b not in OPENVINO or backends_openvino.installed(b))
+        b for b in supported(modality) if b != "torch-compile" and (b not in OPENVINO or backends_openvino.usable(b))
     )
 
 
@@ -274,6 +276,8 @@ def model_file(
     made once per key under a lock."""
     from tlops.storage import file_lock
 
+    if backend == "openvino-bf16":  # the fp32 IR, compiled for bf16 when it is loaded: no file of its own
+        return model_file(backbone, "openvino", model_digest=model_digest, store=store)
     cal = calibration_id if needs_calibration(backend, backbone.modality) else None
     key = hash_json(
         {

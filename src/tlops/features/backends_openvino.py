@@ -1,6 +1,6 @@
-"""The OpenVINO extraction backends (``features.backend: openvino | openvino-int8``).
+"""The OpenVINO extraction backends (``features.backend: openvino | openvino-bf16 | openvino-int8``).
 
-Both start from the ONNX file the ``onnx`` backend exports (one export per model, pooling and L2
+All start from the ONNX file the ``onnx`` backend exports (one export per model, pooling and L2
 normalisation inside the graph, batch and sequence axes dynamic), so the three runtimes run the
 same graph:
 
@@ -8,6 +8,10 @@ same graph:
   (``compress_to_fp16=False``) and compiled with ``INFERENCE_PRECISION_HINT: f32``: on CPUs with
   AMX-BF16 the CPU plugin otherwise runs fp32 models in bf16, and the features would no longer equal
   PyTorch's.
+- ``openvino-bf16``: the same fp32 IR file compiled with ``INFERENCE_PRECISION_HINT: bf16``: matrix
+  products in bfloat16 (8 mantissa bits) with fp32 accumulation, on the CPU's own bf16 instructions
+  (AMX or AVX512-BF16). Offered only where the CPU plugin reports native bf16
+  (``OPTIMIZATION_CAPABILITIES``); elsewhere it would emulate it, slower than fp32.
 - ``openvino-int8``: NNCF post-training quantisation (``nncf.quantize``: int8 weights and
   activations, ranges from min/max statistics) of the fp32 IR, calibrated on the run's own inputs
   (the seeded train sample the image ``onnx-int8`` path uses; for text those sentences tokenised as
@@ -23,6 +27,7 @@ backends without them is a :class:`~tlops.errors.ConfigError` naming the install
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -46,6 +51,10 @@ INSTALL = (
 )
 
 
+# the CPU plugin's inference precision per backend (the int8 model's float operations stay fp32)
+PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32"}
+
+
 def packages(backend: str) -> tuple[str, ...]:
     """The optional packages a backend imports."""
     return ("openvino", "nncf") if backend == "openvino-int8" else ("openvino",)
@@ -55,11 +64,32 @@ def installed(backend: str) -> bool:
     return all(importlib.util.find_spec(p) is not None for p in packages(backend))
 
 
+def usable(backend: str) -> bool:
+    """Installed, and for ``openvino-bf16`` a CPU with native bf16 (what ``auto`` may try)."""
+    return installed(backend) and (backend != "openvino-bf16" or native_bf16())
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 on this CPU's own instructions (AMX-BF16 or AVX512-BF16)."""
+    import openvino as ov
+
+    with signal_stack.kept():
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def require(backend: str) -> None:
-    """Refuse an OpenVINO backend whose packages are missing, naming the install command."""
+    """Refuse an OpenVINO backend whose packages are missing, naming the install command, or
+    ``openvino-bf16`` on a CPU without native bf16."""
     missing = [p for p in packages(backend) if importlib.util.find_spec(p) is None]
     if missing:
         raise ConfigError(f"features.backend {backend!r} needs the optional package(s) {', '.join(missing)}: {INSTALL}")
+    if backend == "openvino-bf16" and not native_bf16():
+        raise ConfigError(
+            "features.backend 'openvino-bf16': this CPU has no native bf16 (OpenVINO's CPU plugin lists no BF16 "
+            "capability; it needs AMX-BF16 or AVX512-BF16), so bf16 would be emulated and slower than fp32; "
+            "use openvino or openvino-int8"
+        )
 
 
 def versions(backend: str) -> dict[str, str]:
@@ -138,7 +168,8 @@ class OpenVinoBackbone(ExportedBackbone):
             "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",  # not bf16 on AMX CPUs: fp32 features equal PyTorch's
+            # openvino: f32, not the plugin's bf16 default on AMX CPUs, so fp32 features equal PyTorch's
+            "INFERENCE_PRECISION_HINT": PRECISION[backend],
         }
         with signal_stack.kept():  # else a later Ctrl-C can segfault (tlops.features.signal_stack)
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
