@@ -12,8 +12,9 @@ write or a reason to give.
     python bench/mutation.py --out bench/results/mutation.md
     python bench/mutation.py --recheck tests/test_x.py --recheck-mutants 'tlops.data.splits*'  # see below
 
-``--recheck`` runs each surviving mutant against the given test files directly (mutmut's own
-switch, ``MUTANT_UNDER_TEST``, in its ``mutants/`` copy, with the files copied there first) and
+``--recheck`` runs each surviving mutant (and each one no selected test reached) against the given
+test files directly (mutmut's own switch, ``MUTANT_UNDER_TEST``, in its ``mutants/`` copy, with the
+files copied there first) and
 reports which of them those tests kill, so tests written after a long run are credited without
 rerunning it; ``make mutation`` later checks them the ordinary way.
 """
@@ -151,7 +152,7 @@ def main() -> int:
     os.chdir(ROOT)  # mutmut reads its config and mutants/ relative to the working directory
     rechecked = {}
     if args.recheck:
-        names = [k for codes in results.values() for k, v in codes.items() if _status(v) == "survived"]
+        names = [k for codes in results.values() for k, v in codes.items() if _status(v) in ("survived", "no tests")]
         names = [k for k in names if fnmatch.fnmatch(k, args.recheck_mutants)]
         rechecked = recheck(names, args.recheck, ROOT)
     text = render(results, reasons or {}, ROOT, rechecked, args.recheck)

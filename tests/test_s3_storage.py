@@ -355,3 +355,117 @@ def test_ingest_image_folder_prefix_from_s3(s3, tmp_path):
     art = ingest.run(validate_config(raw), {}, tmp_path / "ds")
     assert art.meta["format"] == "image-folder" and art.meta["classes"] == ["cat", "dog"]
     assert sum(art.meta["counts"].values()) == 12
+
+
+def test_stamp_fingerprints_objects_and_prefixes_by_name_size_and_etag_without_downloading(s3, monkeypatch):
+    """``stamp`` is what pull-model and ingest key an ``s3://`` source by: an object's name and
+    content (not where it lives), a prefix's relative names and contents, "missing" for nothing."""
+    st = S3Storage()
+
+    def put(key: str, data: bytes) -> None:
+        st.client.put_object(Bucket=BUCKET, Key=key, Body=data)
+
+    def stamp(key: str) -> str:
+        return st.stamp(f"s3://{BUCKET}/{key}")
+
+    for root in ("st/a", "st/b"):
+        put(f"{root}/x.bin", b"one")
+        put(f"{root}/sub/y.bin", b"two")
+    put("st/c/x.bin", b"one")
+    put("st/c/z.bin", b"one")
+    put("st/f/ax.bin", b"one")
+    put("st/g/bx.bin", b"one")
+
+    def no_download(*a, **k):
+        raise AssertionError("stamp downloaded an object")
+
+    monkeypatch.setattr(st.client, "get_object", no_download)
+    monkeypatch.setattr(st.client, "download_file", no_download)
+
+    obj = stamp("st/a/x.bin")
+    assert obj == stamp("st/c/x.bin")  # the same name and bytes elsewhere
+    assert stamp("st/c/z.bin") != obj  # the name counts
+    put("st/c/x.bin", b"uno")  # same size, other bytes: another ETag
+    assert stamp("st/c/x.bin") != obj
+
+    a = stamp("st/a")
+    assert a == stamp("st/a/") == stamp("st/b")  # a prefix, with or without its slash; names relative to it
+    assert a not in (obj, "missing")
+    assert stamp("st/f") != stamp("st/g")  # relative names differ in their first character only
+    put("st/b/sub/y.bin", b"TWO")
+    assert stamp("st/b") != a
+    put("st/b/sub/y.bin", b"two")
+    assert stamp("st/b") == a  # content back: stamp back
+    put("st/b/extra.bin", b"")
+    assert stamp("st/b") != a
+    st.delete(f"s3://{BUCKET}/st/b/extra.bin")
+    assert stamp("st/b") == a
+    assert stamp("st/none") == stamp("st/none/") == stamp("st/a/x.bin/") == "missing"
+    assert st.stamp(f"s3://{BUCKET}") not in ("missing", a)  # the whole bucket is a prefix too
+
+
+def test_stamp_on_a_dead_endpoint_names_what_it_could_not_check(s3, monkeypatch):
+    monkeypatch.setenv("TLOPS_S3_ATTEMPTS", "1")
+    monkeypatch.setenv("TLOPS_S3_CLIENT_RETRIES", "0")
+    st = S3Storage()
+    s3.stop()
+    with pytest.raises(StorageError, match=rf"^cannot check s3://{BUCKET}/st/x\.bin: endpoint .* unreachable after 1 "):
+        st.stamp(f"s3://{BUCKET}/st/x.bin")
+    with pytest.raises(StorageError, match=rf"^cannot list s3://{BUCKET}/st/: endpoint .* unreachable after 1 "):
+        st.stamp(f"s3://{BUCKET}/st/")  # a prefix: listed, not checked as an object first
+
+
+def test_local_storage_copies_atomically_and_refuses_what_is_not_there(tmp_path, monkeypatch):
+    """The local backend behind every non-s3 path: a file appears whole or not at all, parents are
+    made, a missing source is an error naming it, and a failed copy leaves no temp file."""
+    st = LocalStorage()
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    dst = tmp_path / "deep" / "er" / "dst.bin"
+    st.upload_file(src, dst)
+    assert dst.read_bytes() == b"payload" and sorted(p.name for p in dst.parent.iterdir()) == ["dst.bin"]
+
+    back = tmp_path / "back" / "b.bin"
+    st.download_file(dst, back)
+    assert back.read_bytes() == b"payload"
+    with pytest.raises(StorageError, match=rf"^cannot download {tmp_path}/nope\.bin: not found$"):
+        st.download_file(tmp_path / "nope.bin", tmp_path / "never.bin")
+    assert not (tmp_path / "never.bin").exists()
+
+    dst.write_bytes(b"old")
+    import shutil
+
+    def broken(a, b):
+        Path(b).write_bytes(b"pay")  # half a file, then the disk fails
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copyfile", broken)
+    with pytest.raises(OSError, match="disk full"):
+        st.upload_file(src, dst)
+    monkeypatch.undo()
+    assert dst.read_bytes() == b"old" and sorted(p.name for p in dst.parent.iterdir()) == ["dst.bin"]
+
+    st.delete(dst)
+    assert not dst.exists()
+    st.delete(dst)  # deleting what is not there is not an error
+    st.delete(tmp_path / "deep")  # nor is naming a directory: delete removes files only
+    assert (tmp_path / "deep" / "er").is_dir()
+
+
+def test_local_download_prefix_merges_a_tree_into_an_existing_directory(tmp_path):
+    st = LocalStorage()
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text("a")
+    (tree / "sub" / "b.txt").write_text("b")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("k")
+    st.download_prefix(tree, out)
+    st.download_prefix(tree, out)  # again: no error, same tree
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "a.txt",
+        "keep.txt",
+        "sub/b.txt",
+    ]
+    assert (out / "sub" / "b.txt").read_text() == "b"
