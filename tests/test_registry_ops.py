@@ -206,3 +206,42 @@ def test_server_refusals_become_one_line(monkeypatch, code, status, want):
             raise err
     if want:
         assert str(got.value) == want
+
+
+@pytest.mark.parametrize(
+    ("call", "want"),
+    [
+        (
+            "set_registered_model_alias",
+            "may not move 'champion' of registered model '{m}': needs MANAGE on the registered model (the reviewer "
+            "role)",
+        ),
+        (
+            "set_model_version_tag",
+            "may not tag a version of registered model '{m}': needs EDIT on the registered model",
+        ),
+    ],
+    ids=["alias", "tag"],
+)
+def test_rollback_403(model, monkeypatch, call, want):
+    """A reviewer moves ``champion`` (MANAGE) and tags the version (EDIT): a 403 on either call is one
+    line naming the user, the model and the permission, not MLflow's traceback."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    registry.promote(model, "1")
+    registry.promote(model, "2")
+    real = getattr(MlflowClient, call)
+
+    def refused(self, *a, **k):
+        if call == "set_registered_model_alias" or a[2] == "tlops.rolled_back":
+            raise MlflowException("denied", error_code=databricks_pb2.PERMISSION_DENIED)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(MlflowClient, call, refused)
+    with pytest.raises(TlopsError) as e:
+        registry.rollback(model)
+    assert str(e.value) == "permission denied: user 'alice' " + want.format(m=model)
+    if call == "set_registered_model_alias":
+        assert _aliases(model) == {"champion": "2", "previous-champion": "1"}  # nothing moved

@@ -469,3 +469,112 @@ def test_local_download_prefix_merges_a_tree_into_an_existing_directory(tmp_path
         "sub/b.txt",
     ]
     assert (out / "sub" / "b.txt").read_text() == "b"
+
+
+def test_is_locked_reports_another_holder_without_waiting(tmp_path):
+    import threading
+
+    from tlops.storage import file_lock, is_locked
+
+    p = tmp_path / "locks" / "x.lock"
+    assert is_locked(p) is False and not p.exists()  # a missing lock file: not locked, nothing created
+    seen: dict[str, bool] = {}
+    with file_lock(p, what="test"):
+        other = threading.Thread(target=lambda: seen.setdefault("locked", is_locked(p)))
+        other.start()
+        other.join(5)
+    assert seen == {"locked": True}  # another thread sees it held (and did not wait for it)
+    assert is_locked(p) is False  # released
+
+
+def test_local_upload_dir_publishes_a_finished_artifact_once_and_cleans_up_a_failure(tmp_path, monkeypatch):
+    st = LocalStorage()
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "a.bin").write_bytes(b"1")
+    dst = tmp_path / "store" / "deep" / "one"
+    with pytest.raises(StorageError) as e:
+        st.upload_dir(unfinished, dst)
+    assert str(e.value) == f"cannot upload {unfinished} to {dst}: it has no manifest.json (not a finished artifact)"
+    assert not (tmp_path / "store").exists()
+
+    src = make_artifact(tmp_path / "a", {"a.bin": b"1"})
+    st.upload_dir(src, dst)  # parents made
+    assert sorted(p.name for p in dst.iterdir()) == ["a.bin", "manifest.json"]
+    other = make_artifact(tmp_path / "b", {"b.bin": b"2"})
+    st.upload_dir(other, dst)  # a finished artifact is there: the first one stays
+    assert sorted(p.name for p in dst.iterdir()) == ["a.bin", "manifest.json"]
+
+    import tlops.artifacts
+
+    def broken(staging, target):
+        raise OSError("publish failed")
+
+    monkeypatch.setattr(tlops.artifacts, "publish_dir", broken)
+    with pytest.raises(OSError, match="publish failed"):
+        st.upload_dir(src, tmp_path / "store" / "two")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["deep"]  # no staging dir left
+
+    st.delete_prefix(tmp_path / "store" / "deep")
+    assert not (tmp_path / "store" / "deep").exists()
+    st.delete_prefix(tmp_path / "store" / "deep")  # already gone: not an error
+
+
+def test_s3_delete_prefix_withdraws_the_manifest_first_in_one_batch_and_only_that_prefix(s3, tmp_path, monkeypatch):
+    st = S3Storage()
+    for key in ("p/a.bin", "p/manifest.json", "p/z.bin", "pq/keep.bin"):
+        st.client.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    calls: list[list[str]] = []
+    real = st.client.delete_objects
+
+    def spy(**kw):
+        calls.append([o["Key"] for o in kw["Delete"]["Objects"]])
+        return real(**kw)
+
+    monkeypatch.setattr(st.client, "delete_objects", spy)
+    st.delete_prefix(f"s3://{BUCKET}/p/")  # with or without the slash: the prefix p/, not pq/
+    assert calls == [["p/manifest.json", "p/a.bin", "p/z.bin"]]
+    assert objects() == ["pq/keep.bin"]
+    st.delete(f"s3://{BUCKET}/pq/keep.bin")
+    st.delete(f"s3://{BUCKET}/pq/keep.bin")  # deleting what is gone is not an error
+    st.delete("s3://no-such-bucket/x.bin")  # nor in a bucket that is not there
+    assert objects() == []
+
+
+def test_s3_delete_errors_name_the_operation_and_the_uri(s3, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    st = S3Storage()
+    st.client.put_object(Bucket=BUCKET, Key="d/a.bin", Body=b"x")
+
+    def denied(**kw):
+        raise ClientError(
+            {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "op"
+        )
+
+    monkeypatch.setattr(st.client, "delete_objects", denied)
+    monkeypatch.setattr(st.client, "delete_object", denied)
+    with pytest.raises(StorageError, match=rf"^cannot delete s3://{BUCKET}/d/: endpoint \S+ refused it \(ClientError"):
+        st.delete_prefix(f"s3://{BUCKET}/d")
+    with pytest.raises(StorageError, match=rf"^cannot delete s3://{BUCKET}/d/a\.bin: endpoint \S+ refused it"):
+        st.delete(f"s3://{BUCKET}/d/a.bin")
+
+
+def test_s3_upload_dir_replaces_an_artifact_without_leaving_its_old_files(s3, tmp_path):
+    st = S3Storage()
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    with pytest.raises(StorageError) as e:
+        st.upload_dir(unfinished, f"s3://{BUCKET}/r/one")
+    assert str(e.value) == (
+        f"cannot upload {unfinished} to s3://{BUCKET}/r/one: it has no manifest.json (not a finished artifact)"
+    )
+    old = make_artifact(tmp_path / "old", {"stale.bin": b"old", "kept.bin": b"old"})
+    new = make_artifact(tmp_path / "new", {"kept.bin": b"new"})
+    for uri in (f"s3://{BUCKET}/r/one", f"s3://{BUCKET}/r/two/"):
+        st.upload_dir(old, uri)
+        st.upload_dir(new, uri)
+        base = uri.rstrip("/").split(f"{BUCKET}/", 1)[1]
+        assert objects(base + "/") == [f"{base}/kept.bin", f"{base}/manifest.json"]  # stale.bin withdrawn
+        body = st.client.get_object(Bucket=BUCKET, Key=f"{base}/kept.bin")["Body"].read()
+        assert body == b"new"
