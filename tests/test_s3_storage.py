@@ -578,3 +578,44 @@ def test_s3_upload_dir_replaces_an_artifact_without_leaving_its_old_files(s3, tm
         assert objects(base + "/") == [f"{base}/kept.bin", f"{base}/manifest.json"]  # stale.bin withdrawn
         body = st.client.get_object(Bucket=BUCKET, Key=f"{base}/kept.bin")["Body"].read()
         assert body == b"new"
+
+
+def test_s3_error_detail_is_one_line_of_at_most_300_characters():
+    short = S3Storage._short
+    assert short(None) == "unknown error"
+    assert short(ValueError("a\n   b\tc")) == "ValueError: a b c"
+    assert short(ValueError("x" * 300)) == "ValueError: " + "x" * 300
+    assert short(ValueError("x" * 301)) == "ValueError: " + "x" * 300 + "..."
+
+
+def test_s3_download_dir_stages_next_to_the_target_and_leaves_nothing_on_failure(s3, tmp_path, monkeypatch):
+    st = S3Storage()
+    src = make_artifact(tmp_path / "a", {"a.bin": b"1", "b.bin": b"2"})
+    st.upload_dir(src, f"s3://{BUCKET}/dl/one")
+    dst = tmp_path / "deep" / "er" / "one"
+    staged: list[Path] = []
+    real = S3Storage.download_prefix
+
+    def spy(self, uri, local_dir):
+        staged.append(Path(local_dir))
+        return real(self, uri, local_dir)
+
+    monkeypatch.setattr(S3Storage, "download_prefix", spy)
+    st.download_dir(f"s3://{BUCKET}/dl/one", dst)  # parents made
+    assert sorted(p.name for p in dst.iterdir()) == ["a.bin", "b.bin", "manifest.json"]
+    ((stage,),) = [staged]
+    assert stage.parent == dst.parent and stage.name.startswith(".one.tmp-")  # renamed into place, same filesystem
+
+    calls = {"n": 0}
+    real_file = S3Storage.download_file
+
+    def fail_second(self, uri, local):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise StorageError("download failed")
+        return real_file(self, uri, local)
+
+    monkeypatch.setattr(S3Storage, "download_file", fail_second)
+    with pytest.raises(StorageError, match="download failed"):
+        st.download_dir(f"s3://{BUCKET}/dl/one", tmp_path / "deep" / "er" / "two")
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["one"]  # no staging dir, no half artifact
