@@ -619,3 +619,12 @@ def test_s3_download_dir_stages_next_to_the_target_and_leaves_nothing_on_failure
     with pytest.raises(StorageError, match="download failed"):
         st.download_dir(f"s3://{BUCKET}/dl/one", tmp_path / "deep" / "er" / "two")
     assert sorted(p.name for p in dst.parent.iterdir()) == ["one"]  # no staging dir, no half artifact
+
+
+def test_s3_download_prefix_refuses_a_key_that_escapes_the_target(s3, tmp_path, monkeypatch):
+    st = S3Storage()
+    monkeypatch.setattr(st, "list", lambda uri: ["../escape.bin"])  # a key a hostile writer could create
+    with pytest.raises(StorageError) as e:
+        st.download_prefix(f"s3://{BUCKET}/p", tmp_path / "t")
+    assert str(e.value) == f"refusing to download s3://{BUCKET}/p/../escape.bin: the key escapes the target directory"
+    assert not (tmp_path / "escape.bin").exists()
