@@ -202,7 +202,11 @@ def test_local_feature_cache_put_get_load_and_compute_once(tmp_path):
     other = cache_key("m", {}, "d")
     cache.get_or_compute_arrays(other, compute, {}, enabled=False)
     assert calls == [1, 1] and cache.get(other) is None
-    # put of a key that is stored: the entry stays as it was
+    # put of a new key stores its arrays and metadata; of a key that is stored, the entry stays as it was
+    fresh = cache_key("model-digest", {"size": 8}, "other-data")
+    assert cache.put(fresh, {"z": np.arange(3)}, {"m": 1}) == cache.entry(fresh)
+    assert np.array_equal(cache.load(fresh)["z"], [0, 1, 2]) and sorted(cache.load(fresh)) == ["z"]
+    assert A.read_artifact(cache.get(fresh), KIND).meta == {"m": 1, "cache_key": fresh}
     assert cache.put(key, {"x": np.zeros(1)}, {"n": 0}) == entry
     assert np.array_equal(cache.load(key)["x"], got["x"])
     dst = tmp_path / "f.npz"

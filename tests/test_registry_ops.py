@@ -245,3 +245,41 @@ def test_rollback_403(model, monkeypatch, call, want):
     assert str(e.value) == "permission denied: user 'alice' " + want.format(m=model)
     if call == "set_registered_model_alias":
         assert _aliases(model) == {"champion": "2", "previous-champion": "1"}  # nothing moved
+
+
+def test_who_without_a_login_or_uid_is_unknown(monkeypatch):
+    for var in ("MLFLOW_TRACKING_USERNAME", "TLOPS_USER"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_passwd():
+        raise KeyError("uid")
+
+    monkeypatch.setattr("getpass.getuser", no_passwd)
+    monkeypatch.delattr("os.getuid")  # a platform without uids
+    assert registry.who() == "unknown"
+
+
+def test_stamps_are_utc_whatever_the_local_time_zone(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        before = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = registry._now()
+        after = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        assert before <= now <= after
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_history_keeps_a_line_at_the_cap_and_at_least_the_newest_line(model, monkeypatch):
+    monkeypatch.setattr(registry, "HISTORY_MAX_CHARS", 9)
+    registry._append_history(model, "aaaa")
+    registry._append_history(model, "bbbb")  # "aaaa\\nbbbb" is exactly 9 characters: both kept
+    assert _history(model) == ["aaaa", "bbbb"]
+    registry._append_history(model, "c" * 7)  # "bbbb\nccccccc" is over the cap: whole old lines go, not half
+    assert _history(model) == ["c" * 7]
+    registry._append_history(model, "d" * 20)  # longer than the cap on its own: only its last 9 characters
+    assert _history(model) == ["d" * 9]
