@@ -628,3 +628,68 @@ def test_s3_download_prefix_refuses_a_key_that_escapes_the_target(s3, tmp_path, 
         st.download_prefix(f"s3://{BUCKET}/p", tmp_path / "t")
     assert str(e.value) == f"refusing to download s3://{BUCKET}/p/../escape.bin: the key escapes the target directory"
     assert not (tmp_path / "escape.bin").exists()
+
+
+def _client_error(code: str | None, status: int | None):
+    from botocore.exceptions import ClientError
+
+    response: dict = {}
+    if code is not None:
+        response["Error"] = {"Code": code, "Message": "m"}
+    if status is not None:
+        response["ResponseMetadata"] = {"HTTPStatusCode": status}
+    return ClientError(response, "Op")
+
+
+def test_s3_errors_are_classified_by_code_then_status_then_message():
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    classify = S3Storage._classify
+    cases = [
+        (NoCredentialsError(), "credentials"),
+        (EndpointConnectionError(endpoint_url="http://x"), "transient"),
+        (TimeoutError(), "transient"),
+        (_client_error("NoSuchKey", None), "missing"),  # by the code alone
+        (_client_error(None, 404), "missing"),  # by the status alone (a HEAD has no body, so no code)
+        (_client_error("SlowDown", None), "transient"),
+        (_client_error(None, 503), "transient"),
+        (_client_error(None, 429), "transient"),
+        (_client_error("AccessDenied", 403), "fatal"),
+        (_client_error(None, None), "fatal"),  # neither: not retried
+        (S3UploadFailedError("Failed to upload: Could not connect to the endpoint URL"), "transient"),
+        (S3UploadFailedError("An error occurred (NoSuchBucket) when calling PutObject"), "missing"),
+        (S3UploadFailedError("An error occurred (AccessDenied) when calling PutObject"), "fatal"),
+        (ValueError("anything else"), "fatal"),
+    ]
+    assert [(type(e).__name__, classify(e)) for e, _ in cases] == [(type(e).__name__, want) for e, want in cases]
+
+
+def test_s3_exists_and_list_of_objects_prefixes_and_missing_buckets(s3):
+    st = S3Storage()
+    for key in ("e/a.bin", "e/sub/b.bin", "e/dir/", "ef/c.bin"):  # e/dir/: a console's "folder" marker
+        st.client.put_object(Bucket=BUCKET, Key=key, Body=b"" if key.endswith("/") else b"x")
+    assert st.exists(f"s3://{BUCKET}/e/a.bin") and not st.exists(f"s3://{BUCKET}/e/none.bin")
+    assert st.exists(f"s3://{BUCKET}/e/sub/")  # a prefix with objects under it
+    assert not st.exists(f"s3://{BUCKET}/e/none/") and st.exists(f"s3://{BUCKET}")
+    assert st.list(f"s3://{BUCKET}/e") == st.list(f"s3://{BUCKET}/e/") == ["a.bin", "sub/b.bin"]  # not ef/, no marker
+    assert st.list("s3://no-such-bucket/e") == [] and not st.exists("s3://no-such-bucket/e/")
+
+
+def test_s3_checks_and_listings_on_a_dead_endpoint_name_what_failed(s3, monkeypatch):
+    monkeypatch.setenv("TLOPS_S3_ATTEMPTS", "1")
+    monkeypatch.setenv("TLOPS_S3_CLIENT_RETRIES", "0")
+    st = S3Storage()
+    s3.stop()
+    with pytest.raises(StorageError, match=rf"^cannot check s3://{BUCKET}/x\.bin: endpoint \S+ unreachable after 1 "):
+        st.exists(f"s3://{BUCKET}/x.bin")
+    with pytest.raises(StorageError, match=rf"^cannot list s3://{BUCKET}/p/: endpoint \S+ unreachable after 1 "):
+        st.list(f"s3://{BUCKET}/p")
+
+
+def test_s3_download_dir_replaces_an_older_copy(s3, tmp_path):
+    st = S3Storage()
+    st.upload_dir(make_artifact(tmp_path / "a", {"new.bin": b"1"}), f"s3://{BUCKET}/rep/one")
+    dst = make_artifact(tmp_path / "local" / "one", {"old.bin": b"0"})
+    st.download_dir(f"s3://{BUCKET}/rep/one", dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["manifest.json", "new.bin"]
