@@ -65,23 +65,27 @@ def collect(root: Path) -> dict[str, dict[str, int | None]]:
     return out
 
 
-def recheck(names: list[str], tests: list[str], root: Path) -> dict[str, bool]:
-    """Mutant name -> whether ``tests`` kill it (pytest fails with the mutant switched on)."""
-    for t in tests:
+def recheck(names: list[str], tests: list[str], root: Path, jobs: int = 1) -> dict[str, bool]:
+    """Mutant name -> whether ``tests`` (files or pytest node ids) kill it (pytest fails with the
+    mutant switched on); ``jobs`` mutants at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for t in {t.split("::")[0] for t in tests}:
         shutil.copy2(root / t, root / "mutants" / t)
-    env = dict(os.environ, PYTHONPATH=f"{root / 'mutants' / 'src'}{os.pathsep}{root / 'mutants'}")
-    killed = {}
-    for name in names:
-        env["MUTANT_UNDER_TEST"] = name
+    base = dict(os.environ, PYTHONPATH=f"{root / 'mutants' / 'src'}{os.pathsep}{root / 'mutants'}")
+
+    def one(name: str) -> bool:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
             cwd=root / "mutants",
-            env=env,
+            env=dict(base, MUTANT_UNDER_TEST=name),
             capture_output=True,
             timeout=600,
         )
-        killed[name] = proc.returncode == 1
-    return killed
+        return proc.returncode == 1
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
 
 
 def render(
@@ -141,8 +145,9 @@ def render(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mutation.md")
-    ap.add_argument("--recheck", nargs="*", default=[], help="test files to run each survivor against")
+    ap.add_argument("--recheck", nargs="*", default=[], help="test files or node ids to run each survivor against")
     ap.add_argument("--recheck-mutants", default="*", help="only survivors whose name matches this glob")
+    ap.add_argument("--jobs", type=int, default=2, help="rechecks run at a time")
     args = ap.parse_args()
     results = collect(ROOT)
     if not results:
@@ -154,7 +159,7 @@ def main() -> int:
     if args.recheck:
         names = [k for codes in results.values() for k, v in codes.items() if _status(v) in ("survived", "no tests")]
         names = [k for k in names if fnmatch.fnmatch(k, args.recheck_mutants)]
-        rechecked = recheck(names, args.recheck, ROOT)
+        rechecked = recheck(names, args.recheck, ROOT, args.jobs)
     text = render(results, reasons or {}, ROOT, rechecked, args.recheck)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
