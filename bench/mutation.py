@@ -134,7 +134,7 @@ def render(
     for module, name, status in survivors:
         why = reasons.get(name) or reasons.get(name.split("__mutmut_")[0] + "__mutmut_*") or "(no reason recorded)"
         if rechecked.get(name):
-            why = f"**killed by the tests added after the run** ({', '.join(recheck_tests or [])})"
+            why = "**killed by the tests added after the run** (listed above)"
         if status == "no tests":
             why = f"no fast test reaches it; {why}"
         change = _diff(name, Path(module)).replace("|", "\\|")
