@@ -653,16 +653,33 @@ def test_s3_errors_are_classified_by_code_then_status_then_message():
         (_client_error("NoSuchKey", None), "missing"),  # by the code alone
         (_client_error(None, 404), "missing"),  # by the status alone (a HEAD has no body, so no code)
         (_client_error("SlowDown", None), "transient"),
+        (_client_error(None, 500), "transient"),
         (_client_error(None, 503), "transient"),
         (_client_error(None, 429), "transient"),
         (_client_error("AccessDenied", 403), "fatal"),
         (_client_error(None, None), "fatal"),  # neither: not retried
-        (S3UploadFailedError("Failed to upload: Could not connect to the endpoint URL"), "transient"),
+        *(
+            (S3UploadFailedError(f"Failed to upload x: {text}"), "transient")
+            for text in (
+                "Could not connect to the endpoint URL",
+                "Connection was closed before we received a valid response",
+                "Read timeout on endpoint URL",
+                "Connect timeout on endpoint URL",
+                "An error occurred (500) when calling PutObject",
+                "An error occurred (502) when calling PutObject",
+                "An error occurred (503) when calling PutObject",
+                "An error occurred (504) when calling PutObject",
+                "An error occurred (SlowDown) when calling PutObject",
+                "An error occurred (Throttling) when calling PutObject",
+                "An error occurred (InternalError) when calling PutObject",
+            )
+        ),
         (S3UploadFailedError("An error occurred (NoSuchBucket) when calling PutObject"), "missing"),
+        (S3UploadFailedError("An error occurred (404) when calling HeadObject"), "missing"),
         (S3UploadFailedError("An error occurred (AccessDenied) when calling PutObject"), "fatal"),
         (ValueError("anything else"), "fatal"),
     ]
-    assert [(type(e).__name__, classify(e)) for e, _ in cases] == [(type(e).__name__, want) for e, want in cases]
+    assert [(str(e), classify(e)) for e, _ in cases] == [(str(e), want) for e, want in cases]
 
 
 def test_s3_exists_and_list_of_objects_prefixes_and_missing_buckets(s3):
