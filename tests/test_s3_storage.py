@@ -710,3 +710,47 @@ def test_s3_download_dir_replaces_an_older_copy(s3, tmp_path):
     dst = make_artifact(tmp_path / "local" / "one", {"old.bin": b"0"})
     st.download_dir(f"s3://{BUCKET}/rep/one", dst)
     assert sorted(p.name for p in dst.iterdir()) == ["manifest.json", "new.bin"]
+
+
+def test_s3_call_retries_with_capped_backoff_then_names_the_failure(s3, monkeypatch):
+    """``_call``'s policy without a network in the way: transient errors are retried with doubling
+    delays capped at 8 s, never after the last attempt; the errors that retrying cannot fix are one
+    line at once."""
+    from botocore.exceptions import NoCredentialsError
+
+    import tlops.storage as storage
+
+    slept: list[float] = []
+    monkeypatch.setattr(storage.time, "sleep", slept.append)
+    st = S3Storage(attempts=5, backoff=3.0)
+    failures = iter([_client_error("SlowDown", 503)] * 2)
+
+    def flaky():
+        err = next(failures, None)
+        if err is not None:
+            raise err
+        return "ok"
+
+    assert st._call("list", "s3://b/p/", flaky) == "ok" and slept == [3.0, 6.0]
+    slept.clear()
+    with pytest.raises(StorageError) as e:
+        st._call("list", "s3://b/p/", lambda: (_ for _ in ()).throw(_client_error("SlowDown", 503)))
+    assert slept == [3.0, 6.0, 8.0, 8.0]  # capped; no sleep after the fifth, last attempt
+    assert str(e.value) == (
+        f"cannot list s3://b/p/: endpoint {st.endpoint} still failing after 5 attempts "
+        "(ClientError: An error occurred (SlowDown) when calling the Op operation: m)"
+    )
+
+    slept.clear()
+    with pytest.raises(StorageError) as e:
+        st._call("check", "s3://b/k", lambda: (_ for _ in ()).throw(_client_error("NoSuchKey", 404)))
+    assert str(e.value) == (
+        "cannot check s3://b/k: not found (ClientError: An error occurred (NoSuchKey) when calling the Op operation: m)"
+    )
+    with pytest.raises(StorageError) as e:
+        st._call("check", "s3://b/k", lambda: (_ for _ in ()).throw(NoCredentialsError()))
+    assert str(e.value) == (
+        f"cannot check s3://b/k: no S3 credentials found for endpoint {st.endpoint}; set "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role"
+    )
+    assert slept == []  # not found and no credentials: not retried
