@@ -754,3 +754,59 @@ def test_s3_call_retries_with_capped_backoff_then_names_the_failure(s3, monkeypa
         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role"
     )
     assert slept == []  # not found and no credentials: not retried
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "Could not connect to the endpoint URL",
+        "Connect timeout on endpoint URL",
+        "Read timeout on endpoint URL",
+        ConnectionError("reset by peer"),
+    ],
+)
+def test_s3_call_says_unreachable_when_the_endpoint_did_not_answer(s3, monkeypatch, failure):
+    from boto3.exceptions import S3UploadFailedError
+
+    import tlops.storage as storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    st = S3Storage(attempts=2, backoff=0.0)
+    err = S3UploadFailedError(f"Failed to upload x: {failure}") if isinstance(failure, str) else failure
+    with pytest.raises(StorageError) as e:
+        st._call("upload x to", "s3://b/x", lambda: (_ for _ in ()).throw(err))
+    assert str(e.value).startswith(
+        f"cannot upload x to s3://b/x: endpoint {st.endpoint} unreachable after 2 attempts ("
+    )
+
+
+def test_s3_uris_and_client_settings(s3, monkeypatch, tmp_path):
+    from tlops.storage import split_s3
+
+    assert split_s3("s3://b/p/q") == ("b", "p/q")
+    with pytest.raises(StorageError) as e:
+        split_s3("/local/path")
+    assert str(e.value) == "not an s3:// URI: /local/path"
+    with pytest.raises(StorageError) as e:
+        split_s3("s3:///p")
+    assert str(e.value) == "s3:///p: no bucket name; expected s3://<bucket>/<prefix>"
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"x")
+    for uri in (f"s3://{BUCKET}/p/", f"s3://{BUCKET}"):
+        with pytest.raises(StorageError) as e:
+            S3Storage().upload_file(f, uri)
+        assert str(e.value) == f"cannot upload {f} to {uri}: the URI names a prefix, not an object"
+
+    endpoint = S3Storage().endpoint_url
+    monkeypatch.delenv("S3_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # the AWS SDKs' own variable is honoured too
+    assert S3Storage().endpoint_url == endpoint and S3Storage(endpoint_url="http://other:9000").endpoint_url == (
+        "http://other:9000"
+    )
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    assert S3Storage().region == "us-east-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert S3Storage().region == "eu-west-1"
+    monkeypatch.setenv("AWS_REGION", "eu-north-1")
+    assert S3Storage().region == "eu-north-1" and S3Storage(region="ap-south-1").region == "ap-south-1"
