@@ -810,3 +810,63 @@ def test_s3_uris_and_client_settings(s3, monkeypatch, tmp_path):
     assert S3Storage().region == "eu-west-1"
     monkeypatch.setenv("AWS_REGION", "eu-north-1")
     assert S3Storage().region == "eu-north-1" and S3Storage(region="ap-south-1").region == "ap-south-1"
+
+
+def test_s3_client_settings_are_the_documented_defaults_or_the_environments(s3, monkeypatch):
+    """The tuning knobs of the module docstring: defaults, then each TLOPS_S3_* override."""
+    MiB = 1024 * 1024
+    for var in ("ATTEMPTS", "BACKOFF", "CLIENT_RETRIES", "CONNECT_TIMEOUT", "READ_TIMEOUT"):
+        monkeypatch.delenv(f"TLOPS_S3_{var}", raising=False)
+    for var in ("MULTIPART_THRESHOLD", "MULTIPART_CHUNKSIZE"):
+        monkeypatch.delenv(f"TLOPS_S3_{var}", raising=False)
+
+    def settings(st: S3Storage) -> dict:
+        c, t = st.client.meta.config, st.transfer_config
+        return {
+            "attempts": st.attempts,
+            "backoff": st.backoff,
+            "retries": c.retries,
+            "timeouts": (c.connect_timeout, c.read_timeout),
+            "path_style": (c.s3 or {}).get("addressing_style"),
+            "multipart": (t.multipart_threshold, t.multipart_chunksize, t.max_request_concurrency),
+        }
+
+    assert settings(S3Storage()) == {
+        "attempts": 4,
+        "backoff": 0.5,
+        "retries": {"mode": "standard", "total_max_attempts": 3},  # botocore counts the first try too
+        "timeouts": (10.0, 60.0),
+        "path_style": "path",  # an explicit endpoint (MinIO, moto): path-style addressing
+        "multipart": (64 * MiB, 16 * MiB, 4),
+    }
+    for var, value in {
+        "ATTEMPTS": "7",
+        "BACKOFF": "0.25",
+        "CLIENT_RETRIES": "0",
+        "CONNECT_TIMEOUT": "3",
+        "READ_TIMEOUT": "9",
+        "MULTIPART_THRESHOLD": str(6 * MiB),
+    }.items():
+        monkeypatch.setenv(f"TLOPS_S3_{var}", value)
+    assert settings(S3Storage()) == {
+        "attempts": 7,
+        "backoff": 0.25,
+        "retries": {"mode": "standard", "total_max_attempts": 1},
+        "timeouts": (3.0, 9.0),
+        "path_style": "path",
+        "multipart": (6 * MiB, 6 * MiB, 4),  # parts follow a small threshold, never under S3's 5 MiB
+    }
+    monkeypatch.setenv("TLOPS_S3_MULTIPART_THRESHOLD", str(1 * MiB))
+    monkeypatch.setenv("TLOPS_S3_ATTEMPTS", "0")
+    st = S3Storage()
+    assert st.transfer_config.multipart_chunksize == 5 * MiB and st.attempts == 1  # at least one attempt
+    monkeypatch.setenv("TLOPS_S3_MULTIPART_CHUNKSIZE", str(8 * MiB))
+    assert S3Storage().transfer_config.multipart_chunksize == 8 * MiB
+    monkeypatch.setenv("TLOPS_S3_CLIENT_RETRIES", "-3")
+    assert S3Storage().client.meta.config.retries["total_max_attempts"] == 1  # clamped at no retries
+    monkeypatch.delenv("S3_ENDPOINT_URL")
+    assert S3Storage().client.meta.config.s3 in (None, {})  # AWS itself: virtual-hosted style
+    monkeypatch.setenv("TLOPS_S3_READ_TIMEOUT", "soon")
+    with pytest.raises(StorageError) as e:
+        S3Storage()
+    assert str(e.value) == "TLOPS_S3_READ_TIMEOUT='soon' is not a number"
