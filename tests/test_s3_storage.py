@@ -870,3 +870,31 @@ def test_s3_client_settings_are_the_documented_defaults_or_the_environments(s3, 
     with pytest.raises(StorageError) as e:
         S3Storage()
     assert str(e.value) == "TLOPS_S3_READ_TIMEOUT='soon' is not a number"
+
+
+def test_s3_prefixes_ending_in_x_and_missing_buckets_in_stamps(s3, tmp_path):
+    """Prefix handling strips slashes only (a name ending in 'X' keeps it); a missing bucket is
+    'missing' to ``stamp``, as an empty prefix is."""
+    st = S3Storage()
+    st.client.put_object(Bucket=BUCKET, Key="boX/a.bin", Body=b"x")
+    assert st.list(f"s3://{BUCKET}/boX") == ["a.bin"] and st.stamp(f"s3://{BUCKET}/boX/") != "missing"
+    st.upload_dir(make_artifact(tmp_path / "n", {"b.bin": b"y"}), f"s3://{BUCKET}/boX")  # replaces a.bin
+    assert objects("boX/") == ["boX/b.bin", "boX/manifest.json"]
+    st.delete_prefix(f"s3://{BUCKET}/boX")
+    assert objects("boX/") == []
+    assert st.stamp("s3://no-such-bucket/p/") == "missing"
+
+
+def test_s3_settings_are_whole_numbers_and_an_empty_variable_means_the_default(s3, monkeypatch):
+    monkeypatch.setenv("TLOPS_S3_ATTEMPTS", "")
+    monkeypatch.setenv("TLOPS_S3_CLIENT_RETRIES", "1")
+    st = S3Storage()
+    assert st.attempts == 4 and type(st.attempts) is int
+    assert type(st.client.meta.config.retries["total_max_attempts"]) is int
+
+
+def test_local_upload_of_a_missing_file_names_that_file(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        LocalStorage().upload_file(tmp_path / "nope.bin", tmp_path / "out" / "x.bin")
+    assert e.value.filename == str(tmp_path / "nope.bin")
+    assert list((tmp_path / "out").iterdir()) == []  # no temp file left
