@@ -32,6 +32,18 @@ def make_artifact(d: Path, files: dict[str, bytes]) -> Path:
     return d
 
 
+def _client_error(code: str | None, status: int | None, op: str = "Op", message: str = "m"):
+    """botocore's ClientError as an S3 server's reply builds it; a missing code or status is left out."""
+    from botocore.exceptions import ClientError
+
+    response: dict = {}
+    if code is not None:
+        response["Error"] = {"Code": code, "Message": message}
+    if status is not None:
+        response["ResponseMetadata"] = {"HTTPStatusCode": status}
+    return ClientError(response, op)
+
+
 def assert_no_secret(*texts: str) -> None:
     for t in texts:
         assert SECRET not in t
@@ -117,15 +129,11 @@ def test_missing_object_and_bad_uri(s3, tmp_path):
 
 
 def test_transient_errors_are_retried_then_reported(s3, tmp_path, monkeypatch, caplog):
-    from botocore.exceptions import ClientError
-
     monkeypatch.setenv("TLOPS_S3_BACKOFF", "0.01")
     st = S3Storage()
 
-    def err(code: str, status: int) -> ClientError:
-        return ClientError(
-            {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
-        )
+    def err(code: str, status: int):
+        return _client_error(code, status, op="PutObject", message=code)
 
     calls = {"n": 0}
 
@@ -404,17 +412,6 @@ def test_stamp_fingerprints_objects_and_prefixes_by_name_size_and_etag_without_d
     assert st.stamp(f"s3://{BUCKET}") not in ("missing", a)  # the whole bucket is a prefix too
 
 
-def test_stamp_on_a_dead_endpoint_names_what_it_could_not_check(s3, monkeypatch):
-    monkeypatch.setenv("TLOPS_S3_ATTEMPTS", "1")
-    monkeypatch.setenv("TLOPS_S3_CLIENT_RETRIES", "0")
-    st = S3Storage()
-    s3.stop()
-    with pytest.raises(StorageError, match=rf"^cannot check s3://{BUCKET}/st/x\.bin: endpoint .* unreachable after 1 "):
-        st.stamp(f"s3://{BUCKET}/st/x.bin")
-    with pytest.raises(StorageError, match=rf"^cannot list s3://{BUCKET}/st/: endpoint .* unreachable after 1 "):
-        st.stamp(f"s3://{BUCKET}/st/")  # a prefix: listed, not checked as an object first
-
-
 def test_local_storage_copies_atomically_and_refuses_what_is_not_there(tmp_path, monkeypatch):
     """The local backend behind every non-s3 path: a file appears whole or not at all, parents are
     made, a missing source is an error naming it, and a failed copy leaves no temp file."""
@@ -542,15 +539,11 @@ def test_s3_delete_prefix_withdraws_the_manifest_first_in_one_batch_and_only_tha
 
 
 def test_s3_delete_errors_name_the_operation_and_the_uri(s3, monkeypatch):
-    from botocore.exceptions import ClientError
-
     st = S3Storage()
     st.client.put_object(Bucket=BUCKET, Key="d/a.bin", Body=b"x")
 
     def denied(**kw):
-        raise ClientError(
-            {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "op"
-        )
+        raise _client_error("AccessDenied", 403)
 
     monkeypatch.setattr(st.client, "delete_objects", denied)
     monkeypatch.setattr(st.client, "delete_object", denied)
@@ -630,17 +623,6 @@ def test_s3_download_prefix_refuses_a_key_that_escapes_the_target(s3, tmp_path, 
     assert not (tmp_path / "escape.bin").exists()
 
 
-def _client_error(code: str | None, status: int | None):
-    from botocore.exceptions import ClientError
-
-    response: dict = {}
-    if code is not None:
-        response["Error"] = {"Code": code, "Message": "m"}
-    if status is not None:
-        response["ResponseMetadata"] = {"HTTPStatusCode": status}
-    return ClientError(response, "Op")
-
-
 def test_s3_errors_are_classified_by_code_then_status_then_message():
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import EndpointConnectionError, NoCredentialsError
@@ -693,7 +675,7 @@ def test_s3_exists_and_list_of_objects_prefixes_and_missing_buckets(s3):
     assert st.list("s3://no-such-bucket/e") == [] and not st.exists("s3://no-such-bucket/e/")
 
 
-def test_s3_checks_and_listings_on_a_dead_endpoint_name_what_failed(s3, monkeypatch):
+def test_s3_checks_listings_and_stamps_on_a_dead_endpoint_name_what_failed(s3, monkeypatch):
     monkeypatch.setenv("TLOPS_S3_ATTEMPTS", "1")
     monkeypatch.setenv("TLOPS_S3_CLIENT_RETRIES", "0")
     st = S3Storage()
@@ -702,6 +684,10 @@ def test_s3_checks_and_listings_on_a_dead_endpoint_name_what_failed(s3, monkeypa
         st.exists(f"s3://{BUCKET}/x.bin")
     with pytest.raises(StorageError, match=rf"^cannot list s3://{BUCKET}/p/: endpoint \S+ unreachable after 1 "):
         st.list(f"s3://{BUCKET}/p")
+    with pytest.raises(StorageError, match=rf"^cannot check s3://{BUCKET}/st/x\.bin: endpoint .* unreachable after 1 "):
+        st.stamp(f"s3://{BUCKET}/st/x.bin")
+    with pytest.raises(StorageError, match=rf"^cannot list s3://{BUCKET}/st/: endpoint .* unreachable after 1 "):
+        st.stamp(f"s3://{BUCKET}/st/")  # a prefix: listed, not checked as an object first
 
 
 def test_s3_download_dir_replaces_an_older_copy(s3, tmp_path):
