@@ -109,7 +109,7 @@ def int8_peak(n: int = 1024, reps: int = 5) -> dict[str, float]:
     return out
 
 
-def fp32_peak(n: int = 1024, reps: int = 5, dtype: str = "float32") -> float:
+def matmul_peak(n: int = 1024, reps: int = 5, dtype: str = "float32") -> float:
     """``torch.mm`` n x n, best of ``reps`` (``dtype="bfloat16"``: the bf16 peak, AMX where the CPU has it)."""
     import torch
 
@@ -182,7 +182,7 @@ def _flops(backbone, x) -> np.ndarray:
 
 
 def peaks() -> dict[str, float]:
-    return {"fp32": fp32_peak(), "bf16": fp32_peak(dtype="bfloat16"), **int8_peak()}
+    return {"fp32": matmul_peak(), "bf16": matmul_peak(dtype="bfloat16"), **int8_peak()}
 
 
 def bench_backends(args, quick: bool) -> dict[str, Any]:
