@@ -104,6 +104,7 @@ def bench_extract(args, sz) -> dict[str, Any]:
     texts_uci = uci()[0][: sz["uci"]]
     texts_blitzer = blitzer()[: sz["blitzer"]]
     model = tb.model
+    l2 = tb.preprocessing.get("normalize") == "l2"
     tl = DeviceBackbone(tb, dev, args.amp, False, args.compile) if dev != "cpu" else tb
 
     def naive_text(xs):
@@ -122,7 +123,10 @@ def bench_extract(args, sz) -> dict[str, Any]:
                 with ctx:
                     hidden = model(**enc).last_hidden_state.float()
                 m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)).cpu().numpy())
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                if l2:  # the sentence-transformers pipeline ends with Normalize (tlops reads modules.json)
+                    pooled = F.normalize(pooled, dim=-1)
+                out.append(pooled.cpu().numpy())
         return np.concatenate(out)
 
     for label, texts in (

@@ -877,6 +877,9 @@ def test_s3_settings_are_whole_numbers_and_an_empty_variable_means_the_default(s
     st = S3Storage()
     assert st.attempts == 4 and type(st.attempts) is int
     assert type(st.client.meta.config.retries["total_max_attempts"]) is int
+    monkeypatch.setenv("TLOPS_S3_ATTEMPTS", "2")
+    st = S3Storage()
+    assert st.attempts == 2 and type(st.attempts) is int  # a count: range(attempts) needs an int
 
 
 def test_local_upload_of_a_missing_file_names_that_file(tmp_path):
