@@ -69,9 +69,7 @@ def bench_cache(args, sz) -> dict[str, Any]:
     return out
 
 
-def _e2e_twice(
-    config: str, sets: list[str], env: dict[str, str], series: str, flags: list[str]
-) -> dict[str, Any]:
+def _e2e_twice(config: str, sets: list[str], env: dict[str, str], series: str, flags: list[str]) -> dict[str, Any]:
     """``tlops run`` (the CLI, local runner) twice with unchanged inputs in a fresh workdir."""
     tlops_cli = Path(sys.executable).parent / "tlops"
     with tempfile.TemporaryDirectory(prefix="tlops-perf-e2e-") as tmp:
