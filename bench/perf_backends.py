@@ -3,8 +3,9 @@
 For each workload, every ``features.backend`` tlops offers (torch fp32, torch-int8 for text, onnx,
 onnx-int8, and openvino / openvino-int8 when the optional extra is installed, openvino-bf16 also
 when the CPU has native bf16) extracts the same rows
-through ``tlops.features.extract.extract`` (same batching, same length-sorted dynamic padding), the
-sides interleaved chunk by chunk (A,B,C,... then ...,C,B,A), median of ``--repeats`` passes, all at
+through ``tlops.features.extract.extract`` (same batching, same length-sorted dynamic padding), one call
+over all rows per pass as the extract-features step makes it, the sides interleaved pass by pass
+(A,B,C,... then ...,C,B,A), median of ``--repeats`` passes, all at
 one thread (torch, onnxruntime and OpenVINO; the machine is shared). The static int8 models
 (onnx-int8 for images, openvino-int8 for both) are calibrated on the workload's first 128 rows.
 Downstream accuracy: tlops' linear probe (``tlops.training.probe``, default settings; what ``auto``
@@ -47,9 +48,10 @@ SIZES = {
 
 PROTOCOL = (
     "Protocol: every backend runs `tlops.features.extract.extract` (same length-sorted batches and "
-    "dynamic padding; batch 32 texts / 64 images) on the same rows; the sides alternate chunk by chunk, a "
-    "pass is the sum over the chunks, median of the passes. Probe: tlops' linear probe (default settings, "
-    "scaling and C by cross-validation on fp32 torch's features, the same (scaling, C) refitted on each "
+    "dynamic padding; batch 32 texts / 64 images) on the same rows; a pass is one `extract` call over all "
+    "the rows, as the extract-features step makes it (texts length-sorted over the whole workload); the sides "
+    "alternate pass by pass (A,B,... then ...,B,A), median of the passes. Probe: tlops' linear probe (default "
+    "settings, scaling and C by cross-validation on fp32 torch's features, the same (scaling, C) refitted on each "
     "other backend's; what `auto` does) on a seeded stratified half, scored on the other half, mean over "
     "5 seeded splits (UCI: 500 test rows per split, one row = 0.2 points; the fp32 `onnx` rows, whose "
     "features equal torch's to 1e-7, show how far the probe alone moves). int8: per-channel dynamic "
@@ -63,7 +65,7 @@ PROTOCOL = (
     "pretrained weights offline). GFLOP/s count each item at its own length; int8 rows against the int8 "
     "peak. Build s: export (+ quantisation) once per model, cached afterwards. CPU-s speedup: the ratio "
     "of this process's CPU seconds (median pass), less sensitive than wall time to other processes "
-    "holding the cores. Reproduce: `.venv/bin/python bench/perf.py --only backends --repeats 2` (about 6 "
+    "holding the cores. Reproduce: `.venv/bin/python bench/perf.py --only backends --repeats 3` (about 5 "
     "min on the idle 2-core machine; `--quick`: small sizes, about 3 min)."
 )
 
@@ -217,8 +219,10 @@ def bench_backends(args, quick: bool) -> dict[str, Any]:
             flush=True,
         )
         sides = {b: (lambda xs, r=runners[b], bs=bs: extract(r, xs, bs, desc="perf")) for b in names}
-        chunk = 5 * bs
-        r = interleave_chunked(f"backends {label}", sides, x, chunk, args.repeats, warmup=x[:bs])
+        # a pass is one extract() call over all rows, as the extract-features step makes it: text is
+        # length-sorted over the whole workload (sorting within chunks would pad more and make more
+        # distinct shapes than a run does); the sides alternate pass by pass (A,B,... then ...,B,A)
+        r = interleave_chunked(f"backends {label}", sides, x, len(x), args.repeats, warmup=x[:bs])
         flops = float(_flops(bb, x).sum())
         ref = r["outs"]["torch"][-1]
         row: dict[str, Any] = {
