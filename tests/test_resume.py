@@ -233,3 +233,35 @@ def test_extract_features_killed_mid_extraction_leaves_no_trusted_cache_entry(tm
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert read_artifact(tmp_path / "features-2", "features").meta["cache"] == "hit"
+
+
+def test_checkpoints_are_written_without_zip_checksums_and_leave_torchs_setting_alone(tmp_path, monkeypatch):
+    """Each tensor's CRC-32 was most of a checkpoint's cost; the file still loads, the global
+    ``torch.save`` setting is the caller's again afterwards (also when the write fails), and a file
+    cut short is still refused (the fallback the resume test above relies on)."""
+    import torch
+    from torch.utils.serialization import config
+
+    from tlops.training.checkpoints import Checkpoints
+    from tlops.training.runtime import Runtime
+
+    ck = Checkpoints(Runtime(checkpoint_dir=tmp_path), tmp_path, "loop", 2)
+    seen = []
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (seen.append(config.save.compute_crc32), real(obj, f))[1])
+    ck.save(1, {"model": {"w": torch.arange(4.0)}})
+    assert seen == [False] and config.save.compute_crc32 is True
+    assert torch.equal(ck.load()["model"]["w"], torch.arange(4.0))
+
+    def full_disk(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ck.save(2, {"model": {"w": torch.zeros(4)}})
+    assert config.save.compute_crc32 is True
+    assert sorted(p.name for p in (tmp_path / "loop").iterdir()) == ["epoch_001.pt"]  # no temp file left
+
+    path = tmp_path / "loop" / "epoch_001.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert ck.load() is None  # unreadable: the loop starts from scratch
