@@ -111,3 +111,47 @@ def test_ece_with_a_bin_that_mixes_right_and_wrong():
     probs = np.array([[0.85, 0.15, 0.0], [0.92, 0.08, 0.0], [0.95, 0.05, 0.0]])
     y = np.array([0, 1, 0])
     assert expected_calibration_error(probs, y, bins=10) == pytest.approx(0.15 / 3 + 2 / 3 * 0.435)
+
+
+def _drawn(monkeypatch, cm, classes, tmp_path, title="title"):
+    """plot_confusion's figure as it is saved (its axes, image and cell texts), and the dpi."""
+    import matplotlib.figure
+
+    seen = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, **kw):
+        seen["fig"], seen["kw"] = fig, kw
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    plot_confusion(cm, classes, tmp_path / "cm.png", title)
+    (ax,) = seen["fig"].axes
+    return ax, seen["kw"]
+
+
+def test_plot_confusion_draws_the_matrix_its_labels_and_every_count(monkeypatch, tmp_path):
+    """What a reader of the PNG sees: the counts as a 'Blues' image, one centred 8-point label per
+    cell (white on the dark cells, above half the largest count), the class names on both axes,
+    'predicted' / 'true' and the title; long class names rotated 45 degrees."""
+    cm = [[5, 1, 0], [2, 6, 3], [0, 0, 4]]
+    ax, kw = _drawn(monkeypatch, cm, ["a", "b", "c"], tmp_path)
+    assert kw == {"dpi": 90}
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("title", "predicted", "true")
+    (img,) = ax.get_images()
+    assert img.get_cmap().name == "Blues" and np.array_equal(img.get_array(), cm)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    assert list(ax.get_xticks()) == list(ax.get_yticks()) == [0, 1, 2]
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == {0.0}
+    cells = {(t.get_position(), t.get_text()): t for t in ax.texts}
+    assert sorted((pos, s) for pos, s in cells) == sorted(((j, i), str(cm[i][j])) for i in range(3) for j in range(3))
+    for (pos, s), t in cells.items():
+        assert (t.get_ha(), t.get_va(), t.get_fontsize()) == ("center", "center", 8.0)
+        assert t.get_color() == ("white" if int(s) > 3 else "black"), (pos, s)  # max 6: half is 3
+
+    ax, _ = _drawn(monkeypatch, [[1, 0], [0, 1]], ["negative", "positive"], tmp_path, "t")
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == {45.0}
+    assert {t.get_rotation() for t in ax.get_yticklabels()} == {0.0}
+    assert {t.get_color() for t in ax.texts if t.get_text() == "1"} == {"white"}  # 1 > 0.5
+
