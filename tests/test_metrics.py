@@ -154,4 +154,3 @@ def test_plot_confusion_draws_the_matrix_its_labels_and_every_count(monkeypatch,
     assert {t.get_rotation() for t in ax.get_xticklabels()} == {45.0}
     assert {t.get_rotation() for t in ax.get_yticklabels()} == {0.0}
     assert {t.get_color() for t in ax.texts if t.get_text() == "1"} == {"white"}  # 1 > 0.5
-
