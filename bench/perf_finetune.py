@@ -43,8 +43,28 @@ class EpochClock(logging.Handler):
             self.times.append(time.perf_counter())
 
 
+@contextlib.contextmanager
+def timed_method(cls, name: str):
+    """Seconds spent in ``cls.name`` while the block runs (the list's one element)."""
+    real, spent = getattr(cls, name), [0.0]
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return real(*a, **kw)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    setattr(cls, name, timed)
+    try:
+        yield spent
+    finally:
+        setattr(cls, name, real)
+
+
 def _tlops_ft(clf0, train, val, cfg, seed=0):
     """tlops.training.finetune.fine_tune on a copy of ``clf0``; per-epoch (seconds since start, val acc)."""
+    from tlops.training.checkpoints import Checkpoints
     from tlops.training.common import seed_everything
     from tlops.training.finetune import fine_tune
 
@@ -57,7 +77,7 @@ def _tlops_ft(clf0, train, val, cfg, seed=0):
     lg.setLevel(logging.INFO)
     lg.propagate = False  # the clock sees the epoch lines; the console does not
     try:
-        with tempfile.TemporaryDirectory(prefix="tlops-perf-ft-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="tlops-perf-ft-") as tmp, timed_method(Checkpoints, "save") as ck:
             t0 = time.perf_counter()
             hist = fine_tune(clf, train, val, cfg, seed, Path(tmp), frozen_k=0, name="perf")
             sync_all()
@@ -66,9 +86,12 @@ def _tlops_ft(clf0, train, val, cfg, seed=0):
         lg.setLevel(old)
         lg.propagate = prop
     curve = []  # (seconds since the call, val acc): step evaluations (train.eval_every), then the epoch's end
+    steps = []  # (optimizer step, val acc) of the same evaluations
+    per_epoch = -(-len(train) // cfg.batch_size)
     for t, h in zip(clock.times, hist, strict=False):
         curve += [(e["seconds"], e["val_acc"]) for e in h.get("evals", [])] + [(t - t0, h.get("val_acc"))]
-    return {"curve": curve, "final_acc": hist[-1].get("val_acc")}
+        steps += [(e["step"], e["val_acc"]) for e in h.get("evals", [])] + [(h["epoch"] * per_epoch, h.get("val_acc"))]
+    return {"curve": curve, "steps": steps, "final_acc": hist[-1].get("val_acc"), "checkpoint_s": ck[0]}
 
 
 def _time_to(curve, target):
@@ -89,8 +112,10 @@ def trainer_ft(
     sampling: str = "random",
     optim: str | None = None,
     eval_steps: int | None = None,
+    seed: int = 0,
 ):
-    """``transformers.Trainer`` fine-tuning the same Classifier; per-evaluation (seconds, val acc).
+    """``transformers.Trainer`` fine-tuning the same Classifier; per-evaluation (seconds, val acc) and
+    (optimizer step, val acc).
 
     ``eval_steps``: evaluate every N optimizer steps (then no best-model reload: the Trainer can only
     restore a best model it saved at every evaluation, and saving 90 MB each time is not its best setting)."""
@@ -119,11 +144,12 @@ def trainer_ft(
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.curve = []
+            self.curve, self.steps = [], []
 
         def on_evaluate(self, a, state, control, metrics=None, **kw):
             sync_all()
             self.curve.append((time.perf_counter() - t0, metrics.get("eval_accuracy")))
+            self.steps.append((state.global_step, metrics.get("eval_accuracy")))
 
     def acc(p):
         return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
@@ -162,7 +188,7 @@ def trainer_ft(
             save_total_limit=2,
             load_best_model_at_end=not eval_steps,
             metric_for_best_model="accuracy",
-            seed=0,
+            seed=seed,
             use_cpu=args.device == "cpu",
             disable_tqdm=True,
             bf16=args.amp == "bf16",
@@ -184,9 +210,11 @@ def trainer_ft(
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        trainer.train()
+        with timed_method(Trainer, "_save_checkpoint") as ck:
+            trainer.train()
         sync_all()
-    return {"curve": clock.curve, "final_acc": clock.curve[-1][1] if clock.curve else None}
+    final = clock.curve[-1][1] if clock.curve else None
+    return {"curve": clock.curve, "steps": clock.steps, "final_acc": final, "checkpoint_s": ck[0]}
 
 
 def bench_finetune(args, sz) -> dict[str, Any]:
@@ -345,6 +373,7 @@ def _ft_summary(label, r, n_samples, target, ours) -> dict[str, Any]:
             "samples_s": n_samples / med(secs),
             "cpu_seconds": r["cpu"][name],
             "final_acc": [o["final_acc"] for o in outs],
+            "checkpoint_s": [o.get("checkpoint_s") for o in outs],
             "curves": [o["curve"] for o in outs],
             "time_to_target": med(reached) if len(reached) == len(tta) else None,
             "reached_target": f"{len(reached)}/{len(tta)}",

@@ -127,3 +127,30 @@ def test_gpu_sh_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     (run_dir,) = tmp_path.glob("tlops-gpu-dry-run.*")
     assert (run_dir / "perf-gpu-fp32.md").is_file() and "Headline ratios" in out
     assert not list((REPO / "bench" / "results").glob("perf-gpu-*"))  # nothing written into the repo
+
+
+@pytest.mark.slow
+def test_perf_trainer_quick_reports_the_floor_checkpoint_times_and_steps_per_seed(tmp_path):
+    out = tmp_path / "trainer.md"
+    proc = subprocess.run(
+        [sys.executable, "bench/perf_trainer.py", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_env(TOKENIZERS_PARALLELISM="false"),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
+    sides = res["series"]["throughput"]["sides"]
+    assert set(sides) == {
+        "tlops fine_tune",
+        "Trainer: group_by_length + fused AdamW",
+        "bare loop (the same math, nothing else: the floor)",
+    }
+    for name in ("tlops fine_tune", "Trainer: group_by_length + fused AdamW"):
+        assert all(s > 0 for s in sides[name]["checkpoint_s"])  # one checkpoint per epoch on both sides
+    (row,) = res["steps_to_target"]  # --quick: one seed
+    assert row["seed"] == 0 and set(row) == {"seed", "tlops fine_tune", "Trainer: group_by_length + fused AdamW"}
+    md = out.read_text()
+    assert "- why: the bare loop" in md and "writing the per-epoch checkpoints" in md and "- why, time to 0.80" in md
