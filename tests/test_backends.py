@@ -4,6 +4,7 @@ and the OpenVINO backends without their optional packages are refused with the i
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -253,6 +254,9 @@ def test_openvino_cnn_equals_torch_int8_is_close_and_exports_once(tmp_path, monk
         assert 0 < np.abs(fb - ref).max() < 0.05 and cos.min() > 0.999, (np.abs(fb - ref).max(), cos.min())
     files = sorted(p.name for p in tmp_path.rglob("model.*"))
     assert files == ["model.bin", "model.bin", "model.onnx", "model.xml", "model.xml"]  # one ONNX export, two IRs
+    entries = sorted(json.loads(p.read_text())["backend"] for p in tmp_path.rglob("entry.json"))
+    assert entries == ["onnx", "openvino", "openvino-int8"]  # whose model each entry is, for tlops gc
+    assert {json.loads(p.read_text())["model_digest"] for p in tmp_path.rglob("entry.json")} == {"r"}
 
     def no_export(*a, **k):
         raise AssertionError("exported again")

@@ -185,3 +185,53 @@ def test_gc_cli_dry_run_and_errors(workdir):
     assert r.returncode == 2 and "error: --keep: got -1" in r.stderr
     r = subprocess.run([TLOPS, "gc", "--keep", "1", "--workdir", str(work / "nope")], capture_output=True, text=True)
     assert r.returncode == 2 and "is not a directory" in r.stderr
+
+
+def _backend_entry(store: Path, key: str, model: str | None, size: int, age_s: float = 0) -> Path:
+    e = store / key[:2] / key
+    e.mkdir(parents=True)
+    (e / "model.onnx").write_bytes(b"o" * size)
+    if model is not None:
+        (e / "entry.json").write_text(json.dumps({"model_digest": model, "backend": "onnx"}))
+    t = time.time() - age_s
+    for p in (*e.iterdir(), e):
+        os.utime(p, (t, t))
+    return e
+
+
+def test_gc_prunes_exported_backbones_no_kept_run_uses(workdir):
+    """cache/backends: an export stays while a kept run pulled or extracted with its model (a run
+    still extracting has only its pull-model manifest), goes with the last run that used it, is
+    skipped while its lock is held; one without entry.json goes only when older than the kept runs;
+    a killed exporter's staging dir goes; auto's decisions stay."""
+    work, runs, keys, cache = workdir
+    _manifest(runs[3] / "extract-features", "features", {"cache_keys": [keys[2]], "model_digest": "m-r3"})
+    _manifest(runs[1] / "extract-features", "features", {"cache_keys": [keys[1]], "model_digest": "m-r1"})
+    (runs[0] / "pull-model").mkdir()  # in progress: pulled, not extracted yet
+    _manifest(runs[0] / "pull-model", "model", {"model_digest": "m-r0", "candidates": [{"model_digest": "m-cand"}]})
+    store = work / "cache" / "backends"
+    k = {n: f"{n}" * 64 for n in "abcdefg"}
+    kept = _backend_entry(store, k["a"], "m-r3", 10 * KB)
+    (kept / ".export-1234").mkdir()  # a killed exporter's
+    (kept / ".export-1234" / "model.onnx").write_bytes(b"x" * KB)
+    gone = _backend_entry(store, k["b"], "m-r1", 30 * KB)  # only r1 (pruned) used it
+    running = _backend_entry(store, k["c"], "m-r0", KB)
+    candidate = _backend_entry(store, k["d"], "m-cand", KB)
+    legacy_old = _backend_entry(store, k["e"], None, 2 * KB, age_s=1000)
+    legacy_new = _backend_entry(store, k["f"], None, KB)
+    locked = _backend_entry(store, k["g"], "m-elsewhere", KB)
+    (store / "auto").mkdir()
+    (store / "auto" / "decision.json").write_text("{}")
+
+    with held(runs[0] / ".lock"), held(store / ".locks" / f"{k['g']}.lock"):
+        rep = collect(work, keep=2)
+    assert _names(rep.deleted, "backend-model") == [k["b"], k["e"]]
+    assert not gone.exists() and not legacy_old.exists()
+    assert all(e.is_dir() for e in (kept, running, candidate, legacy_new, locked))
+    assert _names(rep.deleted, "backend-staging") == [".export-1234"] and not (kept / ".export-1234").exists()
+    assert (kept / "model.onnx").is_file() and (store / "auto" / "decision.json").is_file()
+    assert [(i.kind, i.path.name) for i in rep.skipped if i.kind.startswith("backend")] == [("backend-model", k["g"])]
+    by = {i.path.name: i for i in rep.deleted}
+    assert 30 * KB <= by[k["b"]].bytes < 31 * KB and by[k["b"]].reason == "its model is not used by a kept run"
+    assert by[k["e"]].reason == "no entry.json, older than the kept runs"
+    assert any(line.startswith("deleted backend-model") and k["b"] in line for line in rep.lines())

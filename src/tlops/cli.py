@@ -720,7 +720,7 @@ def gc(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what would be deleted, delete nothing"),
 ) -> None:
-    """Prune old runs, their step outputs and the feature cache entries no kept run uses.
+    """Prune old runs, their step outputs, and the feature cache entries and exported backbones no kept run uses.
 
     Never deletes what a running pipeline holds."""
     from tlops.gc import collect

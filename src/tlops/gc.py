@@ -16,6 +16,11 @@ What a workdir accumulates, and what gc does with it:
   kept run references it (the features artifacts list their ``cache_keys``), and only while gc
   holds that entry's lock, so an entry a run is computing or reading is never removed (gc
   skips it and says so). Killed writers' hidden staging dirs are removed the same way.
+- exported / quantised backbones (``cache/backends``, ``features.backend`` other than torch): an
+  entry is removed when no kept run pulled or extracted features with its model (the pull-model
+  and features artifacts record ``model_digest``, each entry its own in ``entry.json``), under that entry's lock as
+  above; an entry without ``entry.json`` is removed only when it is older than the oldest kept
+  run. ``auto``'s small decision files stay.
 
 Files of finished artifacts are hard links shared between runs and the cache, so "bytes
 freed" counts a file only when gc removes all of its links. The MLflow store
@@ -48,7 +53,7 @@ _LEFTOVER = (".tmp-", ".old-", ".reuse-")
 
 @dataclass
 class Item:
-    kind: str  # run, leftover, index, checkpoints, cache-entry, cache-staging
+    kind: str  # run, leftover, index, checkpoints, cache-entry, cache-staging, backend-model, backend-staging
     path: Path
     reason: str
     bytes: int = 0  # bytes this deletion frees (files whose every link goes)
@@ -116,6 +121,48 @@ def referenced_keys(run: Path) -> set[str]:
         if "model_digest" in c and "preprocessing" in c and meta.get("dataset_hash"):
             keys.add(cache_key(c["model_digest"], c["preprocessing"], meta["dataset_hash"] + ":train"))
     return keys
+
+
+def referenced_models(run: Path) -> set[str]:
+    """The model digests a run pulled and extracted features with: what its backend models were
+    exported from. pull-model's are there before extraction starts, so a run still extracting
+    keeps the entries it may be reading."""
+    digests: set[object] = set()
+    for step in ("pull-model", "extract-features"):
+        try:
+            meta = json.loads((run / step / MANIFEST).read_text()).get("metadata") or {}
+        except (OSError, ValueError):
+            continue
+        digests.add(meta.get("model_digest"))
+        for c in (meta.get("candidates") or []) + (meta.get("source_ranking") or []):
+            digests.add(c.get("model_digest") if isinstance(c, dict) else None)
+    return {d for d in digests if isinstance(d, str) and d}
+
+
+def _backend_models(root: Path, wanted: set[str], oldest_kept: float) -> list[tuple[Item, str]]:
+    """Entries of the backend store no kept run uses, and killed exporters' staging dirs, with their keys."""
+    from tlops.features.backend_store import entry_model
+
+    out: list[tuple[Item, str]] = []
+    for shard in sorted(root.iterdir()) if root.is_dir() else []:
+        if not shard.is_dir() or len(shard.name) != 2:  # .locks, auto
+            continue
+        for e in sorted(p for p in shard.iterdir() if p.is_dir()):
+            if e.name.startswith(".gc-"):
+                out.append((Item("leftover", e, "interrupted gc"), ""))
+                continue
+            owner = entry_model(e)
+            if owner in wanted or (owner is None and _newest_mtime(e) >= oldest_kept):
+                out += [  # an exporter's temp dir or file, or an interrupted gc's: nothing else starts with "."
+                    (Item("backend-staging", p, "left by an interrupted export"), e.name)
+                    for p in sorted(e.iterdir())
+                    if p.name.startswith(".")
+                ]
+            elif owner is None:
+                out.append((Item("backend-model", e, "no entry.json, older than the kept runs"), e.name))
+            else:
+                out.append((Item("backend-model", e, "its model is not used by a kept run"), e.name))
+    return out
 
 
 def _files(paths: list[Path]) -> list[os.stat_result]:
@@ -259,6 +306,19 @@ def collect(
                 else:
                     cache_items.append((Item("cache-entry", e, "not used by a kept run"), e.name))
 
+    # -- exported backbones
+    from tlops.features.backend_store import lock_path
+
+    models: set[str] = set()
+    for d in kept:
+        models |= referenced_models(d)
+    store = wd.backend_models
+    for item, key in _backend_models(store, models, oldest_kept):
+        if key:
+            cache_items.append((item, key))
+        else:
+            doomed.append(item)
+
     # -- lock what goes (a run or cache entry in use is skipped), size it, delete it
     from tlops.features.cache import FeatureCache
 
@@ -272,7 +332,8 @@ def collect(
                 continue
             go.append(item)
         for item, key in cache_items:
-            if not held.enter_context(file_lock(cache.lock_path(key), wait=False)):  # type: ignore[arg-type]
+            lock = lock_path(store, key) if item.kind.startswith("backend") else cache.lock_path(key)
+            if not held.enter_context(file_lock(lock, wait=False)):  # type: ignore[arg-type]
                 item.reason = "in use by a running pipeline (entry lock held)"
                 rep.skipped.append(item)
                 continue

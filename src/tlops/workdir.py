@@ -8,6 +8,7 @@
       locks/<step>/<step-key>.lock   held while a run computes that step
       checkpoints/<step-key>/        resumable training checkpoints of an unfinished step
       cache/features/                the content-addressed feature cache (unless features.cache_dir)
+      cache/backends/                exported / quantised backbones (tlops.features.backend_store)
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class Workdir:
     @property
     def feature_cache(self) -> Path:
         return self.root / "cache" / "features"
+
+    @property
+    def backend_models(self) -> Path:
+        return self.root / "cache" / "backends"
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs / run_id

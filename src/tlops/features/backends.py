@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from tlops.errors import ConfigError
+from tlops.features.backend_store import entry_dir, lock_path, write_entry
 from tlops.features.exported import ExportedBackbone
 from tlops.hashing import hash_json
 
@@ -288,14 +289,14 @@ def model_file(
             "ver": _versions(backend),
         }
     )
-    root = Path(store)
-    path = root / key[:2] / key / ("model.xml" if backend in OPENVINO else "model.onnx")
+    path = entry_dir(store, key) / ("model.xml" if backend in OPENVINO else "model.onnx")
     if path.is_file():
         return path
-    with file_lock(root / ".locks" / f"{key}.lock", what=f"ONNX export {key[:16]}"):
+    with file_lock(lock_path(store, key), what=f"ONNX export {key[:16]}"):
         if path.is_file():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
+        write_entry(path.parent, model_digest, backend)  # whose model this is, for tlops gc
         with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
             out = Path(tmp) / path.name
             batches = _calibration_batches(backbone, calibration, backend) if cal is not None else None

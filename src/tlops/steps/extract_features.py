@@ -190,7 +190,7 @@ def _rank_candidates(cfg: PipelineConfig, ds: Dataset, model: Artifact, cache: F
 
 def backend_store(cfg: PipelineConfig) -> Path:
     """Where exported / quantised backbones and ``auto`` decisions are kept (local, next to the feature cache)."""
-    return Workdir.at(cfg.workdir_path).root / "cache" / "backends"
+    return Workdir.at(cfg.workdir_path).backend_models
 
 
 def _calibration(ds: Dataset) -> tuple[Any, str]:
