@@ -95,6 +95,7 @@ def test_default_bins_is_15_and_absent_classes_raise_no_warning():
     probs = rng.dirichlet(np.ones(3), size=200)
     y = rng.integers(0, 3, size=200)
     assert expected_calibration_error(probs, y, 15) != pytest.approx(expected_calibration_error(probs, y, 16))
+    assert expected_calibration_error(probs, y) == expected_calibration_error(probs, y, 15)
     assert classification_metrics(probs, y, ["a", "b", "c"])["ece"] == pytest.approx(
         expected_calibration_error(probs, y, 15)
     )
@@ -150,7 +151,9 @@ def test_plot_confusion_draws_the_matrix_its_labels_and_every_count(monkeypatch,
         assert (t.get_ha(), t.get_va(), t.get_fontsize()) == ("center", "center", 8.0)
         assert t.get_color() == ("white" if int(s) > 3 else "black"), (pos, s)  # max 6: half is 3
 
-    ax, _ = _drawn(monkeypatch, [[1, 0], [0, 1]], ["negative", "positive"], tmp_path, "t")
+    ax, _ = _drawn(monkeypatch, [[1, 0], [0, 1]], ["abc", "de"], tmp_path, "t")  # 3 characters: upright
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == {0.0}
+    ax, _ = _drawn(monkeypatch, [[1, 0], [0, 1]], ["abcd", "de"], tmp_path, "t")  # 4 or more: slanted
     assert {t.get_rotation() for t in ax.get_xticklabels()} == {45.0}
     assert {t.get_rotation() for t in ax.get_yticklabels()} == {0.0}
     assert {t.get_color() for t in ax.texts if t.get_text() == "1"} == {"white"}  # 1 > 0.5
