@@ -51,7 +51,10 @@ def test_validation_budget_without_training_budget_returns_the_rest_to_training(
 def test_budget_rule_is_stated():
     assert val_budget(DataConfig(source="x")) == (None, None)
     cap, rule = val_budget(DataConfig(source="x", labels_per_class=10))
-    assert cap == 10 and "labels_per_class=10" in rule and "val_labels_per_class" in rule
+    assert (cap, rule) == (
+        10,
+        "validation capped at labels_per_class=10 (few-shot default; data.val_labels_per_class sets another budget)",
+    )
     cap, rule = val_budget(DataConfig(source="x", labels_per_class=10, val_labels_per_class=30))
     assert cap == 30 and "data.val_labels_per_class=30" in rule
 
@@ -84,3 +87,10 @@ def test_report_states_labels_spent_on_training_and_selection():
         {"criterion": "best source-domain validation accuracy (no target labels; ties: earlier strategy)"},
     )
     assert da["selection"]["split"] == "source_val" and da["selection"]["labels"] == 40
+
+
+def test_no_classes_make_empty_integer_splits():
+    """Every split is an empty int64 index array (not a float array, not a missing key)."""
+    out = stratified_split(np.zeros(0, dtype=np.int64), DataConfig(source="x"), 0, [])
+    for name, idx in out.items():
+        assert idx.dtype == np.int64 and idx.shape == (0,), name
