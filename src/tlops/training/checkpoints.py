@@ -30,12 +30,12 @@ KEEP_CHECKPOINTS = 2
 @contextlib.contextmanager
 def _without_crc32():
     """``torch.save`` without the zip's CRC-32 of every tensor (PyTorch's
-    ``torch.utils.serialization.config.save.compute_crc32``). The checksum was most of a checkpoint's
-    cost: for MiniLM-L6's model and AdamW state (about 270 MB) 0.4-0.6 s of each epoch, against
-    under 0.1 s to write the bytes (bench/results/trainer.md). These files only serve resume, a
-    file cut short (killed writer, full disk) still fails to load (the zip's central directory is
-    at its end) and the loop then falls back to the older one; registered models are safetensors
-    with their own digests."""
+    ``torch.utils.serialization.config.save.compute_crc32``). Checksumming every tensor is a large
+    part of a checkpoint's cost (MiniLM-L6's model and AdamW state, about 270 MB, is written every
+    epoch; bench/perf_trainer.py times the writes). These files only serve resume: a file cut short
+    (killed writer, full disk) still fails to load (the zip's central directory is at its end) and
+    the loop then falls back to the older one; registered models are safetensors with their own
+    digests."""
     from torch.utils.serialization import config
 
     old = config.save.compute_crc32
