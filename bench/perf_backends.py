@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -265,6 +266,7 @@ def bench_backends(args, quick: bool) -> dict[str, Any]:
         for s in r["outs"].values():
             s.clear()
     res["rows"] = rows
+    shutil.rmtree(store, ignore_errors=True)  # the exported models (hundreds of MB): built again next run
     res["peak_end"] = peaks()
     return res
 
