@@ -139,29 +139,31 @@ def referenced_models(run: Path) -> set[str]:
     return {d for d in digests if isinstance(d, str) and d}
 
 
-def _backend_models(root: Path, wanted: set[str], oldest_kept: float) -> list[tuple[Item, str]]:
-    """Entries of the backend store no kept run uses, and killed exporters' staging dirs, with their keys."""
-    from tlops.features.backend_store import entry_model
+def _backend_models(root: Path, wanted: set[str], oldest_kept: float) -> list[tuple[Item, Path | None]]:
+    """Entries of the backend store no kept run uses, and killed exporters' staging dirs, each with
+    the entry lock gc must hold to remove it (None: an interrupted gc's leftover, no lock)."""
+    from tlops.features.backend_store import entry_model, lock_path
 
-    out: list[tuple[Item, str]] = []
+    out: list[tuple[Item, Path | None]] = []
     for shard in sorted(root.iterdir()) if root.is_dir() else []:
         if not shard.is_dir() or len(shard.name) != 2:  # .locks, auto
             continue
         for e in sorted(p for p in shard.iterdir() if p.is_dir()):
             if e.name.startswith(".gc-"):
-                out.append((Item("leftover", e, "interrupted gc"), ""))
+                out.append((Item("leftover", e, "interrupted gc"), None))
                 continue
+            lock = lock_path(root, e.name)
             owner = entry_model(e)
             if owner in wanted or (owner is None and _newest_mtime(e) >= oldest_kept):
                 out += [  # an exporter's temp dir or file, or an interrupted gc's: nothing else starts with "."
-                    (Item("backend-staging", p, "left by an interrupted export"), e.name)
+                    (Item("backend-staging", p, "left by an interrupted export"), lock)
                     for p in sorted(e.iterdir())
                     if p.name.startswith(".")
                 ]
             elif owner is None:
-                out.append((Item("backend-model", e, "no entry.json, older than the kept runs"), e.name))
+                out.append((Item("backend-model", e, "no entry.json, older than the kept runs"), lock))
             else:
-                out.append((Item("backend-model", e, "its model is not used by a kept run"), e.name))
+                out.append((Item("backend-model", e, "its model is not used by a kept run"), lock))
     return out
 
 
@@ -286,11 +288,14 @@ def collect(
             doomed.append(Item("checkpoints", d, "abandoned: older than the kept runs"))
 
     # -- feature cache
+    from tlops.features.cache import FeatureCache
+
     root = Path(cache_dir) if cache_dir is not None else wd.feature_cache
+    cache = FeatureCache(root)
     wanted: set[str] = set()
     for d in kept:
         wanted |= referenced_keys(d)
-    cache_items: list[tuple[Item, str]] = []
+    locked: list[tuple[Item, Path | None]] = []  # what goes only while gc holds the entry's lock (local: a Path)
     for shard in sorted(root.iterdir()) if root.is_dir() else []:
         if not shard.is_dir() or shard.name.startswith("."):
             continue
@@ -299,30 +304,22 @@ def collect(
                 doomed.append(Item("leftover", e, "interrupted gc"))
             elif e.name.startswith("."):
                 key = e.name.lstrip(".").split(".")[0]
-                cache_items.append((Item("cache-staging", e, "left by an interrupted writer"), key))
+                locked.append((Item("cache-staging", e, "left by an interrupted writer"), cache.lock_path(key)))
             elif e.name not in wanted:
-                if not is_finished(e):
-                    cache_items.append((Item("cache-entry", e, "unfinished entry"), e.name))
-                else:
-                    cache_items.append((Item("cache-entry", e, "not used by a kept run"), e.name))
+                reason = "not used by a kept run" if is_finished(e) else "unfinished entry"
+                locked.append((Item("cache-entry", e, reason), cache.lock_path(e.name)))
 
     # -- exported backbones
-    from tlops.features.backend_store import lock_path
-
     models: set[str] = set()
     for d in kept:
         models |= referenced_models(d)
-    store = wd.backend_models
-    for item, key in _backend_models(store, models, oldest_kept):
-        if key:
-            cache_items.append((item, key))
-        else:
+    for item, lock in _backend_models(wd.backend_models, models, oldest_kept):
+        if lock is None:
             doomed.append(item)
+        else:
+            locked.append((item, lock))
 
     # -- lock what goes (a run or cache entry in use is skipped), size it, delete it
-    from tlops.features.cache import FeatureCache
-
-    cache = FeatureCache(root)
     with contextlib.ExitStack() as held:
         go: list[Item] = []
         for item in doomed:
@@ -331,8 +328,7 @@ def collect(
                 rep.skipped.append(Item("run", item.path, "in progress (run lock held)"))
                 continue
             go.append(item)
-        for item, key in cache_items:
-            lock = lock_path(store, key) if item.kind.startswith("backend") else cache.lock_path(key)
+        for item, lock in locked:
             if not held.enter_context(file_lock(lock, wait=False)):  # type: ignore[arg-type]
                 item.reason = "in use by a running pipeline (entry lock held)"
                 rep.skipped.append(item)
