@@ -59,18 +59,23 @@ def test_perf_py_rejects_unknown_section():
     assert proc.returncode == 2 and "unknown section(s) warp" in proc.stderr
 
 
-@pytest.mark.slow
-def test_perf_quick_runs_every_section_and_writes_results(tmp_path):
-    out = tmp_path / "perf-quick"
+def _run_quick(script: str, out: Path, timeout: int) -> None:
+    """``script --quick --out out`` from the repo root; it must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "bench/perf.py", "--quick", "--out", str(out)],
+        [sys.executable, script, "--quick", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=timeout,
         env=_env(TOKENIZERS_PARALLELISM="false"),
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_perf_quick_runs_every_section_and_writes_results(tmp_path):
+    out = tmp_path / "perf-quick"
+    _run_quick("bench/perf.py", out, timeout=1500)
     md = out.with_suffix(".md").read_text()
     for heading in (
         "### 1. Feature extraction",
@@ -132,15 +137,7 @@ def test_gpu_sh_dry_run_runs_every_stage_on_the_cpu(tmp_path):
 @pytest.mark.slow
 def test_perf_trainer_quick_reports_the_floor_checkpoint_times_and_steps_per_seed(tmp_path):
     out = tmp_path / "trainer.md"
-    proc = subprocess.run(
-        [sys.executable, "bench/perf_trainer.py", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=_env(TOKENIZERS_PARALLELISM="false"),
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _run_quick("bench/perf_trainer.py", out, timeout=900)
     res = json.loads(out.with_suffix(".json").read_text())["results"]
     sides = res["series"]["throughput"]["sides"]
     assert set(sides) == {
