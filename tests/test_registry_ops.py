@@ -223,7 +223,8 @@ def test_server_refusals_become_one_line(monkeypatch, code, status, want):
     ],
     ids=["alias", "tag"],
 )
-def test_rollback_403(model, monkeypatch, call, want):
+@pytest.mark.parametrize("action", ["promote", "rollback"])
+def test_promote_and_rollback_403(model, monkeypatch, call, want, action):
     """A reviewer moves ``champion`` (MANAGE) and tags the version (EDIT): a 403 on either call is one
     line naming the user, the model and the permission, not MLflow's traceback."""
     from mlflow import MlflowClient
@@ -233,15 +234,16 @@ def test_rollback_403(model, monkeypatch, call, want):
     registry.promote(model, "1")
     registry.promote(model, "2")
     real = getattr(MlflowClient, call)
+    tag = {"promote": "tlops.promoted", "rollback": "tlops.rolled_back"}[action]
 
     def refused(self, *a, **k):
-        if call == "set_registered_model_alias" or a[2] == "tlops.rolled_back":
+        if call == "set_registered_model_alias" or a[2] == tag:
             raise MlflowException("denied", error_code=databricks_pb2.PERMISSION_DENIED)
         return real(self, *a, **k)
 
     monkeypatch.setattr(MlflowClient, call, refused)
     with pytest.raises(TlopsError) as e:
-        registry.rollback(model)
+        registry.promote(model, "1") if action == "promote" else registry.rollback(model)
     assert str(e.value) == "permission denied: user 'alice' " + want.format(m=model)
     if call == "set_registered_model_alias":
         assert _aliases(model) == {"champion": "2", "previous-champion": "1"}  # nothing moved

@@ -880,6 +880,63 @@ def test_s3_settings_are_whole_numbers_and_an_empty_variable_means_the_default(s
     monkeypatch.setenv("TLOPS_S3_ATTEMPTS", "2")
     st = S3Storage()
     assert st.attempts == 2 and type(st.attempts) is int  # a count: range(attempts) needs an int
+    monkeypatch.setenv("TLOPS_S3_MULTIPART_THRESHOLD", str(8 * 2**20))
+    monkeypatch.setenv("TLOPS_S3_MULTIPART_CHUNKSIZE", str(6 * 2**20))
+    tc = S3Storage().transfer_config  # byte sizes, as boto3's TransferConfig documents them
+    assert (tc.multipart_threshold, tc.multipart_chunksize) == (8 * 2**20, 6 * 2**20)
+    assert type(tc.multipart_threshold) is int and type(tc.multipart_chunksize) is int
+
+
+def test_s3_client_region_is_tlops_choice_not_boto_lookup(s3, monkeypatch):
+    """AWS_REGION wins over AWS_DEFAULT_REGION (boto's own lookup reads only the latter), an explicit
+    region over both, and us-east-1 is the default when neither is set."""
+    monkeypatch.setenv("AWS_REGION", "eu-central-1")
+    assert S3Storage().client.meta.region_name == "eu-central-1"
+    assert S3Storage(region="ap-south-1").client.meta.region_name == "ap-south-1"
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")  # no region from a profile either
+    assert S3Storage().client.meta.region_name == "us-east-1"
+
+
+def _plant(storage, cache, key: str, kind: str, tmp: Path) -> None:
+    """An entry under ``key`` written as an artifact of ``kind`` (uploaded for an S3 cache)."""
+    from tlops.artifacts import write_artifact
+
+    with write_artifact(tmp / kind, kind) as w:
+        np.savez(w.path / "features.npz", x=np.arange(3))
+    if cache.remote:
+        storage.upload_dir(tmp / kind, str(cache.entry(key)))
+    else:
+        cache.entry(key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / kind).rename(cache.entry(key))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_cache_fetch_refuses_an_entry_of_another_kind_and_leaves_only_the_file(s3, tmp_path, monkeypatch, where):
+    """A cache hit places exactly ``features.npz`` at the destination: an entry that is not a
+    features artifact is refused (nothing placed), and an S3 download is staged next to the
+    destination (so the final rename stays on one filesystem) and removed afterwards."""
+    import os
+
+    from tlops.artifacts import ArtifactError
+    from tlops.features.cache import FeatureCache, cache_key
+
+    cache = FeatureCache(f"s3://{BUCKET}/features" if where == "s3" else tmp_path / "cache")
+    good, bad = cache_key("m", {}, "good"), cache_key("m", {}, "bad")
+    cache.put(good, {"x": np.arange(4)}, {})
+    _plant(cache.storage, cache, bad, "model", tmp_path / "planted")
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
+        monkeypatch.setattr("tempfile.tempdir", str(shm))  # the system temp dir on another filesystem
+    out = tmp_path / "out"
+    out.mkdir()
+    cache.fetch(good, out / "f.npz")
+    with np.load(out / "f.npz") as z:
+        assert z["x"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ArtifactError, match="is a 'model' artifact, expected 'feature-cache-entry'"):
+        cache.fetch(bad, out / "g.npz")
+    assert sorted(p.name for p in out.iterdir()) == ["f.npz"]  # no staging dir, no half-placed file
 
 
 def test_local_upload_of_a_missing_file_names_that_file(tmp_path):
