@@ -185,6 +185,27 @@ def test_training_trials_report_epochs_and_poor_ones_are_pruned(tmp_path, monkey
         ({"train.probe_scaling": {"low": 1, "high": 2}}, [], "train.probe_scaling: not a number"),
         ({"train.lr": {"low": 1e-4, "high": 1e-2}}, ["--trials", "0"], "--trials: got 0"),
         ({"train.lr": {"low": 1e-4, "high": 1e-2}}, ["--minutes", "0"], "--minutes: got 0"),
+        (
+            {"train.strategies": {"choices": ["linear-probe", "dann"]}},
+            [],
+            "tune.space.train.strategies: 'dann' is not a valid choice: train.strategies: dann needs data.adapt_from",
+        ),
+        (
+            {"train.strategies": {"choices": ["setfit"]}},
+            [],
+            "tune.space.train.strategies: 'setfit' is not a valid choice: train.strategies: setfit needs ",
+        ),
+        (
+            {"train.strategies": {"choices": ["stacking"]}},
+            [],
+            "'stacking' is not a valid choice: stacking in some trials but not in train.strategies",
+        ),
+        (
+            {"train.strategies": {"choices": [["linear-probe", "fine-tune"]]}},
+            [],
+            "is not a valid choice: a choice is one strategy name (each trial trains one strategy)",
+        ),
+        ({"train.strategies": {"choices": ["bogus"]}}, [], "tune.space.train.strategies: 'bogus' is not a valid value"),
     ],
 )
 def test_bad_search_spaces_and_budgets_exit_2_naming_the_problem(tmp_path, monkeypatch, capsys, space, args, expected):
@@ -193,8 +214,43 @@ def test_bad_search_spaces_and_budgets_exit_2_naming_the_problem(tmp_path, monke
     assert code == 2, err
     assert expected in error_text(err) and out == ""
     if "unknown" in expected:
-        assert "allowed: train.epochs, train.batch_size, train.lr" in err
+        assert "allowed: train.strategies, train.epochs, train.batch_size, train.lr" in err
     assert not (tmp_path / "work" / "runs").exists()  # nothing ran
+
+
+def test_a_study_over_strategies_trains_one_per_trial_on_the_shared_features(tmp_path, monkeypatch, capsys):
+    """``train.strategies`` as choices: each trial trains the one strategy it drew (fine-tune trials
+    report epochs, so the median pruner is on), upstream runs once for all of them, and the best
+    config names one strategy."""
+    from tlops.config import load_config
+    from tlops.tuning import study
+
+    cfg_file = _write(
+        tmp_path,
+        train={"strategies": ["linear-probe"], "epochs": 1, "batch_size": 16, "threads": 1, "probe_select": "val"},
+        tune={
+            "space": {"train.strategies": {"choices": ["linear-probe", "fine-tune"]}},
+            "trials": 4,
+            "algorithm": "random",
+            "seed": 0,
+        },
+    )
+    cfg = load_config(cfg_file)
+    assert type(study._pruner(cfg.tune, cfg)).__name__ == "MedianPruner"
+    assert study.trial_config(cfg, {"train.strategies": "fine-tune"}).train.strategies == ["fine-tune"]
+    code, out, err = run_cli(monkeypatch, capsys, "tune", str(cfg_file), "--out", str(tmp_path / "b.yaml"))
+    assert code == 0, err
+    trials = sorted(
+        (r for r in _runs(tmp_path) if r.data.tags.get("tlops.tune") == "trial"),
+        key=lambda r: int(r.data.tags["trial_number"]),
+    )
+    drawn = [r.data.params["train.strategies"] for r in trials]
+    assert sorted(set(drawn)) == ["fine-tune", "linear-probe"], drawn  # both were tried
+    for r in trials:  # a fine-tune trial reports its epoch; a probe trial has no epochs to report
+        assert ("epoch_val_acc" in r.data.metrics) == (r.data.params["train.strategies"] == "fine-tune")
+    assert len(list((tmp_path / "work" / "runs").glob("*/extract-features"))) == 1  # extracted once
+    best = load_config(tmp_path / "b.yaml")
+    assert best.train.strategies in (["linear-probe"], ["fine-tune"])
 
 
 def test_a_config_without_tune_section_says_how_to_add_one(tmp_path, monkeypatch, capsys):
@@ -225,6 +281,7 @@ TUNE = {
         "train.epochs": {"low": 1, "high": 4},
         "train.probe_c": {"low": 0.01, "high": 100.0, "log": True},
         "train.probe_scaling": {"choices": ["standardize", "none"]},
+        "train.strategies": {"choices": ["linear-probe", "fine-tune"]},
     },
     "trials": 12,
     "minutes": 30,
@@ -271,6 +328,8 @@ def test_katib_experiment_validates_against_katibs_schema_and_maps_the_space(tmp
     assert "tlops tune /work/config.yaml --trial" in script
     assert "--set train.lr=${trialParameters.lr}" in script
     assert "--set train.probe_c=[${trialParameters.probe-c}]" in script  # a list field gets one value
+    assert params["strategies"]["feasibleSpace"] == {"list": ["linear-probe", "fine-tune"]}
+    assert "--set train.strategies=[${trialParameters.strategies}]" in script  # one strategy per trial
     env = {e["name"]: e for e in c["env"]}
     assert yaml.safe_load(env["TLOPS_TUNE_CONFIG"]["value"])["tune"]["trials"] == 12
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3", "key": "key"}
@@ -326,7 +385,7 @@ def test_katib_trial_script_runs_as_katibs_stdout_collector_wraps_it(tmp_path, m
     exp = _katib(tmp_path, monkeypatch, capsys, tune=TUNE, train={"strategies": ["linear-probe"], "threads": 1})
     (c,) = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"]
     assert c["command"][:2] == ["sh", "-c"]
-    values = {"lr": "0.0001", "epochs": "2", "probe-c": "0.5", "probe-scaling": "none"}
+    values = {"lr": "0.0001", "epochs": "2", "probe-c": "0.5", "probe-scaling": "none", "strategies": "linear-probe"}
     script = c["command"][2]
     for name, value in values.items():
         script = script.replace(f"${{trialParameters.{name}}}", value)

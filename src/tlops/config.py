@@ -605,8 +605,6 @@ _TUNE_REFUSED = {
     "train.nproc": "data-parallel processes",
     "train.nodes": "data-parallel machines",
     "train.engine": "the cluster job kind",
-    "train.strategies": "the strategies to compare; the fine-tune step already picks among them on validation, "
-    "and extract-features reads it, so trials could not share one set of cached features",
     "train.compile": "torch.compile",
     "train.channels_last": "memory format",
 }
@@ -746,15 +744,33 @@ class PipelineConfig(_Strict):
     def _strategies_fit(self) -> "PipelineConfig":
         """Each strategy's needs (registry): data.adapt_from, source.candidates, the source
         model's modality when its spec tells (else the fine-tune step checks it after pull-model)."""
-        specs = [self.source.model, *(self.source.candidates or [])]
-        modalities = {spec_modality(m) for m in specs}
-        modality = modalities.pop() if len(modalities) == 1 else None
-        errors = strategy_registry.problems(self, modality=modality, model=f"source.model {self.source.model}")
+        errors = self._strategy_problems(self)
         if errors:
             raise ValueError("\n  ".join(errors))
         if self.train.select_on == "source_val" and self.data.adapt_from is None:
             raise ValueError("train.select_on: source_val needs data.adapt_from")
         return self
+
+    def _strategy_problems(self, cfg: "PipelineConfig") -> list[str]:
+        specs = [self.source.model, *(self.source.candidates or [])]
+        modalities = {spec_modality(m) for m in specs}
+        modality = modalities.pop() if len(modalities) == 1 else None
+        return strategy_registry.problems(cfg, modality=modality, model=f"source.model {self.source.model}")
+
+    def _strategy_choice_problem(self, value: Any) -> str | None:
+        """Why ``value`` cannot be a ``train.strategies`` choice of the search space: a trial trains one
+        strategy, on the features extracted once for the study (extract-features reads only whether
+        stacking is among the strategies, so a choice must keep that as the config has it), and the
+        strategy's needs (data.adapt_from, the modality) must hold."""
+        if not isinstance(value, str):
+            return "a choice is one strategy name (each trial trains one strategy)"
+        if (value == "stacking") != ("stacking" in self.train.strategies):
+            return (
+                "stacking in some trials but not in train.strategies (or the reverse) would change the features "
+                "extract-features computes, which every trial shares; list stacking in both or in neither"
+            )
+        trial = self.model_copy(update={"train": with_train_params(self.train, {"train.strategies": value})})
+        return "; ".join(self._strategy_problems(trial)) or None
 
     @model_validator(mode="after")
     def _tune_fits(self) -> "PipelineConfig":
@@ -773,6 +789,8 @@ class PipelineConfig(_Strict):
                 except ValidationError as e:
                     msg = "; ".join(x["msg"].removeprefix("Value error, ") for x in e.errors())
                     raise ValueError(f"tune.space.{key}: {value!r} is not a valid value: {msg}") from None
+                if key == "train.strategies" and (why := self._strategy_choice_problem(value)):
+                    raise ValueError(f"tune.space.{key}: {value!r} is not a valid choice: {why}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """``tlops tune``: an Optuna study over ``train.*`` that reuses the pipeline's cached steps.
 
 ingest, pull-model and extract-features run once (or are reused: the runner's step keys and the
-content-addressed feature cache), because no search key is read by them (config validation
-refuses ``train.strategies``, the one ``train.*`` field extract-features reads). Each trial then
+content-addressed feature cache), because no search key changes what they compute (of ``train.*``,
+extract-features reads only whether ``stacking`` is among the strategies; config validation keeps
+every ``train.strategies`` choice of the space on the config's side of that). Each trial then
 runs only the fine-tune step's body with the sampled values: strategies that train a head on the
 cached features cost milliseconds, strategies that train the backbone report every epoch's
 validation value to Optuna through the training runtime's progress callback
@@ -179,7 +180,8 @@ def _pruner(tc: TuneConfig, cfg: PipelineConfig):
 
     from tlops.training import strategies
 
-    if tc.pruning and any(strategies.get(s).trains_backbone for s in cfg.train.strategies):
+    searched = tc.space["train.strategies"].choices if "train.strategies" in tc.space else []
+    if tc.pruning and any(strategies.get(s).trains_backbone for s in [*cfg.train.strategies, *searched]):
         return optuna.pruners.MedianPruner(n_startup_trials=MIN_TRIALS_BEFORE_PRUNING, n_warmup_steps=0)
     return optuna.pruners.NopPruner()
 
