@@ -77,3 +77,19 @@ def test_two_identical_runs_give_identical_hashes_and_reuse(digits_cfg):
     assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]
     reg1, reg2 = first.artifact("register").meta, second.artifact("register").meta
     assert (reg2["version"], reg2["reused"], reg1["reused"]) == (reg1["version"], True, False)
+
+
+def test_the_content_hash_of_a_fixed_artifact_is_pinned(tmp_path):
+    """Step keys, cache keys and registered digests build on this hash: a change to how it is
+    computed (a separator, a prefix) silently invalidates every existing cache and run, so it must
+    be deliberate and show up here. A ``.json`` file that is not text is hashed as bytes."""
+    from tlops.artifacts import content_hash_of
+
+    d = tmp_path / "art"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "w.bin").write_bytes(b"\x00\x01weights")
+    (d / "config.json").write_text('{"b": 2, "a": 1, "seconds": 9.5}')
+    (d / "blob.json").write_bytes(b"\xff\xfe not utf-8")
+    meta = {"n": 3, "seconds": 1.0}
+    pinned = "c2e93634a01c78016910d16e9a6701720ae99db12bb9849e8a69f4fddbf6dadd"
+    assert content_hash_of(d, "trained-models", meta) == pinned
