@@ -41,6 +41,28 @@ def test_write_artifact_manifest_fields_and_inputs(tmp_path):
     assert A.Artifact(tmp_path / "x").meta == {}  # no manifest loaded: no metadata
 
 
+def test_manifests_record_the_versions_of_the_libraries_that_made_them(monkeypatch):
+    """``versions``: tlops, Python and each library whose version changes what a step computes;
+    a library that is not installed (timm in a text-only image) is left out, not an error."""
+    import platform
+    from importlib import metadata
+
+    from tlops import __version__
+
+    libs = ("torch", "timm", "transformers", "mlflow", "scikit-learn", "numpy")
+    want = {"tlops": __version__, "python": platform.python_version()} | {p: metadata.version(p) for p in libs}
+    assert A.library_versions() == want
+    real = metadata.version
+
+    def no_timm(pkg):
+        if pkg == "timm":
+            raise metadata.PackageNotFoundError(pkg)
+        return real(pkg)
+
+    monkeypatch.setattr(metadata, "version", no_timm)
+    assert A.library_versions() == {k: v for k, v in want.items() if k != "timm"}
+
+
 def test_write_artifact_failure_and_overwrite_leave_the_old_one(tmp_path):
     out = tmp_path / "out"
     old = _make(out, files={"a.txt": "old"})
