@@ -3,20 +3,23 @@
 Two settings, each over ``--seeds`` (the config seed: the data split and the training seed):
 
 * ``yelp-8shot``: UCI yelp, 8 labelled sentences per class (the validation split is capped at 8 per
-  class too: ``data.labels_per_class``), all-MiniLM-L6-v2 frozen, the default strategy
-  (``linear-probe``: LogisticRegressionCV, its C chosen by cross-validation on train). Tuned: ``train.probe_c``
-  (log range) and ``train.probe_scaling``, scored on the 16-sentence validation split.
+  class too: ``data.labels_per_class``), all-MiniLM-L6-v2, the default strategy (``linear-probe``:
+  LogisticRegressionCV on frozen features, its C chosen by cross-validation on train). Tuned: which
+  strategy a trial trains (``linear-probe`` or ``setfit``, which tunes the encoder on contrastive
+  pairs), ``train.setfit.lr``, ``train.probe_c`` and ``train.probe_scaling``, scored on the
+  16-sentence validation split.
 * ``amazon-yelp``: UCI amazon cells as the labelled source domain (``data.adapt_from``), yelp the
   target (90 % of its train pool unlabelled; no target label is used by the strategy or the
-  selection), ``self-train-probe``. Tuned: the same keys, scored on the source-domain validation split
-  (``source_val_acc``: the objective ``auto`` picks under domain adaptation).
+  selection), ``self-train-probe``. Tuned: the strategy (``self-train-probe`` or ``linear-probe``) and
+  the probe keys, scored on the source-domain validation split (``source_val_acc``: the objective
+  ``auto`` picks under domain adaptation).
 
 For each seed: ``run_pipeline`` with the default config, ``tune`` (its best config chosen on
 validation only), ``run_pipeline`` with the best config; the test accuracy of both is the evaluate
-step's. Every number in the report comes from these runs. Trials train heads on the cached features,
-so the budget is mostly the fixed cost of a trial (writing its model bundle), not training.
+step's. Every number in the report comes from these runs. Probe trials train heads on the cached
+features (milliseconds plus a trial's fixed cost); SetFit trials train the encoder (tens of seconds).
 
-    .venv/bin/python bench/tune.py [--seeds 0 1 2] [--trials 40] [--minutes 5] [--out bench/results/tune.md]
+    .venv/bin/python bench/tune.py [--seeds 0 1 2] [--trials 30] [--minutes 10] [--out bench/results/tune.md]
 """
 
 from __future__ import annotations
@@ -33,9 +36,17 @@ from typing import Any
 from common import RESULTS, SHARED_DATA, minilm_dir, run_info, run_machine, write_report
 
 UCI = SHARED_DATA / "sentiment_labelled_sentences"
-SPACE = {
+PROBE = {
     "train.probe_c": {"low": 1e-3, "high": 1e4, "log": True},
     "train.probe_scaling": {"choices": ["standardize", "none"]},
+}
+SPACES = {
+    "yelp-8shot": {
+        "train.strategies": {"choices": ["linear-probe", "setfit"]},
+        "train.setfit.lr": {"low": 5e-6, "high": 1e-4, "log": True},
+        **PROBE,
+    },
+    "amazon-yelp": {"train.strategies": {"choices": ["self-train-probe", "linear-probe"]}, **PROBE},
 }
 SETTINGS = ("yelp-8shot", "amazon-yelp")
 
@@ -55,7 +66,7 @@ def config(setting: str, seed: int, workdir: Path, trials: int, minutes: float) 
         "train": {"strategies": ["linear-probe"], "threads": 1},
         "evaluate": {"scratch_baseline": False, "bootstrap": {"resamples": 200}},
         "register": {"model_name": f"tune-{setting}"},
-        "tune": {"space": SPACE, "trials": trials, "minutes": minutes, "seed": seed},
+        "tune": {"space": SPACES[setting], "trials": trials, "minutes": minutes, "seed": seed},
     }
     if setting == "yelp-8shot":
         raw["data"]["labels_per_class"] = 8
@@ -114,6 +125,15 @@ def _ms(v: list[float]) -> str:
     return f"{100 * statistics.mean(v):.1f} ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else f"{100 * v[0]:.1f}"
 
 
+def _space(space: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(
+        f"`{k}` in {{{', '.join(map(str, p['choices']))}}}"
+        if "choices" in p
+        else f"`{k}` in [{p['low']:g}, {p['high']:g}]"
+        for k, p in space.items()
+    )
+
+
 def _ended(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     short = sum(r["trials"] < args.trials for r in rows)
     return f"{len(rows) - short} of {len(rows)} studies ended on the trial count, {short} on the time budget"
@@ -126,9 +146,10 @@ def report(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Name
         f"Command: `{info['command']}` ({info['date']}). Machine: {run_machine(info)}.",
         "",
         f"Budget per study: {args.trials} trials or {args.minutes:g} minutes, whichever ends first (the issue's "
-        f"budget is 10 minutes; {_ended(rows, args)}). Search space: "
-        "`train.probe_c` log-uniform in [1e-3, 1e4] (one C per trial), `train.probe_scaling` in {standardize, none}; "
-        "TPE sampler seeded with the config seed. The default config is `train.*` as shipped: the probe is "
+        f"budget is 10 minutes; {_ended(rows, args)}). Search spaces (TPE sampler seeded with the config seed; "
+        "a range is log-uniform; a probe C is one C per trial): "
+        + "; ".join(f"{k}: {_space(v)}" for k, v in SPACES.items() if k in {r["setting"] for r in rows})
+        + ". The default config is `train.*` as shipped: the probe is "
         "LogisticRegressionCV over its 10 C values on the features as they are, its C chosen by 5-fold CV on train "
         "when the validation split is not larger than train (`probe_select: auto`).",
         "",
@@ -175,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--trials", type=int, default=40)
-    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     ap.add_argument("--out", type=Path, default=RESULTS / "tune.md")
     args = ap.parse_args(argv)
