@@ -253,6 +253,36 @@ def test_a_study_over_strategies_trains_one_per_trial_on_the_shared_features(tmp
     assert best.train.strategies in (["linear-probe"], ["fine-tune"])
 
 
+def test_probe_fits_are_not_epochs_so_a_finished_head_is_never_pruned(tmp_path, monkeypatch):
+    """SetFit's head (a probe fit, like the shared probe) is the last record of its trial: the median
+    pruner must not see it, or a finished trial below the median would lose its value. Epochs are
+    still reported and pruned on."""
+    from tlops.config import load_config
+    from tlops.tuning import study
+
+    values = iter([0.9, 0.8, 0.7, 0.6, 0.5] * 2)  # each trial worse than the ones before
+
+    def fake_trial(cfg, inputs, out, key, on_epoch=None):
+        v = next(values)
+        on_epoch({"loop": "setfit", "epoch": 1, "selected_by": "cv", key: v})  # a head fit
+        if cfg.train.epochs == 2:  # then an epoch, as a fine-tune trial reports
+            on_epoch({"loop": "fine-tune", "epoch": 1, key: v})
+        return v
+
+    monkeypatch.setattr(study, "train_trial", fake_trial)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    space = {"train.probe_c": {"choices": [0.001, 0.01, 0.1, 1.0]}}
+    for epochs, want in ((1, ["COMPLETE"] * 5), (2, ["COMPLETE"] * 3 + ["PRUNED"] * 2)):
+        (tmp_path / str(epochs)).mkdir()
+        cfg_file = _write(
+            tmp_path / str(epochs),
+            train={"strategies": ["fine-tune"], "epochs": epochs, "threads": 1},
+            tune={"space": space, "trials": 5, "algorithm": "random", "seed": 1},
+        )
+        got = study.tune(load_config(cfg_file), echo=lambda s: None)
+        assert [t.state for t in got.trials] == want
+
+
 def test_a_config_without_tune_section_says_how_to_add_one(tmp_path, monkeypatch, capsys):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(digits_config(tmp_path / "work")))

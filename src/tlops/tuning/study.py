@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 UPSTREAM = ("ingest", "pull-model", "extract-features")  # run once per study: no search key changes them
 # Optuna's median pruner: prune only once this many trials have finished (Katib's medianstop default, 3)
 MIN_TRIALS_BEFORE_PRUNING = 3
-PROBE_LOOP = "linear-probe"  # tlops.training.probe.train_probe's loop name
 
 
 @dataclass
@@ -165,6 +164,12 @@ def train_trial(
     return float(value)
 
 
+def is_epoch(rec: dict, key: str) -> bool:
+    """Whether a training record is an epoch carrying the objective: a probe fit (a record with
+    ``selected_by``, from :func:`tlops.training.probe.train_probe`) is not one."""
+    return rec.get(key) is not None and "selected_by" not in rec
+
+
 def _sampler(tc: TuneConfig):
     import optuna
 
@@ -256,10 +261,12 @@ def _one_trial(study, base, tc, inputs, run_dir: Path, key: str, i: int, n: int)
     pruner_on = not isinstance(study.pruner, optuna.pruners.NopPruner)
 
     def on_epoch(rec: dict) -> None:
-        # The shared linear probe (the head the training strategies start from) is not an epoch: its
-        # value is alike in every trial, and Optuna's median pruner compares a trial's best value so
-        # far, so reporting it would hide every later epoch from the pruner.
-        if rec.get(key) is None or rec.get("loop") == PROBE_LOOP:
+        # A probe fit (the shared linear probe the training strategies start from, or SetFit's head
+        # on its tuned encoder) is not an epoch (is_epoch). The shared probe's value
+        # is alike in every trial, and Optuna's median pruner compares a trial's best value so far,
+        # so reporting it would hide every later epoch from the pruner; SetFit's head is its last
+        # record, so pruning there would save nothing and throw away a finished trial's value.
+        if not is_epoch(rec, key):
             return
         steps[0] += 1
         mlflow.log_metric(f"epoch_{key}", rec[key], step=steps[0])
@@ -342,7 +349,7 @@ def single_trial(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> fl
     run_dir.mkdir(parents=True)
 
     def on_epoch(rec: dict) -> None:
-        if rec.get(key) is not None and rec.get("loop") != PROBE_LOOP:  # epochs only, as for Optuna's pruner
+        if is_epoch(rec, key):  # as for Optuna's pruner
             echo(f"{key}={float(rec[key]):.6f}")
 
     try:
