@@ -63,6 +63,26 @@ def test_manifests_record_the_versions_of_the_libraries_that_made_them(monkeypat
     assert A.library_versions() == {k: v for k, v in want.items() if k != "timm"}
 
 
+def test_manifest_stamps_utc_and_keeps_metadata_json_cannot_hold_as_text(tmp_path, monkeypatch):
+    """``created_at`` is UTC whatever the local time zone (it sorts runs made on machines in other
+    zones); metadata values JSON has no type for (a path) are stored as their text, not refused."""
+    import time
+    from datetime import datetime, timedelta, timezone
+    from pathlib import Path
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        _make(tmp_path / "out", metadata={"source": Path("/data/x.csv")})
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    m = json.loads((tmp_path / "out" / A.MANIFEST).read_text())
+    assert m["metadata"] == {"source": "/data/x.csv"}
+    made = datetime.strptime(m["created_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert abs(datetime.now(timezone.utc) - made) < timedelta(minutes=5)
+
+
 def test_write_artifact_failure_and_overwrite_leave_the_old_one(tmp_path):
     out = tmp_path / "out"
     old = _make(out, files={"a.txt": "old"})
@@ -132,7 +152,7 @@ def test_publish_replaces_or_keeps_the_first(tmp_path):
         (d / A.MANIFEST).write_text("{}")
         return d
 
-    out = tmp_path / "sub" / "out"
+    out = tmp_path / "sub" / "deeper" / "out"  # parents made as needed
     A.publish(staged("t1", "1"), out)
     assert (out / "f").read_text() == "1" and not (tmp_path / "t1").exists()
     A.publish(staged("t2", "2"), out)  # replace=True: the new one wins
