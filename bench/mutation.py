@@ -121,6 +121,10 @@ def merge(carried: dict[str, dict], fresh: dict[str, dict]) -> dict[str, dict]:
     for module, rec in fresh.items():
         old = carried.get(module)
         if old is None or rec["counts"]["not run"] <= old["counts"]["not run"]:
+            for name, s in rec["survivors"].items():  # a recheck's verdict stays with the same mutant
+                before = (old or {}).get("survivors", {}).get(name)
+                if before is not None and before["change"] == s["change"]:
+                    s["killed_by_recheck"] = s["killed_by_recheck"] or before["killed_by_recheck"]
             out[module] = rec
     return dict(sorted(out.items()))
 
@@ -190,7 +194,7 @@ def main() -> int:
         print("no mutants/ here and no record: run `make mutation` (mutmut run) first", file=sys.stderr)
         return 1
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    stamp = f"{time.strftime('%Y-%m-%d', time.gmtime())}, commit {commit}"
+    stamp = f"{time.strftime('%Y-%m-%d', time.gmtime())}, rendered at {commit}"
     record["modules"] = merge(record["modules"], summarise(results, ROOT, stamp))
     if args.recheck:
         here = {k for codes in results.values() for k in codes}  # a recheck needs the mutant in mutants/

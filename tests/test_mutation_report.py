@@ -42,6 +42,11 @@ def test_a_partial_run_keeps_a_module_s_earlier_full_run_and_a_fuller_one_replac
     }
     merged = mutation.merge(carried, fresh)
     assert merged["src/tlops/a.py"]["run"] == "today" and merged["src/tlops/b.py"]["run"] == "earlier"
+    # the same full run rendered again keeps what a recheck found about its survivors
+    merged["src/tlops/a.py"]["survivors"]["tlops.a.x_f__mutmut_2"]["killed_by_recheck"] = True
+    again = mutation.merge(merged, mutation.summarise(mutation.collect(tmp_path), tmp_path, "today"))
+    assert again["src/tlops/a.py"]["survivors"]["tlops.a.x_f__mutmut_2"]["killed_by_recheck"] is True
+    merged["src/tlops/a.py"]["survivors"]["tlops.a.x_f__mutmut_2"]["killed_by_recheck"] = False
 
     text = mutation.render({"recheck_tests": ["tests/test_b.py"], "modules": merged}, {"tlops.a.x_f__mutmut_*": "why"})
     assert "| `src/tlops/a.py` | 2 | 1 | 1 | 0 | 0 | 0 | 50.0 % | today |" in text
