@@ -220,6 +220,8 @@ def test_set_step_key_rewrites_the_manifest_only_when_it_changes(tmp_path):
 def test_local_feature_cache_put_get_load_and_compute_once(tmp_path):
     cache = FeatureCache(tmp_path / "cache")
     key = cache_key("model-digest", {"size": 8}, "data-hash")
+    # pinned: every cache entry anyone has is filed under this; a change must bump CACHE_VERSION on purpose
+    assert key == "c04b6aa499d081702424f07f4f4495bf139fb594de8bd401cf054a0fa4c98b13"
     assert key != cache_key("model-digest", {"size": 9}, "data-hash")
     assert cache.entry(key) == tmp_path / "cache" / key[:2] / key
     assert cache.lock_path(key) == tmp_path / "cache" / ".locks" / f"{key}.lock"
@@ -251,6 +253,8 @@ def test_local_feature_cache_put_get_load_and_compute_once(tmp_path):
     assert A.read_artifact(cache.get(fresh), KIND).meta == {"m": 1, "cache_key": fresh}
     assert cache.put(key, {"x": np.zeros(1)}, {"n": 0}) == entry
     assert np.array_equal(cache.load(key)["x"], got["x"])
+    assert cache.get_or_compute(cache_key("m", {}, "miss"), compute, {}, tmp_path / "m.npz") is False  # a miss
+    assert cache.get_or_compute(cache_key("m", {}, "off"), compute, {}, tmp_path / "o.npz", enabled=False) is False
     dst = tmp_path / "f.npz"
     assert cache.get_or_compute(key, compute, {}, dst) is True and dst.is_file()
     assert os.stat(dst).st_ino == os.stat(entry / "features.npz").st_ino  # fetched as a hard link

@@ -922,9 +922,23 @@ def test_cache_fetch_refuses_an_entry_of_another_kind_and_leaves_only_the_file(s
     from tlops.artifacts import ArtifactError
     from tlops.features.cache import FeatureCache, cache_key
 
-    cache = FeatureCache(f"s3://{BUCKET}/features" if where == "s3" else tmp_path / "cache")
+    cache = FeatureCache(f"s3://{BUCKET}/features/" if where == "s3" else tmp_path / "cache")
     good, bad = cache_key("m", {}, "good"), cache_key("m", {}, "bad")
-    cache.put(good, {"x": np.arange(4)}, {})
+    if where == "s3":  # a trailing slash on the root does not double in keys; S3 entries take no file lock
+        assert cache.entry(good) == f"s3://{BUCKET}/features/{good[:2]}/{good}" and cache.lock_path(good) is None
+    else:
+        assert (
+            cache.root == tmp_path / "cache" and cache.lock_path(good) == tmp_path / "cache" / ".locks" / f"{good}.lock"
+        )
+    cache.put(good, {"x": np.arange(4)}, {"n": 4})
+    if where == "s3":
+        body = cache.storage.client.get_object(Bucket=BUCKET, Key=f"features/{good[:2]}/{good}/manifest.json")["Body"]
+        manifest = json.loads(body.read())
+    else:
+        manifest = json.loads((cache.entry(good) / "manifest.json").read_text())
+    # every writer of a key writes the same manifest: the key is its config, content hash and metadata
+    assert manifest["config"] == {"key": good} and manifest["content_hash"] == good
+    assert manifest["metadata"] == {"n": 4, "cache_key": good} and manifest["kind"] == "feature-cache-entry"
     _plant(cache.storage, cache, bad, "model", tmp_path / "planted")
     shm = Path("/dev/shm")
     if shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
