@@ -926,6 +926,7 @@ def test_cache_fetch_refuses_an_entry_of_another_kind_and_leaves_only_the_file(s
     good, bad = cache_key("m", {}, "good"), cache_key("m", {}, "bad")
     if where == "s3":  # a trailing slash on the root does not double in keys; S3 entries take no file lock
         assert cache.entry(good) == f"s3://{BUCKET}/features/{good[:2]}/{good}" and cache.lock_path(good) is None
+        assert FeatureCache(f"s3://{BUCKET}/cacheX/").entry(good).startswith(f"s3://{BUCKET}/cacheX/")
     else:
         assert (
             cache.root == tmp_path / "cache" and cache.lock_path(good) == tmp_path / "cache" / ".locks" / f"{good}.lock"
