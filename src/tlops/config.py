@@ -757,11 +757,12 @@ class PipelineConfig(_Strict):
         modality = modalities.pop() if len(modalities) == 1 else None
         return strategy_registry.problems(cfg, modality=modality, model=f"source.model {self.source.model}")
 
-    def _strategy_choice_problem(self, value: Any) -> str | None:
-        """Why ``value`` cannot be a ``train.strategies`` choice of the search space: a trial trains one
-        strategy, on the features extracted once for the study (extract-features reads only whether
-        stacking is among the strategies, so a choice must keep that as the config has it), and the
-        strategy's needs (data.adapt_from, the modality) must hold."""
+    def _strategy_choice_problem(self, value: Any, train: "TrainConfig") -> str | None:
+        """Why ``value`` cannot be a ``train.strategies`` choice of the search space (``train``: this
+        config's train section with it applied): a trial trains one strategy, on the features extracted
+        once for the study (extract-features reads only whether stacking is among the strategies, so a
+        choice must keep that as the config has it), and the strategy's needs (data.adapt_from, the
+        modality) must hold."""
         if not isinstance(value, str):
             return "a choice is one strategy name (each trial trains one strategy)"
         if (value == "stacking") != ("stacking" in self.train.strategies):
@@ -769,8 +770,7 @@ class PipelineConfig(_Strict):
                 "stacking in some trials but not in train.strategies (or the reverse) would change the features "
                 "extract-features computes, which every trial shares; list stacking in both or in neither"
             )
-        trial = self.model_copy(update={"train": with_train_params(self.train, {"train.strategies": value})})
-        return "; ".join(self._strategy_problems(trial)) or None
+        return "; ".join(self._strategy_problems(self.model_copy(update={"train": train}))) or None
 
     @model_validator(mode="after")
     def _tune_fits(self) -> "PipelineConfig":
@@ -785,11 +785,11 @@ class PipelineConfig(_Strict):
                 if p.choices is None and int_field(key):
                     value = int(value)
                 try:
-                    with_train_params(self.train, {key: value})
+                    train = with_train_params(self.train, {key: value})
                 except ValidationError as e:
                     msg = "; ".join(x["msg"].removeprefix("Value error, ") for x in e.errors())
                     raise ValueError(f"tune.space.{key}: {value!r} is not a valid value: {msg}") from None
-                if key == "train.strategies" and (why := self._strategy_choice_problem(value)):
+                if key == "train.strategies" and (why := self._strategy_choice_problem(value, train)):
                     raise ValueError(f"tune.space.{key}: {value!r} is not a valid choice: {why}")
         return self
 
