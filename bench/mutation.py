@@ -95,8 +95,9 @@ def recheck(names: list[str], tests: list[str], root: Path, jobs: int = 1) -> di
         return dict(zip(names, pool.map(one, names), strict=True))
 
 
-def summarise(results: dict[str, dict[str, int | None]], root: Path, stamp: str) -> dict[str, dict]:
-    """Per module: the counts by status and every survivor with its change, as the record keeps them."""
+def summarise(results: dict[str, dict[str, int | None]], stamp: str) -> dict[str, dict]:
+    """Per module: the counts by status and every survivor with its change, as the record keeps them
+    (the change from mutmut's own diff, read relative to the working directory: the repo root)."""
     out = {}
     for module, codes in results.items():
         c = Counter(_status(v) for v in codes.values())
@@ -125,6 +126,8 @@ def merge(carried: dict[str, dict], fresh: dict[str, dict]) -> dict[str, dict]:
                 before = (old or {}).get("survivors", {}).get(name)
                 if before is not None and before["change"] == s["change"]:
                     s["killed_by_recheck"] = s["killed_by_recheck"] or before["killed_by_recheck"]
+            if old is not None and (old["counts"], set(old["survivors"])) == (rec["counts"], set(rec["survivors"])):
+                rec["run"] = old["run"]  # the same results rendered again: they still date from that run
             out[module] = rec
     return dict(sorted(out.items()))
 
@@ -195,18 +198,13 @@ def main() -> int:
         return 1
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     stamp = f"{time.strftime('%Y-%m-%d', time.gmtime())}, rendered at {commit}"
-    record["modules"] = merge(record["modules"], summarise(results, ROOT, stamp))
+    record["modules"] = merge(record["modules"], summarise(results, stamp))
     if args.recheck:
         here = {k for codes in results.values() for k in codes}  # a recheck needs the mutant in mutants/
-        names = [
-            k
-            for rec in record["modules"].values()
-            for k in rec["survivors"]
-            if k in here and fnmatch.fnmatch(k, args.recheck_mutants)
-        ]
+        survivors = {k: s for rec in record["modules"].values() for k, s in rec["survivors"].items()}
+        names = [k for k in survivors if k in here and fnmatch.fnmatch(k, args.recheck_mutants)]
         for name, killed in recheck(names, args.recheck, ROOT, args.jobs).items():
-            module = next(m for m, rec in record["modules"].items() if name in rec["survivors"])
-            record["modules"][module]["survivors"][name]["killed_by_recheck"] |= killed
+            survivors[name]["killed_by_recheck"] |= killed
         record["recheck_tests"] = sorted(set(record.get("recheck_tests", [])) | set(args.recheck))
     reasons = yaml.safe_load(REASONS.read_text()) if REASONS.exists() else {}
     text = render(record, reasons or {})

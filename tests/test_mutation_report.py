@@ -30,7 +30,7 @@ def _record(run: str, mutants: int, not_run: int, survivors: dict) -> dict:
 def test_a_partial_run_keeps_a_module_s_earlier_full_run_and_a_fuller_one_replaces_it(tmp_path):
     _meta(tmp_path, "src/tlops/a.py", {"tlops.a.x_f__mutmut_1": 1, "tlops.a.x_f__mutmut_2": 0})
     _meta(tmp_path, "src/tlops/b.py", {"tlops.b.x_g__mutmut_1": None, "tlops.b.x_g__mutmut_2": 34})
-    fresh = mutation.summarise(mutation.collect(tmp_path), tmp_path, "today")
+    fresh = mutation.summarise(mutation.collect(tmp_path), "today")
     assert fresh["src/tlops/a.py"]["counts"] == {"killed": 1, "survived": 1, "timeout": 0, "no tests": 0, "not run": 0}
     assert fresh["src/tlops/b.py"]["counts"]["not run"] == 2  # unrun and skipped alike
     assert list(fresh["src/tlops/a.py"]["survivors"]) == ["tlops.a.x_f__mutmut_2"]
@@ -44,8 +44,9 @@ def test_a_partial_run_keeps_a_module_s_earlier_full_run_and_a_fuller_one_replac
     assert merged["src/tlops/a.py"]["run"] == "today" and merged["src/tlops/b.py"]["run"] == "earlier"
     # the same full run rendered again keeps what a recheck found about its survivors
     merged["src/tlops/a.py"]["survivors"]["tlops.a.x_f__mutmut_2"]["killed_by_recheck"] = True
-    again = mutation.merge(merged, mutation.summarise(mutation.collect(tmp_path), tmp_path, "today"))
+    again = mutation.merge(merged, mutation.summarise(mutation.collect(tmp_path), "tomorrow"))
     assert again["src/tlops/a.py"]["survivors"]["tlops.a.x_f__mutmut_2"]["killed_by_recheck"] is True
+    assert again["src/tlops/a.py"]["run"] == "today"  # unchanged results keep the date of their run
     merged["src/tlops/a.py"]["survivors"]["tlops.a.x_f__mutmut_2"]["killed_by_recheck"] = False
 
     text = mutation.render({"recheck_tests": ["tests/test_b.py"], "modules": merged}, {"tlops.a.x_f__mutmut_*": "why"})

@@ -899,14 +899,14 @@ def test_s3_client_region_is_tlops_choice_not_boto_lookup(s3, monkeypatch):
     assert S3Storage().client.meta.region_name == "us-east-1"
 
 
-def _plant(storage, cache, key: str, kind: str, tmp: Path) -> None:
+def _plant(cache, key: str, kind: str, tmp: Path) -> None:
     """An entry under ``key`` written as an artifact of ``kind`` (uploaded for an S3 cache)."""
     from tlops.artifacts import write_artifact
 
     with write_artifact(tmp / kind, kind) as w:
         np.savez(w.path / "features.npz", x=np.arange(3))
     if cache.remote:
-        storage.upload_dir(tmp / kind, str(cache.entry(key)))
+        cache.storage.upload_dir(tmp / kind, str(cache.entry(key)))
     else:
         cache.entry(key).parent.mkdir(parents=True, exist_ok=True)
         (tmp / kind).rename(cache.entry(key))
@@ -940,7 +940,7 @@ def test_cache_fetch_refuses_an_entry_of_another_kind_and_leaves_only_the_file(s
     # every writer of a key writes the same manifest: the key is its config, content hash and metadata
     assert manifest["config"] == {"key": good} and manifest["content_hash"] == good
     assert manifest["metadata"] == {"n": 4, "cache_key": good} and manifest["kind"] == "feature-cache-entry"
-    _plant(cache.storage, cache, bad, "model", tmp_path / "planted")
+    _plant(cache, bad, "model", tmp_path / "planted")
     shm = Path("/dev/shm")
     if shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
         monkeypatch.setattr("tempfile.tempdir", str(shm))  # the system temp dir on another filesystem
