@@ -38,6 +38,20 @@ def test_c2st_chance_in_distribution_and_separates_a_shift():
     assert s["p_value"] < 1e-6 and s["auc"] > 0.9
 
 
+def test_c2st_p_value_is_the_binomial_tail_of_one_held_out_half_and_holds_its_level():
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(5)
+    r = stats.c2st(rng.normal(size=(300, 8)), rng.normal(size=(101, 8)))
+    # 101 rows each: 50 of each sample fit the classifier, the other 51 + 51 score it
+    assert r["n_each"] == 101 and r["n_test"] == 102
+    hits = round(r["accuracy"] * 102)
+    assert r["p_value"] == binomtest(hits, 102, 0.5, alternative="greater").pvalue
+    # no shift: p < 0.05 about 5 % of the time, not more
+    ps = [stats.c2st(rng.normal(size=(100, 8)), rng.normal(size=(100, 8)), seed=s)["p_value"] for s in range(100)]
+    assert np.mean(np.array(ps) < 0.05) <= 0.08
+
+
 def test_bbse_recovers_a_known_prior_shift():
     rng = np.random.default_rng(2)
     k = 3
@@ -91,8 +105,12 @@ def reg(tmp_path_factory):
         cfg = digits_config(work, train={"strategies": ["linear-probe"], "epochs": 3, "batch_size": 16})
         cfg["data"]["labels_per_class"] = None
         cfg["data"]["split"] = {"val": 0.3, "test": 0.2}
-        run_pipeline(validate_config(cfg))
+        res = run_pipeline(validate_config(cfg))
     from sklearn.datasets import load_digits
+
+    from tlops.data.dataset import Dataset
+
+    test_rows = len(Dataset(res.steps["ingest"].artifact).load("test"))
 
     d = load_digits()
     keep = np.isin(d.target, [0, 1, 2])
@@ -102,7 +120,7 @@ def reg(tmp_path_factory):
     np.savez(same, x=x[::2], y=y[::2])
     shifted = root / "shifted.npz"
     np.savez(shifted, x=np.ascontiguousarray(np.rot90(x[1::2], axes=(1, 2))), y=y[1::2])  # rotated digits
-    return SimpleNamespace(work=work, uri=embedded_uri(work), same=same, shifted=shifted)
+    return SimpleNamespace(work=work, uri=embedded_uri(work), same=same, shifted=shifted, test_rows=test_rows)
 
 
 def _cli(*args: str):
@@ -126,6 +144,11 @@ def test_register_stores_a_compact_reference_from_the_cached_train_features(reg,
     assert meta["reference_rows"] == meta["pool_rows"]  # < 2,000 train rows: all of them
     assert arrays["confusion"].sum() == meta["val_rows"] == len(arrays["val_score"])
     assert abs(arrays["val_correct"].mean() - meta["val_accuracy"]) < 1e-9
+    # ATC's calibration rows: validation first, then every test row (fewer than 2,000)
+    assert meta["calibration_rows"] == meta["val_rows"] + reg.test_rows == len(arrays["calib_score"])
+    assert np.array_equal(arrays["calib_score"][: meta["val_rows"]], arrays["val_score"])
+    assert np.array_equal(arrays["calib_correct"][: meta["val_rows"]], arrays["val_correct"])
+    assert abs(arrays["calib_correct"].mean() - meta["calibration_accuracy"]) < 1e-9
     assert 0 < meta["bytes"] < 2_000_000 and set(arrays) == {
         "features",
         "ref_pred",
@@ -133,7 +156,44 @@ def test_register_stores_a_compact_reference_from_the_cached_train_features(reg,
         "val_pred",
         "val_correct",
         "confusion",
+        "calib_score",
+        "calib_correct",
     }
+
+
+def test_atc_is_calibrated_on_the_held_out_rows_and_older_references_fall_back_to_validation():
+    from tlops.monitoring.monitor import analyse
+
+    rng = np.random.default_rng(4)
+    ref_f = rng.normal(size=(300, 8)).astype(np.float16)
+    new_f = rng.normal(size=(200, 8)).astype(np.float32)
+    logits = rng.normal(size=(200, 2)) * 3
+    val_score, cal_score = -rng.exponential(0.3, 100), -rng.exponential(0.3, 600)
+    ref = {
+        "features": ref_f,
+        "ref_pred": rng.integers(0, 2, 300),
+        "val_score": val_score,
+        "val_correct": np.arange(100) < 60,  # a validation split that scores 0.60 ...
+        "confusion": np.array([[30, 20], [20, 30]]),
+        "calib_score": np.r_[val_score, cal_score],
+        "calib_correct": np.r_[np.arange(100) < 60, np.arange(600) < 480],  # ... of 700 held-out rows at 0.77
+    }
+    meta = {"classes": ["a", "b"], "val_accuracy": 0.6}
+    from tlops.monitoring.monitor import Thresholds
+    from tlops.monitoring.reference import top_score
+
+    th = Thresholds(permutations=50)
+    acc = analyse(ref, meta, new_f, logits, th)
+    expected = stats.atc(ref["calib_score"], ref["calib_correct"], top_score(logits)[1], seed=0)
+    assert acc["accuracy"]["estimate"] == expected["estimate"] and acc["accuracy"]["threshold"] == expected["threshold"]
+    assert acc["accuracy"]["held_out_rows"] == 700 and acc["accuracy"]["held_out_accuracy"] == 540 / 700
+    assert acc["accuracy"]["validation_accuracy"] == 0.6
+    assert acc["estimated_drop"] == pytest.approx(540 / 700 - expected["estimate"])
+    old = {k: v for k, v in ref.items() if not k.startswith("calib_")}  # registered before the test rows were kept
+    acc = analyse(old, meta, new_f, logits, th)
+    expected = stats.atc(ref["val_score"], ref["val_correct"], top_score(logits)[1], seed=0)
+    assert acc["accuracy"]["estimate"] == expected["estimate"] and acc["accuracy"]["held_out_rows"] == 100
+    assert acc["estimated_drop"] == pytest.approx(0.6 - expected["estimate"])
 
 
 def test_monitor_ok_in_distribution_and_shift_on_rotated_digits(reg, tmp_path):

@@ -514,7 +514,7 @@ def monitor(
         f"domain AUC {res['covariate_shift']['c2st']['auc']:.3f} (p={res['covariate_shift']['c2st']['p_value']:.3g}), "
         f"label p={res['label_shift']['test']['p_value']:.3g}; "
         f"estimated accuracy {acc['estimate']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] "
-        f"(validation {acc['validation_accuracy']:.3f}) -> {out}"
+        f"(held-out {acc['held_out_accuracy']:.3f}) -> {out}"
     )
 
 
@@ -556,7 +556,7 @@ def adapt(
     typer.echo(
         f"{before['model_name']} v{before['model_version']}: {before['verdict']} on {before['n']} inputs; "
         f"estimated accuracy {acc['estimate']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] "
-        f"(validation {acc['validation_accuracy']:.3f})"
+        f"(held-out {acc['held_out_accuracy']:.3f})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -156,7 +156,7 @@ def describe(before: dict[str, Any], after: dict[str, Any]) -> str:
         a = r["accuracy"]
         return (
             f"| {label} | v{r['model_version']} | {r['verdict']} | {a['estimate']:.3f} [{a['low']:.3f}, "
-            f"{a['high']:.3f}] | {a['validation_accuracy']:.3f} |"
+            f"{a['high']:.3f}] | {a['held_out_accuracy']:.3f} |"
         )
 
     return "\n".join(
@@ -166,7 +166,7 @@ def describe(before: dict[str, Any], after: dict[str, Any]) -> str:
             f"Adapted to `{before['data']}` ({before['n']} inputs, no target label used for training or selection).",
             "Label-free accuracy estimate on those inputs (ATC, bootstrap interval), from `tlops monitor`:",
             "",
-            "| | version | verdict | estimated accuracy | validation accuracy |",
+            "| | version | verdict | estimated accuracy | held-out accuracy (validation + test) |",
             "|---|---|---|---|---|",
             line("before (monitored model)", before),
             line("after (this version)", after),

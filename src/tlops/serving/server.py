@@ -586,13 +586,13 @@ async def watch_window(state: ServingState) -> None:
         gauges.publish(state.name, loaded.version, res)
         if res["verdict"] != before:
             log.warning(
-                "monitor: %s v%s on the last %d served inputs: %s (estimated accuracy %.3f; validation %.3f)",
+                "monitor: %s v%s on the last %d served inputs: %s (estimated accuracy %.3f; held-out %.3f)",
                 state.name,
                 loaded.version,
                 res["n"],
                 res["verdict"],
                 res["accuracy"]["estimate"],
-                meta["val_accuracy"],
+                res["accuracy"]["held_out_accuracy"],
             )
 
 
