@@ -140,6 +140,16 @@ def test_contract_refuses_other_scales_with_what_it_expected(model):
         model.predict(np.zeros((0, 8, 8), dtype=np.uint8))
 
 
+def test_the_pyfunc_class_imports_without_mlflows_type_hint_warning():
+    """The model's predict() takes what the contract parses, which no MLflow type hint describes;
+    MLflow's hint validation is skipped and prints nothing (it used to, on every import)."""
+    r = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import tlops.tracking.pyfunc"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "type hint" not in r.stderr, r.stderr
+
+
 def test_text_contract_takes_the_text_column_or_the_only_string_column():
     from tlops.serving.contract import Contract, ContractError, build_contract
 
