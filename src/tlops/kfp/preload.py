@@ -42,7 +42,7 @@ MODULES = (
 )
 
 # What importing warns about is recorded, not printed (this process's stderr is the terminal's). Not a
-# filter: MLflow's PythonModel subclass hook forces "once" for UserWarning over any filter set here.
+# filter: a library may set its own filters inside its calls (MLflow does), which win over ours.
 with warnings.catch_warnings(record=True):
     for _name in MODULES:
         try:
