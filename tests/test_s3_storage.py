@@ -767,9 +767,13 @@ def test_s3_call_says_unreachable_when_the_endpoint_did_not_answer(s3, monkeypat
 
 
 def test_s3_uris_and_client_settings(s3, monkeypatch, tmp_path):
-    from tlops.storage import split_s3
+    from tlops.storage import join, split_s3
 
     assert split_s3("s3://b/p/q") == ("b", "p/q")
+    # one slash between parts, whatever slashes they bring; nothing else is trimmed
+    assert join("s3://b/", "/p/", "q/") == "s3://b/p/q"
+    assert join("s3://b", " Xp ", "qX") == "s3://b/ Xp /qX"
+    assert join(tmp_path, "a", "b") == tmp_path / "a" / "b"
     with pytest.raises(StorageError) as e:
         split_s3("/local/path")
     assert str(e.value) == "not an s3:// URI: /local/path"
