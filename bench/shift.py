@@ -290,6 +290,15 @@ def cost(workdir: Path) -> dict[str, Any]:
     }
 
 
+def _rate_interval(rows: list[dict[str, Any]]) -> str:
+    """Exact 95 % interval of a false-alarm rate: 20 resplits cannot tell 5 % from 15 % apart."""
+    from scipy.stats import binomtest
+
+    k, n = sum(round(r["flagged"] * r["trials"]) for r in rows), sum(r["trials"] for r in rows)
+    ci = binomtest(k, n).proportion_ci(0.95, method="exact")
+    return f"[{ci.low:.1%}, {ci.high:.1%}]"
+
+
 def render(res: dict[str, Any], info: dict[str, Any]) -> str:
     cal = res["calibration"]
     lines = [
@@ -338,7 +347,10 @@ def render(res: dict[str, Any], info: dict[str, Any]) -> str:
         ),
         "",
         f"False-alarm rate over all in-distribution resplits: {np.mean([r['flagged'] for r in h0]):.1%} "
-        f"({sum(round(r['flagged'] * r['trials']) for r in h0)} of {sum(r['trials'] for r in h0)}).",
+        f"({sum(round(r['flagged'] * r['trials']) for r in h0)} of {sum(r['trials'] for r in h0)}; "
+        f"95 % Clopper-Pearson interval {_rate_interval(h0)}); per source: "
+        + "; ".join(f"{k.split(' ')[0]} {_rate_interval([r])}" for k, r in cal["rows"].items() if r["kind"] == "h0")
+        + ".",
         "",
         "Cost (10,000 inputs, cached features): "
         + (
