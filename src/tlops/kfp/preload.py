@@ -8,6 +8,8 @@ import gc
 import importlib
 import warnings
 
+from tlops.steps import STEP_MODULES  # the six steps' modules, from their one registry
+
 MODULES = (
     "kfp.dsl.executor_main",
     "torch",
@@ -25,12 +27,7 @@ MODULES = (
     "mlflow.store.model_registry.sqlalchemy_store",
     "tlops.kfp.task",
     "tlops.runners.local",
-    "tlops.steps.ingest",
-    "tlops.steps.pull_model",
-    "tlops.steps.extract_features",
-    "tlops.steps.fine_tune",
-    "tlops.steps.evaluate",
-    "tlops.steps.register",
+    *STEP_MODULES.values(),
     "tlops.models.bundle",
     "tlops.features.extract",
     "tlops.training.strategies",
