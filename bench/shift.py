@@ -290,12 +290,16 @@ def cost(workdir: Path) -> dict[str, Any]:
     }
 
 
+def _alarms(rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """Trials flagged and trials run, over ``rows``."""
+    return sum(round(r["flagged"] * r["trials"]) for r in rows), sum(r["trials"] for r in rows)
+
+
 def _rate_interval(rows: list[dict[str, Any]]) -> str:
     """Exact 95 % interval of a false-alarm rate: 20 resplits cannot tell 5 % from 15 % apart."""
     from scipy.stats import binomtest
 
-    k, n = sum(round(r["flagged"] * r["trials"]) for r in rows), sum(r["trials"] for r in rows)
-    ci = binomtest(k, n).proportion_ci(0.95, method="exact")
+    ci = binomtest(*_alarms(rows)).proportion_ci(0.95, method="exact")
     return f"[{ci.low:.1%}, {ci.high:.1%}]"
 
 
@@ -328,12 +332,13 @@ def render(res: dict[str, Any], info: dict[str, Any]) -> str:
             f"{r['flagged_by']['mmd']} / {r['flagged_by']['c2st']} / {r['flagged_by']['label']} | "
             + (f"{val_only:.3f} |" if val_only is not None else "|")
         )
-    h0 = [r for r in cal["rows"].values() if r["kind"] == "h0"]
+    h0 = {k.split(" ")[0]: r for k, r in cal["rows"].items() if r["kind"] == "h0"}  # by source name
+    flagged, trials = _alarms(list(h0.values()))
     lines += [
         "",
         "Sources: "
         + "; ".join(
-            f"{k.split(' ')[0]}: validation accuracy {r['source']['val_accuracy']:.3f}, "
+            f"{name}: validation accuracy {r['source']['val_accuracy']:.3f}, "
             + (
                 f"ATC calibrated on {r['source']['calibration_rows']} held-out rows (validation + half the test "
                 f"split; first trial's: accuracy {r['source']['calibration_accuracy']:.3f}), "
@@ -342,14 +347,12 @@ def render(res: dict[str, Any], info: dict[str, Any]) -> str:
             )
             + f"{r['source']['reference_rows']} reference rows, registered reference "
             f"{r['source']['registered_reference_bytes'] / 1024:.0f} KB ({r['source']['feature_space'].split(' (')[0]})"
-            for k, r in cal["rows"].items()
-            if r["kind"] == "h0"
+            for name, r in h0.items()
         ),
         "",
-        f"False-alarm rate over all in-distribution resplits: {np.mean([r['flagged'] for r in h0]):.1%} "
-        f"({sum(round(r['flagged'] * r['trials']) for r in h0)} of {sum(r['trials'] for r in h0)}; "
-        f"95 % Clopper-Pearson interval {_rate_interval(h0)}); per source: "
-        + "; ".join(f"{k.split(' ')[0]} {_rate_interval([r])}" for k, r in cal["rows"].items() if r["kind"] == "h0")
+        f"False-alarm rate over all in-distribution resplits: {np.mean([r['flagged'] for r in h0.values()]):.1%} "
+        f"({flagged} of {trials}; 95 % Clopper-Pearson interval {_rate_interval(list(h0.values()))}); per source: "
+        + "; ".join(f"{name} {_rate_interval([r])}" for name, r in h0.items())
         + ".",
         "",
         "Cost (10,000 inputs, cached features): "
