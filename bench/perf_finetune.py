@@ -227,7 +227,7 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     from tlops.data.dataset import Split
     from tlops.models.backbone import ImageBackbone, TextBackbone
     from tlops.models.bundle import Classifier
-    from tlops.training import distributed
+    from tlops.training import finetune
 
     res: dict[str, Any] = {}
     # ------------------------------------------------------------------ text: tlops vs transformers.Trainer
@@ -266,12 +266,12 @@ def bench_finetune(args, sz) -> dict[str, Any]:
     if args.ablation:  # where the speed comes from: one change at a time, its own interleaved series
 
         def no_grouping():
-            old = distributed.MEGABATCH
-            distributed.MEGABATCH = 1  # batches = plain permutation slices (each sorted inside: same padding)
+            grouped = finetune.epoch_batches
+            finetune.epoch_batches = lambda *a, **kw: grouped(*a, **{**kw, "bucket": False})  # permutation slices
             try:
                 return _tlops_ft(clf0, train, val, tcfg)
             finally:
-                distributed.MEGABATCH = old
+                finetune.epoch_batches = grouped
 
         abl = {
             "tlops fine_tune": sides["tlops fine_tune"],

@@ -58,6 +58,13 @@ def test_text_batches_are_length_grouped_and_shuffled():
     assert pad(batches) < 0.7 * pad(plain), "length grouping cuts padding"
     longest = [max(len(texts[i]) for i in b) for b in batches]
     assert longest != sorted(longest, reverse=True), "batch order is shuffled, not longest-first"
+    by_length = np.argsort([len(t) for t in texts], kind="stable")
+    exact = [by_length[i : i + 32] for i in range(0, 512, 32)]  # the least padding any batching can have
+    assert pad(batches) <= 1.08 * pad(exact), (pad(batches), pad(exact))
+    g = torch.Generator().manual_seed(0)
+    epochs = [epoch_batches(texts, rng.permutation(512), 32, bucket=True, generator=g) for _ in range(3)]
+    kept = [{frozenset(b.tolist()) for b in e} for e in epochs]
+    assert not (kept[0] & kept[1]) and not (kept[1] & kept[2]), "the batches change from one epoch to the next"
 
 
 def test_launch_command_uses_torchrun_standalone(tmp_path):

@@ -65,10 +65,15 @@ def _train_cfg(threads: int = 1) -> dict:
     return {"strategies": ["fine-tune"], "epochs": EPOCHS, "batch_size": 16, "threads": threads, "augment": True}
 
 
-def test_fine_tune_dies_after_an_epoch_and_resumes_exactly(digits_cfg, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("dies_after", [2, 3])
+def test_fine_tune_dies_after_an_epoch_and_resumes_exactly(digits_cfg, tmp_path, monkeypatch, caplog, dies_after):
     """In-process and small: the step dies after epoch 2 of 3 (gradual unfreezing on, so the
     resumed run must replay the unfreezing too); the newest checkpoint is then truncated, so the
-    rerun falls back to epoch 1. The result equals an uninterrupted run, bit for bit."""
+    rerun falls back to epoch 1. Or it dies after the last epoch, whose checkpoint holds no optimizer
+    state (nothing continues from it): the rerun trains nothing. Either way the result equals an
+    uninterrupted run, bit for bit."""
+    import torch
+
     from tlops import dag
     from tlops.config import validate_config
     from tlops.runners.local import execute_step
@@ -95,27 +100,36 @@ def test_fine_tune_dies_after_an_epoch_and_resumes_exactly(digits_cfg, tmp_path,
 
     real = Checkpoints.save
 
-    def dies_after_epoch_2(self, epoch, state):
-        real(self, epoch, state)
-        if epoch == 2:
+    def dies(self, epoch, state, **kw):
+        real(self, epoch, state, **kw)
+        if epoch == dies_after:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(Checkpoints, "save", dies_after_epoch_2)
+    monkeypatch.setattr(Checkpoints, "save", dies)
     with pytest.raises(KeyboardInterrupt):
         execute_step(spec, cfg, ins, tmp_path / "ft")
     monkeypatch.setattr(Checkpoints, "save", real)
     assert not (tmp_path / "ft").exists()
     (ck,) = (tmp_path / "work" / "checkpoints").glob("*/fine-tune")
-    assert sorted(p.name for p in ck.iterdir()) == ["epoch_001.pt", "epoch_002.pt"]
-    newest = ck / "epoch_002.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # e.g. a disk that filled up
+    kept = [f"epoch_{e:03d}.pt" for e in (dies_after - 1, dies_after)]
+    assert sorted(p.name for p in ck.iterdir()) == kept
+    states = {p: torch.load(ck / p, weights_only=True) for p in kept}
+    assert [states[p]["optimizer"] is None for p in kept] == [False, dies_after == 3]
+    assert [states[p]["scheduler"] is None for p in kept] == [False, dies_after == 3]
+    if dies_after == 2:
+        newest = ck / "epoch_002.pt"
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # e.g. a disk that filled up
 
     caplog.set_level("INFO")
     caplog.clear()  # only the rerun's lines (an earlier test may have left tlops logging at INFO)
     art = execute_step(spec, cfg, ins, tmp_path / "ft").artifact
-    assert "epoch_002.pt is unreadable" in caplog.text
-    assert "fine-tune: resuming from epoch 1 of 3" in caplog.text
-    assert [e for e in (1, 2, 3) if f"fine-tune epoch {e}/3:" in caplog.text] == [2, 3]
+    if dies_after == 2:
+        assert "epoch_002.pt is unreadable" in caplog.text
+        assert "fine-tune: resuming from epoch 1 of 3" in caplog.text
+        assert [e for e in (1, 2, 3) if f"fine-tune epoch {e}/3:" in caplog.text] == [2, 3]
+    else:
+        assert "fine-tune: resuming from epoch 3 of 3" in caplog.text
+        assert not any(f"fine-tune epoch {e}/3:" in caplog.text for e in (1, 2, 3))
     got, want = art.meta["models"]["fine-tune"], ref.meta["models"]["fine-tune"]
     assert got["digest"] == want["digest"] and got["val_acc"] == want["val_acc"]
     assert not (tmp_path / "work" / "checkpoints").exists() or not any((tmp_path / "work" / "checkpoints").iterdir())

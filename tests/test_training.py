@@ -46,8 +46,10 @@ def test_fine_tune_is_deterministic_and_writes_checkpoints_and_curves(upstream, 
     assert a.meta["models"]["fine-tune"]["digest"] == b.meta["models"]["fine-tune"]["digest"]
     d = a.path / "models" / "fine-tune"
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["epoch_002.pt", "epoch_003.pt"]
-    ckpt = torch.load(d / "checkpoints" / "epoch_003.pt", weights_only=True)
-    assert ckpt["epoch"] == 3 and "optimizer" in ckpt
+    ckpt = torch.load(d / "checkpoints" / "epoch_002.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["optimizer"]["state"] and ckpt["scheduler"]["last_epoch"] > 0
+    last = torch.load(d / "checkpoints" / "epoch_003.pt", weights_only=True)  # nothing continues from the last
+    assert last["epoch"] == 3 and last["optimizer"] is None and last["scheduler"] is None and last["model"]
     hist = json.loads((d / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2, 3] and {"train_loss", "val_acc"} <= hist[0].keys()
     assert (d / "curves.png").stat().st_size > 0

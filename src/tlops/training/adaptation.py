@@ -432,7 +432,8 @@ class _Stepper:
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
-        self.opt.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:  # None in the loop's last checkpoint
+            self.opt.load_state_dict(state["optimizer"])
         self.g.set_state(state["generator"])
         for key, sampler in self.samplers().items():
             sampler.load(state[key])

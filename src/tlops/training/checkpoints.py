@@ -25,6 +25,11 @@ from tlops.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
+# state that only continuing the loop needs: the last epoch's checkpoint (or an early-stopped one) leaves
+# it out, as nothing continues from there (a resumed run with nothing left to train only needs the
+# weights, history and RNGs; a run with more epochs does not resume from it). For MiniLM-L6 the
+# AdamW moments are two thirds of a checkpoint's bytes.
+RESUME_ONLY = ("optimizer", "scheduler")
 
 
 @contextlib.contextmanager
@@ -80,10 +85,13 @@ class Checkpoints:
         self.name, self.epochs = name, epochs
         self.writer = runtime.is_main  # DDP: rank 0 writes, every rank may resume
 
-    def save(self, epoch: int, state: dict[str, Any]) -> None:
-        """Write ``epoch_NNN.pt`` atomically (unique temp name: two writers never share a temp file)."""
+    def save(self, epoch: int, state: dict[str, Any], *, final: bool = False) -> None:
+        """Write ``epoch_NNN.pt`` atomically (unique temp name: two writers never share a temp file);
+        ``final`` (or the last epoch): the loop ends here, so ``RESUME_ONLY`` state is stored as None."""
         if not self.writer:
             return
+        if final or epoch >= self.epochs:
+            state = {**state, **{k: None for k in RESUME_ONLY if k in state}}
         path = self.dir / f"epoch_{epoch:03d}.pt"
         tmp = self.dir / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
         ckpt = {"epoch": epoch, "name": self.name, "epochs": self.epochs, "rng": rng_state(), **state}

@@ -11,10 +11,11 @@ of every batch and DDP averages the gradients, so the learning rate, the schedul
 result do not depend on N (up to BatchNorm statistics, which are per rank).
 
 Batch plan (:func:`epoch_batches`, used with and without DDP): a seeded permutation per
-epoch. For text, the permutation is cut into chunks of ``MEGABATCH`` batches, each chunk is
-sorted by length and split into batches, and the batch order is shuffled: batches hold
-sentences of similar length, so dynamic padding wastes little compute (``transformers``'
-``group_by_length`` does the same). Images keep plain permutation slices.
+epoch. For text, the epoch is sorted by length with a random jitter (``LENGTH_JITTER``), split
+into batches, and the batch order is shuffled: batches hold sentences of similar length, so
+dynamic padding wastes little compute (``transformers``' ``group_by_length`` sorts within
+megabatches of 50 batches), and the jitter keeps them from repeating every epoch. Images keep
+plain permutation slices.
 
 Speed of the loop (bench/perf.py measures each against transformers.Trainer / a plain loop):
 length-grouped text batches (above); the fused AdamW kernel (``Runtime.adamw_kwargs``); torch
@@ -30,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-# text: sort by length within chunks of this many batches. On UCI sentences (bs 32) padded/real tokens are 2.14
-# for random batches, 1.48 with 4, 1.38 with the whole epoch sorted; with 4 the batches still change every
-# epoch (with 16, 6 of 10 batches repeated from one epoch to the next, and accuracy suffered).
-MEGABATCH = 4
+# text: the epoch is sorted by length, each length scaled by a random factor in [exp(-j), exp(j)], and
+# cut into batches. Sorted exactly, the batches would pad least but be the same every epoch (only their
+# order would change); the jitter lets neighbours of similar length trade places, so the batches change
+# every epoch while padding stays within a few percent of the exact sort (tests/test_ddp.py measures both).
+LENGTH_JITTER = 0.1
 
 
 def epoch_batches(
@@ -56,17 +58,11 @@ def epoch_batches(
     """
     perm = np.asarray(perm)
     if bucket and len(perm) > batch_size:
-        lengths = np.fromiter((len(x[i]) for i in perm), dtype=np.int64, count=len(perm))
-        chunk = batch_size * MEGABATCH
-        batches = []
-        for s in range(0, len(perm), chunk):
-            part = perm[s : s + chunk]
-            part = part[np.argsort(-lengths[s : s + chunk], kind="stable")]
-            batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-        order = (
-            torch.randperm(len(batches), generator=generator).numpy() if generator is not None else range(len(batches))
-        )
-        batches = [batches[i] for i in order]
+        lengths = np.fromiter((len(x[i]) for i in perm), dtype=np.float64, count=len(perm))
+        u = torch.rand(len(perm), generator=generator, dtype=torch.float64).numpy()
+        part = perm[np.argsort(-lengths * np.exp(LENGTH_JITTER * (2 * u - 1)), kind="stable")]
+        batches = [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).numpy()]
     else:
         batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
     if world <= 1:

@@ -155,7 +155,8 @@ def fine_tune(
     scorer = ValScorer(val, cfg.batch_size * 2) if val is not None and len(val) else None
     if (ckpt := ckpts.load()) is not None:
         clf.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("optimizer") is not None:  # None in the loop's last checkpoint
+            opt.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler") is not None:
             sched.load_state_dict(ckpt["scheduler"])
         g.set_state(ckpt["generator"])
@@ -255,6 +256,7 @@ def fine_tune(
                 # the best weights, unless they are this epoch's end (then "model" holds them)
                 "best_state": None if current else best_state,
             },
+            final=stopped,
         )
         log.info(
             "%s epoch %d/%d: loss %.4f acc %.3f%s (%.1fs)",

@@ -69,7 +69,8 @@ def contrastive_tune(
     start = 0
     if checkpoints is not None and (ckpt := checkpoints.load()) is not None:
         clf.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("optimizer") is not None:  # None in the loop's last checkpoint
+            opt.load_state_dict(ckpt["optimizer"])
         start, history = int(ckpt["epoch"]), list(ckpt["history"])
     clf.backbone.train()
     for epoch in range(start + 1, cfg.epochs + 1):
