@@ -281,6 +281,8 @@ def render(payload: dict[str, Any]) -> str:
         tr = res["series"]["throughput"]["sides"][TRAINER]
         ours = res["series"]["throughput"]["sides"][OURS]
         ceiling = floor["samples_s"] / tr["samples_s"]
+        ck = _median_of(ours, "checkpoint_s")
+        rest = statistics_median(ours["secs"]) - (ck or 0.0) - statistics_median(floor["secs"])
         lines.append(
             f"- why: the bare loop (the same model, batches with the least padding possible, forward, backward, "
             f"fused AdamW, epoch-end validation, nothing else) runs at {floor['samples_s']:.1f} samples/s, "
@@ -297,8 +299,7 @@ def render(payload: dict[str, Any]) -> str:
                 "tlops leaves the optimizer out of the last one) took "
                 f"{_median_of(ours, 'checkpoint_s'):.2f} s of tlops' {statistics_median(ours['secs']):.2f} s and "
                 f"{_median_of(tr, 'checkpoint_s'):.2f} s of the Trainer's {statistics_median(tr['secs']):.2f} s "
-                "(median run); the rest of tlops' time over the floor's: "
-                f"{statistics_median(ours['secs']) - _median_of(ours, 'checkpoint_s') - statistics_median(floor['secs']):.2f} s"
+                f"(median run); the rest of tlops' time over the floor's: {rest:.2f} s"
                 if _median_of(ours, "checkpoint_s") is not None and _median_of(tr, "checkpoint_s") is not None
                 else ""
             )
