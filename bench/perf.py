@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         ] + PASSES
         notes = payload["machine"].get("remeasured_by_section") or {}
         notes[", ".join(sections)] = (
-            f"on {info['date']} (`{cmd_line(args)}`, load at start {info['load_start'][0]:.2f})"
+            f"on {info['date']} (`{cmd_line(args)}`, {info['cpu']}, CPU capability {info['isa']}, "
+            f"load at start {info['load_start'][0]:.2f})"
         )
         payload["machine"]["remeasured_by_section"] = notes  # the latest re-measurement of each section
         payload["machine"]["remeasured"] = "; ".join(f"{k} {v}" for k, v in notes.items())
