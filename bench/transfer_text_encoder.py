@@ -97,7 +97,8 @@ class HiddenStore:
 
 
 class TopLayers(nn.Module):
-    """The top ``k`` layers of a (copy of the) BERT encoder + tlops's masked mean pooling, on cached states."""
+    """The top ``k`` layers of a (copy of the) BERT encoder + tlops's masked mean pooling (and its L2
+    normalisation when the backbone applies one), on cached states."""
 
     modality = "text-states"
 
@@ -106,6 +107,7 @@ class TopLayers(nn.Module):
         self.config = backbone.model.config
         self.layers = nn.ModuleList(copy.deepcopy(list(backbone.model.encoder.layer)[-k:]))
         self.feature_dim = int(self.config.hidden_size)
+        self.l2 = backbone.preprocessing.get("normalize") == "l2"
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_bidirectional_mask
@@ -116,7 +118,8 @@ class TopLayers(nn.Module):
             h = layer(h, mask4)
             h = h[0] if isinstance(h, tuple) else h
         m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, dim=-1) if self.l2 else pooled
 
 
 class TopModel(nn.Module):

@@ -79,3 +79,25 @@ def test_quick_text_benchmark_reproduces_the_committed_results(shared_data, mini
     text = out.read_text()
     for needle in ("model selection: source validation only", "Negative transfer", "Spearman", "stacked"):
         assert needle in text
+
+
+def test_top_layers_on_cached_states_reproduce_the_backbones_embeddings(minilm_dir):
+    """The benchmark trains the encoder's top layers on cached token states; the pooled output of those
+    layers must be what the tlops backbone gives (its mean pooling and L2 normalisation included), or
+    every top-layer row of the text benchmark measures a different model."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import torch
+        from transfer_text_encoder import _PRISTINE, Encoded, HiddenStore, TopLayers, _check_cache
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    texts = ["Great phone, works well.", "Terrible.", "The battery died after a week of light use, sadly."] * 4
+    enc = Encoded(texts, np.array([1, 0, 0] * 4), max_length=32, top_layers=1, batch_size=5)
+    store = HiddenStore({"uci": enc})
+    top = TopLayers(_PRISTINE[32], 1).eval()
+    assert top.l2 and _PRISTINE[32].preprocessing["normalize"] == "l2"  # MiniLM's own pipeline normalises
+    with torch.no_grad():
+        got = top(**store.prepare(store.ids("uci", np.arange(len(texts))))).numpy()
+    np.testing.assert_allclose(got, enc.features, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+    _check_cache(store, {"uci": enc}, 32, 1)  # the benchmark's own check passes
