@@ -9,10 +9,12 @@ Two settings, each over ``--seeds`` (the config seed: the data split and the tra
   pairs), ``train.setfit.lr``, ``train.probe_c`` and ``train.probe_scaling``, scored on the
   16-sentence validation split.
 * ``amazon-yelp``: UCI amazon cells as the labelled source domain (``data.adapt_from``), yelp the
-  target (90 % of its train pool unlabelled; no target label is used by the strategy or the
-  selection), ``self-train-probe``. Tuned: the strategy (``self-train-probe`` or ``linear-probe``) and
-  the probe keys, scored on the source-domain validation split (``source_val_acc``: the objective
-  ``auto`` picks under domain adaptation).
+  target (90 % of its train pool unlabelled), ``self-train-probe`` (no target label: it trains on the
+  source domain and pseudo-labels the target). Tuned: the strategy (``self-train-probe``,
+  ``linear-probe``, which trains on the target's small labelled train split, or ``source-only``, which
+  trains the encoder on the source domain with ``train.adapt``), ``train.adapt.lr`` and the probe keys,
+  scored on the source-domain validation split (``source_val_acc``: the objective ``auto`` picks under
+  domain adaptation; no target label).
 
 For each seed: ``run_pipeline`` with the default config, ``tune`` (its best config chosen on
 validation only), ``run_pipeline`` with the best config; the test accuracy of both is the evaluate
@@ -20,6 +22,7 @@ step's. Every number in the report comes from these runs. Probe trials train hea
 features (milliseconds plus a trial's fixed cost); SetFit trials train the encoder (tens of seconds).
 
     .venv/bin/python bench/tune.py [--seeds 0 1 2] [--trials 30] [--minutes 10] [--out bench/results/tune.md]
+    .venv/bin/python bench/tune.py --settings amazon-yelp --update bench/results/tune.json   # one setting again
 """
 
 from __future__ import annotations
