@@ -111,9 +111,9 @@ def train_source(name: str, workdir: Path) -> dict[str, Any]:
 
 
 def build_reference(src: dict[str, Any], seed: int = 0) -> tuple[dict[str, np.ndarray], dict, np.ndarray]:
-    """The reference as register builds it, and the in-distribution pool (test rows it does not hold)."""
-    from tlops.monitoring.reference import MAX_REFERENCE, head_logits, top_score
-    from tlops.monitoring.stats import confusion
+    """The reference as register builds it (the same :func:`~tlops.monitoring.reference.model_arrays`),
+    and the in-distribution pool (test rows it does not hold)."""
+    from tlops.monitoring.reference import MAX_REFERENCE, model_arrays
 
     rng = np.random.default_rng(seed)
     n_test = len(src["y"]["test"])
@@ -124,20 +124,16 @@ def build_reference(src: dict[str, Any], seed: int = 0) -> tuple[dict[str, np.nd
     # frozen: the train features; fine-tuned with labels_per_class (class-balanced val): test rows only
     pool = src["feats"]["train"] if src["frozen"] else src["feats"]["test"][half]
     pick = np.sort(rng.choice(len(pool), min(len(pool), MAX_REFERENCE), replace=False))
-    pred, score = top_score(head_logits(src["clf"], src["feats"]["val"]))
-    y = src["y"]["val"]
-    tp, ts = top_score(head_logits(src["clf"], src["feats"]["test"][half]))
-    ref = {
-        "features": pool[pick].astype(np.float16),
-        "ref_pred": top_score(head_logits(src["clf"], pool[pick].astype(np.float16).astype(np.float32)))[0],
-        "val_score": score,
-        "val_pred": pred,
-        "val_correct": pred == y,
-        "confusion": confusion(pred, y, len(src["classes"])),
-        "calib_score": np.r_[score, ts],
-        "calib_correct": np.r_[pred == y, tp == src["y"]["test"][half]],
-    }
-    return ref, {"classes": src["classes"], "val_accuracy": float(np.mean(pred == y))}, in_dist
+    ref = model_arrays(
+        src["clf"],
+        pool[pick].astype(np.float16),
+        src["feats"]["val"],
+        src["y"]["val"],
+        src["feats"]["test"][half],
+        src["y"]["test"][half],
+        len(src["classes"]),
+    )
+    return ref, {"classes": src["classes"], "val_accuracy": float(np.mean(ref["val_correct"]))}, in_dist
 
 
 def target_pool(src: dict[str, Any], other: str) -> tuple[np.ndarray, np.ndarray]:

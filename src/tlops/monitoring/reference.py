@@ -75,6 +75,39 @@ def top_score(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pred, -np.log1p(rest.sum(1))
 
 
+def model_arrays(
+    clf: Any,
+    feats: np.ndarray,
+    val_f: np.ndarray,
+    val_y: np.ndarray,
+    test_f: np.ndarray | None,
+    test_y: np.ndarray,
+    num_classes: int,
+) -> dict[str, np.ndarray]:
+    """What the classifier's head says about the reference rows (``feats``, float16), the validation
+    rows and the held-out test rows (``test_f``, or None): the arrays of the reference besides the
+    features. ATC's threshold is fitted on validation + held-out test rows: validation alone (a few
+    hundred rows) puts it a few points off whenever that split is luckier or unluckier than the data
+    (bench/shift.py: books validation 0.667, in-distribution test rows 0.742)."""
+    from tlops.monitoring.stats import confusion
+
+    pred, score = top_score(head_logits(clf, val_f))
+    calib_pred, calib_score, calib_y = pred, score, val_y
+    if test_f is not None:
+        tp, ts = top_score(head_logits(clf, test_f))
+        calib_pred, calib_score, calib_y = np.r_[pred, tp], np.r_[score, ts], np.r_[val_y, test_y]
+    return {
+        "features": feats,
+        "ref_pred": top_score(head_logits(clf, feats.astype(np.float32)))[0].astype(np.int16),
+        "val_score": score,
+        "val_pred": pred.astype(np.int16),
+        "val_correct": (pred == val_y),
+        "confusion": confusion(pred, val_y, num_classes),
+        "calib_score": calib_score,
+        "calib_correct": (calib_pred == calib_y),
+    }
+
+
 def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """The reference arrays and their description for the model in ``bundle`` trained on ``ds``."""
     from tlops.features.cache import FeatureCache, cache_key
@@ -123,28 +156,8 @@ def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None)
         pool = np.concatenate(held)
     idx = np.sort(rng.choice(len(pool), min(len(pool), MAX_REFERENCE), replace=False))
     feats = pool[idx].astype(np.float16)
-    pred, score = top_score(head_logits(clf, val_f))
     y = np.asarray(val.y, dtype=np.int64)
-    from tlops.monitoring.stats import confusion
-
-    k = len(spec["classes"])
-    # ATC's threshold is fitted on validation + held-out test rows: validation alone (a few hundred
-    # rows) puts it a few points off whenever that split is luckier or unluckier than the data
-    # (bench/shift.py: books validation 0.667, in-distribution test rows 0.742)
-    calib_pred, calib_score, calib_y = pred, score, y
-    if test_f is not None:
-        tp, ts = top_score(head_logits(clf, test_f))
-        calib_pred, calib_score, calib_y = np.r_[pred, tp], np.r_[score, ts], np.r_[y, test_y]
-    arrays = {
-        "features": feats,
-        "ref_pred": top_score(head_logits(clf, feats.astype(np.float32)))[0].astype(np.int16),
-        "val_score": score,
-        "val_pred": pred.astype(np.int16),
-        "val_correct": (pred == y),
-        "confusion": confusion(pred, y, k),
-        "calib_score": calib_score,
-        "calib_correct": (calib_pred == calib_y),
-    }
+    arrays = model_arrays(clf, feats, val_f, y, test_f, test_y, len(spec["classes"]))
     meta = {
         "feature_space": space,
         "backbone_digest": digest,
@@ -155,9 +168,9 @@ def build(cfg: Any, ds: Any, bundle: Path, clf: Any, *, seed: int | None = None)
         "feature_dim": int(feats.shape[1]),
         "pool_rows": int(len(pool)),
         "val_rows": int(len(y)),
-        "val_accuracy": float(np.mean(pred == y)),
-        "calibration_rows": int(len(calib_y)),
-        "calibration_accuracy": float(np.mean(calib_pred == calib_y)),
+        "val_accuracy": float(np.mean(arrays["val_correct"])),
+        "calibration_rows": int(len(arrays["calib_correct"])),
+        "calibration_accuracy": float(np.mean(arrays["calib_correct"])),
         "seed": int(seed),
         "read_options": {f: getattr(cfg.data, f) for f in READ_OPTIONS if getattr(cfg.data, f, None) is not None},
         # the whole config that trained it: `tlops adapt` turns its data into data.adapt_from
