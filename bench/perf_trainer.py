@@ -281,8 +281,8 @@ def render(payload: dict[str, Any]) -> str:
         tr = res["series"]["throughput"]["sides"][TRAINER]
         ours = res["series"]["throughput"]["sides"][OURS]
         ceiling = floor["samples_s"] / tr["samples_s"]
-        ck = _median_of(ours, "checkpoint_s")
-        rest = statistics_median(ours["secs"]) - (ck or 0.0) - statistics_median(floor["secs"])
+        ck, ck_tr = _median_of(ours, "checkpoint_s"), _median_of(tr, "checkpoint_s")
+        ours_s, floor_s = statistics_median(ours["secs"]), statistics_median(floor["secs"])
         lines.append(
             f"- why: the bare loop (the same model, batches with the least padding possible, forward, backward, "
             f"fused AdamW, epoch-end validation, nothing else) runs at {floor['samples_s']:.1f} samples/s, "
@@ -297,10 +297,10 @@ def render(payload: dict[str, Any]) -> str:
             + (
                 f"; writing the per-epoch checkpoints (model and RNG state, and the optimizer's for resume; "
                 "tlops leaves the optimizer out of the last one) took "
-                f"{_median_of(ours, 'checkpoint_s'):.2f} s of tlops' {statistics_median(ours['secs']):.2f} s and "
-                f"{_median_of(tr, 'checkpoint_s'):.2f} s of the Trainer's {statistics_median(tr['secs']):.2f} s "
-                f"(median run); the rest of tlops' time over the floor's: {rest:.2f} s"
-                if _median_of(ours, "checkpoint_s") is not None and _median_of(tr, "checkpoint_s") is not None
+                f"{ck:.2f} s of tlops' {ours_s:.2f} s and "
+                f"{ck_tr:.2f} s of the Trainer's {statistics_median(tr['secs']):.2f} s (median run); the rest of "
+                f"tlops' time over the floor's: {ours_s - ck - floor_s:.2f} s"
+                if ck is not None and ck_tr is not None
                 else ""
             )
         )

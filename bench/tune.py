@@ -249,9 +249,8 @@ def main(argv: list[str] | None = None) -> None:
             key=lambda r: (SETTINGS.index(r["setting"]), r["seed"]),
         )
         notes = dict(old["info"].get("remeasured_by_setting") or {})
-        notes[", ".join(args.settings)] = (
-            f"{', '.join(args.settings)} on {info['date']} (`{info['command']}`; {run_machine(info)})"
-        )
+        which = ", ".join(args.settings)
+        notes[which] = f"{which} on {info['date']} (`{info['command']}`; {run_machine(info)})"
         info, out = {**old["info"], "remeasured_by_setting": notes}, args.update.with_suffix(".md")
     write_report(out, report(rows, info, args), {"info": info, "rows": rows})
     print(f"wrote {out}")
